@@ -1,0 +1,72 @@
+//! The error type of this crate.
+
+use thiserror::Error;
+
+/// Why a [`LowRankBasis`](crate::LowRankBasis) could not be built.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum SubspaceError {
+    /// The factors do not agree on the number of directions `k`, or a factor has the wrong rank.
+    #[error(
+        "basis factors disagree on shape: u is {u:?}, sigma is {sigma:?}, v is {v:?} \
+         (expected u: [d_in, k], sigma: [k], v: [d_out, k])"
+    )]
+    ShapeMismatch {
+        /// Shape of `u`.
+        u: Vec<usize>,
+        /// Shape of `sigma`.
+        sigma: Vec<usize>,
+        /// Shape of `v`.
+        v: Vec<usize>,
+    },
+
+    /// More directions than a `d_in × d_out` matrix can hold orthonormally.
+    #[error("rank {k} exceeds min(d_in, d_out) = min({d_in}, {d_out})")]
+    RankTooLarge {
+        /// Requested number of directions.
+        k: usize,
+        /// Rows of the parameter's 2-D view.
+        d_in: usize,
+        /// Columns of the parameter's 2-D view.
+        d_out: usize,
+    },
+
+    /// A factor holds NaN or ±Inf.
+    #[error("basis factor `{factor}` holds a non-finite value")]
+    NonFinite {
+        /// `"u"`, `"sigma"`, `"v"` or `"vector"`.
+        factor: &'static str,
+    },
+
+    /// A singular value is negative.
+    #[error("singular value sigma[{index}] = {value} is negative")]
+    NegativeSigma {
+        /// Position in `sigma`.
+        index: usize,
+        /// The offending value.
+        value: f64,
+    },
+
+    /// The singular values are not sorted from largest to smallest.
+    #[error("singular values must be non-increasing, but sigma[{index}] = {next} > sigma[{prev_index}] = {prev}", prev_index = index - 1)]
+    UnsortedSigma {
+        /// Position of the first value larger than its predecessor (at least 1).
+        index: usize,
+        /// `sigma[index - 1]`.
+        prev: f64,
+        /// `sigma[index]`.
+        next: f64,
+    },
+
+    /// `max |FᵀF − I|` exceeds the tolerance for factor `F`.
+    #[error(
+        "basis factor `{factor}` is not orthonormal: max |FᵀF − I| = {deviation:e} exceeds tolerance {tolerance:e}"
+    )]
+    NotOrthonormal {
+        /// `"u"` or `"v"`.
+        factor: &'static str,
+        /// The measured deviation.
+        deviation: f64,
+        /// The tolerance it was checked against.
+        tolerance: f64,
+    },
+}
