@@ -1,1 +1,33 @@
+//! SPF (Safety-Preserving Fine-tuning): a burn optimizer wrapper that keeps fine-tuning from
+//! undoing a model's safety alignment.
+//!
+//! The gradient `G_s` of a safety loss (the negative log-likelihood of a refusal) is close to low
+//! rank in each weight matrix, `G_s ≈ U Σ Vᵀ`. A utility gradient `G` whose coefficient
+//! `c_i = u_iᵀ G v_i` is negative would raise the safety loss along direction `i`, to first order.
+//! [`SafetyProjectedOptimizer`] removes those components before (or after) any burn optimizer
+//! steps:
+//!
+//! - [`projection`]: the projection modes and their statistics, for one tensor;
+//! - [`SpfConfig`]: which parameters are protected and how;
+//! - [`SafetyProjectedOptimizer`]: the wrapper, a burn [`Optimizer`](burn::optim::Optimizer);
+//! - [`SpfRecord`]: its versioned saved state.
+#![warn(missing_docs)]
 
+mod config;
+mod error;
+mod inventory;
+mod optimizer;
+pub mod projection;
+mod record;
+mod stats;
+mod walk;
+
+#[cfg(test)]
+mod testing;
+
+pub use config::{ParamFilter, ProjectionTarget, SpfConfig, VectorPolicy};
+pub use error::SpfError;
+pub use optimizer::SafetyProjectedOptimizer;
+pub use projection::{Projected, ProjectionMode, ProjectionStats, project};
+pub use record::{BasisRecord, RECORD_VERSION, SpfRecord};
+pub use stats::{StepStats, TensorStats};

@@ -64,7 +64,11 @@ impl<B: Backend> LowRankBasis<B> {
     /// assert_eq!(basis.energy(), 6.25);
     /// # Ok::<(), spf_subspace::SubspaceError>(())
     /// ```
-    pub fn new(u: Tensor<B, 2>, sigma: Tensor<B, 1>, v: Tensor<B, 2>) -> Result<Self, SubspaceError> {
+    pub fn new(
+        u: Tensor<B, 2>,
+        sigma: Tensor<B, 1>,
+        v: Tensor<B, 2>,
+    ) -> Result<Self, SubspaceError> {
         let [d_in, _] = u.dims();
         let [d_out, _] = v.dims();
         Self::with_tolerance(u, sigma, v, Self::default_tolerance(d_in, d_out))
@@ -299,11 +303,18 @@ mod tests {
     }
 
     fn tensor1(values: &[f32]) -> Tensor<TestBackend, 1> {
-        Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), &Default::default())
+        Tensor::from_data(
+            TensorData::new(values.to_vec(), [values.len()]),
+            &Default::default(),
+        )
     }
 
     /// A valid 3×2 basis with k = 2: u = e1, e2 and v = a 45° rotation.
-    fn parts() -> (Tensor<TestBackend, 2>, Tensor<TestBackend, 1>, Tensor<TestBackend, 2>) {
+    fn parts() -> (
+        Tensor<TestBackend, 2>,
+        Tensor<TestBackend, 1>,
+        Tensor<TestBackend, 2>,
+    ) {
         let h = std::f32::consts::FRAC_1_SQRT_2;
         (
             tensor2(&[&[1.0, 0.0], &[0.0, 1.0], &[0.0, 0.0]]),
@@ -333,7 +344,14 @@ mod tests {
         let u = tensor2(&[&[1.0, 0.0]]);
         let v = tensor2(&[&[1.0, 0.0], &[0.0, 1.0]]);
         let err = LowRankBasis::new(u, tensor1(&[1.0, 1.0]), v).unwrap_err();
-        assert_eq!(err, SubspaceError::RankTooLarge { k: 2, d_in: 1, d_out: 2 });
+        assert_eq!(
+            err,
+            SubspaceError::RankTooLarge {
+                k: 2,
+                d_in: 1,
+                d_out: 2
+            }
+        );
     }
 
     #[test]
@@ -342,7 +360,9 @@ mod tests {
         let u = tensor2(&[&[1.0, 0.1], &[0.0, 1.0], &[0.0, 0.0]]);
         let err = LowRankBasis::new(u, s, v).unwrap_err();
         match err {
-            SubspaceError::NotOrthonormal { factor, deviation, .. } => {
+            SubspaceError::NotOrthonormal {
+                factor, deviation, ..
+            } => {
                 assert_eq!(factor, "u");
                 assert!((deviation - 0.1).abs() < 1e-6, "{deviation}");
             }
@@ -369,9 +389,22 @@ mod tests {
     fn rejects_negative_and_unsorted_sigma() {
         let (u, _, v) = parts();
         let err = LowRankBasis::new(u.clone(), tensor1(&[1.0, -1.0]), v.clone()).unwrap_err();
-        assert_eq!(err, SubspaceError::NegativeSigma { index: 1, value: -1.0 });
+        assert_eq!(
+            err,
+            SubspaceError::NegativeSigma {
+                index: 1,
+                value: -1.0
+            }
+        );
         let err = LowRankBasis::new(u, tensor1(&[1.0, 2.0]), v).unwrap_err();
-        assert_eq!(err, SubspaceError::UnsortedSigma { index: 1, prev: 1.0, next: 2.0 });
+        assert_eq!(
+            err,
+            SubspaceError::UnsortedSigma {
+                index: 1,
+                prev: 1.0,
+                next: 2.0
+            }
+        );
     }
 
     #[test]
@@ -407,12 +440,21 @@ mod tests {
         let basis = LowRankBasis::from_vector(tensor1(&g)).unwrap();
         assert_eq!((basis.d_in(), basis.d_out(), basis.rank()), (3, 1, 1));
         assert_eq!(basis.singular_values(), &[5.0]);
-        let d = basis.u().clone().mul_scalar(5.0).matmul(basis.v().clone().transpose());
+        let d = basis
+            .u()
+            .clone()
+            .mul_scalar(5.0)
+            .matmul(basis.v().clone().transpose());
         let d: Vec<f32> = d.into_data().to_vec().unwrap();
         for (a, b) in d.iter().zip(g) {
             assert!((a - b).abs() <= 4.0 * f32::EPSILON * 5.0, "{a} vs {b}");
         }
-        assert_eq!(LowRankBasis::from_vector(tensor1(&[0.0, 0.0])).unwrap().rank(), 0);
+        assert_eq!(
+            LowRankBasis::from_vector(tensor1(&[0.0, 0.0]))
+                .unwrap()
+                .rank(),
+            0
+        );
         assert_eq!(
             LowRankBasis::from_vector(tensor1(&[f32::NAN])).unwrap_err(),
             SubspaceError::NonFinite { factor: "vector" }

@@ -1,0 +1,65 @@
+//! The error type of this crate.
+
+use burn::module::ParamId;
+use spf_subspace::SubspaceError;
+use thiserror::Error;
+
+/// Everything that can go wrong when configuring, stepping or restoring the SPF wrapper.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum SpfError {
+    /// The parameter filter's regular expression does not compile.
+    #[error("invalid parameter filter regex `{pattern}`: {message}")]
+    InvalidFilter {
+        /// The pattern as configured.
+        pattern: String,
+        /// The regex engine's explanation.
+        message: String,
+    },
+
+    /// A basis names a parameter the module does not have.
+    #[error("basis given for parameter {id}, which the module does not have")]
+    UnknownParam {
+        /// The unknown parameter.
+        id: ParamId,
+    },
+
+    /// A basis names a parameter that the configuration does not target: its path does not match
+    /// the filter, or it is a vector and the vector policy is `Skip`.
+    #[error("basis given for parameter `{path}`, which the configuration does not target")]
+    UntargetedParam {
+        /// Module path of the parameter.
+        path: String,
+    },
+
+    /// A basis (or gradient) does not fit the 2-D view of its parameter.
+    #[error(
+        "shape mismatch{}: expected {expected:?}, found {found:?}",
+        path.as_ref().map(|p| format!(" for `{p}`")).unwrap_or_default()
+    )]
+    ShapeMismatch {
+        /// Module path of the parameter, where known.
+        path: Option<String>,
+        /// The 2-D view `[d_in, d_out]` that was expected.
+        expected: Vec<usize>,
+        /// What was found.
+        found: Vec<usize>,
+    },
+
+    /// A record was written by an incompatible version of this crate.
+    #[error("SPF record version {found} is not supported (this build reads version {supported})")]
+    UnsupportedRecordVersion {
+        /// Version stored in the record.
+        found: u32,
+        /// The version this build writes and reads.
+        supported: u32,
+    },
+
+    /// A basis is invalid (shape, rank, finiteness or orthonormality).
+    #[error("invalid basis{}: {source}", path.as_ref().map(|p| format!(" for `{p}`")).unwrap_or_default())]
+    InvalidBasis {
+        /// Module path of the parameter, where known.
+        path: Option<String>,
+        /// What is wrong with it.
+        source: SubspaceError,
+    },
+}

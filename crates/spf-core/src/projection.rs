@@ -1,0 +1,509 @@
+//! The projection: remove from a gradient `G` the components that conflict with a safety basis.
+//!
+//! Notation as in the SPF method note. `G` is a `d_in × d_out` utility gradient, the basis is
+//! `U Σ Vᵀ` with orthonormal `U: [d_in, k]`, `V: [d_out, k]`, `B_i = u_i v_iᵀ` and
+//! `D = U Σ Vᵀ`. The coefficients
+//!
+//! ```text
+//! c_i = ⟨G, B_i⟩ = u_iᵀ G v_i        (all i at once: c = rowsum((UᵀG) ⊙ Vᵀ))
+//! ```
+//!
+//! cost two device kernels and no loop over directions. A descent step `−ηG` changes the safety
+//! loss by `−η⟨G_s, G⟩ ≈ −η Σ σ_i c_i` to first order, so direction `i` **conflicts** when
+//! `c_i < 0`. The [`ProjectionMode`] decides what to remove:
+//!
+//! | mode | `G̃` |
+//! |---|---|
+//! | [`ConflictOnly`](ProjectionMode::ConflictOnly) | `G − Σ_{i: c_i<0} c_i B_i` |
+//! | [`Orthogonal`](ProjectionMode::Orthogonal) | `G − Σ_i c_i B_i` |
+//! | [`ColumnSpace`](ProjectionMode::ColumnSpace) | `G − U UᵀG` |
+//! | [`RowSpace`](ProjectionMode::RowSpace) | `G − G V Vᵀ` |
+//! | [`Pcgrad`](ProjectionMode::Pcgrad) | `G − (⟨G,D⟩/‖D‖²) D` if `⟨G,D⟩ < 0`, else `G` |
+//!
+//! The first, second and last are one rank-`k` update `G − U diag(r) Vᵀ` with coefficients `r`
+//! chosen on the host from `c`. When nothing is removed the input tensor is returned untouched,
+//! so "no conflict" means `G̃ = G` bit for bit.
+//!
+//! # Statistics
+//!
+//! [`ProjectionStats`] is computed in closed form from the coefficients, in `f64` on the host,
+//! which avoids the cancellation of `‖G‖² − ‖G̃‖²` when most of `G` is removed. The energies are
+//! accumulated on the device after scaling by `max|G|`, so gradients of size `1e-30` or `1e30`
+//! neither underflow nor overflow in `f32`.
+
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+use serde::{Deserialize, Serialize};
+use spf_subspace::LowRankBasis;
+
+use crate::SpfError;
+
+/// What the projection removes from a gradient; see the [module docs](self) for the formulas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum ProjectionMode {
+    /// Remove only the directions with `c_i < 0` (the paper's rule).
+    #[default]
+    ConflictOnly,
+    /// Remove every safety-direction component `c_i B_i`.
+    Orthogonal,
+    /// Remove the whole left subspace: `G − U UᵀG`.
+    ColumnSpace,
+    /// Remove the whole right subspace: `G − G V Vᵀ`.
+    RowSpace,
+    /// Gradient surgery against the single direction `D = U Σ Vᵀ`.
+    Pcgrad,
+}
+
+/// What one projection did to one gradient tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ProjectionStats {
+    /// Directions in the basis, `k`.
+    pub directions: usize,
+    /// Directions with `c_i < 0` before projection.
+    pub conflicting: usize,
+    /// Directions whose component was removed. `Pcgrad` removes at most the one direction `D`;
+    /// `ColumnSpace`/`RowSpace` count the `u_i` (or `v_i`) along which `G` had any energy.
+    pub removed: usize,
+    /// `‖G‖²`.
+    pub grad_energy: f64,
+    /// `‖G‖² − ‖G̃‖²`, the energy removed.
+    pub removed_energy: f64,
+    /// `⟨G, D⟩ / (‖G‖‖D‖)` before projection; 0 when `G = 0` or `D = 0`.
+    pub cosine_before: f64,
+    /// `⟨G̃, D⟩ / (‖G̃‖‖D‖)` after projection; 0 when `G̃ = 0` or `D = 0`.
+    pub cosine_after: f64,
+}
+
+impl ProjectionStats {
+    /// `1 − ‖G̃‖²/‖G‖²`, or 0 for a zero gradient.
+    pub fn removed_energy_share(&self) -> f64 {
+        if self.grad_energy > 0.0 {
+            self.removed_energy / self.grad_energy
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A projected gradient and what the projection did.
+#[derive(Debug, Clone)]
+pub struct Projected<B: Backend> {
+    /// `G̃`.
+    pub grad: Tensor<B, 2>,
+    /// Statistics of this projection.
+    pub stats: ProjectionStats,
+}
+
+/// Projects the 2-D gradient `grad` against `basis` with `mode`.
+///
+/// Costs `O(k·d_in·d_out)` on the device and one device-to-host read of `k + 2` (or `2k + 2`)
+/// numbers.
+///
+/// # Errors
+///
+/// [`SpfError::ShapeMismatch`] when `grad` is not `basis.d_in() × basis.d_out()`.
+///
+/// # Example
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::Tensor;
+/// use spf_core::{ProjectionMode, project};
+/// use spf_subspace::LowRankBasis;
+///
+/// let device = Default::default();
+/// // One safety direction B_1 = e_1 e_1ᵀ.
+/// let basis = LowRankBasis::new(
+///     Tensor::<NdArray, 2>::from_floats([[1.0], [0.0]], &device),
+///     Tensor::from_floats([1.0], &device),
+///     Tensor::from_floats([[1.0], [0.0]], &device),
+/// )?;
+/// // c_1 = −2 < 0 conflicts and is removed; the rest of G is kept.
+/// let g = Tensor::<NdArray, 2>::from_floats([[-2.0, 3.0], [4.0, 5.0]], &device);
+/// let out = project(g, &basis, ProjectionMode::ConflictOnly)?;
+/// out.grad.into_data().assert_eq(&Tensor::<NdArray, 2>::from_floats([[0.0, 3.0], [4.0, 5.0]], &device).into_data(), true);
+/// assert_eq!((out.stats.conflicting, out.stats.removed), (1, 1));
+/// assert!((out.stats.removed_energy_share() - 4.0 / 54.0).abs() < 1e-6);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn project<B: Backend>(
+    grad: Tensor<B, 2>,
+    basis: &LowRankBasis<B>,
+    mode: ProjectionMode,
+) -> Result<Projected<B>, SpfError> {
+    let [d_in, d_out] = grad.dims();
+    if [d_in, d_out] != [basis.d_in(), basis.d_out()] {
+        return Err(SpfError::ShapeMismatch {
+            path: None,
+            expected: vec![basis.d_in(), basis.d_out()],
+            found: vec![d_in, d_out],
+        });
+    }
+    let k = basis.rank();
+    let sigma = basis.singular_values();
+
+    // One device pass gathers everything the host needs: c, scale s = max|G|, ‖G/s‖², and for
+    // the subspace modes the per-direction energies ‖u_iᵀG/s‖² (or ‖G v_i/s‖²).
+    let scale = grad.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
+    let scaled_energy = grad.clone().div(scale.clone().unsqueeze()).square().sum();
+    let (coefficients, side_product, side_energy) = if k == 0 {
+        (None, None, None)
+    } else if mode == ProjectionMode::RowSpace {
+        let gv = grad.clone().matmul(basis.v().clone()); // [d_in, k]
+        let c = (gv.clone() * basis.u().clone()).sum_dim(0).reshape([k]);
+        let e = gv
+            .clone()
+            .div(scale.clone().unsqueeze())
+            .square()
+            .sum_dim(0)
+            .reshape([k]);
+        (Some(c), Some(gv), Some(e))
+    } else {
+        let utg = basis.u().clone().transpose().matmul(grad.clone()); // [k, d_out]
+        let c = (utg.clone() * basis.v().clone().transpose())
+            .sum_dim(1)
+            .reshape([k]);
+        let e = (mode == ProjectionMode::ColumnSpace).then(|| {
+            utg.clone()
+                .div(scale.clone().unsqueeze())
+                .square()
+                .sum_dim(1)
+                .reshape([k])
+        });
+        (Some(c), Some(utg), e)
+    };
+    let mut parts = vec![scale, scaled_energy];
+    parts.extend(coefficients);
+    parts.extend(side_energy);
+    let host: Vec<f64> = Tensor::cat(parts, 0).into_data().iter::<f64>().collect();
+    let (s, c, side) = (host[0], &host[2..2 + k], &host[2 + k..]);
+    let grad_energy = s * s * host[1];
+
+    let plan = Plan::new(mode, c, sigma, side.iter().map(|e| s * s * e));
+    let stats = plan.stats(c, sigma, grad_energy);
+    let grad = match plan.removal {
+        Removal::Nothing => grad,
+        Removal::RankK(r) => {
+            let device = grad.device();
+            let r = Tensor::<B, 2>::from_data(TensorData::new(r, [1, k]), &device);
+            grad - (basis.u().clone() * r).matmul(basis.v().clone().transpose())
+        }
+        Removal::LeftSubspace => grad - basis.u().clone().matmul(side_product.expect("k > 0")),
+        Removal::RightSubspace => {
+            grad - side_product
+                .expect("k > 0")
+                .matmul(basis.v().clone().transpose())
+        }
+    };
+    Ok(Projected { grad, stats })
+}
+
+/// What to subtract from `G`, decided on the host.
+enum Removal {
+    Nothing,
+    /// `U diag(r) Vᵀ`.
+    RankK(Vec<f32>),
+    /// `U UᵀG`.
+    LeftSubspace,
+    /// `G V Vᵀ`.
+    RightSubspace,
+}
+
+/// The host-side decision of one projection: what to remove, and the closed-form quantities the
+/// statistics need.
+struct Plan {
+    removal: Removal,
+    /// Coefficients after projection, `c̃_i`.
+    after: Vec<f64>,
+    removed: usize,
+    removed_energy: f64,
+}
+
+impl Plan {
+    fn new(
+        mode: ProjectionMode,
+        c: &[f64],
+        sigma: &[f64],
+        side_energy: impl Iterator<Item = f64>,
+    ) -> Self {
+        let k = c.len();
+        let nothing = || Self {
+            removal: Removal::Nothing,
+            after: c.to_vec(),
+            removed: 0,
+            removed_energy: 0.0,
+        };
+        let rank_k = |r: Vec<f64>| {
+            let removed = r.iter().filter(|x| **x != 0.0).count();
+            if removed == 0 {
+                return nothing();
+            }
+            Self {
+                after: c.iter().zip(&r).map(|(c, r)| c - r).collect(),
+                removed_energy: r.iter().map(|x| x * x).sum(),
+                removal: Removal::RankK(r.iter().map(|x| *x as f32).collect()),
+                removed,
+            }
+        };
+        match mode {
+            ProjectionMode::ConflictOnly => rank_k(c.iter().map(|&c| c.min(0.0)).collect()),
+            ProjectionMode::Orthogonal => rank_k(c.to_vec()),
+            ProjectionMode::Pcgrad => {
+                let dot: f64 = sigma.iter().zip(c).map(|(s, c)| s * c).sum();
+                let d_energy: f64 = sigma.iter().map(|s| s * s).sum();
+                if dot >= 0.0 || d_energy == 0.0 {
+                    return nothing();
+                }
+                let alpha = dot / d_energy;
+                Self {
+                    removal: Removal::RankK(sigma.iter().map(|s| (alpha * s) as f32).collect()),
+                    after: c.iter().zip(sigma).map(|(c, s)| c - alpha * s).collect(),
+                    removed: 1,
+                    removed_energy: dot * dot / d_energy,
+                }
+            }
+            ProjectionMode::ColumnSpace | ProjectionMode::RowSpace => {
+                let side: Vec<f64> = side_energy.collect();
+                let removed = side.iter().filter(|e| **e > 0.0).count();
+                if removed == 0 {
+                    return nothing();
+                }
+                Self {
+                    removal: if mode == ProjectionMode::ColumnSpace {
+                        Removal::LeftSubspace
+                    } else {
+                        Removal::RightSubspace
+                    },
+                    after: vec![0.0; k],
+                    removed,
+                    removed_energy: side.iter().sum(),
+                }
+            }
+        }
+    }
+
+    fn stats(&self, c: &[f64], sigma: &[f64], grad_energy: f64) -> ProjectionStats {
+        let d_norm = sigma.iter().map(|s| s * s).sum::<f64>().sqrt();
+        let removed_energy = self.removed_energy.min(grad_energy);
+        let cosine = |coefficients: &[f64], energy: f64| {
+            let dot: f64 = sigma.iter().zip(coefficients).map(|(s, c)| s * c).sum();
+            let denominator = energy.sqrt() * d_norm;
+            if denominator > 0.0 {
+                (dot / denominator).clamp(-1.0, 1.0)
+            } else {
+                0.0
+            }
+        };
+        ProjectionStats {
+            directions: c.len(),
+            conflicting: c.iter().filter(|c| **c < 0.0).count(),
+            removed: self.removed,
+            grad_energy,
+            removed_energy,
+            cosine_before: cosine(c, grad_energy),
+            cosine_after: cosine(&self.after, grad_energy - removed_energy),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{
+        Gaussian, HostBasis, MODES, TestBackend, max_abs_diff, reference_projection, round_f32,
+        to_host, to_tensor,
+    };
+    use faer::Mat;
+
+    /// Bound on the error of the `f32` projection against the `f64` reference: each coefficient
+    /// and each entry of the rank-k update sums `O(d_in + d_out + k)` rounded products of factors
+    /// of norm at most `‖G‖_F`.
+    fn tolerance(g: &Mat<f64>, k: usize) -> f64 {
+        let work = (g.nrows() + g.ncols() + k) as f64;
+        4.0 * work * f64::from(f32::EPSILON) * g.norm_l2()
+    }
+
+    /// Random problems: non-square shapes, every rank from 0 to full, and gradients built to
+    /// conflict with some directions and agree with others.
+    fn cases(count: u64) -> impl Iterator<Item = (Mat<f64>, HostBasis)> {
+        (0..count).map(|seed| {
+            let mut rng = Gaussian::new(seed);
+            let (d_in, d_out) = (1 + rng.below(24), 1 + rng.below(24));
+            let full = d_in.min(d_out);
+            let k = if seed % 4 == 0 {
+                full
+            } else {
+                rng.below(full + 1)
+            };
+            let basis = rng.basis(d_in, d_out, k).rounded();
+            let mut g = rng.matrix(d_in, d_out);
+            for i in 0..k {
+                let push = 2.0 * rng.sample();
+                g += push * (basis.u.col(i) * basis.v.col(i).transpose());
+            }
+            (round_f32(&g), basis)
+        })
+    }
+
+    fn project_host(
+        g: &Mat<f64>,
+        basis: &HostBasis,
+        mode: ProjectionMode,
+    ) -> Projected<TestBackend> {
+        let device = Default::default();
+        project(to_tensor(g, &device), &basis.to_device(&device), mode).unwrap()
+    }
+
+    #[test]
+    fn every_mode_matches_the_f64_reference() {
+        for (case, (g, basis)) in cases(64).enumerate() {
+            for mode in MODES {
+                let expected = reference_projection(&g, &basis, mode);
+                let got = to_host(project_host(&g, &basis, mode).grad);
+                let err = max_abs_diff(&got, &expected);
+                let tol = tolerance(&g, basis.sigma.len());
+                assert!(
+                    err <= tol,
+                    "case {case} {mode:?} {}x{} k={}: error {err:e} > {tol:e}",
+                    g.nrows(),
+                    g.ncols(),
+                    basis.sigma.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn statistics_match_the_f64_reference() {
+        for (case, (g, basis)) in cases(64).enumerate() {
+            let k = basis.sigma.len();
+            let d = (0..k).fold(Mat::<f64>::zeros(g.nrows(), g.ncols()), |acc, i| {
+                acc + basis.sigma[i] * (basis.u.col(i) * basis.v.col(i).transpose())
+            });
+            let cosine = |m: &Mat<f64>| {
+                let denominator = m.norm_l2() * d.norm_l2();
+                let dot: f64 = (0..m.nrows())
+                    .flat_map(|i| (0..m.ncols()).map(move |j| (i, j)))
+                    .map(|(i, j)| m[(i, j)] * d[(i, j)])
+                    .sum();
+                if denominator > 0.0 {
+                    dot / denominator
+                } else {
+                    0.0
+                }
+            };
+            let conflicting = (0..k)
+                .filter(|&i| basis.u.col(i).transpose() * &g * basis.v.col(i) < 0.0)
+                .count();
+            for mode in MODES {
+                let expected = reference_projection(&g, &basis, mode);
+                let stats = project_host(&g, &basis, mode).stats;
+                let share = 1.0 - expected.squared_norm_l2() / g.squared_norm_l2();
+                let tol = 1e-4;
+                let context = format!("case {case} {mode:?} k={k}: {stats:?}");
+                assert_eq!(stats.directions, k, "{context}");
+                assert_eq!(stats.conflicting, conflicting, "{context}");
+                assert!(
+                    (stats.removed_energy_share() - share).abs() < tol,
+                    "{context} share {share}"
+                );
+                assert!((stats.cosine_before - cosine(&g)).abs() < tol, "{context}");
+                // The direction of a residual that is all rounding error is noise.
+                if share < 1.0 - 1e-6 {
+                    assert!(
+                        (stats.cosine_after - cosine(&expected)).abs() < tol,
+                        "{context}"
+                    );
+                }
+                let removes_all = match mode {
+                    ProjectionMode::ConflictOnly => false,
+                    ProjectionMode::Pcgrad => stats.cosine_before < 0.0,
+                    _ => true,
+                };
+                if k > 0 && removes_all {
+                    assert!(stats.cosine_after.abs() < tol, "{context}");
+                }
+                assert!(stats.cosine_after >= -tol, "{context}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_conflict_returns_the_gradient_bit_for_bit() {
+        let mut rng = Gaussian::new(7);
+        let basis = rng.basis(9, 5, 3).rounded();
+        // G = D + (something orthogonal to every B_i): every c_i = σ_i > 0.
+        let mut g = Mat::<f64>::zeros(9, 5);
+        for i in 0..3 {
+            g += basis.sigma[i] * (basis.u.col(i) * basis.v.col(i).transpose());
+        }
+        let u_perp = Mat::<f64>::identity(9, 9) - &basis.u * basis.u.transpose();
+        g += u_perp * rng.matrix(9, 5);
+        let device = Default::default();
+        let g = to_tensor::<TestBackend>(&g, &device);
+        for mode in [ProjectionMode::ConflictOnly, ProjectionMode::Pcgrad] {
+            let out = project(g.clone(), &basis.to_device(&device), mode).unwrap();
+            assert_eq!(out.stats.removed, 0);
+            assert_eq!(out.grad.into_data(), g.clone().into_data(), "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn empty_basis_changes_nothing() {
+        let device = Default::default();
+        let g = to_tensor::<TestBackend>(&Gaussian::new(3).matrix(4, 6), &device);
+        for mode in MODES {
+            let out = project(g.clone(), &LowRankBasis::empty(4, 6, &device), mode).unwrap();
+            assert_eq!(out.grad.into_data(), g.clone().into_data());
+            assert_eq!((out.stats.directions, out.stats.removed), (0, 0));
+            assert!(out.stats.grad_energy > 0.0);
+        }
+    }
+
+    #[test]
+    fn extreme_magnitudes_keep_statistics_finite() {
+        let mut rng = Gaussian::new(11);
+        let basis = rng.basis(6, 4, 2).rounded();
+        let g = round_f32(&rng.matrix(6, 4));
+        let reference = project_host(&g, &basis, ProjectionMode::Orthogonal).stats;
+        for scale in [1e-30, 1e30] {
+            let scaled = Mat::from_fn(6, 4, |i, j| g[(i, j)] * scale);
+            let stats = project_host(&scaled, &basis, ProjectionMode::Orthogonal).stats;
+            let ratio = stats.grad_energy / (reference.grad_energy * scale * scale);
+            assert!(
+                (ratio - 1.0).abs() < 1e-4,
+                "scale {scale:e}: energy ratio {ratio}"
+            );
+            assert!((stats.removed_energy_share() - reference.removed_energy_share()).abs() < 1e-4);
+            assert!((stats.cosine_before - reference.cosine_before).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn zero_gradient_is_left_alone() {
+        let mut rng = Gaussian::new(5);
+        let basis = rng.basis(3, 3, 3).rounded();
+        for mode in MODES {
+            let stats = project_host(&Mat::zeros(3, 3), &basis, mode).stats;
+            assert_eq!(
+                stats,
+                ProjectionStats {
+                    directions: 3,
+                    ..Default::default()
+                },
+                "{mode:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_shape_is_an_error() {
+        let device = Default::default();
+        let g = Tensor::<TestBackend, 2>::zeros([3, 4], &device);
+        let err = project(
+            g,
+            &LowRankBasis::empty(4, 3, &device),
+            ProjectionMode::default(),
+        );
+        assert!(matches!(err, Err(SpfError::ShapeMismatch { .. })));
+    }
+}

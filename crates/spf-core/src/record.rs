@@ -1,0 +1,37 @@
+//! [`SpfRecord`]: the wrapper's saved state, versioned.
+
+use burn::record::Record;
+use burn::tensor::{Tensor, backend::Backend};
+
+/// The record format this build writes and reads.
+pub const RECORD_VERSION: u32 = 1;
+
+/// The saved state of a [`SafetyProjectedOptimizer`](crate::SafetyProjectedOptimizer): the inner
+/// optimizer's record, every basis keyed by parameter id, and the step counter.
+///
+/// Parameter ids are those of the module the wrapper was built for, so save the module's record
+/// together with this one.
+#[derive(Record)]
+pub struct SpfRecord<R: Record<B>, B: Backend> {
+    /// [`RECORD_VERSION`] at the time of saving.
+    pub version: u32,
+    /// The inner optimizer's record.
+    pub inner: R,
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// One entry per basis, sorted by parameter id.
+    pub bases: Vec<BasisRecord<B>>,
+}
+
+/// The saved factors of one [`LowRankBasis`](spf_subspace::LowRankBasis).
+#[derive(Record)]
+pub struct BasisRecord<B: Backend> {
+    /// The parameter's id, [`ParamId::val`](burn::module::ParamId::val).
+    pub param: u64,
+    /// `U: [d_in, k]`.
+    pub u: Tensor<B, 2>,
+    /// `σ: [k]`.
+    pub sigma: Tensor<B, 1>,
+    /// `V: [d_out, k]`.
+    pub v: Tensor<B, 2>,
+}

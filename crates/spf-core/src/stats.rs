@@ -1,0 +1,84 @@
+//! [`StepStats`]: what the projection did in one optimizer step, per tensor and in aggregate.
+
+use std::sync::Arc;
+
+use burn::module::ParamId;
+use serde::Serialize;
+
+use crate::ProjectionStats;
+
+/// The projection statistics of one parameter in one step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TensorStats {
+    /// The parameter.
+    #[serde(serialize_with = "serialize_param_id")]
+    pub param: ParamId,
+    /// Its module path.
+    pub path: Arc<str>,
+    /// What the projection did to its gradient (or update).
+    pub stats: ProjectionStats,
+}
+
+fn serialize_param_id<S: serde::Serializer>(id: &ParamId, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(id.val())
+}
+
+/// The projection statistics of one optimizer step: one entry per parameter that had both a
+/// basis and a gradient.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StepStats {
+    /// The per-tensor statistics, in module order.
+    pub tensors: Vec<TensorStats>,
+}
+
+impl StepStats {
+    fn sum(&self, field: impl Fn(&ProjectionStats) -> usize) -> usize {
+        self.tensors.iter().map(|t| field(&t.stats)).sum()
+    }
+
+    /// Safety directions over all projected tensors.
+    pub fn directions(&self) -> usize {
+        self.sum(|s| s.directions)
+    }
+
+    /// Directions that conflicted (`c_i < 0`) before projection.
+    pub fn conflicting(&self) -> usize {
+        self.sum(|s| s.conflicting)
+    }
+
+    /// Directions removed.
+    pub fn removed(&self) -> usize {
+        self.sum(|s| s.removed)
+    }
+
+    /// `conflicting / directions`, or 0 when there are no directions.
+    pub fn conflict_share(&self) -> f64 {
+        match self.directions() {
+            0 => 0.0,
+            n => self.conflicting() as f64 / n as f64,
+        }
+    }
+
+    /// `Σ (‖G‖² − ‖G̃‖²) / Σ ‖G‖²` over the projected tensors, or 0 when they carry no energy.
+    pub fn removed_energy_share(&self) -> f64 {
+        let total: f64 = self.tensors.iter().map(|t| t.stats.grad_energy).sum();
+        let removed: f64 = self.tensors.iter().map(|t| t.stats.removed_energy).sum();
+        if total > 0.0 { removed / total } else { 0.0 }
+    }
+
+    /// The most negative cosine `⟨G, D⟩/(‖G‖‖D‖)` before projection, if any tensor was projected.
+    pub fn worst_cosine_before(&self) -> Option<f64> {
+        self.tensors
+            .iter()
+            .map(|t| t.stats.cosine_before)
+            .reduce(f64::min)
+    }
+
+    /// The most negative cosine `⟨G̃, D⟩/(‖G̃‖‖D‖)` after projection, if any tensor was projected.
+    pub fn worst_cosine_after(&self) -> Option<f64> {
+        self.tensors
+            .iter()
+            .map(|t| t.stats.cosine_after)
+            .reduce(f64::min)
+    }
+}

@@ -1,0 +1,124 @@
+//! The passes over a module that one wrapped step makes. `GradientsParams` cannot list its ids,
+//! and reading a gradient needs its rank as a constant, so every pass walks the module with
+//! burn's `ModuleVisitor` (or `ModuleMapper`), which supplies both.
+
+use std::collections::HashMap;
+
+use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{GradientsParams, MultiGradientsParams};
+use burn::tensor::{Tensor, backend::AutodiffBackend};
+use spf_subspace::LowRankBasis;
+
+use crate::inventory::{Inventory, view_2d};
+use crate::{ProjectionMode, TensorStats, project};
+
+type Bases<B> = HashMap<ParamId, LowRankBasis<<B as AutodiffBackend>::InnerBackend>>;
+
+/// Projects, in place, every gradient in `grads` that has a basis.
+pub(crate) struct GradientProjection<'a, B: AutodiffBackend> {
+    pub grads: &'a mut GradientsParams,
+    pub bases: &'a Bases<B>,
+    pub inventory: &'a Inventory,
+    pub mode: ProjectionMode,
+    pub stats: Vec<TensorStats>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(basis) = self.bases.get(&param.id) else {
+            return;
+        };
+        let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
+            return;
+        };
+        let dims = grad.dims();
+        let projected = project(grad.reshape(view_2d(&dims)), basis, self.mode)
+            .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
+        self.grads.register(param.id, projected.grad.reshape(dims));
+        self.stats
+            .push(tensor_stats(self.inventory, param.id, projected.stats));
+    }
+}
+
+/// Sums each parameter's gradients over the devices of a [`MultiGradientsParams`], on the device
+/// burn's own reduction picks for it.
+pub(crate) struct GradientReduction<'a> {
+    pub multi: &'a mut MultiGradientsParams,
+    pub reduced: GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradientReduction<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some((grad, _device)) = self.multi.remove::<B::InnerBackend, D>(param.id) {
+            self.reduced.register(param.id, grad);
+        }
+    }
+}
+
+/// Records `W_old` (as its 2-D view) for every parameter that has a basis and a gradient, before
+/// the inner optimizer steps.
+pub(crate) struct UpdateSnapshot<'a, B: AutodiffBackend> {
+    pub grads: &'a GradientsParams,
+    pub bases: &'a Bases<B>,
+    pub before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for UpdateSnapshot<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let has_grad = || self.grads.get::<B::InnerBackend, D>(param.id).is_some();
+        if self.bases.contains_key(&param.id) && has_grad() {
+            let value = param.val().inner();
+            let view = view_2d(&value.dims());
+            self.before.insert(param.id, value.reshape(view));
+        }
+    }
+}
+
+/// Replaces each snapshotted parameter's update `ΔW = W_new − W_old` by `−P(−ΔW)`: the update is
+/// projected as the descent step `−ηG̃` it stands for, with `G = −ΔW`.
+pub(crate) struct UpdateProjection<'a, B: AutodiffBackend> {
+    pub before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+    pub bases: &'a Bases<B>,
+    pub inventory: &'a Inventory,
+    pub mode: ProjectionMode,
+    pub stats: Vec<TensorStats>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (Some(before), Some(basis)) =
+            (self.before.remove(&param.id), self.bases.get(&param.id))
+        else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let after = tensor.clone().inner();
+        let dims = after.dims();
+        let before = before.to_device(&after.device());
+        let descent = before.clone() - after.reshape(view_2d(&dims));
+        let projected = project(descent, basis, self.mode)
+            .unwrap_or_else(|err| panic!("update of parameter {id} does not fit: {err}"));
+        self.stats
+            .push(tensor_stats(self.inventory, id, projected.stats));
+        if projected.stats.removed == 0 {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let mut value = Tensor::from_inner((before - projected.grad).reshape(dims));
+        if tensor.is_require_grad() {
+            value = value.require_grad();
+        }
+        Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+fn tensor_stats(
+    inventory: &Inventory,
+    param: ParamId,
+    stats: crate::ProjectionStats,
+) -> TensorStats {
+    let path = inventory
+        .get(&param)
+        .map(|info| info.path.clone())
+        .unwrap_or_else(|| param.to_string().into());
+    TensorStats { param, path, stats }
+}
