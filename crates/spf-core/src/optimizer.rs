@@ -295,3 +295,6 @@ where
             .unwrap_or_else(|err| panic!("cannot load SPF optimizer record: {err}"))
     }
 }
+
+#[cfg(test)]
+mod tests;

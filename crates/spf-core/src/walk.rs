@@ -32,8 +32,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
             return;
         };
         let dims = grad.dims();
-        let projected = project(grad.reshape(view_2d(&dims)), basis, self.mode)
-            .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
+        let projected = project(
+            grad.reshape(view_2d(&dims)),
+            basis,
+            mode_for::<D>(self.mode),
+        )
+        .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
         self.grads.register(param.id, projected.grad.reshape(dims));
         self.stats
             .push(tensor_stats(self.inventory, param.id, projected.stats));
@@ -96,7 +100,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
         let dims = after.dims();
         let before = before.to_device(&after.device());
         let descent = before.clone() - after.reshape(view_2d(&dims));
-        let projected = project(descent, basis, self.mode)
+        let projected = project(descent, basis, mode_for::<D>(self.mode))
             .unwrap_or_else(|err| panic!("update of parameter {id} does not fit: {err}"));
         self.stats
             .push(tensor_stats(self.inventory, id, projected.stats));
@@ -108,6 +112,15 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
             value = value.require_grad();
         }
         Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+/// Vectors are only ever targeted under `VectorPolicy::Pcgrad`, whatever the matrix mode.
+fn mode_for<const D: usize>(matrix_mode: ProjectionMode) -> ProjectionMode {
+    if D == 1 {
+        ProjectionMode::Pcgrad
+    } else {
+        matrix_mode
     }
 }
 

@@ -216,7 +216,7 @@ impl<B: Backend> LowRankBasis<B> {
         sigma_host.truncate(k);
         Self {
             u: self.u.slice([0..d_in, 0..k]),
-            sigma: self.sigma.slice([0..k]),
+            sigma: self.sigma.slice(0..k),
             v: self.v.slice([0..d_out, 0..k]),
             sigma_host,
         }

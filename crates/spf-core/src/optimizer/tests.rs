@@ -1,0 +1,515 @@
+//! The wrapper inside real burn steps: against manual SGD and plain AdamW on projected
+//! gradients, the `Update` target's guarantee, pass-through, `step_multi`, records and errors.
+
+use burn::module::{Module, Param, ParamId};
+use burn::nn::Linear;
+use burn::optim::{AdamWConfig, GradientsParams, MultiGradientsParams, Optimizer, SgdConfig};
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::DeviceOps;
+use burn::tensor::{Tensor, TensorData, activation::tanh, backend::Backend};
+use faer::Mat;
+
+use super::*;
+use crate::testing::{Gaussian, MODES, TestAutodiffBackend, TestBackend, to_host, to_tensor};
+use crate::{ParamFilter, ProjectionMode, VectorPolicy, project};
+
+type B = TestAutodiffBackend;
+type Inner = TestBackend;
+
+/// Three layers named so that a path filter can tell them apart, and a rank-3 parameter.
+#[derive(Module, Debug)]
+struct Net<B: Backend> {
+    attn: Linear<B>,
+    mlp: Linear<B>,
+    head: Linear<B>,
+    cube: Param<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Net<B> {
+    /// Seeded and initialized eagerly: clones of a lazily initialized module would each draw
+    /// their own random weights.
+    fn new(device: &B::Device) -> Self {
+        let mut rng = Gaussian::new(99);
+        let mut param = |dims: &[usize]| {
+            let n = dims.iter().product();
+            let values: Vec<f32> = (0..n).map(|_| 0.5 * rng.sample() as f32).collect();
+            TensorData::new(values, dims.to_vec())
+        };
+        let mut linear = |d_in: usize, d_out: usize| Linear {
+            weight: Param::from_data(param(&[d_in, d_out]), device),
+            bias: Some(Param::from_data(param(&[d_out]), device)),
+        };
+        Self {
+            attn: linear(4, 6),
+            mlp: linear(6, 5),
+            head: linear(5, 3),
+            cube: Param::from_data(param(&[3, 2, 2]), device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let h = tanh(self.attn.forward(x));
+        let h = tanh(self.mlp.forward(h));
+        // The cube mixes the first three outputs: out[:, j] += Σ_i h[:, i] · Σ cube[i, j, :].
+        let mix = self.cube.val().sum_dim(2).reshape([3, 2]);
+        let out = self.head.forward(h);
+        let extra = out.clone().slice([0..out.dims()[0], 0..3]).matmul(mix);
+        out.slice_assign([0..extra.dims()[0], 0..2], extra)
+    }
+}
+
+/// The gradients of a seeded regression loss at `model`.
+fn grads(model: &Net<B>, seed: u64) -> GradientsParams {
+    let device = Default::default();
+    let mut rng = Gaussian::new(seed);
+    let x = to_tensor::<B>(&rng.matrix(8, 4), &device);
+    let y = to_tensor::<B>(&rng.matrix(8, 3), &device);
+    let loss = (model.forward(x) - y).square().mean();
+    GradientsParams::from_grads(loss.backward(), model)
+}
+
+/// Random bases for the two protected weights and the rank-3 cube (viewed as 3 × 4).
+fn bases(model: &Net<B>) -> Vec<(ParamId, LowRankBasis<Inner>)> {
+    let device = Default::default();
+    let mut rng = Gaussian::new(1234);
+    vec![
+        (model.attn.weight.id, rng.basis(4, 6, 3).to_device(&device)),
+        (model.mlp.weight.id, rng.basis(6, 5, 2).to_device(&device)),
+        (model.cube.id, rng.basis(3, 4, 2).to_device(&device)),
+    ]
+}
+
+fn config(mode: ProjectionMode) -> SpfConfig {
+    SpfConfig::new()
+        .with_mode(mode)
+        .with_filter(ParamFilter::path_regex(r"(attn|mlp)\..*|cube"))
+}
+
+/// Every float parameter of the model on the host, as 2-D views, by id.
+fn params(model: &Net<B>) -> Vec<(ParamId, Mat<f64>)> {
+    let linear = |l: &Linear<B>| {
+        let mut out = vec![(l.weight.id, to_host(l.weight.val().inner()))];
+        if let Some(bias) = &l.bias {
+            out.push((bias.id, to_host(bias.val().inner().unsqueeze_dim(1))));
+        }
+        out
+    };
+    let mut all = linear(&model.attn);
+    all.extend(linear(&model.mlp));
+    all.extend(linear(&model.head));
+    all.push((
+        model.cube.id,
+        to_host(model.cube.val().inner().reshape([3, 4])),
+    ));
+    all
+}
+
+/// The rank of a matrix-or-larger parameter, `None` for the vectors.
+fn rank_of(model: &Net<B>, id: ParamId) -> Option<usize> {
+    if id == model.cube.id {
+        Some(3)
+    } else {
+        [&model.attn, &model.mlp, &model.head]
+            .iter()
+            .any(|l| l.weight.id == id)
+            .then_some(2)
+    }
+}
+
+fn assert_close(a: &Net<B>, b: &Net<B>, tol: f64) {
+    for ((id, x), (_, y)) in params(a).iter().zip(params(b)) {
+        let err = crate::testing::max_abs_diff(x, &y);
+        assert!(err <= tol, "parameter {id}: {err:e} > {tol:e}");
+    }
+}
+
+fn assert_bitwise<const D: usize>(a: &Param<Tensor<B, D>>, b: &Param<Tensor<B, D>>) {
+    assert_eq!(
+        a.val().into_data(),
+        b.val().into_data(),
+        "parameter {}",
+        a.id
+    );
+}
+
+/// The gradients with each protected one replaced by its projection.
+fn projected_grads(model: &Net<B>, seed: u64, mode: ProjectionMode) -> GradientsParams {
+    let mut grads = grads(model, seed);
+    for (id, basis) in bases(model) {
+        // `remove` must be called with the parameter's true rank.
+        let grad: Tensor<Inner, 2> = if id == model.cube.id {
+            grads.remove::<Inner, 3>(id).unwrap().reshape([3, 4])
+        } else {
+            grads.remove::<Inner, 2>(id).unwrap()
+        };
+        let projected = project(grad, &basis, mode).unwrap().grad;
+        if id == model.cube.id {
+            grads.register(id, projected.reshape([3, 2, 2]));
+        } else {
+            grads.register(id, projected);
+        }
+    }
+    grads
+}
+
+#[test]
+fn sgd_step_equals_manual_step_on_projected_gradients() {
+    let device = Default::default();
+    let lr = 0.05;
+    for mode in MODES {
+        let model = Net::<B>::new(&device);
+        let mut optim = config(mode)
+            .init(SgdConfig::new().init(), &model, bases(&model))
+            .unwrap();
+        let stepped = optim.step(lr, model.clone(), grads(&model, 1));
+        assert!(
+            optim.last_stats().removed() > 0,
+            "{mode:?}: nothing conflicted"
+        );
+        assert_eq!(optim.last_stats().tensors.len(), 3);
+
+        // W − lr·P(G) for protected weights, W − lr·G for the rest.
+        let expected = grads(&model, 1);
+        let projected = projected_grads(&model, 1, mode);
+        for (id, w) in params(&model) {
+            let g = rank_of(&model, id).map_or_else(
+                || to_host(expected.get::<Inner, 1>(id).unwrap().unsqueeze_dim(1)),
+                |rank| match rank {
+                    3 => to_host(projected.get::<Inner, 3>(id).unwrap().reshape([3, 4])),
+                    _ => to_host(projected.get::<Inner, 2>(id).unwrap()),
+                },
+            );
+            let manual = &w - lr * &g;
+            let got = params(&stepped)
+                .into_iter()
+                .find(|(i, _)| *i == id)
+                .unwrap()
+                .1;
+            let err = crate::testing::max_abs_diff(&manual, &got);
+            assert!(err <= 1e-6, "{mode:?} parameter {id}: {err:e}");
+        }
+    }
+}
+
+#[test]
+fn adamw_gradient_target_equals_adamw_on_projected_gradients() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let mut wrapped = config(ProjectionMode::ConflictOnly)
+        .init(AdamWConfig::new().init(), &model, bases(&model))
+        .unwrap();
+    let mut plain = AdamWConfig::new().init::<B, Net<B>>();
+    let (mut a, mut b) = (model.clone(), model);
+    for seed in 0..3 {
+        let grads_a = grads(&a, seed);
+        a = wrapped.step(1e-2, a, grads_a);
+        let grads_b = projected_grads(&b, seed, ProjectionMode::ConflictOnly);
+        b = plain.step(1e-2, b, grads_b);
+    }
+    assert_close(&a, &b, 1e-6);
+}
+
+/// `u_iᵀ ΔW v_i` for each direction of each protected weight.
+fn update_coefficients(before: &Net<B>, after: &Net<B>) -> Vec<f64> {
+    let old = params(before);
+    let new = params(after);
+    let mut out = Vec::new();
+    for (id, basis) in bases(before) {
+        let w0 = &old.iter().find(|(i, _)| *i == id).unwrap().1;
+        let w1 = &new.iter().find(|(i, _)| *i == id).unwrap().1;
+        let delta = w1 - w0;
+        let u = to_host(basis.u().clone());
+        let v = to_host(basis.v().clone());
+        out.extend((0..basis.rank()).map(|i| u.col(i).transpose() * &delta * v.col(i)));
+    }
+    out
+}
+
+#[test]
+fn adamw_update_target_leaves_no_conflicting_coefficient() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let lr = 1e-2;
+    // An AdamW update is about lr per coordinate; rounding the parameters and the update in f32
+    // bounds what is left of a removed coefficient.
+    let tol = 64.0 * f64::from(f32::EPSILON) * lr;
+
+    let mut plain = AdamWConfig::new().init::<B, Net<B>>();
+    let raw = plain.step(lr, model.clone(), grads(&model, 3));
+    let raw_worst = update_coefficients(&model, &raw)
+        .into_iter()
+        .fold(f64::MIN, f64::max);
+    assert!(
+        raw_worst > 1e3 * tol,
+        "the raw AdamW update should conflict: {raw_worst:e}"
+    );
+
+    for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
+        let mut optim = config(ProjectionMode::ConflictOnly)
+            .with_target(target)
+            .init(AdamWConfig::new().init(), &model, bases(&model))
+            .unwrap();
+        let stepped = optim.step(lr, model.clone(), grads(&model, 3));
+        let worst = update_coefficients(&model, &stepped)
+            .into_iter()
+            .fold(f64::MIN, f64::max);
+        match target {
+            // A descent step −ηG̃ has u_iᵀΔWv_i = −η c̃_i, so no conflict means every one ≤ 0.
+            ProjectionTarget::Update => assert!(worst <= tol, "Update target: {worst:e} > {tol:e}"),
+            // Adam's per-coordinate scaling brings conflict back: the reason `Update` exists.
+            ProjectionTarget::Gradient => assert!(worst > tol, "Gradient target: {worst:e}"),
+        }
+    }
+
+    let mut optim = config(ProjectionMode::Orthogonal)
+        .with_target(ProjectionTarget::Update)
+        .init(AdamWConfig::new().init(), &model, bases(&model))
+        .unwrap();
+    let stepped = optim.step(lr, model.clone(), grads(&model, 3));
+    for c in update_coefficients(&model, &stepped) {
+        assert!(
+            c.abs() <= tol,
+            "Orthogonal update keeps a safety component {c:e}"
+        );
+    }
+}
+
+#[test]
+fn unprotected_parameters_pass_through_bit_for_bit() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
+        let mut plain = AdamWConfig::new().init::<B, Net<B>>();
+        // mlp.weight is targeted but gets no basis; head and every bias are not targeted.
+        let only_attn = bases(&model).into_iter().take(1);
+        let mut wrapped = config(ProjectionMode::Orthogonal)
+            .with_target(target)
+            .init(AdamWConfig::new().init(), &model, only_attn)
+            .unwrap();
+        let a = plain.step(1e-2, model.clone(), grads(&model, 5));
+        let b = wrapped.step(1e-2, model.clone(), grads(&model, 5));
+        assert!(wrapped.last_stats().removed() > 0);
+        assert_bitwise(&a.mlp.weight, &b.mlp.weight);
+        assert_bitwise(&a.head.weight, &b.head.weight);
+        assert_bitwise(&a.cube, &b.cube);
+        for (x, y) in [(&a.attn, &b.attn), (&a.mlp, &b.mlp), (&a.head, &b.head)] {
+            assert_bitwise(x.bias.as_ref().unwrap(), y.bias.as_ref().unwrap());
+        }
+        assert_ne!(
+            a.attn.weight.val().into_data(),
+            b.attn.weight.val().into_data()
+        );
+    }
+}
+
+#[test]
+fn step_multi_equals_step_on_summed_gradients() {
+    let device: burn::tensor::Device<B> = Default::default();
+    let model = Net::<B>::new(&device);
+    for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
+        let build = || {
+            config(ProjectionMode::ConflictOnly)
+                .with_target(target)
+                .init(AdamWConfig::new().init(), &model, bases(&model))
+                .unwrap()
+        };
+        let (mut single, mut multi) = (build(), build());
+
+        let mut summed = GradientsParams::new();
+        let (g1, g2) = (grads(&model, 7), grads(&model, 8));
+        for (id, _) in params(&model) {
+            match rank_of(&model, id) {
+                None => summed.register(id, g1.get::<Inner, 1>(id).unwrap() + g2.get(id).unwrap()),
+                Some(2) => {
+                    summed.register(id, g1.get::<Inner, 2>(id).unwrap() + g2.get(id).unwrap())
+                }
+                Some(_) => {
+                    summed.register(id, g1.get::<Inner, 3>(id).unwrap() + g2.get(id).unwrap())
+                }
+            }
+        }
+        let a = single.step(1e-2, model.clone(), summed);
+        let replicas = MultiGradientsParams {
+            grads: vec![
+                (grads(&model, 7), device.id()),
+                (grads(&model, 8), device.id()),
+            ],
+        };
+        let b = multi.step_multi(1e-2, model.clone(), replicas);
+        assert!(single.last_stats().removed() > 0);
+        assert_eq!(single.last_stats(), multi.last_stats());
+        for ((id, x), (_, y)) in params(&a).into_iter().zip(params(&b)) {
+            assert_eq!(x, y, "{target:?}: parameter {id} differs");
+        }
+    }
+}
+
+#[test]
+fn record_round_trip_continues_identically() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let cfg = config(ProjectionMode::ConflictOnly).with_target(ProjectionTarget::Update);
+    let mut optim = cfg
+        .init(AdamWConfig::new().init(), &model, bases(&model))
+        .unwrap();
+    let mut model = model;
+    for seed in 0..2 {
+        let g = grads(&model, seed);
+        model = optim.step(1e-2, model, g);
+    }
+
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let bytes = recorder.record(optim.to_record(), ()).unwrap();
+    let record = recorder.load(bytes, &device).unwrap();
+    let mut restored = cfg
+        .init(AdamWConfig::new().init(), &model, [])
+        .unwrap()
+        .load_record(record);
+    assert_eq!(restored.steps(), 2);
+    assert_eq!(restored.bases().len(), 3);
+
+    let a = optim.step(1e-2, model.clone(), grads(&model, 2));
+    let b = restored.step(1e-2, model.clone(), grads(&model, 2));
+    for ((id, x), (_, y)) in params(&a).into_iter().zip(params(&b)) {
+        assert_eq!(x, y, "parameter {id} differs after the round trip");
+    }
+}
+
+#[test]
+fn init_rejects_bases_that_do_not_fit() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let basis = |d_in, d_out| {
+        Gaussian::new(0)
+            .basis(d_in, d_out, 1)
+            .to_device::<Inner>(&device)
+    };
+    let init = |bases: Vec<(ParamId, LowRankBasis<Inner>)>| {
+        config(ProjectionMode::ConflictOnly)
+            .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases)
+            .map(|_| ())
+    };
+
+    let stranger = ParamId::new();
+    assert_eq!(
+        init(vec![(stranger, basis(4, 6))]),
+        Err(SpfError::UnknownParam { id: stranger })
+    );
+    assert_eq!(
+        init(vec![(model.head.weight.id, basis(5, 3))]),
+        Err(SpfError::UntargetedParam {
+            path: "head.weight".into()
+        })
+    );
+    assert_eq!(
+        init(vec![(model.attn.bias.as_ref().unwrap().id, basis(6, 1))]),
+        Err(SpfError::UntargetedParam {
+            path: "attn.bias".into()
+        })
+    );
+    assert_eq!(
+        init(vec![(model.attn.weight.id, basis(6, 4))]),
+        Err(SpfError::ShapeMismatch {
+            path: Some("attn.weight".into()),
+            expected: vec![4, 6],
+            found: vec![6, 4],
+        })
+    );
+    let bad_regex = SpfConfig::new()
+        .with_filter(ParamFilter::path_regex("("))
+        .init(SgdConfig::new().init::<B, Net<B>>(), &model, []);
+    assert!(matches!(bad_regex, Err(SpfError::InvalidFilter { .. })));
+}
+
+#[test]
+fn bases_are_truncated_to_the_configured_rank() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let optim = config(ProjectionMode::ConflictOnly)
+        .with_rank(1)
+        .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases(&model))
+        .unwrap();
+    assert!(optim.bases().values().all(|b| b.rank() == 1));
+}
+
+#[test]
+fn load_record_rejects_records_that_do_not_fit() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let cfg = config(ProjectionMode::ConflictOnly);
+    let optim = cfg
+        .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases(&model))
+        .unwrap();
+    let fresh = || {
+        cfg.init(SgdConfig::new().init::<B, Net<B>>(), &model, [])
+            .unwrap()
+    };
+
+    let mut record = optim.to_record();
+    record.version = RECORD_VERSION + 1;
+    assert_eq!(
+        fresh().try_load_record::<Net<B>>(record).err(),
+        Some(SpfError::UnsupportedRecordVersion {
+            found: RECORD_VERSION + 1,
+            supported: RECORD_VERSION
+        })
+    );
+
+    // A record saved for another model: its ids are unknown here.
+    let other = Net::<B>::new(&device);
+    let foreign = cfg
+        .init(SgdConfig::new().init::<B, Net<B>>(), &other, bases(&other))
+        .unwrap()
+        .to_record();
+    assert!(matches!(
+        fresh().try_load_record::<Net<B>>(foreign),
+        Err(SpfError::UnknownParam { .. })
+    ));
+
+    // The right id with factors of another shape.
+    let mut record = optim.to_record();
+    let wrong = Gaussian::new(2).basis(5, 4, 1).to_device::<Inner>(&device);
+    let (u, sigma, v) = wrong.into_parts();
+    record.bases[0].u = Tensor::from_inner(u);
+    record.bases[0].sigma = Tensor::from_inner(sigma);
+    record.bases[0].v = Tensor::from_inner(v);
+    assert!(matches!(
+        fresh().try_load_record::<Net<B>>(record),
+        Err(SpfError::ShapeMismatch { .. })
+    ));
+
+    // Factors that are not a basis at all.
+    let mut record = optim.to_record();
+    record.bases[0].u = record.bases[0].u.clone().mul_scalar(2.0);
+    assert!(matches!(
+        fresh().try_load_record::<Net<B>>(record),
+        Err(SpfError::InvalidBasis { .. })
+    ));
+}
+
+#[test]
+fn vector_policy_pcgrad_projects_biases_against_their_safety_gradient() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let bias = model.attn.bias.as_ref().unwrap();
+    // The safety gradient of the bias is the negated utility gradient: a full conflict.
+    let g: Tensor<Inner, 1> = grads(&model, 4).get(bias.id).unwrap();
+    let safety = LowRankBasis::from_vector(g.clone().neg().add_scalar(0.01)).unwrap();
+    let mut optim = SpfConfig::new()
+        .with_mode(ProjectionMode::Orthogonal) // ignored for vectors
+        .with_vector_policy(VectorPolicy::Pcgrad)
+        .with_filter(ParamFilter::path_regex(r"attn\.bias"))
+        .init(SgdConfig::new().init(), &model, [(bias.id, safety.clone())])
+        .unwrap();
+    let stepped = optim.step(1.0, model.clone(), grads(&model, 4));
+    assert_eq!(optim.last_stats().removed(), 1);
+
+    let n = g.dims()[0];
+    let expected = project(g.reshape([n, 1]), &safety, ProjectionMode::Pcgrad)
+        .unwrap()
+        .grad;
+    let delta = stepped.attn.bias.as_ref().unwrap().val().inner() - bias.val().inner();
+    let err =
+        crate::testing::max_abs_diff(&to_host(delta.unsqueeze_dim(1)), &to_host(expected.neg()));
+    assert!(err <= 1e-6, "{err:e}");
+}
