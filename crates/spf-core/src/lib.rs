@@ -11,7 +11,6 @@
 //! - [`SpfConfig`]: which parameters are protected and how;
 //! - [`SafetyProjectedOptimizer`]: the wrapper, a burn [`Optimizer`](burn::optim::Optimizer);
 //! - [`SpfRecord`]: its versioned saved state.
-#![warn(missing_docs)]
 
 mod config;
 mod error;

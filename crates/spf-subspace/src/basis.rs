@@ -1,31 +1,31 @@
 //! [`LowRankBasis`]: the rank-`k` factors `U Σ Vᵀ` of one parameter's safety gradient.
-//!
-//! For a parameter whose 2-D view is `d_in × d_out`, the basis holds
-//!
-//! - `u: [d_in, k]` with orthonormal columns `u_i`,
-//! - `sigma: [k]`, the non-negative, non-increasing singular values `σ_i`,
-//! - `v: [d_out, k]` with orthonormal columns `v_i`.
-//!
-//! The rank-1 matrices `B_i = u_i v_iᵀ` are then orthonormal under the Frobenius inner product,
-//! so the coefficient of a gradient `G` along direction `i` is simply `c_i = ⟨G, B_i⟩ = u_iᵀ G v_i`,
-//! and `D = U Σ Vᵀ` is the rank-`k` approximation of the safety gradient `G_s`.
-//!
-//! `k = 0` is allowed: such a basis has no directions and projects nothing.
-//!
-//! # Orthonormality tolerance
-//!
-//! The constructor checks `max_ij |(FᵀF − I)_ij| ≤ tol` for `F ∈ {U, V}`. Each entry of `FᵀF` is a
-//! dot product of `d` terms, whose floating-point error is bounded by `γ_d ≈ d·ε` (Higham,
-//! *Accuracy and Stability of Numerical Algorithms*, §3.1). The default tolerance,
-//! [`LowRankBasis::default_tolerance`], is `8·d·ε_f32` with `d = max(d_in, d_out)`: the factor 8
-//! leaves room for the rounding of the stored factors themselves (for example an `f64` SVD stored
-//! as `f32`). Use [`LowRankBasis::with_tolerance`] for lower-precision backends.
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::SubspaceError;
 
-/// The rank-`k` safety basis `U Σ Vᵀ` of one parameter; see the [module docs](self).
+/// The rank-`k` safety basis `U Σ Vᵀ` of one parameter.
+///
+/// For a parameter whose 2-D view is `d_in × d_out`, the basis holds
+///
+/// - `u: [d_in, k]` with orthonormal columns `u_i`,
+/// - `sigma: [k]`, the non-negative, non-increasing singular values `σ_i`,
+/// - `v: [d_out, k]` with orthonormal columns `v_i`.
+///
+/// The rank-1 matrices `B_i = u_i v_iᵀ` are then orthonormal under the Frobenius inner product,
+/// so the coefficient of a gradient `G` along direction `i` is simply `c_i = ⟨G, B_i⟩ = u_iᵀ G v_i`,
+/// and `D = U Σ Vᵀ` is the rank-`k` approximation of the safety gradient `G_s`.
+///
+/// `k = 0` is allowed: such a basis has no directions and projects nothing.
+///
+/// # Orthonormality tolerance
+///
+/// The constructor checks `max_ij |(FᵀF − I)_ij| ≤ tol` for `F ∈ {U, V}`. Each entry of `FᵀF` is a
+/// dot product of `d` terms, whose floating-point error is bounded by `γ_d ≈ d·ε` (Higham,
+/// *Accuracy and Stability of Numerical Algorithms*, §3.1). The default tolerance,
+/// [`LowRankBasis::default_tolerance`], is `8·d·ε_f32` with `d = max(d_in, d_out)`: the factor 8
+/// leaves room for the rounding of the stored factors themselves (for example an `f64` SVD stored
+/// as `f32`). Use [`LowRankBasis::with_tolerance`] for lower-precision backends.
 ///
 /// The host keeps a copy of the `k` singular values, so statistics that need `σ` cost no
 /// device round trip.
@@ -74,8 +74,8 @@ impl<B: Backend> LowRankBasis<B> {
         Self::with_tolerance(u, sigma, v, Self::default_tolerance(d_in, d_out))
     }
 
-    /// The default orthonormality tolerance `8·max(d_in, d_out)·ε_f32`; see the
-    /// [module docs](self).
+    /// The default orthonormality tolerance `8·max(d_in, d_out)·ε_f32`; see
+    /// [the type's docs](LowRankBasis#orthonormality-tolerance).
     pub fn default_tolerance(d_in: usize, d_out: usize) -> f64 {
         8.0 * d_in.max(d_out).max(1) as f64 * f64::from(f32::EPSILON)
     }

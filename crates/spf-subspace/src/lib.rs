@@ -3,7 +3,6 @@
 //! The gradient `G_s` of a safety loss with respect to one weight matrix is close to low rank.
 //! This crate holds its rank-`k` factors `G_s ≈ U Σ Vᵀ` as a [`LowRankBasis`], checked for shape
 //! and orthonormality, ready for the projection in `spf-core`.
-#![warn(missing_docs)]
 
 mod basis;
 mod error;
