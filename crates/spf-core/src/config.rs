@@ -123,3 +123,55 @@ impl SpfConfig {
         SafetyProjectedOptimizer::new(inner, module, self.clone(), bases)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_regex_is_anchored_at_both_ends() {
+        let matcher = ParamFilter::path_regex(".*(attn|mlp).*").compile().unwrap();
+        assert!(matcher.matches("blocks.0.attn.query.weight"));
+        assert!(matcher.matches("mlp.weight"));
+        assert!(!matcher.matches("head.weight"));
+
+        let matcher = ParamFilter::path_regex("weight").compile().unwrap();
+        assert!(matcher.matches("weight"));
+        assert!(
+            !matcher.matches("attn.weight"),
+            "a bare name must not match a longer path"
+        );
+
+        assert!(
+            ParamFilter::All
+                .compile()
+                .unwrap()
+                .matches("anything.at.all")
+        );
+    }
+
+    #[test]
+    fn invalid_regex_is_a_typed_error() {
+        let err = ParamFilter::path_regex("(attn").compile().err().unwrap();
+        assert!(matches!(err, SpfError::InvalidFilter { ref pattern, .. } if pattern == "(attn"));
+    }
+
+    #[test]
+    fn config_round_trips_through_json() {
+        let config = SpfConfig::new()
+            .with_mode(ProjectionMode::Pcgrad)
+            .with_target(ProjectionTarget::Update)
+            .with_filter(ParamFilter::path_regex(r".*\.weight"))
+            .with_vector_policy(VectorPolicy::Pcgrad)
+            .with_rank(16);
+        let json = serde_json::to_string(&config).unwrap();
+        let back: SpfConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{config:?}"));
+
+        let defaults = SpfConfig::new();
+        assert_eq!(defaults.mode, ProjectionMode::ConflictOnly);
+        assert_eq!(defaults.target, ProjectionTarget::Gradient);
+        assert_eq!(defaults.filter, ParamFilter::All);
+        assert_eq!(defaults.vector_policy, VectorPolicy::Skip);
+    }
+}
