@@ -33,7 +33,7 @@ pub enum SubspaceError {
     /// A factor holds NaN or ±Inf.
     #[error("basis factor `{factor}` holds a non-finite value")]
     NonFinite {
-        /// `"u"`, `"sigma"`, `"v"` or `"vector"`.
+        /// `"u"`, `"sigma"`, `"v"`, `"vector"` or `"input"` (a matrix to decompose).
         factor: &'static str,
     },
 
@@ -55,6 +55,31 @@ pub enum SubspaceError {
         prev: f64,
         /// `sigma[index]`.
         next: f64,
+    },
+
+    /// faer's SVD of the small projected matrix did not converge.
+    #[error("the SVD of the projected sketch failed: {message}")]
+    SvdFailed {
+        /// faer's error.
+        message: String,
+    },
+
+    /// Estimating the basis of one parameter failed.
+    #[error("parameter `{path}`: {source}")]
+    Parameter {
+        /// Module path of the parameter.
+        path: String,
+        /// What went wrong.
+        source: Box<SubspaceError>,
+    },
+
+    /// The parameter filter's regular expression does not compile.
+    #[error("invalid parameter filter regex `{pattern}`: {message}")]
+    InvalidFilter {
+        /// The pattern as configured.
+        pattern: String,
+        /// The regex engine's explanation.
+        message: String,
     },
 
     /// `max |FᵀF − I|` exceeds the tolerance for factor `F`.

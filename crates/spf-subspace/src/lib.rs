@@ -1,11 +1,27 @@
 //! Low-rank safety subspaces for SPF (Safety-Preserving Fine-tuning).
 //!
 //! The gradient `G_s` of a safety loss with respect to one weight matrix is close to low rank.
-//! This crate holds its rank-`k` factors `G_s ≈ U Σ Vᵀ` as a [`LowRankBasis`], checked for shape
-//! and orthonormality, ready for the projection in `spf-core`.
+//! This crate estimates its rank-`k` factors `G_s ≈ U Σ Vᵀ`:
+//!
+//! - [`LowRankBasis`]: the checked factors of one parameter;
+//! - [`rsvd`]: randomized SVD on burn tensors, one call ([`RandomizedSvd::compute`]) or step by
+//!   step;
+//! - [`SafetySubspace`]: one basis per targeted parameter ([`Targets`]) of a module, from the
+//!   gradients of a safety loss;
+//! - [`captured_energy`], [`subspace_overlap`], [`principal_angles`]: diagnostics.
 
 mod basis;
+mod diagnostics;
 mod error;
+pub mod rsvd;
+mod subspace;
+mod targets;
 
 pub use basis::LowRankBasis;
+pub use diagnostics::{
+    captured_energy, direction_overlap, principal_angles, rank_for_energy, subspace_overlap,
+};
 pub use error::SubspaceError;
+pub use rsvd::{RandomizedSvd, RandomizedSvdConfig};
+pub use subspace::{RankPolicy, SafetySubspace, SubspaceConfig};
+pub use targets::{ParamFilter, Target, Targets, VectorPolicy, view_2d};

@@ -1,0 +1,228 @@
+//! Which parameters of a module SPF protects: [`ParamFilter`], [`VectorPolicy`] and [`Targets`],
+//! shared by the estimator and the optimizer wrapper so that both always agree.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::{Tensor, backend::Backend};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::SubspaceError;
+
+/// Which parameters SPF protects, chosen by module path.
+///
+/// A path is the chain of field names (and container indices) from the root module to the
+/// parameter, joined with `.`, for example `blocks.0.attn.query.weight`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum ParamFilter {
+    /// Every parameter.
+    #[default]
+    All,
+    /// Parameters whose whole path matches the regular expression (it is anchored at both ends).
+    PathRegex(String),
+}
+
+impl ParamFilter {
+    /// A filter on the module path, for example `.*(attn|mlp).*`.
+    pub fn path_regex(pattern: impl Into<String>) -> Self {
+        Self::PathRegex(pattern.into())
+    }
+
+    fn compile(&self) -> Result<Option<Regex>, SubspaceError> {
+        match self {
+            Self::All => Ok(None),
+            Self::PathRegex(pattern) => Regex::new(&format!("^(?:{pattern})$"))
+                .map(Some)
+                .map_err(|err| SubspaceError::InvalidFilter {
+                    pattern: pattern.clone(),
+                    message: err.to_string(),
+                }),
+        }
+    }
+}
+
+/// What to do with targeted parameters of rank 1 (biases, norm scales).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum VectorPolicy {
+    /// Leave them alone.
+    #[default]
+    Skip,
+    /// View them as `n × 1` and apply the `Pcgrad` rule against their raw safety gradient, whose
+    /// exact basis is [`LowRankBasis::from_vector`](crate::LowRankBasis::from_vector).
+    Pcgrad,
+}
+
+/// One float parameter of a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Module path, `.`-joined.
+    pub path: Arc<str>,
+    /// The 2-D view `[dim0, rest]` (`[n, 1]` for a vector), see [`view_2d`].
+    pub view: [usize; 2],
+    /// Its rank as a tensor.
+    pub rank: usize,
+    /// Whether it is protected: its path matches the filter, and it has rank 2 or more, or rank 1
+    /// with [`VectorPolicy::Pcgrad`].
+    pub targeted: bool,
+}
+
+/// Every float parameter of a module, by id, with its path and whether it is protected.
+#[derive(Debug, Clone, Default)]
+pub struct Targets(HashMap<ParamId, Target>);
+
+impl Targets {
+    /// Walks `module` once.
+    ///
+    /// # Errors
+    ///
+    /// [`SubspaceError::InvalidFilter`] when the filter's regex does not compile.
+    pub fn of<B: Backend, M: Module<B>>(
+        module: &M,
+        filter: &ParamFilter,
+        vectors: VectorPolicy,
+    ) -> Result<Self, SubspaceError> {
+        let mut visitor = TargetVisitor {
+            regex: filter.compile()?,
+            vectors,
+            path: Vec::new(),
+            params: HashMap::new(),
+        };
+        module.visit(&mut visitor);
+        Ok(Self(visitor.params))
+    }
+
+    /// The parameter `id`, if the module has it.
+    pub fn get(&self, id: &ParamId) -> Option<&Target> {
+        self.0.get(id)
+    }
+
+    /// Every parameter, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&ParamId, &Target)> {
+        self.0.iter()
+    }
+}
+
+/// The 2-D view of a parameter of shape `dims`: `[dim0, rest]`, or `[n, 1]` for a vector.
+pub fn view_2d(dims: &[usize]) -> [usize; 2] {
+    match dims {
+        [] => [1, 1],
+        [n] => [*n, 1],
+        [first, rest @ ..] => [*first, rest.iter().product()],
+    }
+}
+
+struct TargetVisitor {
+    regex: Option<Regex>,
+    vectors: VectorPolicy,
+    path: Vec<String>,
+    params: HashMap<ParamId, Target>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for TargetVisitor {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_owned());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let path = self.path.join(".");
+        let rank_ok = D >= 2 || self.vectors == VectorPolicy::Pcgrad;
+        let matches = self.regex.as_ref().is_none_or(|regex| regex.is_match(&path));
+        let target = Target {
+            targeted: rank_ok && matches,
+            view: view_2d(&param.lazy_shape()),
+            rank: D,
+            path: path.into(),
+        };
+        self.params.insert(param.id, target);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::nn::{Linear, LinearConfig};
+
+    #[derive(Module, Debug)]
+    struct Block<B: Backend> {
+        attn: Linear<B>,
+        mlp: Vec<Linear<B>>,
+        head: Linear<B>,
+    }
+
+    fn block() -> Block<NdArray> {
+        let device = Default::default();
+        Block {
+            attn: LinearConfig::new(2, 3).init(&device),
+            mlp: vec![LinearConfig::new(3, 3).init(&device)],
+            head: LinearConfig::new(3, 1).init(&device),
+        }
+    }
+
+    fn targeted(targets: &Targets) -> Vec<String> {
+        let mut paths: Vec<String> = targets
+            .iter()
+            .filter(|(_, t)| t.targeted)
+            .map(|(_, t)| t.path.to_string())
+            .collect();
+        paths.sort();
+        paths
+    }
+
+    #[test]
+    fn paths_follow_fields_and_container_indices() {
+        let targets = Targets::of(&block(), &ParamFilter::All, VectorPolicy::Pcgrad).unwrap();
+        let mut all: Vec<(String, [usize; 2])> =
+            targets.iter().map(|(_, t)| (t.path.to_string(), t.view)).collect();
+        all.sort();
+        assert_eq!(
+            all,
+            [
+                ("attn.bias".to_string(), [3, 1]),
+                ("attn.weight".to_string(), [2, 3]),
+                ("head.bias".to_string(), [1, 1]),
+                ("head.weight".to_string(), [3, 1]),
+                ("mlp.0.bias".to_string(), [3, 1]),
+                ("mlp.0.weight".to_string(), [3, 3]),
+            ]
+        );
+    }
+
+    #[test]
+    fn filter_and_vector_policy_decide_what_is_targeted() {
+        let filter = ParamFilter::path_regex(".*(attn|mlp).*");
+        let skip = Targets::of(&block(), &filter, VectorPolicy::Skip).unwrap();
+        assert_eq!(targeted(&skip), ["attn.weight", "mlp.0.weight"]);
+        let pcgrad = Targets::of(&block(), &filter, VectorPolicy::Pcgrad).unwrap();
+        assert_eq!(targeted(&pcgrad), ["attn.bias", "attn.weight", "mlp.0.bias", "mlp.0.weight"]);
+    }
+
+    #[test]
+    fn path_regex_is_anchored_at_both_ends() {
+        let only = |pattern: &str| {
+            let filter = ParamFilter::path_regex(pattern);
+            targeted(&Targets::of(&block(), &filter, VectorPolicy::Skip).unwrap())
+        };
+        assert_eq!(only("weight"), Vec::<String>::new(), "a bare name must not match a longer path");
+        assert_eq!(only(r"head\.weight"), ["head.weight"]);
+    }
+
+    #[test]
+    fn invalid_regex_is_a_typed_error() {
+        let err = Targets::of(&block(), &ParamFilter::path_regex("(attn"), VectorPolicy::Skip);
+        assert!(matches!(err, Err(SubspaceError::InvalidFilter { ref pattern, .. }) if pattern == "(attn"));
+    }
+
+    #[test]
+    fn views_flatten_trailing_dimensions() {
+        assert_eq!(view_2d(&[7]), [7, 1]);
+        assert_eq!(view_2d(&[4, 5]), [4, 5]);
+        assert_eq!(view_2d(&[2, 3, 4, 5]), [2, 60]);
+    }
+}
