@@ -3,19 +3,18 @@
 //! 1. Align: train the MLP on task B plus a few "safety" examples until it fits both.
 //! 2. Fine-tune on task A alone, from the same weights on the same batches: with plain AdamW,
 //!    and with AdamW wrapped by SPF, projecting either the gradient or AdamW's update. Before
-//!    every step the safety basis of each layer is re-estimated from the safety gradient at the
-//!    current weights, by an exact SVD on the host.
+//!    every step SPF re-estimates the safety basis of each layer from the safety gradient at the
+//!    current weights, by randomized SVD (`RefreshPolicy::Every(1)`).
 //!
 //! Run: `cargo run --release --example quickstart`
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::{Module, ParamId};
+use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Device, Distribution, Tensor, TensorData, activation::tanh};
-use faer::Mat;
-use spf::{LowRankBasis, ProjectionTarget, SafetyProjectedOptimizer, SpfConfig, VectorPolicy};
+use burn::tensor::{Device, Distribution, Tensor, activation::tanh};
+use spf::{ProjectionTarget, RankPolicy, RefreshPolicy, SpfConfig, SubspaceConfig, VectorPolicy};
 
 type Inner = NdArray;
 type B = Autodiff<Inner>;
@@ -49,10 +48,6 @@ impl<B: Backend> Mlp<B> {
         self.fc3
             .forward(tanh(self.fc2.forward(tanh(self.fc1.forward(x)))))
     }
-
-    fn layers(&self) -> [&Linear<B>; 3] {
-        [&self.fc1, &self.fc2, &self.fc3]
-    }
 }
 
 /// A regression task `y = tanh(x T)` for a fixed random teacher `T`.
@@ -81,70 +76,15 @@ fn value(loss: Tensor<B, 1>) -> f64 {
     loss.into_scalar() as f64
 }
 
-/// The exact rank-`k` basis of a matrix on the host (faer's thin SVD), keeping only directions
-/// whose singular value is above `1e-6·σ_1`.
-fn exact_basis(grad: Tensor<Inner, 2>, k: usize) -> LowRankBasis<Inner> {
-    let [rows, cols] = grad.dims();
-    let device = grad.device();
-    let values: Vec<f64> = grad.into_data().iter::<f64>().collect();
-    let matrix = Mat::from_fn(rows, cols, |i, j| values[i * cols + j]);
-    let svd = matrix.thin_svd().expect("SVD of a finite matrix converges");
-    let sigma = svd.S().column_vector();
-    let k = (0..k.min(rows).min(cols))
-        .take_while(|&i| sigma[i] > 1e-6 * sigma[0])
-        .count();
-    let factor = |m: faer::MatRef<f64>, n: usize| {
-        let data: Vec<f32> = (0..n)
-            .flat_map(|i| (0..k).map(move |j| m[(i, j)] as f32))
-            .collect();
-        Tensor::from_data(TensorData::new(data, [n, k]), &device)
-    };
-    let s: Vec<f32> = (0..k).map(|i| sigma[i] as f32).collect();
-    LowRankBasis::new(
-        factor(svd.U(), rows),
-        Tensor::from_data(TensorData::new(s, [k]), &device),
-        factor(svd.V(), cols),
-    )
-    .expect("an SVD's factors are orthonormal")
-}
-
-/// One basis per weight (rank `SAFETY_SAMPLES`, which is exact: a batch of n samples gives a
-/// weight gradient of rank at most n) and one per bias, from the safety gradient at `model`.
-fn safety_bases(
-    model: &Mlp<B>,
-    safety: &(Tensor<B, 2>, Tensor<B, 2>),
-) -> Vec<(ParamId, LowRankBasis<Inner>)> {
-    let grads = GradientsParams::from_grads(mse(model, safety).backward(), model);
-    let mut bases = Vec::new();
-    for layer in model.layers() {
-        let weight = grads
-            .get::<Inner, 2>(layer.weight.id)
-            .expect("weight gradient");
-        bases.push((layer.weight.id, exact_basis(weight, SAFETY_SAMPLES)));
-        if let Some(bias) = &layer.bias {
-            let grad = grads.get::<Inner, 1>(bias.id).expect("bias gradient");
-            let basis = LowRankBasis::from_vector(grad).expect("finite bias gradient");
-            bases.push((bias.id, basis));
-        }
-    }
-    bases
-}
-
 /// Safety and task-A test losses, every `PRINT_EVERY` steps, of one fine-tuning run.
 type Curve = Vec<(f64, f64)>;
 
-/// Fine-tunes a copy of `aligned` on `batches`; `refresh` runs before every step.
-fn finetune<O: Optimizer<Mlp<B>, B>>(
-    aligned: &Mlp<B>,
-    mut optim: O,
-    data: &FineTuning,
-    mut refresh: impl FnMut(&mut O, &Mlp<B>),
-) -> Curve {
+/// Fine-tunes a copy of `aligned` on the batches of `data`.
+fn finetune<O: Optimizer<Mlp<B>, B>>(aligned: &Mlp<B>, mut optim: O, data: &FineTuning) -> Curve {
     let mut model = aligned.clone();
     let point = |m: &Mlp<B>| (value(mse(m, &data.test)), value(mse(m, &data.safety)));
     let mut curve = vec![point(&model)];
     for (step, batch) in data.batches.iter().enumerate() {
-        refresh(&mut optim, &model);
         let grads = GradientsParams::from_grads(mse(&model, batch).backward(), &model);
         model = optim.step(LR, model, grads);
         if (step + 1) % PRINT_EVERY == 0 {
@@ -201,20 +141,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         test: task_a.batch(1024, &device),
         safety,
     };
-    let plain = finetune(&aligned, AdamWConfig::new().init(), &data, |_, _| {});
+    let plain = finetune(&aligned, AdamWConfig::new().init(), &data);
     let mut spf_curves = Vec::new();
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
+        // Every weight keeps SAFETY_SAMPLES directions, which is exact here: a batch of n samples
+        // gives a weight gradient of rank at most n. Biases are protected by the Pcgrad rule.
+        let estimator = SubspaceConfig::new()
+            .with_vector_policy(VectorPolicy::Pcgrad)
+            .with_rank(RankPolicy::Fixed(SAFETY_SAMPLES));
         let config = SpfConfig::new()
             .with_target(target)
-            .with_vector_policy(VectorPolicy::Pcgrad)
-            .with_rank(SAFETY_SAMPLES);
-        let spf = config.init(AdamWConfig::new().init(), &aligned, [])?;
-        // Re-estimate the safety subspace at the current weights before every step.
-        let refresh = |spf: &mut SafetyProjectedOptimizer<_, B>, model: &Mlp<B>| {
-            spf.insert_bases(safety_bases(model, &data.safety))
-                .expect("bases estimated from this model fit it");
-        };
-        spf_curves.push(finetune(&aligned, spf, &data, refresh));
+            .with_refresh(RefreshPolicy::Every(1))
+            .with_estimator(estimator);
+        let safety = data.safety.clone();
+        let spf = config
+            .init(AdamWConfig::new().init(), &aligned, [])?
+            .with_safety_source(move |model: &Mlp<B>| mse(model, &safety));
+        spf_curves.push(finetune(&aligned, spf, &data));
     }
 
     println!(

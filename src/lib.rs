@@ -2,8 +2,13 @@
 
 pub use spf_core::projection;
 pub use spf_core::{
-    BasisRecord, ParamFilter, Projected, ProjectionMode, ProjectionStats, ProjectionTarget,
-    RECORD_VERSION, SafetyProjectedOptimizer, SpfConfig, SpfError, SpfRecord, StepStats,
-    TensorStats, VectorPolicy, project,
+    BasisRecord, NoSafetySource, ParamFilter, Projected, ProjectionMode, ProjectionStats,
+    ProjectionTarget, RECORD_VERSION, RankPolicy, RefreshPolicy, RefreshStats,
+    SafetyGradientSource, SafetyProjectedOptimizer, SourceError, SpfConfig, SpfError, SpfRecord,
+    StepStats, SubspaceConfig, TensorStats, VectorPolicy, project,
 };
-pub use spf_subspace::{LowRankBasis, SubspaceError};
+pub use spf_subspace::rsvd;
+pub use spf_subspace::{
+    LowRankBasis, RandomizedSvd, RandomizedSvdConfig, SafetySubspace, SubspaceError, Targets,
+    captured_energy, direction_overlap, principal_angles, subspace_overlap,
+};

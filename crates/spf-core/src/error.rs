@@ -7,14 +7,14 @@ use thiserror::Error;
 /// Everything that can go wrong when configuring, stepping or restoring the SPF wrapper.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum SpfError {
-    /// The parameter filter's regular expression does not compile.
-    #[error("invalid parameter filter regex `{pattern}`: {message}")]
-    InvalidFilter {
-        /// The pattern as configured.
-        pattern: String,
-        /// The regex engine's explanation.
-        message: String,
-    },
+    /// Targeting or estimation failed in `spf-subspace` (a bad filter regex, a non-finite safety
+    /// gradient, an SVD that did not converge).
+    #[error(transparent)]
+    Subspace(#[from] SubspaceError),
+
+    /// The safety gradient source failed during a refresh.
+    #[error("safety gradient source failed: {0}")]
+    SafetySource(String),
 
     /// A basis names a parameter the module does not have.
     #[error("basis given for parameter {id}, which the module does not have")]

@@ -9,24 +9,28 @@
 //!
 //! - [`projection`]: the projection modes and their statistics, for one tensor;
 //! - [`SpfConfig`]: which parameters are protected and how;
+//! - [`RefreshPolicy`] and [`SafetyGradientSource`]: re-estimating the safety subspace as
+//!   training moves the weights;
 //! - [`SafetyProjectedOptimizer`]: the wrapper, a burn [`Optimizer`](burn::optim::Optimizer);
 //! - [`SpfRecord`]: its versioned saved state.
 
 mod config;
 mod error;
-mod inventory;
 mod optimizer;
 pub mod projection;
 mod record;
+mod refresh;
 mod stats;
 mod walk;
 
 #[cfg(test)]
 mod testing;
 
-pub use config::{ParamFilter, ProjectionTarget, SpfConfig, VectorPolicy};
+pub use config::{ProjectionTarget, SpfConfig};
 pub use error::SpfError;
 pub use optimizer::SafetyProjectedOptimizer;
 pub use projection::{Projected, ProjectionMode, ProjectionStats, project};
 pub use record::{BasisRecord, RECORD_VERSION, SpfRecord};
+pub use refresh::{NoSafetySource, RefreshPolicy, RefreshStats, SafetyGradientSource, SourceError};
+pub use spf_subspace::{ParamFilter, RankPolicy, SubspaceConfig, VectorPolicy};
 pub use stats::{StepStats, TensorStats};

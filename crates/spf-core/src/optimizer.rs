@@ -4,6 +4,7 @@
 //! One step, with the [`Gradient`](ProjectionTarget::Gradient) target:
 //!
 //! ```text
+//! [refresh due?] ─▶ safety source ─▶ SafetySubspace::estimate ─▶ new bases
 //! grads ─▶ for each parameter with a basis: G (2-D view) ─▶ P(G) registered back ─▶ inner.step
 //! ```
 //!
@@ -13,17 +14,26 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::optim::{GradientsParams, LearningRate, MultiGradientsParams, Optimizer};
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use spf_subspace::LowRankBasis;
+use spf_subspace::{LowRankBasis, SafetySubspace, Targets, direction_overlap};
 
-use crate::inventory::Inventory;
 use crate::record::{BasisRecord, RECORD_VERSION, SpfRecord};
 use crate::walk::{GradientProjection, GradientReduction, UpdateProjection, UpdateSnapshot};
-use crate::{ProjectionTarget, SpfConfig, SpfError, StepStats};
+use crate::{
+    NoSafetySource, ProjectionTarget, RefreshStats, SafetyGradientSource, SpfConfig, SpfError,
+    StepStats,
+};
+
+/// A basis on the backend the gradients live on.
+pub(crate) type InnerBasis<B> = LowRankBasis<<B as AutodiffBackend>::InnerBackend>;
+
+/// The bases of the protected parameters.
+pub(crate) type Bases<B> = HashMap<ParamId, InnerBasis<B>>;
 
 /// Wraps the optimizer `O` so that each step removes the components that conflict with the
 /// per-parameter safety bases; build it with [`SpfConfig::init`].
@@ -60,67 +70,131 @@ use crate::{ProjectionTarget, SpfConfig, SpfError, StepStats};
 /// assert_eq!(optim.last_stats().conflicting(), 0);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub struct SafetyProjectedOptimizer<O, B: AutodiffBackend> {
+pub struct SafetyProjectedOptimizer<O, B: AutodiffBackend, S = NoSafetySource> {
     inner: O,
     config: SpfConfig,
-    inventory: Arc<Inventory>,
-    bases: HashMap<ParamId, LowRankBasis<B::InnerBackend>>,
+    targets: Arc<Targets>,
+    bases: Bases<B>,
+    source: S,
     steps: usize,
+    /// The step at which the current bases were estimated (or a refresh last failed).
+    refresh_since: Option<usize>,
+    refresh: RefreshStats,
     last_stats: StepStats,
 }
 
-impl<O: Clone, B: AutodiffBackend> Clone for SafetyProjectedOptimizer<O, B> {
+impl<O: Clone, B: AutodiffBackend, S: Clone> Clone for SafetyProjectedOptimizer<O, B, S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             config: self.config.clone(),
-            inventory: self.inventory.clone(),
+            targets: self.targets.clone(),
             bases: self.bases.clone(),
+            source: self.source.clone(),
             steps: self.steps,
+            refresh_since: self.refresh_since,
+            refresh: self.refresh.clone(),
             last_stats: self.last_stats.clone(),
         }
     }
 }
 
-impl<O, B: AutodiffBackend> SafetyProjectedOptimizer<O, B> {
+impl<O, B: AutodiffBackend> SafetyProjectedOptimizer<O, B, NoSafetySource> {
     pub(crate) fn new<M: AutodiffModule<B>>(
         inner: O,
         module: &M,
         config: SpfConfig,
-        bases: impl IntoIterator<Item = (ParamId, LowRankBasis<B::InnerBackend>)>,
+        bases: impl IntoIterator<Item = (ParamId, InnerBasis<B>)>,
     ) -> Result<Self, SpfError> {
+        let estimator = &config.estimator;
+        let targets = Targets::of(module, &estimator.filter, estimator.vector_policy)?;
+        let refresh = RefreshStats {
+            period: config.refresh.initial_period(),
+            ..RefreshStats::default()
+        };
         let mut optim = Self {
             inner,
-            inventory: Arc::new(Inventory::of(module, &config)?),
+            targets: Arc::new(targets),
             config,
             bases: HashMap::new(),
+            source: NoSafetySource,
             steps: 0,
+            refresh_since: None,
+            refresh,
             last_stats: StepStats::default(),
         };
         optim.insert_bases(bases)?;
+        if !optim.bases.is_empty() {
+            optim.refresh_since = Some(0);
+        }
         Ok(optim)
+    }
+}
+
+impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
+    /// The same wrapper, refreshing its bases from `source` as the
+    /// [`RefreshPolicy`](crate::RefreshPolicy) says. A closure returning the safety loss,
+    /// `|model: &M| -> Tensor<B, 1>`, is a source.
+    pub fn with_safety_source<S2>(self, source: S2) -> SafetyProjectedOptimizer<O, B, S2> {
+        SafetyProjectedOptimizer {
+            inner: self.inner,
+            config: self.config,
+            targets: self.targets,
+            bases: self.bases,
+            source,
+            steps: self.steps,
+            refresh_since: self.refresh_since,
+            refresh: self.refresh,
+            last_stats: self.last_stats,
+        }
     }
 
     /// Adds or replaces the bases of the given parameters, keeping the others and the inner
-    /// optimizer's state. This is how a subspace re-estimated during training comes in.
+    /// optimizer's state.
     ///
     /// # Errors
     ///
     /// As [`SpfConfig::init`]. On error no basis is changed.
     pub fn insert_bases(
         &mut self,
-        bases: impl IntoIterator<Item = (ParamId, LowRankBasis<B::InnerBackend>)>,
+        bases: impl IntoIterator<Item = (ParamId, InnerBasis<B>)>,
     ) -> Result<(), SpfError> {
-        let admitted = bases
-            .into_iter()
-            .map(|(id, basis)| Ok((id, self.inventory.admit(id, basis, self.config.rank)?)))
-            .collect::<Result<Vec<_>, SpfError>>()?;
+        let admitted = self.admit(bases)?;
         self.bases.extend(admitted);
         Ok(())
     }
 
+    /// Checks that each basis belongs to a targeted parameter of matching shape, and truncates
+    /// it to the estimator's maximum rank.
+    fn admit(
+        &self,
+        bases: impl IntoIterator<Item = (ParamId, InnerBasis<B>)>,
+    ) -> Result<Vec<(ParamId, InnerBasis<B>)>, SpfError> {
+        let max_rank = self.config.estimator.rank.max_rank();
+        bases
+            .into_iter()
+            .map(|(id, basis)| {
+                let target = self.targets.get(&id).ok_or(SpfError::UnknownParam { id })?;
+                if !target.targeted {
+                    return Err(SpfError::UntargetedParam {
+                        path: target.path.to_string(),
+                    });
+                }
+                let found = [basis.d_in(), basis.d_out()];
+                if found != target.view {
+                    return Err(SpfError::ShapeMismatch {
+                        path: Some(target.path.to_string()),
+                        expected: target.view.to_vec(),
+                        found: found.to_vec(),
+                    });
+                }
+                Ok((id, basis.truncate(max_rank)))
+            })
+            .collect()
+    }
+
     /// The basis of each protected parameter.
-    pub fn bases(&self) -> &HashMap<ParamId, LowRankBasis<B::InnerBackend>> {
+    pub fn bases(&self) -> &Bases<B> {
         &self.bases
     }
 
@@ -139,7 +213,7 @@ impl<O, B: AutodiffBackend> SafetyProjectedOptimizer<O, B> {
         self.steps
     }
 
-    /// What the projection did in the last step.
+    /// What the projection (and any refresh) did in the last step.
     pub fn last_stats(&self) -> &StepStats {
         &self.last_stats
     }
@@ -166,34 +240,101 @@ impl<O, B: AutodiffBackend> SafetyProjectedOptimizer<O, B> {
                 supported: RECORD_VERSION,
             });
         }
-        let mut bases = HashMap::with_capacity(record.bases.len());
+        let mut bases = Vec::with_capacity(record.bases.len());
         for saved in record.bases {
             let id = ParamId::from(saved.param);
-            let path = self.inventory.get(&id).map(|info| info.path.to_string());
+            let path = self.targets.get(&id).map(|t| t.path.to_string());
             let basis = LowRankBasis::new(saved.u.inner(), saved.sigma.inner(), saved.v.inner())
                 .map_err(|source| SpfError::InvalidBasis { path, source })?;
-            bases.insert(id, self.inventory.admit(id, basis, self.config.rank)?);
+            bases.push((id, basis));
         }
-        self.bases = bases;
+        self.bases = self.admit(bases)?.into_iter().collect();
         self.steps = record.steps;
+        self.refresh_since = record.refresh_since;
+        self.refresh = RefreshStats {
+            count: record.refreshes,
+            failures: record.refresh_failures,
+            period: record.refresh_period,
+            ..RefreshStats::default()
+        };
         self.inner = self.inner.load_record(record.inner);
         Ok(self)
     }
-}
 
-impl<O, B: AutodiffBackend> SafetyProjectedOptimizer<O, B> {
-    fn project_gradients<M: AutodiffModule<B>>(&mut self, module: &M, grads: &mut GradientsParams) {
+    fn refresh_due(&self) -> bool {
+        match (self.refresh.period, self.refresh_since) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(period), Some(since)) => self.steps - since >= period,
+        }
+    }
+
+    /// Re-estimates the bases at `module`; on failure keeps the old ones and counts it.
+    fn refresh<M>(&mut self, module: &M)
+    where
+        M: AutodiffModule<B>,
+        S: SafetyGradientSource<M, B>,
+    {
+        let start = Instant::now();
+        // The t-th refresh draws its sketches from seed + t: the counter is the random state.
+        let estimator = self.config.estimator.clone().with_seed(
+            self.config
+                .estimator
+                .seed
+                .wrapping_add(self.refresh.count as u64),
+        );
+        let estimated = self
+            .source
+            .safety_gradients(module)
+            .map_err(|err| SpfError::SafetySource(err.to_string()))
+            .and_then(|grads| Ok(SafetySubspace::estimate(module, &grads, &estimator)?))
+            .and_then(|subspace| self.admit(subspace));
+        self.refresh_since = Some(self.steps);
+        match estimated {
+            Ok(bases) => {
+                let overlaps: Vec<f64> = bases
+                    .iter()
+                    .filter_map(|(id, new)| {
+                        let old = self.bases.get(id)?;
+                        (old.rank() > 0 && new.rank() > 0).then(|| direction_overlap(old, new))
+                    })
+                    .collect();
+                let overlap = (!overlaps.is_empty())
+                    .then(|| overlaps.iter().sum::<f64>() / overlaps.len() as f64);
+                self.bases.extend(bases);
+                self.refresh.refreshed = true;
+                self.refresh.count += 1;
+                self.refresh.last_overlap = overlap;
+                self.refresh.period = self
+                    .refresh
+                    .period
+                    .map(|period| self.config.refresh.next_period(period, overlap));
+            }
+            Err(err) => {
+                self.refresh.failures += 1;
+                self.refresh.last_error = Some(err.to_string());
+            }
+        }
+        self.refresh.time += start.elapsed();
+    }
+
+    fn project_gradients<M: AutodiffModule<B>>(
+        &self,
+        module: &M,
+        grads: &mut GradientsParams,
+    ) -> StepStats {
         let mut pass = GradientProjection::<B> {
             grads,
             bases: &self.bases,
-            inventory: &self.inventory,
+            targets: &self.targets,
             mode: self.config.mode,
             stats: Vec::new(),
         };
         module.visit(&mut pass);
-        self.last_stats = StepStats {
+        StepStats {
             tensors: pass.stats,
-        };
+            refresh: self.refresh.clone(),
+        }
     }
 
     fn step_update<M, F>(&mut self, module: M, grads: GradientsParams, inner_step: F) -> M
@@ -212,43 +353,51 @@ impl<O, B: AutodiffBackend> SafetyProjectedOptimizer<O, B> {
         let mut pass = UpdateProjection::<B> {
             before,
             bases: &self.bases,
-            inventory: &self.inventory,
+            targets: &self.targets,
             mode: self.config.mode,
             stats: Vec::new(),
         };
         let module = module.map(&mut pass);
         self.last_stats = StepStats {
             tensors: pass.stats,
+            refresh: self.refresh.clone(),
         };
         module
     }
 }
 
-impl<O, M, B> Optimizer<M, B> for SafetyProjectedOptimizer<O, B>
+impl<O, M, B, S> Optimizer<M, B> for SafetyProjectedOptimizer<O, B, S>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
     O: Optimizer<M, B>,
+    S: SafetyGradientSource<M, B>,
 {
     type Record = SpfRecord<O::Record, B>;
 
-    /// Projects, then lets the inner optimizer step (or the reverse, for the `Update` target).
+    /// Refreshes the bases if the policy says so, projects, then lets the inner optimizer step
+    /// (or the reverse, for the `Update` target).
     ///
     /// # Panics
     ///
     /// If a gradient does not have the shape of the parameter it belongs to, which burn's
     /// autodiff never produces.
     fn step(&mut self, lr: LearningRate, module: M, mut grads: GradientsParams) -> M {
-        self.steps += 1;
-        match self.config.target {
+        self.refresh.refreshed = false;
+        if self.refresh_due() {
+            self.refresh(&module);
+        }
+        let module = match self.config.target {
             ProjectionTarget::Gradient => {
-                self.project_gradients(&module, &mut grads);
+                self.last_stats = self.project_gradients(&module, &mut grads);
                 self.inner.step(lr, module, grads)
             }
             ProjectionTarget::Update => {
                 self.step_update(module, grads, |inner, m, g| inner.step(lr, m, g))
             }
-        }
+        };
+        self.steps += 1;
+        module
     }
 
     /// Sums each parameter's gradients over the devices first (burn's own reduction), then steps
@@ -283,6 +432,10 @@ where
             inner: self.inner.to_record(),
             steps: self.steps,
             bases,
+            refreshes: self.refresh.count,
+            refresh_failures: self.refresh.failures,
+            refresh_since: self.refresh_since,
+            refresh_period: self.refresh.period,
         }
     }
 

@@ -7,7 +7,7 @@ use burn::tensor::{Tensor, backend::Backend};
 pub const RECORD_VERSION: u32 = 1;
 
 /// The saved state of a [`SafetyProjectedOptimizer`](crate::SafetyProjectedOptimizer): the inner
-/// optimizer's record, every basis keyed by parameter id, and the step counter.
+/// optimizer's record, every basis keyed by parameter id, the step counter and the refresh state.
 ///
 /// Parameter ids are those of the module the wrapper was built for, so save the module's record
 /// together with this one.
@@ -21,6 +21,14 @@ pub struct SpfRecord<R: Record<B>, B: Backend> {
     pub steps: usize,
     /// One entry per basis, sorted by parameter id.
     pub bases: Vec<BasisRecord<B>>,
+    /// Successful refreshes so far: the random state of the refresh sketches.
+    pub refreshes: usize,
+    /// Failed refreshes so far.
+    pub refresh_failures: usize,
+    /// The step at which the current bases were estimated.
+    pub refresh_since: Option<usize>,
+    /// The current refresh period (`None` when refresh is off).
+    pub refresh_period: Option<usize>,
 }
 
 /// The saved factors of one [`LowRankBasis`](spf_subspace::LowRankBasis).

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use burn::module::ParamId;
 use serde::Serialize;
 
-use crate::ProjectionStats;
+use crate::{ProjectionStats, RefreshStats};
 
 /// The projection statistics of one parameter in one step.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -23,12 +23,14 @@ fn serialize_param_id<S: serde::Serializer>(id: &ParamId, s: S) -> Result<S::Ok,
     s.serialize_u64(id.val())
 }
 
-/// The projection statistics of one optimizer step: one entry per parameter that had both a
-/// basis and a gradient.
+/// The statistics of one optimizer step: one projection entry per parameter that had both a
+/// basis and a gradient, and the state of the refreshes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct StepStats {
     /// The per-tensor statistics, in module order.
     pub tensors: Vec<TensorStats>,
+    /// Refresh counts, time, and the overlap between successive bases.
+    pub refresh: RefreshStats,
 }
 
 impl StepStats {

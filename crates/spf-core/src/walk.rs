@@ -7,18 +7,16 @@ use std::collections::HashMap;
 use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, MultiGradientsParams};
 use burn::tensor::{Tensor, backend::AutodiffBackend};
-use spf_subspace::LowRankBasis;
 
-use crate::inventory::{Inventory, view_2d};
+use crate::optimizer::Bases;
 use crate::{ProjectionMode, TensorStats, project};
-
-type Bases<B> = HashMap<ParamId, LowRankBasis<<B as AutodiffBackend>::InnerBackend>>;
+use spf_subspace::{Targets, view_2d};
 
 /// Projects, in place, every gradient in `grads` that has a basis.
 pub(crate) struct GradientProjection<'a, B: AutodiffBackend> {
     pub grads: &'a mut GradientsParams,
     pub bases: &'a Bases<B>,
-    pub inventory: &'a Inventory,
+    pub targets: &'a Targets,
     pub mode: ProjectionMode,
     pub stats: Vec<TensorStats>,
 }
@@ -40,7 +38,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
         .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
         self.grads.register(param.id, projected.grad.reshape(dims));
         self.stats
-            .push(tensor_stats(self.inventory, param.id, projected.stats));
+            .push(tensor_stats(self.targets, param.id, projected.stats));
     }
 }
 
@@ -83,7 +81,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UpdateSnapshot<'_, B> {
 pub(crate) struct UpdateProjection<'a, B: AutodiffBackend> {
     pub before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
     pub bases: &'a Bases<B>,
-    pub inventory: &'a Inventory,
+    pub targets: &'a Targets,
     pub mode: ProjectionMode,
     pub stats: Vec<TensorStats>,
 }
@@ -103,7 +101,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
         let projected = project(descent, basis, mode_for::<D>(self.mode))
             .unwrap_or_else(|err| panic!("update of parameter {id} does not fit: {err}"));
         self.stats
-            .push(tensor_stats(self.inventory, id, projected.stats));
+            .push(tensor_stats(self.targets, id, projected.stats));
         if projected.stats.removed == 0 {
             return Param::from_mapped_value(id, tensor, mapper);
         }
@@ -124,14 +122,10 @@ fn mode_for<const D: usize>(matrix_mode: ProjectionMode) -> ProjectionMode {
     }
 }
 
-fn tensor_stats(
-    inventory: &Inventory,
-    param: ParamId,
-    stats: crate::ProjectionStats,
-) -> TensorStats {
-    let path = inventory
+fn tensor_stats(targets: &Targets, param: ParamId, stats: crate::ProjectionStats) -> TensorStats {
+    let path = targets
         .get(&param)
-        .map(|info| info.path.clone())
+        .map(|target| target.path.clone())
         .unwrap_or_else(|| param.to_string().into());
     TensorStats { param, path, stats }
 }

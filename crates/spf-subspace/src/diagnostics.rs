@@ -68,7 +68,12 @@ pub fn direction_overlap<B: Backend>(a: &LowRankBasis<B>, b: &LowRankBasis<B>) -
     }
     let left = a.u().clone().transpose().matmul(b.u().clone());
     let right = a.v().clone().transpose().matmul(b.v().clone());
-    let energy: f64 = (left * right).square().sum().into_data().iter::<f64>().sum();
+    let energy: f64 = (left * right)
+        .square()
+        .sum()
+        .into_data()
+        .iter::<f64>()
+        .sum();
     energy / k as f64
 }
 
@@ -97,7 +102,10 @@ mod tests {
 
     fn columns(rows: &[&[f32]]) -> Tensor<NdArray, 2> {
         let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        Tensor::from_data(TensorData::new(flat, [rows.len(), rows[0].len()]), &Default::default())
+        Tensor::from_data(
+            TensorData::new(flat, [rows.len(), rows[0].len()]),
+            &Default::default(),
+        )
     }
 
     #[test]
@@ -107,7 +115,11 @@ mod tests {
         assert_eq!(rank_for_energy(&sigma, 22.0, 0.9, 8), 2);
         assert_eq!(rank_for_energy(&sigma, 22.0, 0.99, 8), 4);
         assert_eq!(rank_for_energy(&sigma, 22.0, 0.99, 3), 3, "capped");
-        assert_eq!(rank_for_energy(&sigma, 0.0, 0.85, 8), 0, "a zero matrix needs no direction");
+        assert_eq!(
+            rank_for_energy(&sigma, 0.0, 0.85, 8),
+            0,
+            "a zero matrix needs no direction"
+        );
     }
 
     #[test]
@@ -128,7 +140,10 @@ mod tests {
         assert_eq!(angles.len(), 1);
         assert!(close(angles[0], std::f64::consts::FRAC_PI_4), "{angles:?}");
         let angles = principal_angles(&e12, &columns(&[&[0.0, h], &[1.0, 0.0], &[0.0, h]]));
-        assert!(close(angles[0], 0.0) && close(angles[1], std::f64::consts::FRAC_PI_4), "{angles:?}");
+        assert!(
+            close(angles[0], 0.0) && close(angles[1], std::f64::consts::FRAC_PI_4),
+            "{angles:?}"
+        );
         assert!(principal_angles(&e1, &columns(&[&[], &[], &[]])).is_empty());
     }
 
@@ -142,7 +157,15 @@ mod tests {
         };
         let basis = |u, v| LowRankBasis::new(e(u), sigma(), e(v)).unwrap();
         assert!((direction_overlap(&basis(0, 0), &basis(0, 0)) - 1.0).abs() < 1e-6);
-        assert_eq!(direction_overlap(&basis(0, 0), &basis(0, 1)), 0.0, "same u, other v");
-        assert_eq!(direction_overlap(&basis(0, 0), &basis(1, 0)), 0.0, "other u, same v");
+        assert_eq!(
+            direction_overlap(&basis(0, 0), &basis(0, 1)),
+            0.0,
+            "same u, other v"
+        );
+        assert_eq!(
+            direction_overlap(&basis(0, 0), &basis(1, 0)),
+            0.0,
+            "other u, same v"
+        );
     }
 }

@@ -168,7 +168,9 @@ fn cholesky_qr<B: Backend>(y: Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     let factor = gram.llt(Side::Lower).ok()?;
     let lower = factor.L();
     let diagonal = (0..l).map(|i| lower[(i, i)]);
-    let (min, max) = diagonal.fold((f64::INFINITY, 0.0f64), |(lo, hi), d| (lo.min(d), hi.max(d)));
+    let (min, max) = diagonal.fold((f64::INFINITY, 0.0f64), |(lo, hi), d| {
+        (lo.min(d), hi.max(d))
+    });
     if !(min > 0.0 && max / min <= cholesky_qr_max_condition()) {
         return None;
     }
@@ -292,7 +294,9 @@ mod tests {
         for (m, n, r, k) in [(60, 40, 3, 5), (40, 60, 5, 5), (30, 30, 1, 8)] {
             let spectrum: Vec<f64> = (0..r).map(|i| 10.0 / (i + 1) as f64).collect();
             let a = with_spectrum(m, n, &spectrum, 7);
-            let basis = RandomizedSvd::new(RandomizedSvdConfig::new(k)).compute(&device(&a)).unwrap();
+            let basis = RandomizedSvd::new(RandomizedSvdConfig::new(k))
+                .compute(&device(&a))
+                .unwrap();
             assert_eq!(basis.rank(), r, "{m}x{n}: truncated to the numerical rank");
             let overlap = subspace_overlap(basis.u(), &exact_left(&a, r));
             assert!(overlap >= 0.999, "{m}x{n} r={r}: overlap {overlap}");
@@ -313,7 +317,9 @@ mod tests {
         let signal = with_spectrum(m, n, &spectrum, 3);
         let noise = gaussian(m, n, 99);
         let a = &signal + (0.01 * signal.norm_l2() / noise.norm_l2()) * noise;
-        let basis = RandomizedSvd::new(RandomizedSvdConfig::new(k)).compute(&device(&a)).unwrap();
+        let basis = RandomizedSvd::new(RandomizedSvdConfig::new(k))
+            .compute(&device(&a))
+            .unwrap();
         let overlap = subspace_overlap(basis.u(), &exact_left(&a, k));
         assert!(overlap >= 0.99, "overlap {overlap}");
         let exact = a.thin_svd().unwrap();
@@ -329,7 +335,9 @@ mod tests {
         let (m, n, k, p) = (80, 80, 6, 8);
         let spectrum = vec![1.0; 40];
         let a = with_spectrum(m, n, &spectrum, 5);
-        let config = RandomizedSvdConfig::new(k).with_oversampling(p).with_power_iterations(0);
+        let config = RandomizedSvdConfig::new(k)
+            .with_oversampling(p)
+            .with_power_iterations(0);
         let basis = RandomizedSvd::new(config).compute(&device(&a)).unwrap();
         // HMT Thm 10.5 bounds the expected error of the range; the rank-k truncation adds at most
         // the tail itself. One seeded draw: allow a factor of 2 over the expectation.
@@ -343,7 +351,9 @@ mod tests {
     #[test]
     fn factors_are_orthonormal_and_sigma_sorted() {
         let a = gaussian(64, 48, 11);
-        let basis = RandomizedSvd::new(RandomizedSvdConfig::new(10)).compute(&device(&a)).unwrap();
+        let basis = RandomizedSvd::new(RandomizedSvdConfig::new(10))
+            .compute(&device(&a))
+            .unwrap();
         let tol = LowRankBasis::<TestBackend>::default_tolerance(64, 48);
         assert!(orthonormality_error(basis.u()) <= tol);
         assert!(orthonormality_error(basis.v()) <= tol);
@@ -379,11 +389,21 @@ mod tests {
         for bad in [f32::NAN, f32::INFINITY] {
             let mut values = vec![1.0f32; 20];
             values[7] = bad;
-            let a = Tensor::<TestBackend, 2>::from_data(TensorData::new(values, [5, 4]), &Default::default());
-            assert_eq!(svd.compute(&a).unwrap_err(), SubspaceError::NonFinite { factor: "input" });
+            let a = Tensor::<TestBackend, 2>::from_data(
+                TensorData::new(values, [5, 4]),
+                &Default::default(),
+            );
+            assert_eq!(
+                svd.compute(&a).unwrap_err(),
+                SubspaceError::NonFinite { factor: "input" }
+            );
         }
         let thin = device(&gaussian(6, 2, 4));
-        assert_eq!(svd.compute(&thin).unwrap().rank(), 2, "k is capped at min(m, n)");
+        assert_eq!(
+            svd.compute(&thin).unwrap().rank(),
+            2,
+            "k is capped at min(m, n)"
+        );
     }
 
     #[test]
@@ -396,6 +416,9 @@ mod tests {
         // Q spans Y: ‖Y − QQᵀY‖ is rounding only.
         let qh = host_matrix(q);
         let residual = (&y - &qh * (qh.transpose() * &y)).norm_l2();
-        assert!(residual <= 64.0 * f64::from(f32::EPSILON) * y.norm_l2(), "{residual:e}");
+        assert!(
+            residual <= 64.0 * f64::from(f32::EPSILON) * y.norm_l2(),
+            "{residual:e}"
+        );
     }
 }

@@ -1,15 +1,5 @@
 //! [`SafetySubspace`]: one [`LowRankBasis`] per targeted parameter, estimated from the gradients
 //! of a safety loss.
-//!
-//! For each targeted parameter with a safety gradient `G_s`:
-//!
-//! - a matrix (or a tensor viewed as `[dim0, rest]`) gets the randomized SVD of `G_s`, truncated
-//!   by the [`RankPolicy`]: a fixed `k`, or the smallest `k` with `CER(k) ≥ τ`, capped at `k_max`;
-//! - a vector (only under [`VectorPolicy::Pcgrad`]) gets its exact rank-1 basis
-//!   ([`LowRankBasis::from_vector`]).
-//!
-//! Each parameter's sketch is seeded with the configured seed mixed with a hash of its module
-//! path, so estimates are reproducible across runs, whatever burn's random parameter ids.
 
 use std::collections::HashMap;
 
@@ -72,7 +62,17 @@ pub struct SubspaceConfig {
     pub seed: u64,
 }
 
-/// One safety basis per targeted parameter; see the [module docs](self).
+/// One safety basis per targeted parameter.
+///
+/// For each targeted parameter with a safety gradient `G_s`:
+///
+/// - a matrix (or a tensor viewed as `[dim0, rest]`) gets the randomized SVD of `G_s`, truncated
+///   by the [`RankPolicy`]: a fixed `k`, or the smallest `k` with `CER(k) ≥ τ`, capped at `k_max`;
+/// - a vector (only under [`VectorPolicy::Pcgrad`]) gets its exact rank-1 basis
+///   ([`LowRankBasis::from_vector`]).
+///
+/// Each parameter's sketch is seeded with the configured seed mixed with a hash of its module
+/// path, so estimates are reproducible across runs, whatever burn's random parameter ids.
 #[derive(Debug, Clone)]
 pub struct SafetySubspace<B: Backend> {
     bases: HashMap<ParamId, LowRankBasis<B>>,
@@ -143,7 +143,10 @@ impl<B: Backend> SafetySubspace<B> {
     /// `CER(k)` of parameter `id`'s basis: the share of its safety gradient's energy it holds.
     pub fn captured_energy(&self, id: &ParamId) -> Option<f64> {
         let basis = self.bases.get(id)?;
-        Some(crate::captured_energy(basis.singular_values(), self.total_energy[id]))
+        Some(crate::captured_energy(
+            basis.singular_values(),
+            self.total_energy[id],
+        ))
     }
 
     /// Number of bases.
@@ -202,7 +205,13 @@ fn frobenius_energy<B: Backend>(a: &Tensor<B, 2>) -> f64 {
     if scale == 0.0 {
         return 0.0;
     }
-    let scaled: f64 = a.clone().div_scalar(scale).square().sum().into_scalar().elem();
+    let scaled: f64 = a
+        .clone()
+        .div_scalar(scale)
+        .square()
+        .sum()
+        .into_scalar()
+        .elem();
     scaled * scale * scale
 }
 
@@ -262,7 +271,10 @@ mod tests {
     fn tiny() -> Tiny<AB> {
         let device = Default::default();
         Tiny {
-            attn: vec![LinearConfig::new(6, 6).init(&device), LinearConfig::new(6, 6).init(&device)],
+            attn: vec![
+                LinearConfig::new(6, 6).init(&device),
+                LinearConfig::new(6, 6).init(&device),
+            ],
             norm: LayerNormConfig::new(6).init(&device),
             mlp: LinearConfig::new(6, 12).init(&device),
             head: LinearConfig::new(12, 3).init(&device),
@@ -272,8 +284,13 @@ mod tests {
     /// The gradients of a loss on `samples` inputs.
     fn safety_grads(model: &Tiny<AB>, samples: usize) -> GradientsParams {
         let device = Default::default();
-        let values: Vec<f32> = (0..samples * 6).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
-        let x = Tensor::<AB, 2>::from_data(burn::tensor::TensorData::new(values, [samples, 6]), &device);
+        let values: Vec<f32> = (0..samples * 6)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0)
+            .collect();
+        let x = Tensor::<AB, 2>::from_data(
+            burn::tensor::TensorData::new(values, [samples, 6]),
+            &device,
+        );
         let h = model.attn[1].forward(model.attn[0].forward(x));
         let h = relu(model.mlp.forward(model.norm.forward(h)));
         GradientsParams::from_grads(model.head.forward(h).sum().backward(), model)
@@ -293,17 +310,27 @@ mod tests {
     fn exactly_the_targeted_parameters_get_bases() {
         let model = tiny();
         let grads = safety_grads(&model, 2);
-        let config = SubspaceConfig::new().with_filter(ParamFilter::path_regex(".*(attn|mlp|norm).*"));
+        let config =
+            SubspaceConfig::new().with_filter(ParamFilter::path_regex(".*(attn|mlp|norm).*"));
         let matrices = SafetySubspace::estimate(&model, &grads, &config).unwrap();
-        assert_eq!(paths(&model, &matrices), ["attn.0.weight", "attn.1.weight", "mlp.weight"]);
+        assert_eq!(
+            paths(&model, &matrices),
+            ["attn.0.weight", "attn.1.weight", "mlp.weight"]
+        );
 
         let config = config.with_vector_policy(VectorPolicy::Pcgrad);
         let all = SafetySubspace::estimate(&model, &grads, &config).unwrap();
         assert_eq!(
             paths(&model, &all),
             [
-                "attn.0.bias", "attn.0.weight", "attn.1.bias", "attn.1.weight", "mlp.bias",
-                "mlp.weight", "norm.beta", "norm.gamma",
+                "attn.0.bias",
+                "attn.0.weight",
+                "attn.1.bias",
+                "attn.1.weight",
+                "mlp.bias",
+                "mlp.weight",
+                "norm.beta",
+                "norm.gamma",
             ]
         );
     }
@@ -323,14 +350,21 @@ mod tests {
     fn energy_policy_picks_the_smallest_rank_reaching_the_threshold() {
         let model = tiny();
         let grads = safety_grads(&model, 4);
-        let rank = RankPolicy::Energy { threshold: 0.9, max_rank: 3 };
+        let rank = RankPolicy::Energy {
+            threshold: 0.9,
+            max_rank: 3,
+        };
         let config = SubspaceConfig::new().with_rank(rank);
         let subspace = SafetySubspace::estimate(&model, &grads, &config).unwrap();
         assert!(!subspace.is_empty());
         for (id, basis) in subspace.iter() {
             let cer = subspace.captured_energy(id).unwrap();
             assert!(basis.rank() <= 3);
-            assert!(cer >= 0.9 || basis.rank() == 3, "rank {} CER {cer}", basis.rank());
+            assert!(
+                cer >= 0.9 || basis.rank() == 3,
+                "rank {} CER {cer}",
+                basis.rank()
+            );
             if basis.rank() > 0 {
                 // One direction fewer would not have been enough.
                 let fewer = crate::captured_energy(
@@ -363,7 +397,9 @@ mod tests {
         let config = SubspaceConfig::new().with_seed(5);
         let sa = SafetySubspace::estimate(&a, &safety_grads(&a, 3), &config).unwrap();
         let sb = SafetySubspace::estimate(&b, &safety_grads(&b, 3), &config).unwrap();
-        let u = |m: &Tiny<AB>, s: &SafetySubspace<NdArray>| s.get(&m.mlp.weight.id).unwrap().u().to_data();
+        let u = |m: &Tiny<AB>, s: &SafetySubspace<NdArray>| {
+            s.get(&m.mlp.weight.id).unwrap().u().to_data()
+        };
         assert_eq!(u(&a, &sa), u(&b, &sb));
     }
 
@@ -383,7 +419,10 @@ mod tests {
     fn relinked(layer: &Linear<AB>) -> Linear<AB> {
         Linear {
             weight: Param::from_tensor(layer.weight.val().detach().require_grad()),
-            bias: layer.bias.as_ref().map(|b| Param::from_tensor(b.val().detach().require_grad())),
+            bias: layer
+                .bias
+                .as_ref()
+                .map(|b| Param::from_tensor(b.val().detach().require_grad())),
         }
     }
 }

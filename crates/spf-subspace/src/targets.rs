@@ -33,12 +33,14 @@ impl ParamFilter {
     fn compile(&self) -> Result<Option<Regex>, SubspaceError> {
         match self {
             Self::All => Ok(None),
-            Self::PathRegex(pattern) => Regex::new(&format!("^(?:{pattern})$"))
-                .map(Some)
-                .map_err(|err| SubspaceError::InvalidFilter {
-                    pattern: pattern.clone(),
-                    message: err.to_string(),
-                }),
+            Self::PathRegex(pattern) => {
+                Regex::new(&format!("^(?:{pattern})$"))
+                    .map(Some)
+                    .map_err(|err| SubspaceError::InvalidFilter {
+                        pattern: pattern.clone(),
+                        message: err.to_string(),
+                    })
+            }
         }
     }
 }
@@ -132,7 +134,10 @@ impl<B: Backend> ModuleVisitor<B> for TargetVisitor {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let path = self.path.join(".");
         let rank_ok = D >= 2 || self.vectors == VectorPolicy::Pcgrad;
-        let matches = self.regex.as_ref().is_none_or(|regex| regex.is_match(&path));
+        let matches = self
+            .regex
+            .as_ref()
+            .is_none_or(|regex| regex.is_match(&path));
         let target = Target {
             targeted: rank_ok && matches,
             view: view_2d(&param.lazy_shape()),
@@ -178,8 +183,10 @@ mod tests {
     #[test]
     fn paths_follow_fields_and_container_indices() {
         let targets = Targets::of(&block(), &ParamFilter::All, VectorPolicy::Pcgrad).unwrap();
-        let mut all: Vec<(String, [usize; 2])> =
-            targets.iter().map(|(_, t)| (t.path.to_string(), t.view)).collect();
+        let mut all: Vec<(String, [usize; 2])> = targets
+            .iter()
+            .map(|(_, t)| (t.path.to_string(), t.view))
+            .collect();
         all.sort();
         assert_eq!(
             all,
@@ -200,7 +207,10 @@ mod tests {
         let skip = Targets::of(&block(), &filter, VectorPolicy::Skip).unwrap();
         assert_eq!(targeted(&skip), ["attn.weight", "mlp.0.weight"]);
         let pcgrad = Targets::of(&block(), &filter, VectorPolicy::Pcgrad).unwrap();
-        assert_eq!(targeted(&pcgrad), ["attn.bias", "attn.weight", "mlp.0.bias", "mlp.0.weight"]);
+        assert_eq!(
+            targeted(&pcgrad),
+            ["attn.bias", "attn.weight", "mlp.0.bias", "mlp.0.weight"]
+        );
     }
 
     #[test]
@@ -209,14 +219,24 @@ mod tests {
             let filter = ParamFilter::path_regex(pattern);
             targeted(&Targets::of(&block(), &filter, VectorPolicy::Skip).unwrap())
         };
-        assert_eq!(only("weight"), Vec::<String>::new(), "a bare name must not match a longer path");
+        assert_eq!(
+            only("weight"),
+            Vec::<String>::new(),
+            "a bare name must not match a longer path"
+        );
         assert_eq!(only(r"head\.weight"), ["head.weight"]);
     }
 
     #[test]
     fn invalid_regex_is_a_typed_error() {
-        let err = Targets::of(&block(), &ParamFilter::path_regex("(attn"), VectorPolicy::Skip);
-        assert!(matches!(err, Err(SubspaceError::InvalidFilter { ref pattern, .. }) if pattern == "(attn"));
+        let err = Targets::of(
+            &block(),
+            &ParamFilter::path_regex("(attn"),
+            VectorPolicy::Skip,
+        );
+        assert!(
+            matches!(err, Err(SubspaceError::InvalidFilter { ref pattern, .. }) if pattern == "(attn")
+        );
     }
 
     #[test]
