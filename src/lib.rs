@@ -9,6 +9,6 @@ pub use spf_core::{
 };
 pub use spf_subspace::rsvd;
 pub use spf_subspace::{
-    LowRankBasis, RandomizedSvd, RandomizedSvdConfig, SafetySubspace, SubspaceError, Targets,
-    captured_energy, direction_overlap, principal_angles, subspace_overlap,
+    LowRankBasis, RandomizedSvd, RandomizedSvdConfig, SafetySubspace, SketchConfig, SubspaceError,
+    Targets, captured_energy, direction_overlap, principal_angles, subspace_overlap,
 };

@@ -277,12 +277,11 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     {
         let start = Instant::now();
         // The t-th refresh draws its sketches from seed + t: the counter is the random state.
-        let estimator = self.config.estimator.clone().with_seed(
-            self.config
-                .estimator
-                .seed
-                .wrapping_add(self.refresh.count as u64),
-        );
+        let mut estimator = self.config.estimator.clone();
+        estimator.sketch.seed = estimator
+            .sketch
+            .seed
+            .wrapping_add(self.refresh.count as u64);
         let estimated = self
             .source
             .safety_gradients(module)

@@ -33,11 +33,10 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::{LowRankBasis, SubspaceError};
 
-/// Configuration of [`RandomizedSvd`].
+/// The random sketch of a randomized SVD, shared by [`RandomizedSvdConfig`] and
+/// [`SubspaceConfig`](crate::SubspaceConfig).
 #[derive(Config, Debug)]
-pub struct RandomizedSvdConfig {
-    /// The number of directions `k` to estimate.
-    pub rank: usize,
+pub struct SketchConfig {
     /// Extra sketch columns `p`; the sketch has `l = k + p` columns.
     #[config(default = 8)]
     pub oversampling: usize,
@@ -47,6 +46,16 @@ pub struct RandomizedSvdConfig {
     /// Seed of the Gaussian sketch.
     #[config(default = 0)]
     pub seed: u64,
+}
+
+/// Configuration of [`RandomizedSvd`].
+#[derive(Config, Debug)]
+pub struct RandomizedSvdConfig {
+    /// The number of directions `k` to estimate.
+    pub rank: usize,
+    /// Oversampling, power iterations and seed.
+    #[config(default = "SketchConfig::new()")]
+    pub sketch: SketchConfig,
     /// Relative threshold `τ`: directions with `σ_i ≤ τ·σ_1` are dropped. `None` means
     /// [`default_rank_tolerance`].
     #[config(default = "None")]
@@ -98,8 +107,9 @@ impl RandomizedSvd {
         if k == 0 {
             return Ok(LowRankBasis::empty(m, n, &a.device()));
         }
-        let l = (k + self.config.oversampling).min(m).min(n);
-        let q = range_finder(a, l, self.config.power_iterations, self.config.seed)?;
+        let sketch = &self.config.sketch;
+        let l = (k + sketch.oversampling).min(m).min(n);
+        let q = range_finder(a, l, sketch.power_iterations, sketch.seed)?;
         let tolerance = self
             .config
             .rank_tolerance
@@ -337,9 +347,10 @@ mod tests {
         let (m, n, k, p) = (80, 80, 6, 8);
         let spectrum = vec![1.0; 40];
         let a = with_spectrum(m, n, &spectrum, 5);
-        let config = RandomizedSvdConfig::new(k)
+        let sketch = SketchConfig::new()
             .with_oversampling(p)
             .with_power_iterations(0);
+        let config = RandomizedSvdConfig::new(k).with_sketch(sketch);
         let basis = RandomizedSvd::new(config).compute(&device(&a)).unwrap();
         // HMT Thm 10.5 bounds the expected error of the range; the rank-k truncation adds at most
         // the tail itself. One seeded draw: allow a factor of 2 over the expectation.
@@ -366,7 +377,9 @@ mod tests {
     #[test]
     fn fixed_seed_is_bit_identical_and_pinned() {
         let a = device(&gaussian(50, 30, 1));
-        let svd = RandomizedSvd::new(RandomizedSvdConfig::new(4).with_seed(42));
+        let svd = RandomizedSvd::new(
+            RandomizedSvdConfig::new(4).with_sketch(SketchConfig::new().with_seed(42)),
+        );
         let (first, second) = (svd.compute(&a).unwrap(), svd.compute(&a).unwrap());
         assert_eq!(first.u().to_data(), second.u().to_data());
         assert_eq!(first.v().to_data(), second.v().to_data());

@@ -11,8 +11,8 @@ use burn::tensor::{ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    LowRankBasis, ParamFilter, RandomizedSvd, RandomizedSvdConfig, SubspaceError, Targets,
-    VectorPolicy, rank_for_energy, view_2d,
+    LowRankBasis, ParamFilter, RandomizedSvd, RandomizedSvdConfig, SketchConfig, SubspaceError,
+    Targets, VectorPolicy, rank_for_energy, view_2d,
 };
 
 /// How many directions each parameter keeps.
@@ -51,15 +51,9 @@ pub struct SubspaceConfig {
     /// How many directions each keeps.
     #[config(default = "RankPolicy::Fixed(8)")]
     pub rank: RankPolicy,
-    /// Randomized SVD oversampling `p`.
-    #[config(default = 8)]
-    pub oversampling: usize,
-    /// Randomized SVD power iterations `q`.
-    #[config(default = 2)]
-    pub power_iterations: usize,
-    /// Seed of the sketches.
-    #[config(default = 0)]
-    pub seed: u64,
+    /// The randomized SVD's oversampling, power iterations and seed.
+    #[config(default = "SketchConfig::new()")]
+    pub sketch: SketchConfig,
 }
 
 /// One safety basis per targeted parameter.
@@ -126,7 +120,7 @@ impl<B: Backend> SafetySubspace<B> {
                 let energy = basis.energy();
                 (basis, energy)
             } else {
-                let seed = mix(config.seed, path_hash(&target.path));
+                let seed = mix(config.sketch.seed, path_hash(&target.path));
                 estimate_matrix(&grad, config, seed).map_err(in_param)?
             };
             subspace.total_energy.insert(id, energy);
@@ -182,9 +176,7 @@ fn estimate_matrix<B: Backend>(
 ) -> Result<(LowRankBasis<B>, f64), SubspaceError> {
     let svd = RandomizedSvd::new(
         RandomizedSvdConfig::new(config.rank.max_rank())
-            .with_oversampling(config.oversampling)
-            .with_power_iterations(config.power_iterations)
-            .with_seed(seed),
+            .with_sketch(config.sketch.clone().with_seed(seed)),
     );
     let basis = svd.compute(grad)?;
     let energy = frobenius_energy(grad);
@@ -394,7 +386,7 @@ mod tests {
         // Same weights, fresh parameter ids: the path-derived seeds give the same bases.
         let a = tiny();
         let b = Tiny::<AB>::new_from(&a);
-        let config = SubspaceConfig::new().with_seed(5);
+        let config = SubspaceConfig::new().with_sketch(SketchConfig::new().with_seed(5));
         let sa = SafetySubspace::estimate(&a, &safety_grads(&a, 3), &config).unwrap();
         let sb = SafetySubspace::estimate(&b, &safety_grads(&b, 3), &config).unwrap();
         let u = |m: &Tiny<AB>, s: &SafetySubspace<NdArray>| {

@@ -527,7 +527,7 @@ fn vector_policy_pcgrad_projects_biases_against_their_safety_gradient() {
 mod refresh {
     use super::*;
     use crate::{RefreshPolicy, SafetyGradientSource, SourceError};
-    use spf_subspace::SafetySubspace;
+    use spf_subspace::{SafetySubspace, SketchConfig};
 
     /// The safety loss: fit two fixed inputs to fixed targets (a two-objective problem with the
     /// regression loss of `grads`).
@@ -543,7 +543,11 @@ mod refresh {
         config(ProjectionMode::ConflictOnly)
             .with_target(target)
             .with_refresh(policy)
-            .with_estimator(estimator().with_rank(RankPolicy::Fixed(2)).with_seed(3))
+            .with_estimator(
+                estimator()
+                    .with_rank(RankPolicy::Fixed(2))
+                    .with_sketch(SketchConfig::new().with_seed(3)),
+            )
     }
 
     fn train<S: SafetyGradientSource<Net<B>, B>>(
@@ -570,10 +574,8 @@ mod refresh {
         for t in 0..4u64 {
             // The bases the step will use: the estimate at the current weights, refresh t.
             let safety = GradientsParams::from_grads(safety_loss(&model).backward(), &model);
-            let seeded = config
-                .estimator
-                .clone()
-                .with_seed(config.estimator.seed + t);
+            let mut seeded = config.estimator.clone();
+            seeded.sketch.seed += t;
             let expected = SafetySubspace::estimate(&model, &safety, &seeded).unwrap();
 
             let g = grads(&model, t);
