@@ -265,7 +265,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         match (self.refresh.period, self.refresh_since) {
             (None, _) => false,
             (Some(_), None) => true,
-            (Some(period), Some(since)) => self.steps - since >= period,
+            (Some(period), Some(since)) => self.steps.saturating_sub(since) >= period,
         }
     }
 
