@@ -201,7 +201,7 @@ pub fn project<B: Backend>(
 enum Removal {
     Nothing,
     /// `U diag(r) Vᵀ`.
-    RankK(Vec<f32>),
+    RankK(Vec<f64>),
     /// `U UᵀG`.
     LeftSubspace,
     /// `G V Vᵀ`.
@@ -240,7 +240,7 @@ impl Plan {
             Self {
                 after: c.iter().zip(&r).map(|(c, r)| c - r).collect(),
                 removed_energy: r.iter().map(|x| x * x).sum(),
-                removal: Removal::RankK(r.iter().map(|x| *x as f32).collect()),
+                removal: Removal::RankK(r.clone()),
                 removed,
             }
         };
@@ -255,7 +255,7 @@ impl Plan {
                 }
                 let alpha = dot / d_energy;
                 Self {
-                    removal: Removal::RankK(sigma.iter().map(|s| (alpha * s) as f32).collect()),
+                    removal: Removal::RankK(sigma.iter().map(|s| alpha * s).collect()),
                     after: c.iter().zip(sigma).map(|(c, s)| c - alpha * s).collect(),
                     removed: 1,
                     removed_energy: dot * dot / d_energy,
@@ -494,6 +494,26 @@ mod tests {
                 "{mode:?}"
             );
         }
+    }
+
+    #[test]
+    fn f64_backends_project_at_f64_precision() {
+        // Host-side coefficients reach the device as f64, so an f64 backend is not held to f32.
+        type F64 = burn::backend::NdArray<f64>;
+        let device = Default::default();
+        let mut rng = Gaussian::new(21);
+        let basis = rng.basis(12, 9, 4);
+        let g = rng.matrix(12, 9);
+        let expected = reference_projection(&g, &basis, ProjectionMode::ConflictOnly);
+        let out = project(
+            to_tensor::<F64>(&g, &device),
+            &basis.to_device(&device),
+            ProjectionMode::ConflictOnly,
+        )
+        .unwrap();
+        let err = max_abs_diff(&to_host(out.grad), &expected);
+        let tol = 4.0 * (12 + 9 + 4) as f64 * f64::EPSILON * g.norm_l2();
+        assert!(err <= tol, "{err:e} > {tol:e}");
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl Gaussian {
     }
 }
 
-/// The `f64` factors of a basis, rounded to `f32` so that host and device hold the same values.
+/// The `f64` factors of a basis; [`HostBasis::rounded`] gives what an `f32` device holds.
 pub struct HostBasis {
     pub u: Mat<f64>,
     pub sigma: Vec<f64>,
@@ -68,7 +68,7 @@ pub struct HostBasis {
 
 impl HostBasis {
     pub fn to_device<B: Backend>(&self, device: &B::Device) -> LowRankBasis<B> {
-        let sigma: Vec<f32> = self.sigma.iter().map(|s| *s as f32).collect();
+        let sigma = self.sigma.clone();
         let k = sigma.len();
         LowRankBasis::new(
             to_tensor(&self.u, device),
@@ -92,9 +92,10 @@ pub fn round_f32(m: &Mat<f64>) -> Mat<f64> {
     Mat::from_fn(m.nrows(), m.ncols(), |i, j| f64::from(m[(i, j)] as f32))
 }
 
+/// Uploads `m`; burn rounds it to the backend's float type.
 pub fn to_tensor<B: Backend>(m: &Mat<f64>, device: &B::Device) -> Tensor<B, 2> {
-    let data: Vec<f32> = (0..m.nrows())
-        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)] as f32))
+    let data: Vec<f64> = (0..m.nrows())
+        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
         .collect();
     Tensor::from_data(TensorData::new(data, [m.nrows(), m.ncols()]), device)
 }

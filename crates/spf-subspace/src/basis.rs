@@ -150,14 +150,16 @@ impl<B: Backend> LowRankBasis<B> {
         if norm == 0.0 {
             return Ok(Self::empty(n, 1, &device));
         }
-        if !(norm as f32).is_finite() {
-            return Err(SubspaceError::NonFinite { factor: "vector" });
-        }
-        let unit: Vec<f32> = values.iter().map(|x| (x / norm) as f32).collect();
+        // Host values are uploaded as f64 and converted to the backend's float type there.
+        let unit: Vec<f64> = values.iter().map(|x| x / norm).collect();
         let u = Tensor::from_data(TensorData::new(unit, [n, 1]), &device);
-        let sigma = Tensor::from_data(TensorData::new(vec![norm as f32], [1]), &device);
-        let v = Tensor::from_data(TensorData::new(vec![1.0f32], [1, 1]), &device);
-        Self::new(u, sigma, v)
+        let sigma = Tensor::from_data(TensorData::new(vec![norm], [1]), &device);
+        let v = Tensor::from_data(TensorData::new(vec![1.0f64], [1, 1]), &device);
+        // A norm beyond the backend's range becomes ±Inf in `sigma`, which `new` rejects.
+        Self::new(u, sigma, v).map_err(|err| match err {
+            SubspaceError::NonFinite { .. } => SubspaceError::NonFinite { factor: "vector" },
+            other => other,
+        })
     }
 
     /// Number of directions `k`.

@@ -235,7 +235,7 @@ pub fn truncated_svd<B: Backend>(
     }
     let u = q.matmul(device_matrix(svd.U().get(.., ..k), &device));
     let v = device_matrix(svd.V().get(.., ..k), &device);
-    let sigma: Vec<f32> = (0..k).map(|i| s[i] as f32).collect();
+    let sigma: Vec<f64> = (0..k).map(|i| s[i]).collect();
     let sigma = Tensor::from_data(TensorData::new(sigma, [k]), &device);
     LowRankBasis::new(u, sigma, v)
 }
@@ -246,10 +246,11 @@ pub(crate) fn host_matrix<B: Backend>(t: Tensor<B, 2>) -> Mat<f64> {
     Mat::from_fn(rows, cols, |i, j| values[i * cols + j])
 }
 
+/// Uploads a host matrix; burn converts the `f64` values to the backend's float type.
 fn device_matrix<B: Backend>(m: MatRef<'_, f64>, device: &B::Device) -> Tensor<B, 2> {
     let (rows, cols) = (m.nrows(), m.ncols());
-    let values: Vec<f32> = (0..rows)
-        .flat_map(|i| (0..cols).map(move |j| m[(i, j)] as f32))
+    let values: Vec<f64> = (0..rows)
+        .flat_map(|i| (0..cols).map(move |j| m[(i, j)]))
         .collect();
     Tensor::from_data(TensorData::new(values, [rows, cols]), device)
 }
