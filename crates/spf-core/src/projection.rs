@@ -183,8 +183,10 @@ pub fn project<B: Backend>(
     let grad = match plan.removal {
         Removal::Nothing => grad,
         Removal::RankK(r) => {
-            let device = grad.device();
-            let r = Tensor::<B, 2>::from_data(TensorData::new(r, [1, k]), &device);
+            // In the gradient's dtype: burn 0.21 resolves a bare device to a default dtype that
+            // is shared by every backend on that device type (the first to use it sets it).
+            let options = (&grad.device(), grad.dtype());
+            let r = Tensor::<B, 2>::from_data(TensorData::new(r, [1, k]), options);
             grad - (basis.u().clone() * r).matmul(basis.v().clone().transpose())
         }
         Removal::LeftSubspace => grad - basis.u().clone().matmul(side_product.expect("k > 0")),

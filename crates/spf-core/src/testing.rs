@@ -2,7 +2,7 @@
 //! reference of every projection mode written straight from the formulas of the SPF method note.
 
 use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Element, Tensor, TensorData, backend::Backend};
 use faer::Mat;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -72,7 +72,7 @@ impl HostBasis {
         let k = sigma.len();
         LowRankBasis::new(
             to_tensor(&self.u, device),
-            Tensor::from_data(TensorData::new(sigma, [k]), device),
+            Tensor::from_data(TensorData::new(sigma, [k]), float_options::<B>(device)),
             to_tensor(&self.v, device),
         )
         .expect("a QR factor is orthonormal")
@@ -97,7 +97,17 @@ pub fn to_tensor<B: Backend>(m: &Mat<f64>, device: &B::Device) -> Tensor<B, 2> {
     let data: Vec<f64> = (0..m.nrows())
         .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
         .collect();
-    Tensor::from_data(TensorData::new(data, [m.nrows(), m.ncols()]), device)
+    Tensor::from_data(
+        TensorData::new(data, [m.nrows(), m.ncols()]),
+        float_options::<B>(device),
+    )
+}
+
+/// `device` with the backend's own float dtype: burn 0.21's per-device default dtype is shared by
+/// all backends on a device type, so `NdArray<f64>` would otherwise get `f32` tensors after any
+/// `NdArray<f32>` test ran first.
+fn float_options<B: Backend>(device: &B::Device) -> (&B::Device, DType) {
+    (device, <B::FloatElem as Element>::dtype())
 }
 
 pub fn to_host<B: Backend>(t: Tensor<B, 2>) -> Mat<f64> {

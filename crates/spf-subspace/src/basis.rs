@@ -141,7 +141,7 @@ impl<B: Backend> LowRankBasis<B> {
     /// norm overflows the backend's float type.
     pub fn from_vector(g: Tensor<B, 1>) -> Result<Self, SubspaceError> {
         let [n] = g.dims();
-        let device = g.device();
+        let (device, dtype) = (g.device(), g.dtype());
         let values = host_values(g);
         if values.iter().any(|x| !x.is_finite()) {
             return Err(SubspaceError::NonFinite { factor: "vector" });
@@ -150,11 +150,11 @@ impl<B: Backend> LowRankBasis<B> {
         if norm == 0.0 {
             return Ok(Self::empty(n, 1, &device));
         }
-        // Host values are uploaded as f64 and converted to the backend's float type there.
+        // Uploaded as f64 and converted to g's dtype.
         let unit: Vec<f64> = values.iter().map(|x| x / norm).collect();
-        let u = Tensor::from_data(TensorData::new(unit, [n, 1]), &device);
-        let sigma = Tensor::from_data(TensorData::new(vec![norm], [1]), &device);
-        let v = Tensor::from_data(TensorData::new(vec![1.0f64], [1, 1]), &device);
+        let u = Tensor::from_data(TensorData::new(unit, [n, 1]), (&device, dtype));
+        let sigma = Tensor::from_data(TensorData::new(vec![norm], [1]), (&device, dtype));
+        let v = Tensor::from_data(TensorData::new(vec![1.0f64], [1, 1]), (&device, dtype));
         // A norm beyond the backend's range becomes ±Inf in `sigma`, which `new` rejects.
         Self::new(u, sigma, v).map_err(|err| match err {
             SubspaceError::NonFinite { .. } => SubspaceError::NonFinite { factor: "vector" },

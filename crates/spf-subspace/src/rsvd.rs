@@ -24,7 +24,9 @@
 //! iterations sharpen it for slowly decaying spectra.
 
 use burn::config::Config;
-use burn::tensor::{ElementConversion, Tensor, TensorData, backend::Backend};
+use burn::tensor::{
+    ElementConversion, Tensor, TensorCreationOptions, TensorData, backend::Backend,
+};
 use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::{Mat, MatRef, Par, Side};
 use rand::SeedableRng;
@@ -123,18 +125,19 @@ pub fn default_rank_tolerance(m: usize, n: usize) -> f64 {
     m.max(n) as f64 * f64::from(f32::EPSILON)
 }
 
-/// `Ω: [rows, cols]` with i.i.d. standard normal entries from a generator seeded with `seed`.
+/// `Ω: [rows, cols]` with i.i.d. standard normal entries from a generator seeded with `seed`,
+/// created with `options` (a device, or a device and a dtype).
 pub fn gaussian_sketch<B: Backend>(
     rows: usize,
     cols: usize,
     seed: u64,
-    device: &B::Device,
+    options: impl Into<TensorCreationOptions<B>>,
 ) -> Tensor<B, 2> {
     let mut rng = StdRng::seed_from_u64(seed);
     let values: Vec<f32> = (0..rows * cols)
         .map(|_| StandardNormal.sample(&mut rng))
         .collect();
-    Tensor::from_data(TensorData::new(values, [rows, cols]), device)
+    Tensor::from_data(TensorData::new(values, [rows, cols]), options)
 }
 
 /// An orthonormal basis `Q: [m, l]` of the range of `A Ω` after `power_iterations` rounds,
@@ -152,7 +155,7 @@ pub fn range_finder<B: Backend>(
     seed: u64,
 ) -> Result<Tensor<B, 2>, SubspaceError> {
     let [_, n] = a.dims();
-    let omega = gaussian_sketch(n, l, seed, &a.device());
+    let omega = gaussian_sketch(n, l, seed, like(a));
     let sketch = a.clone().matmul(omega);
     let probe: f64 = sketch.clone().sum().into_scalar().elem();
     if !probe.is_finite() {
@@ -198,14 +201,14 @@ fn cholesky_qr<B: Backend>(y: Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     }
     let mut inverse = Mat::<f64>::zeros(l, l);
     invert_lower_triangular(inverse.as_mut(), lower, Par::Seq);
-    let r_inverse = device_matrix(inverse.transpose(), &y.device());
+    let r_inverse = device_matrix(inverse.transpose(), like(&y));
     Some(y.matmul(r_inverse))
 }
 
 fn householder_qr<B: Backend>(y: Tensor<B, 2>) -> Tensor<B, 2> {
-    let device = y.device();
+    let options = like(&y);
     let q = host_matrix(y).qr().compute_thin_Q();
-    device_matrix(q.as_ref(), &device)
+    device_matrix(q.as_ref(), options)
 }
 
 /// The rank-`k` basis of `a` from an orthonormal range basis `q: [m, l]`: the SVD of `B = QᵀA`,
@@ -233,10 +236,10 @@ pub fn truncated_svd<B: Backend>(
     if k == 0 {
         return Ok(LowRankBasis::empty(m, n, &device));
     }
-    let u = q.matmul(device_matrix(svd.U().get(.., ..k), &device));
-    let v = device_matrix(svd.V().get(.., ..k), &device);
+    let u = q.matmul(device_matrix(svd.U().get(.., ..k), like(a)));
+    let v = device_matrix(svd.V().get(.., ..k), like(a));
     let sigma: Vec<f64> = (0..k).map(|i| s[i]).collect();
-    let sigma = Tensor::from_data(TensorData::new(sigma, [k]), &device);
+    let sigma = Tensor::from_data(TensorData::new(sigma, [k]), like(a));
     LowRankBasis::new(u, sigma, v)
 }
 
@@ -246,13 +249,23 @@ pub(crate) fn host_matrix<B: Backend>(t: Tensor<B, 2>) -> Mat<f64> {
     Mat::from_fn(rows, cols, |i, j| values[i * cols + j])
 }
 
-/// Uploads a host matrix; burn converts the `f64` values to the backend's float type.
-fn device_matrix<B: Backend>(m: MatRef<'_, f64>, device: &B::Device) -> Tensor<B, 2> {
+/// The device and dtype of `t`, for creating tensors that combine with it. burn 0.21 resolves a
+/// bare device to a default dtype shared by every backend on that device type (the first backend
+/// to use the device sets it), so an `f64` backend may otherwise get `f32` tensors.
+fn like<B: Backend, const D: usize>(t: &Tensor<B, D>) -> TensorCreationOptions<B> {
+    (&t.device(), t.dtype()).into()
+}
+
+/// Uploads a host matrix; burn converts the `f64` values to the requested dtype.
+fn device_matrix<B: Backend>(
+    m: MatRef<'_, f64>,
+    options: impl Into<TensorCreationOptions<B>>,
+) -> Tensor<B, 2> {
     let (rows, cols) = (m.nrows(), m.ncols());
     let values: Vec<f64> = (0..rows)
         .flat_map(|i| (0..cols).map(move |j| m[(i, j)]))
         .collect();
-    Tensor::from_data(TensorData::new(values, [rows, cols]), device)
+    Tensor::from_data(TensorData::new(values, [rows, cols]), options)
 }
 
 #[cfg(test)]
