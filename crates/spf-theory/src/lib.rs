@@ -267,3 +267,146 @@ impl Margin {
         );
     }
 }
+
+/// A convex quadratic `L(θ) = ½ vec(θ − c)ᵀ H vec(θ − c)` over `d_in × d_out` matrices
+/// (`vec` is row-major), with `H` symmetric positive semi-definite.
+#[derive(Debug, Clone)]
+pub struct Quadratic {
+    /// `H: [n, n]`, `n = d_in·d_out`.
+    pub h: Mat<f64>,
+    /// The minimizer `c`, where `L = 0`.
+    pub center: Mat<f64>,
+    /// `λ_max(H)`: the smoothness constant `L`.
+    pub smoothness: f64,
+}
+
+impl Quadratic {
+    /// `H = Q diag(λ) Qᵀ` with a random orthogonal `Q`, the given eigenvalues (zeros allowed, for
+    /// a low-rank `H`), and the minimizer `center`.
+    pub fn new(rng: &mut Gaussian, eigenvalues: &[f64], center: Mat<f64>) -> Self {
+        let n = eigenvalues.len();
+        assert_eq!(
+            n,
+            center.nrows() * center.ncols(),
+            "one eigenvalue per entry of θ"
+        );
+        let q = rng.orthonormal(n, n);
+        let scaled = Mat::from_fn(n, n, |i, j| q[(i, j)] * eigenvalues[j]);
+        let h = scaled * q.transpose();
+        let smoothness = eigenvalues.iter().copied().fold(0.0, f64::max);
+        Self {
+            h,
+            center,
+            smoothness,
+        }
+    }
+
+    fn offset(&self, theta: &Mat<f64>) -> Mat<f64> {
+        let cols = theta.ncols();
+        let d = theta - &self.center;
+        Mat::from_fn(d.nrows() * cols, 1, |k, _| d[(k / cols, k % cols)])
+    }
+
+    /// `L(θ)`.
+    pub fn value(&self, theta: &Mat<f64>) -> f64 {
+        let x = self.offset(theta);
+        0.5 * (x.transpose() * (&self.h * &x))[(0, 0)]
+    }
+
+    /// `∇L(θ) = H vec(θ − c)`, as a `d_in × d_out` matrix.
+    pub fn gradient(&self, theta: &Mat<f64>) -> Mat<f64> {
+        let g = &self.h * self.offset(theta);
+        let cols = theta.ncols();
+        Mat::from_fn(theta.nrows(), cols, |i, j| g[(i * cols + j, 0)])
+    }
+}
+
+/// What a fine-tuning run on two quadratics recorded, step by step.
+#[derive(Debug, Clone, Default)]
+pub struct Trajectory {
+    /// `L_u(θ_t)`, `t = 0..=T`.
+    pub utility: Vec<f64>,
+    /// `L_s(θ_t)`, `t = 0..=T`.
+    pub safety: Vec<f64>,
+    /// `‖G̃_t‖²`, the applied step direction, `t = 0..T`.
+    pub step_energy: Vec<f64>,
+    /// `‖∇L_s(θ_t)‖`, `t = 0..T`.
+    pub safety_grad_norm: Vec<f64>,
+    /// `ε_t = ‖G_s − G_s^k‖/‖G_s‖`, the part of the safety gradient outside the rank-`k` basis.
+    pub epsilon: Vec<f64>,
+}
+
+/// How a run treats the utility gradient.
+#[derive(Debug, Clone, Copy)]
+pub enum Method {
+    /// Plain SGD.
+    Sgd,
+    /// SGD wrapped by SPF in `mode`, with the exact rank-`k` truncated SVD of the safety gradient
+    /// at the current weights inserted before every step.
+    Spf {
+        /// The projection mode.
+        mode: ProjectionMode,
+        /// The basis rank `k`.
+        rank: usize,
+    },
+}
+
+/// `steps` steps of SGD with learning rate `eta` on `utility`, from `theta0`, watching `safety`.
+/// Runs on the `f64` backend through burn's `Sgd` and, for SPF, the wrapper.
+pub fn fine_tune(
+    utility: &Quadratic,
+    safety: &Quadratic,
+    theta0: &Mat<f64>,
+    eta: f64,
+    steps: usize,
+    method: Method,
+) -> Trajectory {
+    type B = Autodiff<F64>;
+    let device = Default::default();
+    let mut module = Matrix::<B> {
+        w: Param::from_tensor(Tensor::from_inner(upload::<F64>(theta0, &device))),
+    };
+    let id = module.w.id;
+    let (mode, rank) = match method {
+        Method::Sgd => (ProjectionMode::ConflictOnly, 0),
+        Method::Spf { mode, rank } => (mode, rank),
+    };
+    let config = SpfConfig::new()
+        .with_mode(mode)
+        .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(rank)));
+    let mut optim = config
+        .init(SgdConfig::new().init::<B, Matrix<B>>(), &module, [])
+        .unwrap();
+
+    let mut theta = theta0.clone();
+    let mut run = Trajectory::default();
+    for _ in 0..steps {
+        run.utility.push(utility.value(&theta));
+        run.safety.push(safety.value(&theta));
+        let g_s = safety.gradient(&theta);
+        let g_s_norm = g_s.norm_l2();
+        run.safety_grad_norm.push(g_s_norm);
+        if matches!(method, Method::Spf { .. }) {
+            let basis = HostBasis::truncated_svd(&g_s, rank);
+            let residual = (&g_s - basis.d()).norm_l2();
+            run.epsilon.push(if g_s_norm > 0.0 {
+                residual / g_s_norm
+            } else {
+                0.0
+            });
+            optim
+                .insert_bases([(id, basis.to_device::<F64>(&device))])
+                .unwrap();
+        }
+        let mut grads = GradientsParams::new();
+        grads.register(id, upload::<F64>(&utility.gradient(&theta), &device));
+        module = optim.step(eta, module, grads);
+        let next = download(module.w.val().inner());
+        let step = (&theta - &next) * faer::Scale(1.0 / eta);
+        run.step_energy.push(step.squared_norm_l2());
+        theta = next;
+    }
+    run.utility.push(utility.value(&theta));
+    run.safety.push(safety.value(&theta));
+    run
+}
