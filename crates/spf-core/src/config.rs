@@ -21,6 +21,21 @@ pub enum ProjectionTarget {
     Update,
 }
 
+/// What a step does when a gradient holds NaN or ±Inf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum NonFinitePolicy {
+    /// [`SafetyProjectedOptimizer::try_step`] returns [`SpfError::NonFiniteGradient`] with the
+    /// module untouched; [`Optimizer::step`](burn::optim::Optimizer::step) panics with that
+    /// message.
+    #[default]
+    Error,
+    /// Skip the step: the parameters, the inner optimizer's state and the step counter are left
+    /// untouched.
+    SkipStep,
+    /// Replace every NaN and ±Inf gradient entry with 0, then step.
+    ZeroNonFinite,
+}
+
 /// Configuration of [`SafetyProjectedOptimizer`].
 ///
 /// Which parameters are protected, and how their bases are estimated, is the
@@ -44,6 +59,9 @@ pub struct SpfConfig {
     /// Targeting, rank and randomized-SVD settings of the safety subspace.
     #[config(default = "SubspaceConfig::new()")]
     pub estimator: SubspaceConfig,
+    /// What a step does with NaN or ±Inf gradients.
+    #[config(default = "NonFinitePolicy::Error")]
+    pub non_finite: NonFinitePolicy,
 }
 
 impl SpfConfig {

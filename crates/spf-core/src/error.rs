@@ -45,6 +45,29 @@ pub enum SpfError {
         found: Vec<usize>,
     },
 
+    /// The learning rate is NaN, infinite or negative.
+    #[error("invalid learning rate {lr}: it must be finite and non-negative")]
+    InvalidLearningRate {
+        /// The learning rate given.
+        lr: f64,
+    },
+
+    /// Gradients hold NaN or ±Inf (under [`NonFinitePolicy::Error`](crate::NonFinitePolicy)).
+    #[error("non-finite gradient for {}", paths.join(", "))]
+    NonFiniteGradient {
+        /// Module paths of the parameters whose gradients are not finite.
+        paths: Vec<String>,
+    },
+
+    /// A checkpoint could not be written or read.
+    #[error("checkpoint `{path}`: {message}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// A record was written by an incompatible version of this crate.
     #[error("SPF record version {found} is not supported (this build reads version {supported})")]
     UnsupportedRecordVersion {

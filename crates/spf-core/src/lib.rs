@@ -26,11 +26,11 @@ mod walk;
 #[cfg(test)]
 mod testing;
 
-pub use config::{ProjectionTarget, SpfConfig};
+pub use config::{NonFinitePolicy, ProjectionTarget, SpfConfig};
 pub use error::SpfError;
-pub use optimizer::SafetyProjectedOptimizer;
+pub use optimizer::{SafetyProjectedOptimizer, StepError};
 pub use projection::{Projected, ProjectionMode, ProjectionStats, project};
 pub use record::{BasisRecord, RECORD_VERSION, SpfRecord};
 pub use refresh::{NoSafetySource, RefreshPolicy, RefreshStats, SafetyGradientSource, SourceError};
 pub use spf_subspace::{ParamFilter, RankPolicy, SubspaceConfig, VectorPolicy};
-pub use stats::{StepStats, TensorStats};
+pub use stats::{NonFiniteStats, StepStats, TensorStats};

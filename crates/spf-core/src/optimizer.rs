@@ -12,7 +12,9 @@
 //! gradients first, and each protected parameter's update `ΔW` is then replaced by `−P(−ΔW)`.
 //! Parameters without a basis, and those without a gradient, pass through bit for bit.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,10 +25,13 @@ use burn::tensor::backend::AutodiffBackend;
 use spf_subspace::{LowRankBasis, SafetySubspace, Targets, direction_overlap};
 
 use crate::record::{BasisRecord, RECORD_VERSION, SpfRecord};
-use crate::walk::{GradientProjection, GradientReduction, UpdateProjection, UpdateSnapshot};
+use crate::walk::{
+    GradientProjection, GradientReduction, NonFiniteProbe, NonFiniteZeroing, UpdateProjection,
+    UpdateSnapshot,
+};
 use crate::{
-    NoSafetySource, ProjectionTarget, RefreshStats, SafetyGradientSource, SpfConfig, SpfError,
-    StepStats,
+    NoSafetySource, NonFinitePolicy, NonFiniteStats, ProjectionTarget, RefreshStats,
+    SafetyGradientSource, SpfConfig, SpfError, StepStats,
 };
 
 /// A basis on the backend the gradients live on.
@@ -80,7 +85,19 @@ pub struct SafetyProjectedOptimizer<O, B: AutodiffBackend, S = NoSafetySource> {
     /// The step at which the current bases were estimated (or a refresh last failed).
     refresh_since: Option<usize>,
     refresh: RefreshStats,
+    non_finite: NonFiniteStats,
     last_stats: StepStats,
+}
+
+/// A step that did not happen, with the module handed back untouched.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct StepError<M> {
+    /// The module as it was passed in.
+    pub module: M,
+    /// Why the step was refused.
+    #[source]
+    pub error: SpfError,
 }
 
 impl<O: Clone, B: AutodiffBackend, S: Clone> Clone for SafetyProjectedOptimizer<O, B, S> {
@@ -94,6 +111,7 @@ impl<O: Clone, B: AutodiffBackend, S: Clone> Clone for SafetyProjectedOptimizer<
             steps: self.steps,
             refresh_since: self.refresh_since,
             refresh: self.refresh.clone(),
+            non_finite: self.non_finite,
             last_stats: self.last_stats.clone(),
         }
     }
@@ -121,6 +139,7 @@ impl<O, B: AutodiffBackend> SafetyProjectedOptimizer<O, B, NoSafetySource> {
             steps: 0,
             refresh_since: None,
             refresh,
+            non_finite: NonFiniteStats::default(),
             last_stats: StepStats::default(),
         };
         optim.insert_bases(bases)?;
@@ -145,6 +164,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             steps: self.steps,
             refresh_since: self.refresh_since,
             refresh: self.refresh,
+            non_finite: self.non_finite,
             last_stats: self.last_stats,
         }
     }
@@ -282,9 +302,11 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             .sketch
             .seed
             .wrapping_add(self.refresh.count as u64);
-        let estimated = self
-            .source
-            .safety_gradients(module)
+        // A panicking source counts as a failed refresh: training goes on with the old bases.
+        let source = &mut self.source;
+        let gradients = catch_unwind(AssertUnwindSafe(|| source.safety_gradients(module)))
+            .unwrap_or_else(|panic| Err(format!("it panicked: {}", panic_message(&*panic)).into()));
+        let estimated = gradients
             .map_err(|err| SpfError::SafetySource(err.to_string()))
             .and_then(|grads| Ok(SafetySubspace::estimate(module, &grads, &estimator)?))
             .and_then(|subspace| self.admit(subspace));
@@ -333,6 +355,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         StepStats {
             tensors: pass.stats,
             refresh: self.refresh.clone(),
+            non_finite: self.non_finite,
         }
     }
 
@@ -360,28 +383,99 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         self.last_stats = StepStats {
             tensors: pass.stats,
             refresh: self.refresh.clone(),
+            non_finite: self.non_finite,
         };
         module
     }
-}
 
-impl<O, M, B, S> Optimizer<M, B> for SafetyProjectedOptimizer<O, B, S>
-where
-    B: AutodiffBackend,
-    M: AutodiffModule<B>,
-    O: Optimizer<M, B>,
-    S: SafetyGradientSource<M, B>,
-{
-    type Record = SpfRecord<O::Record, B>;
+    /// The parameters whose gradient holds NaN or ±Inf, found with one device read.
+    fn non_finite_gradients<M: AutodiffModule<B>>(
+        &self,
+        module: &M,
+        grads: &GradientsParams,
+    ) -> Vec<ParamId> {
+        let mut probe = NonFiniteProbe::<B> {
+            grads,
+            probes: Vec::new(),
+        };
+        module.visit(&mut probe);
+        if probe.probes.is_empty() {
+            return Vec::new();
+        }
+        let (ids, probes): (Vec<ParamId>, Vec<_>) = probe.probes.into_iter().unzip();
+        let values = Tensor::cat(probes, 0).into_data();
+        ids.into_iter()
+            .zip(values.iter::<f64>())
+            .filter_map(|(id, probe)| (!probe.is_finite()).then_some(id))
+            .collect()
+    }
 
-    /// Refreshes the bases if the policy says so, projects, then lets the inner optimizer step
-    /// (or the reverse, for the `Update` target).
+    /// [`Optimizer::step`] that reports what it refuses instead of panicking: an invalid learning
+    /// rate, and non-finite gradients under [`NonFinitePolicy::Error`]. The module comes back
+    /// untouched in the error, and nothing in the wrapper or the inner optimizer has changed.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If a gradient does not have the shape of the parameter it belongs to, which burn's
-    /// autodiff never produces.
-    fn step(&mut self, lr: LearningRate, module: M, mut grads: GradientsParams) -> M {
+    /// [`SpfError::InvalidLearningRate`] for a NaN, infinite or negative `lr`;
+    /// [`SpfError::NonFiniteGradient`] as above.
+    pub fn try_step<M>(
+        &mut self,
+        lr: LearningRate,
+        module: M,
+        mut grads: GradientsParams,
+    ) -> Result<M, StepError<M>>
+    where
+        M: AutodiffModule<B>,
+        O: Optimizer<M, B>,
+        S: SafetyGradientSource<M, B>,
+    {
+        if !(lr.is_finite() && lr >= 0.0) {
+            let error = SpfError::InvalidLearningRate { lr };
+            return Err(StepError { module, error });
+        }
+        let bad = self.non_finite_gradients(&module, &grads);
+        self.non_finite.this_step = bad.len();
+        self.non_finite.total += bad.len();
+        if !bad.is_empty() {
+            let refused = StepStats {
+                tensors: Vec::new(),
+                refresh: RefreshStats {
+                    refreshed: false,
+                    ..self.refresh.clone()
+                },
+                non_finite: self.non_finite,
+            };
+            match self.config.non_finite {
+                NonFinitePolicy::Error => {
+                    self.last_stats = refused;
+                    let paths = bad
+                        .iter()
+                        .map(|id| {
+                            self.targets
+                                .get(id)
+                                .map_or_else(|| id.to_string(), |t| t.path.to_string())
+                        })
+                        .collect();
+                    let error = SpfError::NonFiniteGradient { paths };
+                    return Err(StepError { module, error });
+                }
+                NonFinitePolicy::SkipStep => {
+                    self.non_finite.skipped_steps += 1;
+                    self.last_stats = StepStats {
+                        non_finite: self.non_finite,
+                        ..refused
+                    };
+                    return Ok(module);
+                }
+                NonFinitePolicy::ZeroNonFinite => {
+                    module.visit(&mut NonFiniteZeroing {
+                        grads: &mut grads,
+                        ids: &bad,
+                    });
+                }
+            }
+        }
+
         self.refresh.refreshed = false;
         if self.refresh_due() {
             self.refresh(&module);
@@ -396,7 +490,40 @@ where
             }
         };
         self.steps += 1;
-        module
+        Ok(module)
+    }
+}
+
+/// The message a panic carried, when it was a string.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a non-string payload")
+}
+
+impl<O, M, B, S> Optimizer<M, B> for SafetyProjectedOptimizer<O, B, S>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    O: Optimizer<M, B>,
+    S: SafetyGradientSource<M, B>,
+{
+    type Record = SpfRecord<O::Record, B>;
+
+    /// Refreshes the bases if the policy says so, projects, then lets the inner optimizer step
+    /// (or the reverse, for the `Update` target); see
+    /// [`SafetyProjectedOptimizer::try_step`].
+    ///
+    /// # Panics
+    ///
+    /// With the message of the [`SpfError`] that `try_step` returns (an invalid learning rate, or
+    /// non-finite gradients under [`NonFinitePolicy::Error`]), and if a gradient does not have the
+    /// shape of its parameter, which burn's autodiff never produces.
+    fn step(&mut self, lr: LearningRate, module: M, grads: GradientsParams) -> M {
+        self.try_step(lr, module, grads)
+            .unwrap_or_else(|err| panic!("SPF step refused: {}", err.error))
     }
 
     /// Sums each parameter's gradients over the devices first (burn's own reduction), then steps

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 /// safety loss's gradients at the current weights (a safety batch of one sample suffices: the paper's
 /// single-sample estimate), re-estimates each targeted parameter's basis with
 /// [`SafetySubspace::estimate`](spf_subspace::SafetySubspace::estimate), and replaces the old
-/// bases. A refresh that fails keeps the previous bases, is counted, and training goes on.
+/// bases. Parameters the safety loss does not reach (no gradient) keep their bases. A refresh
+/// that fails — the source returns an error or panics, or its gradient is not finite — keeps the
+/// previous bases, is counted, and training goes on.
 ///
 /// The `t`-th refresh seeds its sketches with the estimator's seed mixed with `t`, so the whole
 /// random state is the refresh counter, which the wrapper's record keeps: a resumed run draws the

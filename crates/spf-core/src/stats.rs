@@ -31,6 +31,19 @@ pub struct StepStats {
     pub tensors: Vec<TensorStats>,
     /// Refresh counts, time, and the overlap between successive bases.
     pub refresh: RefreshStats,
+    /// Non-finite gradients seen, this step and in total.
+    pub non_finite: NonFiniteStats,
+}
+
+/// Non-finite gradients met by [`NonFinitePolicy`](crate::NonFinitePolicy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct NonFiniteStats {
+    /// Parameters whose gradient held NaN or ±Inf in this step.
+    pub this_step: usize,
+    /// The same, summed over every step since the wrapper was built.
+    pub total: usize,
+    /// Steps skipped under `SkipStep`.
+    pub skipped_steps: usize,
 }
 
 impl StepStats {

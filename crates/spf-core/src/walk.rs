@@ -113,6 +113,40 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
     }
 }
 
+/// `Σ 0·g` for every gradient, NaN exactly when the gradient holds NaN or ±Inf; read back
+/// together in one transfer.
+pub(crate) struct NonFiniteProbe<'a, B: AutodiffBackend> {
+    pub grads: &'a GradientsParams,
+    pub probes: Vec<(ParamId, Tensor<B::InnerBackend, 1>)>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for NonFiniteProbe<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            let probe = grad.mul_scalar(0.0).sum();
+            self.probes.push((param.id, probe));
+        }
+    }
+}
+
+/// Replaces the NaN and ±Inf entries of the listed gradients with 0.
+pub(crate) struct NonFiniteZeroing<'a> {
+    pub grads: &'a mut GradientsParams,
+    pub ids: &'a [ParamId],
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for NonFiniteZeroing<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if !self.ids.contains(&param.id) {
+            return;
+        }
+        if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            let bad = grad.clone().is_finite().bool_not();
+            self.grads.register(param.id, grad.mask_fill(bad, 0.0));
+        }
+    }
+}
+
 /// Vectors are only ever targeted under `VectorPolicy::Pcgrad`, whatever the matrix mode.
 fn mode_for<const D: usize>(matrix_mode: ProjectionMode) -> ProjectionMode {
     if D == 1 {
