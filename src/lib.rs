@@ -1,11 +1,12 @@
 #![doc = include_str!("../README.md")]
 
+pub use spf_core::checkpoint;
 pub use spf_core::projection;
 pub use spf_core::{
-    BasisRecord, NoSafetySource, ParamFilter, Projected, ProjectionMode, ProjectionStats,
-    ProjectionTarget, RECORD_VERSION, RankPolicy, RefreshPolicy, RefreshStats,
-    SafetyGradientSource, SafetyProjectedOptimizer, SourceError, SpfConfig, SpfError, SpfRecord,
-    StepStats, SubspaceConfig, TensorStats, VectorPolicy, project,
+    BasisRecord, NoSafetySource, NonFinitePolicy, NonFiniteStats, ParamFilter, Projected,
+    ProjectionMode, ProjectionStats, ProjectionTarget, RECORD_VERSION, RankPolicy, RefreshPolicy,
+    RefreshStats, SafetyGradientSource, SafetyProjectedOptimizer, SourceError, SpfConfig, SpfError,
+    SpfRecord, StepStats, SubspaceConfig, TensorStats, VectorPolicy, project,
 };
 pub use spf_subspace::rsvd;
 pub use spf_subspace::{

@@ -86,3 +86,12 @@ pub enum SpfError {
         source: SubspaceError,
     },
 }
+
+/// The message a caught panic carried, when it was a string.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a non-string payload")
+}

@@ -12,8 +12,9 @@
 //! - [`RefreshPolicy`] and [`SafetyGradientSource`]: re-estimating the safety subspace as
 //!   training moves the weights;
 //! - [`SafetyProjectedOptimizer`]: the wrapper, a burn [`Optimizer`](burn::optim::Optimizer);
-//! - [`SpfRecord`]: its versioned saved state.
+//! - [`SpfRecord`]: its versioned saved state, and [`checkpoint`]: crash-safe files for it.
 
+pub mod checkpoint;
 mod config;
 mod error;
 mod optimizer;

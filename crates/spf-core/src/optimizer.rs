@@ -12,7 +12,6 @@
 //! gradients first, and each protected parameter's update `ΔW` is then replaced by `−P(−ΔW)`.
 //! Parameters without a basis, and those without a gradient, pass through bit for bit.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use spf_subspace::{LowRankBasis, SafetySubspace, Targets, direction_overlap};
 
+use crate::error::panic_message;
 use crate::record::{BasisRecord, RECORD_VERSION, SpfRecord};
 use crate::walk::{
     GradientProjection, GradientReduction, NonFiniteProbe, NonFiniteZeroing, UpdateProjection,
@@ -492,15 +492,6 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         self.steps += 1;
         Ok(module)
     }
-}
-
-/// The message a panic carried, when it was a string.
-fn panic_message(panic: &(dyn Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a non-string payload")
 }
 
 impl<O, M, B, S> Optimizer<M, B> for SafetyProjectedOptimizer<O, B, S>
