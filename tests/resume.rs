@@ -1,17 +1,28 @@
-//! End to end through the facade: a wrapped AdamW inside a training loop, saved to files with
-//! burn's recorder halfway through, restored into fresh objects, continues bit for bit.
+//! End to end through the facade: a wrapped AdamW with refresh inside a training loop, saved to
+//! crash-safe checkpoint files halfway, restored in a fresh process, continues bit for bit, under
+//! every refresh policy.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::{Tensor, TensorData, activation::tanh, backend::Backend};
-use spf::{LowRankBasis, ProjectionTarget, SafetyProjectedOptimizer, SpfConfig};
+use spf::checkpoint;
+use spf::{
+    ProjectionTarget, RankPolicy, RefreshPolicy, SafetyGradientSource, SafetyProjectedOptimizer,
+    SafetySubspace, SpfConfig, SubspaceConfig,
+};
 
 type B = Autodiff<NdArray>;
+type Recorder = NamedMpkFileRecorder<FullPrecisionSettings>;
+
+const HALF: usize = 3;
+const ENV_DIR: &str = "SPF_RESUME_DIR";
+const ENV_POLICY: &str = "SPF_RESUME_POLICY";
 
 #[derive(Module, Debug)]
 struct Mlp<B: Backend> {
@@ -21,10 +32,12 @@ struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     fn new(device: &B::Device) -> Self {
-        Self {
+        let model = Self {
             fc1: LinearConfig::new(3, 5).init(device),
             fc2: LinearConfig::new(5, 2).init(device),
-        }
+        };
+        // Initialize eagerly, so that clones share their weights.
+        model.clone().load_record(model.into_record())
     }
 
     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -32,25 +45,76 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-/// A deterministic batch for step `step`.
+fn wave(rows: usize, cols: usize, phase: f32) -> Tensor<B, 2> {
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| (i as f32 * 0.7 + phase).sin())
+        .collect();
+    Tensor::from_data(TensorData::new(values, [rows, cols]), &Default::default())
+}
+
+/// The deterministic batch at data position `step`.
 fn batch(step: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let device = Default::default();
-    let wave = |n: usize, cols: usize, phase: f32| {
-        let values: Vec<f32> = (0..n * cols)
-            .map(|i| (i as f32 * 0.7 + phase).sin())
-            .collect();
-        Tensor::from_data(TensorData::new(values, [n, cols]), &device)
-    };
     (wave(6, 3, step as f32), wave(6, 2, 1.0 + 2.0 * step as f32))
 }
 
-fn train(
+/// The safety loss: one fixed "safety sample".
+fn safety_loss(model: &Mlp<B>) -> Tensor<B, 1> {
+    (model.forward(wave(1, 3, 0.3)) - wave(1, 2, -1.0))
+        .square()
+        .mean()
+}
+
+fn policies() -> [(&'static str, RefreshPolicy); 3] {
+    [
+        ("never", RefreshPolicy::Never),
+        ("every-2", RefreshPolicy::Every(2)),
+        (
+            "adaptive",
+            RefreshPolicy::Adaptive {
+                initial: 1,
+                max: 4,
+                overlap: 0.5,
+            },
+        ),
+    ]
+}
+
+fn config(policy: RefreshPolicy) -> SpfConfig {
+    SpfConfig::new()
+        .with_target(ProjectionTarget::Update)
+        .with_refresh(policy)
+        .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(2)))
+}
+
+fn optimizer(
+    model: &Mlp<B>,
+    policy: RefreshPolicy,
+) -> SafetyProjectedOptimizer<
+    impl Optimizer<Mlp<B>, B> + use<>,
+    B,
+    impl SafetyGradientSource<Mlp<B>, B> + use<>,
+> {
+    let config = config(policy);
+    let grads = GradientsParams::from_grads(safety_loss(model).backward(), model);
+    let subspace = SafetySubspace::estimate(model, &grads, &config.estimator).unwrap();
+    config
+        .init(AdamWConfig::new().init::<B, Mlp<B>>(), model, subspace)
+        .unwrap()
+        .with_safety_source(safety_loss)
+}
+
+/// Trains from the optimizer's own data position up to `end`.
+fn train<O, S>(
     mut model: Mlp<B>,
-    optim: &mut SafetyProjectedOptimizer<impl Optimizer<Mlp<B>, B>, B>,
-    steps: std::ops::Range<usize>,
-) -> Mlp<B> {
-    for step in steps {
-        let (x, y) = batch(step);
+    optim: &mut SafetyProjectedOptimizer<O, B, S>,
+    end: usize,
+) -> Mlp<B>
+where
+    O: Optimizer<Mlp<B>, B>,
+    S: SafetyGradientSource<Mlp<B>, B>,
+{
+    while optim.steps() < end {
+        let (x, y) = batch(optim.steps());
         let loss = (model.forward(x) - y).square().mean();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-2, model, grads);
@@ -58,82 +122,101 @@ fn train(
     model
 }
 
-/// The leading `k` standard basis vectors of `R^n`, as the columns of an `n × k` factor.
-fn leading(n: usize, k: usize) -> Tensor<NdArray, 2> {
-    Tensor::eye(n, &Default::default()).slice([0..n, 0..k])
+fn weights(model: &Mlp<B>) -> Vec<Vec<f32>> {
+    [&model.fc1, &model.fc2]
+        .iter()
+        .flat_map(|l| [l.weight.val(), l.bias.as_ref().unwrap().val().unsqueeze()])
+        .map(|t: Tensor<B, 2>| t.into_data().to_vec().unwrap())
+        .collect()
 }
 
-fn config() -> SpfConfig {
-    SpfConfig::new().with_target(ProjectionTarget::Update)
-}
+struct Scratch(PathBuf);
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
+impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
+fn policy_named(name: &str) -> RefreshPolicy {
+    policies()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .expect("a known policy")
+        .1
+}
+
 #[test]
-fn training_resumed_from_files_matches_uninterrupted_training() {
-    let device = Default::default();
-    let model = Mlp::<B>::new(&device);
-    // Eager copies, so that both runs start from the same initialized weights.
-    let model = model.clone().load_record(model.into_record());
-    let bases = || {
-        let sigma = Tensor::from_floats([3.0, 1.0], &Default::default());
-        [
-            (
-                model.fc1.weight.id,
-                LowRankBasis::new(leading(3, 2), sigma.clone(), leading(5, 2)).unwrap(),
-            ),
-            (
-                model.fc2.weight.id,
-                LowRankBasis::new(leading(5, 2), sigma, leading(2, 2)).unwrap(),
-            ),
-        ]
-    };
+fn training_resumed_in_a_fresh_process_matches_uninterrupted_training() {
+    for (name, policy) in policies() {
+        let model = Mlp::<B>::new(&Default::default());
+        let mut straight = optimizer(&model, policy);
+        let expected = train(model.clone(), &mut straight, 2 * HALF);
 
-    let mut optim = config()
-        .init(AdamWConfig::new().init(), &model, bases())
-        .unwrap();
-    let straight = train(model.clone(), &mut optim, 0..6);
-
-    let dir = TempDir(std::env::temp_dir().join(format!("spf-resume-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-    let mut optim = config()
-        .init(AdamWConfig::new().init(), &model, bases())
-        .unwrap();
-    let halfway = train(model, &mut optim, 0..3);
-    assert!(
-        optim.last_stats().removed() > 0,
-        "the run should exercise the projection"
-    );
-    halfway.save_file(dir.0.join("model"), &recorder).unwrap();
-    recorder
-        .record(optim.to_record(), dir.0.join("optim"))
-        .unwrap();
-    drop(optim);
-
-    let restored = Mlp::<B>::new(&device)
-        .load_file(dir.0.join("model"), &recorder, &device)
-        .unwrap();
-    let record = recorder.load(dir.0.join("optim"), &device).unwrap();
-    let mut optim = config()
-        .init(AdamWConfig::new().init(), &restored, [])
-        .unwrap()
-        .try_load_record::<Mlp<B>>(record)
-        .unwrap();
-    assert_eq!(optim.steps(), 3);
-    let resumed = train(restored, &mut optim, 3..6);
-
-    for (a, b) in [(&straight.fc1, &resumed.fc1), (&straight.fc2, &resumed.fc2)] {
-        assert_eq!(a.weight.val().into_data(), b.weight.val().into_data());
+        let dir =
+            Scratch(std::env::temp_dir().join(format!("spf-resume-{name}-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let mut first = optimizer(&model, policy);
+        let halfway = train(model.clone(), &mut first, HALF);
+        assert_eq!(first.bases().len(), 2, "{name}: both weights are protected");
+        let refreshes = first.last_stats().refresh.count;
         assert_eq!(
-            a.bias.as_ref().unwrap().val().into_data(),
-            b.bias.as_ref().unwrap().val().into_data()
+            refreshes > 0,
+            policy != RefreshPolicy::Never,
+            "{name}: {refreshes} refreshes"
+        );
+        checkpoint::save_atomic(&Recorder::new(), halfway.into_record(), dir.0.join("model"))
+            .unwrap();
+        checkpoint::save_atomic(&Recorder::new(), first.to_record(), dir.0.join("optim")).unwrap();
+
+        // The second half runs in a child process: this test binary, filtered to `resume_child`.
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["resume_child", "--exact", "--ignored"])
+            .env(ENV_DIR, &dir.0)
+            .env(ENV_POLICY, name)
+            .output()
+            .unwrap();
+        assert!(
+            child.status.success(),
+            "{name}: the child process failed:\n{}\n{}",
+            String::from_utf8_lossy(&child.stdout),
+            String::from_utf8_lossy(&child.stderr)
+        );
+        let resumed: Vec<Vec<f32>> =
+            serde_json::from_str(&std::fs::read_to_string(dir.0.join("final.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            resumed,
+            weights(&expected),
+            "{name}: resumed training differs"
         );
     }
+}
+
+/// The fresh process of the test above; does nothing when run on its own.
+#[test]
+#[ignore = "run by training_resumed_in_a_fresh_process_matches_uninterrupted_training"]
+fn resume_child() {
+    let (Ok(dir), Ok(name)) = (std::env::var(ENV_DIR), std::env::var(ENV_POLICY)) else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let device = Default::default();
+    let record = checkpoint::load(&Recorder::new(), dir.join("model"), &device).unwrap();
+    let model = Mlp::<B>::new(&device).load_record(record);
+    let record = checkpoint::load(&Recorder::new(), dir.join("optim"), &device).unwrap();
+    let mut optim = optimizer(&model, policy_named(&name))
+        .try_load_record::<Mlp<B>>(record)
+        .unwrap();
+    assert_eq!(
+        optim.steps(),
+        HALF,
+        "the data position comes back with the record"
+    );
+    let done = train(model, &mut optim, 2 * HALF);
+    std::fs::write(
+        dir.join("final.json"),
+        serde_json::to_string(&weights(&done)).unwrap(),
+    )
+    .unwrap();
 }
