@@ -2,15 +2,19 @@
 //! and reading a gradient needs its rank as a constant, so every pass walks the module with
 //! burn's `ModuleVisitor` (or `ModuleMapper`), which supplies both.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, MultiGradientsParams};
-use burn::tensor::{Tensor, backend::AutodiffBackend};
+use burn::tensor::{
+    Tensor,
+    backend::{AutodiffBackend, Backend},
+};
 
 use crate::optimizer::Bases;
 use crate::{ProjectionMode, TensorStats, project};
-use spf_subspace::{Targets, view_2d};
+use spf_subspace::{LowRankBasis, Targets, view_2d};
 
 /// Projects, in place, every gradient in `grads` that has a basis.
 pub(crate) struct GradientProjection<'a, B: AutodiffBackend> {
@@ -30,9 +34,10 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
             return;
         };
         let dims = grad.dims();
+        let basis = on_device(basis, &grad.device());
         let projected = project(
             grad.reshape(view_2d(&dims)),
-            basis,
+            &basis,
             mode_for::<D>(self.mode),
         )
         .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
@@ -98,7 +103,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
         let dims = after.dims();
         let before = before.to_device(&after.device());
         let descent = before.clone() - after.reshape(view_2d(&dims));
-        let projected = project(descent, basis, mode_for::<D>(self.mode))
+        let basis = on_device(basis, &descent.device());
+        let projected = project(descent, &basis, mode_for::<D>(self.mode))
             .unwrap_or_else(|err| panic!("update of parameter {id} does not fit: {err}"));
         self.stats
             .push(tensor_stats(self.targets, id, projected.stats));
@@ -144,6 +150,19 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for NonFiniteZeroing<'_> {
             let bad = grad.clone().is_finite().bool_not();
             self.grads.register(param.id, grad.mask_fill(bad, 0.0));
         }
+    }
+}
+
+/// `basis` on `device`: borrowed when it is there already, else a moved copy (a record loaded onto
+/// one device while the parameters live on another).
+fn on_device<'b, B: Backend>(
+    basis: &'b LowRankBasis<B>,
+    device: &B::Device,
+) -> Cow<'b, LowRankBasis<B>> {
+    if basis.device() == *device {
+        Cow::Borrowed(basis)
+    } else {
+        Cow::Owned(basis.clone().to_device(device))
     }
 }
 
