@@ -9,7 +9,6 @@ use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::{Tensor, TensorData, activation::tanh, backend::Backend};
 use spf::checkpoint;
 use spf::{
@@ -18,7 +17,6 @@ use spf::{
 };
 
 type B = Autodiff<NdArray>;
-type Recorder = NamedMpkFileRecorder<FullPrecisionSettings>;
 
 const HALF: usize = 3;
 const ENV_DIR: &str = "SPF_RESUME_DIR";
@@ -165,9 +163,8 @@ fn training_resumed_in_a_fresh_process_matches_uninterrupted_training() {
             policy != RefreshPolicy::Never,
             "{name}: {refreshes} refreshes"
         );
-        checkpoint::save_atomic(&Recorder::new(), halfway.into_record(), dir.0.join("model"))
-            .unwrap();
-        checkpoint::save_atomic(&Recorder::new(), first.to_record(), dir.0.join("optim")).unwrap();
+        checkpoint::save_atomic(halfway.into_record(), dir.0.join("model")).unwrap();
+        checkpoint::save_atomic(first.to_record(), dir.0.join("optim")).unwrap();
 
         // The second half runs in a child process: this test binary, filtered to `resume_child`.
         let child = Command::new(std::env::current_exe().unwrap())
@@ -202,9 +199,9 @@ fn resume_child() {
     };
     let dir = Path::new(&dir);
     let device = Default::default();
-    let record = checkpoint::load(&Recorder::new(), dir.join("model"), &device).unwrap();
+    let record = checkpoint::load(dir.join("model"), &device).unwrap();
     let model = Mlp::<B>::new(&device).load_record(record);
-    let record = checkpoint::load(&Recorder::new(), dir.join("optim"), &device).unwrap();
+    let record = checkpoint::load(dir.join("optim"), &device).unwrap();
     let mut optim = optimizer(&model, policy_named(&name))
         .try_load_record::<Mlp<B>>(record)
         .unwrap();

@@ -59,6 +59,14 @@ pub enum SpfError {
         paths: Vec<String>,
     },
 
+    /// The step panicked inside the inner optimizer or the projection, typically on optimizer
+    /// state that does not fit the module.
+    #[error("the optimizer step panicked: {message}")]
+    StepPanicked {
+        /// The panic's message.
+        message: String,
+    },
+
     /// A checkpoint could not be written or read.
     #[error("checkpoint `{path}`: {message}")]
     Checkpoint {

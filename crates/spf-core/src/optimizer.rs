@@ -417,7 +417,10 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     /// # Errors
     ///
     /// [`SpfError::InvalidLearningRate`] for a NaN, infinite or negative `lr`;
-    /// [`SpfError::NonFiniteGradient`] as above.
+    /// [`SpfError::NonFiniteGradient`] as above; [`SpfError::StepPanicked`] when the inner
+    /// optimizer panics (on state that does not fit the module, from a corrupt record for
+    /// example): the module comes back as it was, but the inner optimizer's state may be
+    /// incomplete, so reload it before stepping again.
     pub fn try_step<M>(
         &mut self,
         lr: LearningRate,
@@ -480,7 +483,10 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         if self.refresh_due() {
             self.refresh(&module);
         }
-        let module = match self.config.target {
+        // burn's optimizers panic on state that does not fit the module (a corrupt record, say):
+        // hand the module back with an error instead. The clone shares the parameters' storage.
+        let before = module.clone();
+        let stepped = catch_unwind(AssertUnwindSafe(|| match self.config.target {
             ProjectionTarget::Gradient => {
                 self.last_stats = self.project_gradients(&module, &mut grads);
                 self.inner.step(lr, module, grads)
@@ -488,9 +494,19 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             ProjectionTarget::Update => {
                 self.step_update(module, grads, |inner, m, g| inner.step(lr, m, g))
             }
-        };
-        self.steps += 1;
-        Ok(module)
+        }));
+        match stepped {
+            Ok(module) => {
+                self.steps += 1;
+                Ok(module)
+            }
+            Err(panic) => Err(StepError {
+                module: before,
+                error: SpfError::StepPanicked {
+                    message: panic_message(&*panic).to_owned(),
+                },
+            }),
+        }
     }
 }
 

@@ -962,4 +962,50 @@ mod reliability {
             "the mean of no samples is NaN: {stats:?}"
         );
     }
+
+    /// An inner optimizer that panics, as burn's do on state that does not fit the module.
+    #[derive(Clone)]
+    struct Panicking;
+
+    impl Optimizer<Net<B>, B> for Panicking {
+        type Record = ();
+
+        fn step(&mut self, _lr: f64, _module: Net<B>, _grads: GradientsParams) -> Net<B> {
+            panic!("moment shape [32, 3] does not match [4, 3]")
+        }
+
+        fn step_multi(
+            &mut self,
+            _lr: f64,
+            _module: Net<B>,
+            _grads: MultiGradientsParams,
+        ) -> Net<B> {
+            panic!("unused")
+        }
+
+        fn to_record(&self) {}
+
+        fn load_record(self, _record: ()) -> Self {
+            self
+        }
+    }
+
+    #[test]
+    fn a_panicking_inner_optimizer_is_an_error_with_the_module_handed_back() {
+        let device = Default::default();
+        let model = Net::<B>::new(&device);
+        let mut optim = config(ProjectionMode::ConflictOnly)
+            .init(Panicking, &model, bases(&model))
+            .unwrap();
+        let err = optim
+            .try_step(1e-2, model.clone(), grads(&model, 1))
+            .unwrap_err();
+        assert!(
+            matches!(&err.error, SpfError::StepPanicked { message } if message.contains("does not match")),
+            "{}",
+            err.error
+        );
+        assert_same(&err.module, &model);
+        assert_eq!(optim.steps(), 0);
+    }
 }
