@@ -31,7 +31,7 @@ use crate::walk::{
 };
 use crate::{
     NoSafetySource, NonFinitePolicy, NonFiniteStats, ProjectionTarget, RefreshStats,
-    SafetyGradientSource, SpfConfig, SpfError, StepStats,
+    SafetyGradientSource, SpfConfig, SpfError, StepStats, TensorStats,
 };
 
 /// A basis on the backend the gradients live on.
@@ -339,11 +339,20 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         self.refresh.time += start.elapsed();
     }
 
+    /// The statistics of a step that projected `tensors`.
+    fn stats(&self, tensors: Vec<TensorStats>) -> StepStats {
+        StepStats {
+            tensors,
+            refresh: self.refresh.clone(),
+            non_finite: self.non_finite,
+        }
+    }
+
     fn project_gradients<M: AutodiffModule<B>>(
         &self,
         module: &M,
         grads: &mut GradientsParams,
-    ) -> StepStats {
+    ) -> Vec<TensorStats> {
         let mut pass = GradientProjection::<B> {
             grads,
             bases: &self.bases,
@@ -352,14 +361,15 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             stats: Vec::new(),
         };
         module.visit(&mut pass);
-        StepStats {
-            tensors: pass.stats,
-            refresh: self.refresh.clone(),
-            non_finite: self.non_finite,
-        }
+        pass.stats
     }
 
-    fn step_update<M, F>(&mut self, module: M, grads: GradientsParams, inner_step: F) -> M
+    fn step_update<M, F>(
+        &mut self,
+        module: M,
+        grads: GradientsParams,
+        inner_step: F,
+    ) -> (M, Vec<TensorStats>)
     where
         M: AutodiffModule<B>,
         F: FnOnce(&mut O, M, GradientsParams) -> M,
@@ -379,13 +389,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             mode: self.config.mode,
             stats: Vec::new(),
         };
-        let module = module.map(&mut pass);
-        self.last_stats = StepStats {
-            tensors: pass.stats,
-            refresh: self.refresh.clone(),
-            non_finite: self.non_finite,
-        };
-        module
+        (module.map(&mut pass), pass.stats)
     }
 
     /// The parameters whose gradient holds NaN or ±Inf, found with one device read.
@@ -412,7 +416,8 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
 
     /// [`Optimizer::step`] that reports what it refuses instead of panicking: an invalid learning
     /// rate, and non-finite gradients under [`NonFinitePolicy::Error`]. The module comes back
-    /// untouched in the error, and nothing in the wrapper or the inner optimizer has changed.
+    /// untouched in the error, and neither the bases nor the inner optimizer have changed (the
+    /// non-finite counts in [`Self::last_stats`] have).
     ///
     /// # Errors
     ///
@@ -440,17 +445,10 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         self.non_finite.this_step = bad.len();
         self.non_finite.total += bad.len();
         if !bad.is_empty() {
-            let refused = StepStats {
-                tensors: Vec::new(),
-                refresh: RefreshStats {
-                    refreshed: false,
-                    ..self.refresh.clone()
-                },
-                non_finite: self.non_finite,
-            };
+            self.refresh.refreshed = false;
             match self.config.non_finite {
                 NonFinitePolicy::Error => {
-                    self.last_stats = refused;
+                    self.last_stats = self.stats(Vec::new());
                     let paths = bad
                         .iter()
                         .map(|id| {
@@ -464,10 +462,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
                 }
                 NonFinitePolicy::SkipStep => {
                     self.non_finite.skipped_steps += 1;
-                    self.last_stats = StepStats {
-                        non_finite: self.non_finite,
-                        ..refused
-                    };
+                    self.last_stats = self.stats(Vec::new());
                     return Ok(module);
                 }
                 NonFinitePolicy::ZeroNonFinite => {
@@ -488,15 +483,16 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         let before = module.clone();
         let stepped = catch_unwind(AssertUnwindSafe(|| match self.config.target {
             ProjectionTarget::Gradient => {
-                self.last_stats = self.project_gradients(&module, &mut grads);
-                self.inner.step(lr, module, grads)
+                let tensors = self.project_gradients(&module, &mut grads);
+                (self.inner.step(lr, module, grads), tensors)
             }
             ProjectionTarget::Update => {
                 self.step_update(module, grads, |inner, m, g| inner.step(lr, m, g))
             }
         }));
         match stepped {
-            Ok(module) => {
+            Ok((module, tensors)) => {
+                self.last_stats = self.stats(tensors);
                 self.steps += 1;
                 Ok(module)
             }
