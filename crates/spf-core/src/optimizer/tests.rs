@@ -126,6 +126,13 @@ fn assert_close(a: &Net<B>, b: &Net<B>, tol: f64) {
     }
 }
 
+/// Every parameter of `a` and `b` is bit-identical.
+fn assert_same(a: &Net<B>, b: &Net<B>, context: &str) {
+    for ((id, x), (_, y)) in params(a).into_iter().zip(params(b)) {
+        assert_eq!(x, y, "{context}: parameter {id} differs");
+    }
+}
+
 fn assert_bitwise<const D: usize>(a: &Param<Tensor<B, D>>, b: &Param<Tensor<B, D>>) {
     assert_eq!(
         a.val().into_data(),
@@ -341,9 +348,7 @@ fn step_multi_equals_step_on_summed_gradients() {
         let b = multi.step_multi(1e-2, model.clone(), replicas);
         assert!(single.last_stats().removed() > 0);
         assert_eq!(single.last_stats(), multi.last_stats());
-        for ((id, x), (_, y)) in params(&a).into_iter().zip(params(&b)) {
-            assert_eq!(x, y, "{target:?}: parameter {id} differs");
-        }
+        assert_same(&a, &b, &format!("{target:?}"));
     }
 }
 
@@ -373,9 +378,7 @@ fn record_round_trip_continues_identically() {
 
     let a = optim.step(1e-2, model.clone(), grads(&model, 2));
     let b = restored.step(1e-2, model.clone(), grads(&model, 2));
-    for ((id, x), (_, y)) in params(&a).into_iter().zip(params(&b)) {
-        assert_eq!(x, y, "parameter {id} differs after the round trip");
-    }
+    assert_same(&a, &b, "after the round trip");
 }
 
 #[test]
@@ -638,9 +641,7 @@ mod refresh {
         let resumed = train(&mut second, halfway, 4..7);
         assert_eq!(second.last_stats().refresh.count, 7);
 
-        for ((id, x), (_, y)) in params(&end).into_iter().zip(params(&resumed)) {
-            assert_eq!(x, y, "parameter {id} differs after resuming");
-        }
+        assert_same(&end, &resumed, "after resuming");
     }
 
     /// A source that works `good` times, then fails.
@@ -763,12 +764,6 @@ mod reliability {
             .unwrap()
     }
 
-    fn assert_same(a: &Net<B>, b: &Net<B>) {
-        for ((id, x), (_, y)) in params(a).into_iter().zip(params(b)) {
-            assert_eq!(x, y, "parameter {id}");
-        }
-    }
-
     #[test]
     fn non_finite_gradient_is_an_error_and_loses_nothing() {
         let device = Default::default();
@@ -784,14 +779,14 @@ mod reliability {
                     paths: vec!["attn.weight".into()]
                 }
             );
-            assert_same(&err.module, &model);
+            assert_same(&err.module, &model, "the module handed back");
             assert_eq!(optim.steps(), 0);
             assert_eq!(optim.last_stats().non_finite.total, 1);
             // The inner state is untouched: the next good step is a first step.
             let after = optim.try_step(1e-2, err.module, grads(&model, 2)).unwrap();
             let fresh =
                 wrapper(NonFinitePolicy::Error, &model).step(1e-2, model.clone(), grads(&model, 2));
-            assert_same(&after, &fresh);
+            assert_same(&after, &fresh, "the next step against a fresh wrapper");
         }
     }
 
@@ -810,7 +805,7 @@ mod reliability {
         let model = Net::<B>::new(&device);
         let mut optim = wrapper(NonFinitePolicy::SkipStep, &model);
         let skipped = optim.step(1e-2, model.clone(), poisoned_grads(&model, 1, f32::NAN));
-        assert_same(&skipped, &model);
+        assert_same(&skipped, &model, "a skipped step");
         let stats = optim.last_stats().non_finite;
         assert_eq!(
             (stats.this_step, stats.total, stats.skipped_steps),
@@ -820,7 +815,7 @@ mod reliability {
         let after = optim.step(1e-2, skipped, grads(&model, 2));
         let fresh =
             wrapper(NonFinitePolicy::SkipStep, &model).step(1e-2, model.clone(), grads(&model, 2));
-        assert_same(&after, &fresh);
+        assert_same(&after, &fresh, "the next step against a fresh wrapper");
         assert_eq!(optim.last_stats().non_finite.this_step, 0);
     }
 
@@ -839,7 +834,7 @@ mod reliability {
             model.clone(),
             poisoned_grads(&model, 1, 0.0),
         );
-        assert_same(&stepped, &clean);
+        assert_same(&stepped, &clean, "a step on the zeroed gradient");
         assert_eq!(optim.last_stats().non_finite.total, 1);
         assert_eq!(optim.steps(), 1);
     }
@@ -857,14 +852,14 @@ mod reliability {
                 matches!(err.error, SpfError::InvalidLearningRate { .. }),
                 "{lr}"
             );
-            assert_same(&err.module, &model);
+            assert_same(&err.module, &model, "the module handed back");
         }
         // Zero is a valid (if idle) rate: SGD leaves every parameter where it was.
         let mut sgd = config(ProjectionMode::ConflictOnly)
             .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases(&model))
             .unwrap();
         let same = sgd.try_step(0.0, model.clone(), grads(&model, 1)).unwrap();
-        assert_same(&same, &model);
+        assert_same(&same, &model, "learning rate 0");
     }
 
     fn refreshing_every_step(
@@ -1005,7 +1000,7 @@ mod reliability {
             "{}",
             err.error
         );
-        assert_same(&err.module, &model);
+        assert_same(&err.module, &model, "the module handed back");
         assert_eq!(optim.steps(), 0);
     }
 }
