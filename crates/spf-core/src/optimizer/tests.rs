@@ -126,6 +126,19 @@ fn assert_close(a: &Net<B>, b: &Net<B>, tol: f64) {
     }
 }
 
+/// Steps `optim` on the gradients of `grads(model, seed)` for each seed in `steps`.
+fn train<S: SafetyGradientSource<Net<B>, B>>(
+    optim: &mut SafetyProjectedOptimizer<impl Optimizer<Net<B>, B>, B, S>,
+    mut model: Net<B>,
+    steps: std::ops::Range<u64>,
+) -> Net<B> {
+    for seed in steps {
+        let g = grads(&model, seed);
+        model = optim.step(1e-2, model, g);
+    }
+    model
+}
+
 /// Every parameter of `a` and `b` is bit-identical.
 fn assert_same(a: &Net<B>, b: &Net<B>, context: &str) {
     for ((id, x), (_, y)) in params(a).into_iter().zip(params(b)) {
@@ -360,11 +373,7 @@ fn record_round_trip_continues_identically() {
     let mut optim = cfg
         .init(AdamWConfig::new().init(), &model, bases(&model))
         .unwrap();
-    let mut model = model;
-    for seed in 0..2 {
-        let g = grads(&model, seed);
-        model = optim.step(1e-2, model, g);
-    }
+    let model = train(&mut optim, model, 0..2);
 
     let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
     let bytes = recorder.record(optim.to_record(), ()).unwrap();
@@ -551,18 +560,6 @@ mod refresh {
                     .with_rank(RankPolicy::Fixed(2))
                     .with_sketch(SketchConfig::new().with_seed(3)),
             )
-    }
-
-    fn train<S: SafetyGradientSource<Net<B>, B>>(
-        optim: &mut SafetyProjectedOptimizer<impl Optimizer<Net<B>, B>, B, S>,
-        mut model: Net<B>,
-        steps: std::ops::Range<u64>,
-    ) -> Net<B> {
-        for seed in steps {
-            let g = grads(&model, seed);
-            model = optim.step(1e-2, model, g);
-        }
-        model
     }
 
     #[test]
@@ -754,14 +751,24 @@ mod reliability {
         g
     }
 
+    /// AdamW wrapped with `config` around the fixture bases.
+    fn adamw(
+        config: SpfConfig,
+        model: &Net<B>,
+    ) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B> + use<>, B> {
+        config
+            .init(AdamWConfig::new().init::<B, Net<B>>(), model, bases(model))
+            .unwrap()
+    }
+
     fn wrapper(
         policy: NonFinitePolicy,
         model: &Net<B>,
     ) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B>, B> {
-        config(ProjectionMode::ConflictOnly)
-            .with_non_finite(policy)
-            .init(AdamWConfig::new().init::<B, Net<B>>(), model, bases(model))
-            .unwrap()
+        adamw(
+            config(ProjectionMode::ConflictOnly).with_non_finite(policy),
+            model,
+        )
     }
 
     #[test]
@@ -865,10 +872,10 @@ mod reliability {
     fn refreshing_every_step(
         model: &Net<B>,
     ) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B>, B> {
-        config(ProjectionMode::ConflictOnly)
-            .with_refresh(RefreshPolicy::Every(1))
-            .init(AdamWConfig::new().init::<B, Net<B>>(), model, bases(model))
-            .unwrap()
+        adamw(
+            config(ProjectionMode::ConflictOnly).with_refresh(RefreshPolicy::Every(1)),
+            model,
+        )
     }
 
     #[test]
@@ -877,11 +884,7 @@ mod reliability {
         let model = Net::<B>::new(&device);
         let mut optim = refreshing_every_step(&model)
             .with_safety_source(|_: &Net<B>| -> Tensor<B, 1> { panic!("safety data went away") });
-        let mut m = model.clone();
-        for seed in 0..2 {
-            let g = grads(&m, seed);
-            m = optim.step(1e-2, m, g);
-        }
+        train(&mut optim, model.clone(), 0..2);
         let stats = &optim.last_stats().refresh;
         assert_eq!((stats.count, stats.failures), (0, 1));
         assert!(
@@ -900,11 +903,7 @@ mod reliability {
         let model = Net::<B>::new(&device);
         let mut optim = refreshing_every_step(&model)
             .with_safety_source(|m: &Net<B>| m.cube.val().sum().mul_scalar(f32::NAN));
-        let mut m = model.clone();
-        for seed in 0..2 {
-            let g = grads(&m, seed);
-            m = optim.step(1e-2, m, g);
-        }
+        train(&mut optim, model.clone(), 0..2);
         let stats = &optim.last_stats().refresh;
         assert_eq!((stats.count, stats.failures), (0, 1));
         assert!(
@@ -922,11 +921,7 @@ mod reliability {
             let x = Tensor::<B, 2>::ones([1, 4], &Default::default());
             m.forward(x).sum().mul_scalar(0.0)
         });
-        let mut m = model.clone();
-        for seed in 0..2 {
-            let g = grads(&m, seed);
-            m = optim.step(1e-2, m, g);
-        }
+        train(&mut optim, model.clone(), 0..2);
         let stats = optim.last_stats();
         assert_eq!((stats.refresh.count, stats.refresh.failures), (1, 0));
         assert!(
@@ -945,11 +940,7 @@ mod reliability {
             m.forward(x).mean()
         };
         let mut optim = refreshing_every_step(&model).with_safety_source(empty);
-        let mut m = model.clone();
-        for seed in 0..2 {
-            let g = grads(&m, seed);
-            m = optim.step(1e-2, m, g);
-        }
+        train(&mut optim, model.clone(), 0..2);
         let stats = &optim.last_stats().refresh;
         assert_eq!(stats.count + stats.failures, 1, "{stats:?}");
         assert_eq!(
