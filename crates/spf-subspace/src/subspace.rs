@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use burn::config::Config;
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     LowRankBasis, ParamFilter, RandomizedSvd, RandomizedSvdConfig, SketchConfig, SubspaceError,
-    Targets, VectorPolicy, rank_for_energy, view_2d,
+    Targets, VectorPolicy, rank_for_energy,
 };
 
 /// How many directions each parameter keeps.
@@ -100,15 +100,8 @@ impl<B: Backend> SafetySubspace<B> {
         M: AutodiffModule<AB>,
     {
         let targets = Targets::of(module, &config.filter, config.vector_policy)?;
-        let mut collect = TargetedGradients::<AB> {
-            targets: &targets,
-            grads: safety_grads,
-            found: Vec::new(),
-        };
-        module.visit(&mut collect);
-
         let mut subspace = Self::default();
-        for (id, grad) in collect.found {
+        for (id, grad) in targets.gradients(module, safety_grads) {
             let target = targets.get(&id).expect("collected from these targets");
             let in_param = |source| SubspaceError::Parameter {
                 path: target.path.to_string(),
@@ -220,25 +213,6 @@ pub(crate) fn mix(a: u64, b: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// The 2-D views of the safety gradients of the targeted parameters, read at their true rank.
-struct TargetedGradients<'a, AB: AutodiffBackend> {
-    targets: &'a Targets,
-    grads: &'a GradientsParams,
-    found: Vec<(ParamId, Tensor<AB::InnerBackend, 2>)>,
-}
-
-impl<AB: AutodiffBackend> ModuleVisitor<AB> for TargetedGradients<'_, AB> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-        if !self.targets.get(&param.id).is_some_and(|t| t.targeted) {
-            return;
-        }
-        if let Some(grad) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-            let view = view_2d(&grad.dims());
-            self.found.push((param.id, grad.reshape(view)));
-        }
-    }
 }
 
 #[cfg(test)]

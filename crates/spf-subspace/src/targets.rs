@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Tensor, backend::Backend};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
@@ -103,6 +105,26 @@ impl Targets {
     /// Every parameter, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&ParamId, &Target)> {
         self.0.iter()
+    }
+
+    /// The 2-D views of the gradients in `grads` of the targeted parameters of `module`, in the
+    /// module's visiting order. Parameters without a gradient are left out.
+    pub fn gradients<AB, M>(
+        &self,
+        module: &M,
+        grads: &GradientsParams,
+    ) -> Vec<(ParamId, Tensor<AB::InnerBackend, 2>)>
+    where
+        AB: AutodiffBackend,
+        M: AutodiffModule<AB>,
+    {
+        let mut collect = TargetedGradients::<AB> {
+            targets: self,
+            grads,
+            found: Vec::new(),
+        };
+        module.visit(&mut collect);
+        collect.found
     }
 }
 
@@ -244,5 +266,24 @@ mod tests {
         assert_eq!(view_2d(&[7]), [7, 1]);
         assert_eq!(view_2d(&[4, 5]), [4, 5]);
         assert_eq!(view_2d(&[2, 3, 4, 5]), [2, 60]);
+    }
+}
+
+/// The 2-D views of the safety gradients of the targeted parameters, read at their true rank.
+struct TargetedGradients<'a, AB: AutodiffBackend> {
+    targets: &'a Targets,
+    grads: &'a GradientsParams,
+    found: Vec<(ParamId, Tensor<AB::InnerBackend, 2>)>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for TargetedGradients<'_, AB> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        if !self.targets.get(&param.id).is_some_and(|t| t.targeted) {
+            return;
+        }
+        if let Some(grad) = self.grads.get::<AB::InnerBackend, D>(param.id) {
+            let view = view_2d(&grad.dims());
+            self.found.push((param.id, grad.reshape(view)));
+        }
     }
 }
