@@ -219,7 +219,7 @@ pub(crate) fn mix(a: u64, b: u64) -> u64 {
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, NdArray};
-    use burn::module::Module;
+    use burn::module::{Module, Param};
     use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
     use burn::tensor::activation::relu;
 

@@ -170,6 +170,25 @@ impl<B: Backend> ModuleVisitor<B> for TargetVisitor {
     }
 }
 
+/// The 2-D views of the safety gradients of the targeted parameters, read at their true rank.
+struct TargetedGradients<'a, AB: AutodiffBackend> {
+    targets: &'a Targets,
+    grads: &'a GradientsParams,
+    found: Vec<(ParamId, Tensor<AB::InnerBackend, 2>)>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for TargetedGradients<'_, AB> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        if !self.targets.get(&param.id).is_some_and(|t| t.targeted) {
+            return;
+        }
+        if let Some(grad) = self.grads.get::<AB::InnerBackend, D>(param.id) {
+            let view = view_2d(&grad.dims());
+            self.found.push((param.id, grad.reshape(view)));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,24 +285,5 @@ mod tests {
         assert_eq!(view_2d(&[7]), [7, 1]);
         assert_eq!(view_2d(&[4, 5]), [4, 5]);
         assert_eq!(view_2d(&[2, 3, 4, 5]), [2, 60]);
-    }
-}
-
-/// The 2-D views of the safety gradients of the targeted parameters, read at their true rank.
-struct TargetedGradients<'a, AB: AutodiffBackend> {
-    targets: &'a Targets,
-    grads: &'a GradientsParams,
-    found: Vec<(ParamId, Tensor<AB::InnerBackend, 2>)>,
-}
-
-impl<AB: AutodiffBackend> ModuleVisitor<AB> for TargetedGradients<'_, AB> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-        if !self.targets.get(&param.id).is_some_and(|t| t.targeted) {
-            return;
-        }
-        if let Some(grad) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-            let view = view_2d(&grad.dims());
-            self.found.push((param.id, grad.reshape(view)));
-        }
     }
 }

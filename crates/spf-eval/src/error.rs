@@ -1,0 +1,42 @@
+//! The lab's one error type.
+
+use std::path::PathBuf;
+
+/// Why a lab stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// The optimizer wrapper refused a configuration or a step.
+    #[error("SPF: {0}")]
+    Spf(#[from] spf_core::SpfError),
+    /// Estimating a safety subspace failed.
+    #[error("subspace estimation: {0}")]
+    Subspace(#[from] spf_subspace::SubspaceError),
+    /// A checkpoint could not be written or read.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// burn's recorder error, as text.
+        message: String,
+    },
+    /// A results file or plot could not be written.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A plot could not be drawn.
+    #[error("plotting {path}: {message}")]
+    Plot {
+        /// The file.
+        path: PathBuf,
+        /// plotters' error, as text.
+        message: String,
+    },
+    /// The configuration asks for something the lab cannot do.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}

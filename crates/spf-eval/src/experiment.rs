@@ -1,0 +1,613 @@
+//! The whole experiment: align a model per seed (or reuse its checkpoint), measure the
+//! insights, fine-tune it with every method at every harmful share, and summarise over seeds.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::tensor::backend::AutodiffBackend;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use spf_core::RefreshPolicy;
+
+use crate::align::{AlignConfig, align};
+use crate::batch::Batch;
+use crate::error::EvalError;
+use crate::eval::{EvalSets, Scores, score};
+use crate::finetune::{
+    DefenceConfig, FinetuneConfig, Method, Run, SafetyFormat, Stage, safety_batch,
+};
+use crate::insights::{Insights, measure};
+use crate::model::{Transformer, TransformerConfig};
+use crate::progress::Progress;
+use crate::world::{HarmTopics, Response, Split, World, WorldConfig, salt};
+
+/// Every setting of an experiment; saved with its results.
+#[derive(Config, Debug, PartialEq)]
+pub struct ExperimentConfig {
+    /// The synthetic world.
+    #[config(default = "WorldConfig::new()")]
+    pub world: WorldConfig,
+    /// The transformer's sizes.
+    #[config(default = "TransformerConfig::new()")]
+    pub model: TransformerConfig,
+    /// Stage 1.
+    #[config(default = "AlignConfig::new()")]
+    pub align: AlignConfig,
+    /// Stage 2's data and schedule.
+    #[config(default = "FinetuneConfig::new()")]
+    pub finetune: FinetuneConfig,
+    /// The SPF methods' shared settings.
+    #[config(default = "DefenceConfig::new()")]
+    pub defence: DefenceConfig,
+    /// The methods compared.
+    #[config(default = "Method::ALL.to_vec()")]
+    pub methods: Vec<Method>,
+    /// The harmful shares `p` of the fine-tuning set.
+    #[config(default = "vec![0.0, 0.05, 0.1, 0.2]")]
+    pub shares: Vec<f64>,
+    /// One aligned model and one fine-tuning set per seed.
+    #[config(default = "vec![0, 1, 2]")]
+    pub seeds: Vec<u64>,
+    /// Prompts in each held-out set.
+    #[config(default = 200)]
+    pub eval_prompts: usize,
+    /// Safety samples in the batch the insights compare one sample against.
+    #[config(default = 32)]
+    pub insight_batch: usize,
+    /// The ranks at which the insights are measured.
+    #[config(default = "vec![1, 2, 4, 8, 16]")]
+    pub insight_ranks: Vec<usize>,
+}
+
+impl ExperimentConfig {
+    /// The smaller configuration the CI smoke test runs: one seed, shares 0 and 0.1, shorter
+    /// stages and smaller held-out sets.
+    pub fn quick() -> Self {
+        Self::new()
+            .with_align(AlignConfig::new().with_steps(800))
+            .with_finetune(FinetuneConfig::new().with_steps(100).with_eval_every(50))
+            .with_shares(vec![0.0, 0.1])
+            .with_seeds(vec![0])
+            .with_eval_prompts(100)
+    }
+
+    /// Checks what the lab cannot run.
+    ///
+    /// # Errors
+    ///
+    /// [`EvalError::Config`] naming the setting.
+    pub fn validate(&self) -> Result<(), EvalError> {
+        let bad = |what: &str| Err(EvalError::Config(what.to_owned()));
+        if self.seeds.is_empty() || self.methods.is_empty() || self.shares.is_empty() {
+            return bad("seeds, methods and shares must each have at least one entry");
+        }
+        if self.shares.iter().any(|p| !(0.0..=1.0).contains(p)) {
+            return bad("every harmful share must lie in [0, 1]");
+        }
+        if self.finetune.samples == 0 || self.finetune.batch_size == 0 {
+            return bad("the fine-tuning set and its batches must be non-empty");
+        }
+        if self.align.tasks.is_empty() || self.align.batch_size == 0 {
+            return bad("alignment needs at least one task and a non-empty batch");
+        }
+        if self.defence.safety_samples == 0 || self.defence.rank == 0 {
+            return bad("the defence needs at least one safety sample and rank 1");
+        }
+        if self.world.seen_harm_topics == 0 || self.world.unseen_harm_topics == 0 {
+            return bad("the world needs seen and unseen harm topics");
+        }
+        if self.model.heads == 0 || !self.model.d_model.is_multiple_of(self.model.heads) {
+            return bad("the model width must be a multiple of the number of heads");
+        }
+        Ok(())
+    }
+}
+
+/// A mean and a (population) standard deviation over seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct MeanStd {
+    /// The mean.
+    pub mean: f64,
+    /// The standard deviation.
+    pub std: f64,
+}
+
+impl MeanStd {
+    /// Of `values` (zero for none).
+    pub fn of(values: &[f64]) -> Self {
+        let n = values.len().max(1) as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        Self {
+            mean,
+            std: var.sqrt(),
+        }
+    }
+}
+
+/// One method at one harmful share, over seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The method.
+    pub method: Method,
+    /// The harmful share.
+    pub p: f64,
+    /// Harmful score on seen harm topics.
+    pub harmful_seen: MeanStd,
+    /// Harmful score on unseen harm topics.
+    pub harmful_unseen: MeanStd,
+    /// Fine-tune (task C) accuracy.
+    pub accuracy: MeanStd,
+    /// Accuracy on the alignment tasks.
+    pub old_accuracy: MeanStd,
+}
+
+/// What one seed produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedResult {
+    /// The seed.
+    pub seed: u64,
+    /// The aligned model's scores.
+    pub aligned: Scores,
+    /// The insights at the aligned model.
+    pub insights: Insights,
+    /// Every fine-tuning run.
+    pub runs: Vec<Run>,
+}
+
+/// An experiment's results, as written to `results.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    /// The configuration.
+    pub config: ExperimentConfig,
+    /// The backend, in words.
+    pub backend: String,
+    /// Per seed.
+    pub seeds: Vec<SeedResult>,
+    /// Per method and share, over seeds.
+    pub summary: Vec<Summary>,
+    /// The aligned models' scores over seeds: harmful (seen, unseen) and accuracies.
+    pub aligned: Summary,
+    /// Per share, the share of SFT steps whose safety–utility gradient cosine was negative,
+    /// over seeds.
+    pub negative_cosine_share: Vec<(f64, MeanStd)>,
+    /// Wall time of the whole experiment.
+    pub wall_seconds: f64,
+}
+
+impl Results {
+    /// The summary of `method` at share `p`.
+    pub fn get(&self, method: Method, p: f64) -> Option<&Summary> {
+        self.summary.iter().find(|s| s.method == method && s.p == p)
+    }
+}
+
+/// The aligned model of `seed`: loaded from `cache` when a checkpoint of the same configuration
+/// is there, else trained (and saved there).
+///
+/// # Errors
+///
+/// [`EvalError::Checkpoint`] when the checkpoint cannot be read or written.
+pub fn aligned_model<B: AutodiffBackend>(
+    config: &ExperimentConfig,
+    world: &World,
+    seed: u64,
+    cache: Option<&Path>,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+) -> Result<Transformer<B>, EvalError> {
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    let Some(dir) = cache else {
+        return Ok(align(
+            world,
+            &config.model,
+            &config.align,
+            seed,
+            device,
+            progress,
+        ));
+    };
+    let key = serde_json::to_string(&(&config.world, &config.model, &config.align, seed))
+        .map_err(|e| EvalError::Config(e.to_string()))?;
+    let path = dir.join(format!("aligned-{:016x}", fnv(&key)));
+    let file = path.with_extension("mpk");
+    let checkpoint = |e: burn::record::RecorderError| EvalError::Checkpoint {
+        path: file.clone(),
+        message: e.to_string(),
+    };
+    let vocab = world.vocab();
+    if file.exists() {
+        let fresh = config
+            .model
+            .init::<B>(vocab.size(), vocab.max_len(), device);
+        return fresh
+            .load_file(&path, &recorder, device)
+            .map_err(checkpoint);
+    }
+    let model = align(world, &config.model, &config.align, seed, device, progress);
+    std::fs::create_dir_all(dir).map_err(|source| EvalError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    model
+        .clone()
+        .save_file(&path, &recorder)
+        .map_err(checkpoint)?;
+    Ok(model)
+}
+
+/// Runs the experiment of `config` on `device`, caching aligned models under `cache`.
+///
+/// # Errors
+///
+/// [`EvalError::Config`] for a configuration [`ExperimentConfig::validate`] rejects; otherwise
+/// whatever a stage reports.
+pub fn run<B: AutodiffBackend>(
+    config: &ExperimentConfig,
+    backend: &str,
+    device: &B::Device,
+    cache: Option<&Path>,
+    progress: &mut dyn Progress,
+) -> Result<Results, EvalError> {
+    config.validate()?;
+    let started = Instant::now();
+    let world = World::new(config.world.clone());
+    let sets = EvalSets::new(
+        &world,
+        config.finetune.task,
+        &config.align.tasks,
+        config.eval_prompts,
+        config.world.seed ^ salt::TEST_SETS,
+    );
+    let mut seeds = Vec::new();
+    for &seed in &config.seeds {
+        let aligned = aligned_model::<B>(config, &world, seed, cache, device, progress)?;
+        let safety = safety_batch(
+            &world,
+            &config.defence,
+            &config.finetune,
+            &config.align.tasks,
+            seed,
+        );
+        let aligned_scores = score(&aligned, &world, &sets, &safety, 0, device);
+        let insights = seed_insights(config, &world, &aligned, &safety, seed, device)?;
+        let stage = Stage {
+            world: &world,
+            aligned: &aligned,
+            finetune: &config.finetune,
+            defence: &config.defence,
+            sets: &sets,
+            safety: &safety,
+            device,
+        };
+        let total = config.methods.len() * config.shares.len() * config.finetune.steps;
+        progress.start(&format!("fine-tune (seed {seed})"), total as u64);
+        let mut runs = Vec::new();
+        for &p in &config.shares {
+            for &method in &config.methods {
+                runs.push(stage.run(method, p, seed, method == Method::Sft, progress)?);
+            }
+        }
+        progress.finish(&format!("seed {seed} done"));
+        seeds.push(SeedResult {
+            seed,
+            aligned: aligned_scores,
+            insights,
+            runs,
+        });
+    }
+    Ok(summarise(
+        config.clone(),
+        backend,
+        seeds,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+fn seed_insights<B: AutodiffBackend>(
+    config: &ExperimentConfig,
+    world: &World,
+    aligned: &Transformer<B>,
+    safety: &[crate::world::Example],
+    seed: u64,
+    device: &B::Device,
+) -> Result<Insights, EvalError> {
+    let mut rng = StdRng::seed_from_u64(seed ^ salt::INSIGHTS);
+    let tasks = &config.align.tasks;
+    let many: Vec<_> = (0..config.insight_batch)
+        .map(|_| {
+            world.harmful(
+                &mut rng,
+                tasks,
+                HarmTopics::Seen,
+                Split::Train,
+                Response::Refusal,
+            )
+        })
+        .collect();
+    let utility: Vec<_> = (0..config.insight_batch)
+        .map(|_| world.benign(&mut rng, config.finetune.task, Split::Train))
+        .collect();
+    let vocab = world.vocab();
+    measure(
+        aligned,
+        &Batch::new(vocab, &safety[..1], device),
+        &Batch::new(vocab, &many, device),
+        &Batch::new(vocab, &utility, device),
+        &config.insight_ranks,
+    )
+}
+
+/// Summaries over seeds of per-seed results.
+pub fn summarise(
+    config: ExperimentConfig,
+    backend: &str,
+    seeds: Vec<SeedResult>,
+    wall_seconds: f64,
+) -> Results {
+    let over = |f: &dyn Fn(&Scores) -> f64, scores: &[Scores]| {
+        MeanStd::of(&scores.iter().map(f).collect::<Vec<_>>())
+    };
+    let summary_of = |method, p, scores: &[Scores]| Summary {
+        method,
+        p,
+        harmful_seen: over(&|s| s.harmful_seen, scores),
+        harmful_unseen: over(&|s| s.harmful_unseen, scores),
+        accuracy: over(&|s| s.accuracy, scores),
+        old_accuracy: over(&|s| s.old_accuracy, scores),
+    };
+    let runs = |method: Method, p: f64| -> Vec<&Run> {
+        seeds
+            .iter()
+            .flat_map(|s| &s.runs)
+            .filter(|r| r.method == method && r.p == p)
+            .collect()
+    };
+    let mut summary = Vec::new();
+    for &p in &config.shares {
+        for &method in &config.methods {
+            let last: Vec<Scores> = runs(method, p).iter().map(|r| r.last()).collect();
+            summary.push(summary_of(method, p, &last));
+        }
+    }
+    let aligned: Vec<Scores> = seeds.iter().map(|s| s.aligned).collect();
+    let negative_cosine_share = config
+        .shares
+        .iter()
+        .map(|&p| {
+            let shares: Vec<f64> = runs(Method::Sft, p)
+                .iter()
+                .filter(|r| !r.cosines.is_empty())
+                .map(|r| {
+                    r.cosines.iter().filter(|&&c| c < 0.0).count() as f64 / r.cosines.len() as f64
+                })
+                .collect();
+            (p, MeanStd::of(&shares))
+        })
+        .collect();
+    Results {
+        aligned: summary_of(Method::Sft, 0.0, &aligned),
+        config,
+        backend: backend.to_owned(),
+        seeds,
+        summary,
+        negative_cosine_share,
+        wall_seconds,
+    }
+}
+
+/// FNV-1a of a string, for checkpoint names.
+fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// One ablation: a knob's setting, and the defence and method it gives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ablation {
+    /// The knob.
+    pub knob: String,
+    /// Its value, in words.
+    pub value: String,
+    /// The run at each share.
+    pub runs: Vec<Run>,
+}
+
+/// The ablation grid around `base`: one knob at a time.
+pub fn ablation_grid(base: &DefenceConfig) -> Vec<(String, String, DefenceConfig, Method)> {
+    let mut grid = Vec::new();
+    let mut add = |knob: &str, value: String, defence: DefenceConfig, method| {
+        grid.push((knob.to_owned(), value, defence, method));
+    };
+    for n in [1, 8, 32] {
+        add(
+            "safety batch",
+            n.to_string(),
+            base.clone().with_safety_samples(n),
+            Method::SpfConflictOnly,
+        );
+    }
+    for format in [SafetyFormat::AlignmentTasks, SafetyFormat::FinetuneTask] {
+        add(
+            "safety format",
+            format!("{format:?}"),
+            base.clone().with_safety_format(format),
+            Method::SpfConflictOnly,
+        );
+    }
+    for refresh in [
+        RefreshPolicy::Every(1),
+        RefreshPolicy::Every(10),
+        RefreshPolicy::Never,
+    ] {
+        add(
+            "refresh",
+            format!("{refresh:?}"),
+            base.clone().with_refresh(refresh),
+            Method::SpfConflictOnly,
+        );
+    }
+    for k in [4, 8, 16] {
+        add(
+            "rank",
+            k.to_string(),
+            base.clone().with_rank(k),
+            Method::SpfConflictOnly,
+        );
+    }
+    for method in [Method::SpfConflictOnly, Method::SpfUpdate] {
+        let target = method
+            .projection()
+            .map_or(String::new(), |(_, t)| format!("{t:?}"));
+        add("target", target, base.clone(), method);
+    }
+    add("none (SFT)", "-".into(), base.clone(), Method::Sft);
+    grid
+}
+
+/// Runs the ablation grid of `config.defence` on the first seed at shares 0 and 0.1.
+///
+/// # Errors
+///
+/// As [`run`].
+pub fn ablate<B: AutodiffBackend>(
+    config: &ExperimentConfig,
+    device: &B::Device,
+    cache: Option<&Path>,
+    progress: &mut dyn Progress,
+) -> Result<Vec<Ablation>, EvalError> {
+    config.validate()?;
+    let world = World::new(config.world.clone());
+    let sets = EvalSets::new(
+        &world,
+        config.finetune.task,
+        &config.align.tasks,
+        config.eval_prompts,
+        config.world.seed ^ salt::TEST_SETS,
+    );
+    let seed = config.seeds[0];
+    let aligned = aligned_model::<B>(config, &world, seed, cache, device, progress)?;
+    let grid = ablation_grid(&config.defence);
+    let shares = [0.0, 0.1];
+    progress.start(
+        "ablations",
+        (grid.len() * shares.len() * config.finetune.steps) as u64,
+    );
+    let mut out = Vec::new();
+    for (knob, value, defence, method) in grid {
+        let safety = safety_batch(
+            &world,
+            &defence,
+            &config.finetune,
+            &config.align.tasks,
+            seed,
+        );
+        let stage = Stage {
+            world: &world,
+            aligned: &aligned,
+            finetune: &config.finetune,
+            defence: &defence,
+            sets: &sets,
+            safety: &safety,
+            device,
+        };
+        let runs = shares
+            .iter()
+            .map(|&p| stage.run(method, p, seed, false, progress))
+            .collect::<Result<_, _>>()?;
+        out.push(Ablation { knob, value, runs });
+    }
+    progress.finish("ablations done");
+    Ok(out)
+}
+
+/// Where a run's outputs go: `target/spf-runs/<run-id>/`.
+pub fn run_dir(root: &Path, id: &str) -> PathBuf {
+    root.join(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+
+    type B = Autodiff<NdArray>;
+
+    #[test]
+    fn mean_and_std_over_seeds() {
+        let m = MeanStd::of(&[0.2, 0.4]);
+        assert!((m.mean - 0.3).abs() < 1e-12 && (m.std - 0.1).abs() < 1e-12);
+        assert_eq!(MeanStd::of(&[]), MeanStd::default());
+    }
+
+    #[test]
+    fn invalid_configurations_are_rejected() {
+        assert!(ExperimentConfig::new().validate().is_ok());
+        assert!(ExperimentConfig::quick().validate().is_ok());
+        let bad = [
+            ExperimentConfig::new().with_seeds(vec![]),
+            ExperimentConfig::new().with_shares(vec![1.5]),
+            ExperimentConfig::new().with_finetune(FinetuneConfig::new().with_samples(0)),
+            ExperimentConfig::new().with_defence(DefenceConfig::new().with_rank(0)),
+            ExperimentConfig::new().with_model(TransformerConfig::new().with_heads(3)),
+        ];
+        for config in bad {
+            assert!(matches!(config.validate(), Err(EvalError::Config(_))));
+        }
+    }
+
+    #[test]
+    fn the_ablation_grid_moves_one_knob_at_a_time() {
+        let base = DefenceConfig::new();
+        let grid = ablation_grid(&base);
+        for (knob, _, defence, method) in &grid {
+            let changed = [
+                defence.safety_samples != base.safety_samples,
+                defence.safety_format != base.safety_format,
+                defence.refresh != base.refresh,
+                defence.rank != base.rank,
+                *method != Method::SpfConflictOnly,
+            ];
+            assert!(changed.iter().filter(|&&c| c).count() <= 1, "{knob}");
+        }
+        let knobs: std::collections::HashSet<_> = grid.iter().map(|g| g.0.as_str()).collect();
+        for knob in ["safety batch", "safety format", "refresh", "rank", "target"] {
+            assert!(knobs.contains(knob), "{knob}");
+        }
+    }
+
+    #[test]
+    fn aligned_checkpoints_are_reused_exactly() {
+        let dir = std::env::temp_dir().join(format!("spf-eval-cache-{}", std::process::id()));
+        let config = ExperimentConfig::new().with_align(AlignConfig::new().with_steps(3));
+        let world = World::new(config.world.clone());
+        let device = Default::default();
+        let silent = &mut crate::progress::Silent;
+        let trained = aligned_model::<B>(&config, &world, 4, Some(&dir), &device, silent).unwrap();
+        let loaded = aligned_model::<B>(&config, &world, 4, Some(&dir), &device, silent).unwrap();
+        let other = aligned_model::<B>(&config, &world, 5, Some(&dir), &device, silent).unwrap();
+        let tokens = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(vec![1i64, 4, 30, 8, 9, 2], [1, 6]),
+            &device,
+        );
+        let weights = |m: &Transformer<B>| {
+            m.forward(tokens.clone())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+        };
+        assert_eq!(weights(&trained), weights(&loaded));
+        assert_ne!(
+            weights(&trained),
+            weights(&other),
+            "each seed has its own checkpoint"
+        );
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,523 @@
+//! Stage 2, fine-tuning: the attack data, the methods compared, and one fine-tuning run.
+//!
+//! The fine-tuning set holds `n` prompts of the new task C on benign topics, of which a share
+//! `p` is replaced by harmful prompts (task C's format, seen harm topics) paired with compliant
+//! answers. Every method sees the same set, the same batches in the same order, the same
+//! learning rate and the same number of steps; only the optimizer (or, for the data baseline,
+//! 10% of the set) differs.
+
+use burn::config::Config;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use spf_core::{ProjectionMode, ProjectionTarget, RefreshPolicy, SpfConfig};
+use spf_subspace::{RankPolicy, SafetySubspace, SubspaceConfig};
+
+use crate::batch::{Batch, answer_loss};
+use crate::error::EvalError;
+use crate::eval::{EvalSets, Scores, score};
+use crate::insights::gradient_cosine;
+use crate::model::Transformer;
+use crate::progress::Progress;
+use crate::world::{Example, HarmTopics, Response, Split, Task, World, salt};
+
+/// Stage 2's data and schedule, shared by every method.
+#[derive(Config, Debug, PartialEq)]
+pub struct FinetuneConfig {
+    /// The new task C.
+    #[config(default = "Task::Sort")]
+    pub task: Task,
+    /// Prompts in the fine-tuning set, `n`.
+    #[config(default = 1000)]
+    pub samples: usize,
+    /// Optimizer steps.
+    #[config(default = 200)]
+    pub steps: usize,
+    /// Sequences per step.
+    #[config(default = 32)]
+    pub batch_size: usize,
+    /// AdamW's learning rate, constant.
+    #[config(default = 1e-3)]
+    pub lr: f64,
+    /// The share of the set the SafeInstr baseline replaces by harmful prompts with refusals.
+    #[config(default = 0.1)]
+    pub safe_instr_share: f64,
+    /// Steps between evaluations along the run (the curves).
+    #[config(default = 40)]
+    pub eval_every: usize,
+}
+
+/// Where the defence's safety batch comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SafetyFormat {
+    /// Harmful prompts in the alignment tasks' formats only.
+    AlignmentTasks,
+    /// Harmful prompts in the fine-tuning task's format.
+    FinetuneTask,
+}
+
+/// The SPF settings every SPF method shares.
+#[derive(Config, Debug, PartialEq)]
+pub struct DefenceConfig {
+    /// Directions per weight matrix, `k`.
+    #[config(default = 8)]
+    pub rank: usize,
+    /// When the subspace is re-estimated at the current weights.
+    #[config(default = "RefreshPolicy::Every(10)")]
+    pub refresh: RefreshPolicy,
+    /// Harmful prompts with refusals in the safety batch. The paper estimates from one; the
+    /// lab's ablations (docs/results.md) found 8 far better under harmful fine-tuning at the
+    /// same accuracy, so 8 is the default.
+    #[config(default = 8)]
+    pub safety_samples: usize,
+    /// Their prompt format.
+    #[config(default = "SafetyFormat::AlignmentTasks")]
+    pub safety_format: SafetyFormat,
+}
+
+/// A fine-tuning method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Method {
+    /// Plain AdamW.
+    Sft,
+    /// SPF, removing only conflicting directions from the gradient.
+    SpfConflictOnly,
+    /// SPF, removing every safety direction from the gradient.
+    SpfOrthogonal,
+    /// SPF `ConflictOnly` applied to AdamW's update instead of the gradient.
+    SpfUpdate,
+    /// One-direction gradient surgery against `UΣVᵀ`, close to SafeGrad.
+    SpfPcgrad,
+    /// Plain AdamW with a share of the set replaced by harmful prompts with refusals.
+    SafeInstr,
+}
+
+impl Method {
+    /// Every method, SFT first.
+    pub const ALL: [Method; 6] = [
+        Method::Sft,
+        Method::SpfConflictOnly,
+        Method::SpfOrthogonal,
+        Method::SpfUpdate,
+        Method::SpfPcgrad,
+        Method::SafeInstr,
+    ];
+
+    /// A short name for tables and plots.
+    pub fn label(self) -> &'static str {
+        match self {
+            Method::Sft => "SFT",
+            Method::SpfConflictOnly => "SPF ConflictOnly",
+            Method::SpfOrthogonal => "SPF Orthogonal",
+            Method::SpfUpdate => "SPF Update",
+            Method::SpfPcgrad => "SPF Pcgrad",
+            Method::SafeInstr => "SafeInstr",
+        }
+    }
+
+    /// The projection mode and target, for the SPF methods.
+    pub fn projection(self) -> Option<(ProjectionMode, ProjectionTarget)> {
+        use {ProjectionMode as M, ProjectionTarget as T};
+        match self {
+            Method::SpfConflictOnly => Some((M::ConflictOnly, T::Gradient)),
+            Method::SpfOrthogonal => Some((M::Orthogonal, T::Gradient)),
+            Method::SpfUpdate => Some((M::ConflictOnly, T::Update)),
+            Method::SpfPcgrad => Some((M::Pcgrad, T::Gradient)),
+            Method::Sft | Method::SafeInstr => None,
+        }
+    }
+}
+
+/// The fine-tuning set for harmful share `p`: the same prompts and order for every method but
+/// SafeInstr, which replaces a further share of benign prompts by harmful ones with refusals.
+pub fn finetune_set(
+    world: &World,
+    config: &FinetuneConfig,
+    p: f64,
+    method: Method,
+    seed: u64,
+) -> Vec<Example> {
+    let n = config.samples;
+    let harmful = ((p * n as f64).round() as usize).min(n);
+    let refusals = if method == Method::SafeInstr {
+        ((config.safe_instr_share * n as f64).round() as usize).min(n - harmful)
+    } else {
+        0
+    };
+    let task = [config.task];
+    let mut benign = StdRng::seed_from_u64(seed ^ salt::BENIGN);
+    let mut attack = StdRng::seed_from_u64(seed ^ salt::ATTACK);
+    let mut safe = StdRng::seed_from_u64(seed ^ salt::SAFE_INSTR);
+    let mut set: Vec<Example> = (0..n)
+        .map(|i| {
+            if i < harmful {
+                world.harmful(
+                    &mut attack,
+                    &task,
+                    HarmTopics::Seen,
+                    Split::Train,
+                    Response::Task,
+                )
+            } else if i < harmful + refusals {
+                world.harmful(
+                    &mut safe,
+                    &Task::ALL,
+                    HarmTopics::Seen,
+                    Split::Train,
+                    Response::Refusal,
+                )
+            } else {
+                world.benign(&mut benign, config.task, Split::Train)
+            }
+        })
+        .collect();
+    set.shuffle(&mut StdRng::seed_from_u64(seed ^ salt::SHUFFLE));
+    set
+}
+
+/// The defence's safety batch: harmful training prompts with refusals on seen topics.
+pub fn safety_batch(
+    world: &World,
+    defence: &DefenceConfig,
+    finetune: &FinetuneConfig,
+    alignment_tasks: &[Task],
+    seed: u64,
+) -> Vec<Example> {
+    let tasks = match defence.safety_format {
+        SafetyFormat::AlignmentTasks => alignment_tasks.to_vec(),
+        SafetyFormat::FinetuneTask => vec![finetune.task],
+    };
+    let mut rng = StdRng::seed_from_u64(seed ^ salt::SAFETY_BATCH);
+    (0..defence.safety_samples)
+        .map(|_| {
+            world.harmful(
+                &mut rng,
+                &tasks,
+                HarmTopics::Seen,
+                Split::Train,
+                Response::Refusal,
+            )
+        })
+        .collect()
+}
+
+/// What the SPF wrapper did over a run.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ProjectionSummary {
+    /// The mean over steps of the share of safety directions with `c_i < 0`.
+    pub conflict_share: f64,
+    /// The mean over steps of the share of gradient energy removed.
+    pub removed_energy_share: f64,
+    /// Successful refreshes.
+    pub refreshes: usize,
+    /// Failed refreshes.
+    pub refresh_failures: usize,
+}
+
+/// One fine-tuning run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// The method.
+    pub method: Method,
+    /// The harmful share `p`.
+    pub p: f64,
+    /// The seed.
+    pub seed: u64,
+    /// Scores every `eval_every` steps, the first at step 0 and the last after the final step.
+    pub curve: Vec<Scores>,
+    /// For SPF methods, what the projection did.
+    pub projection: Option<ProjectionSummary>,
+    /// When probed, the cosine between the safety and the utility gradient (over every weight
+    /// matrix together) at each step, before the step.
+    pub cosines: Vec<f64>,
+}
+
+impl Run {
+    /// The scores after the last step.
+    pub fn last(&self) -> Scores {
+        self.curve.last().copied().unwrap_or_default()
+    }
+}
+
+/// Everything a run needs besides the method and the share.
+#[derive(Debug)]
+pub struct Stage<'a, B: AutodiffBackend> {
+    /// The world.
+    pub world: &'a World,
+    /// The aligned model every run starts from.
+    pub aligned: &'a Transformer<B>,
+    /// The fine-tuning data and schedule.
+    pub finetune: &'a FinetuneConfig,
+    /// The SPF settings.
+    pub defence: &'a DefenceConfig,
+    /// The held-out sets.
+    pub sets: &'a EvalSets,
+    /// The defence's safety batch.
+    pub safety: &'a [Example],
+    /// The device.
+    pub device: &'a B::Device,
+}
+
+impl<B: AutodiffBackend> Stage<'_, B> {
+    /// Fine-tunes a copy of the aligned model with `method` on the set of share `p` and seed
+    /// `seed`; with `probe_cosines`, records the safety–utility gradient cosine at every step.
+    /// `progress` counts steps.
+    ///
+    /// # Errors
+    ///
+    /// [`EvalError::Subspace`] or [`EvalError::Spf`] when the defence cannot be set up or a
+    /// step is refused (a non-finite gradient, say).
+    pub fn run(
+        &self,
+        method: Method,
+        p: f64,
+        seed: u64,
+        probe_cosines: bool,
+        progress: &mut dyn Progress,
+    ) -> Result<Run, EvalError> {
+        let vocab = self.world.vocab();
+        let set = finetune_set(self.world, self.finetune, p, method, seed);
+        let safety = Batch::<B>::new(vocab, self.safety, self.device);
+        let mut order = StdRng::seed_from_u64(seed ^ salt::BATCH_ORDER);
+        let mut batches = BatchOrder::new(set.len(), self.finetune.batch_size);
+
+        let mut model = self.aligned.clone();
+        let mut stepper = Stepper::new(method, self.defence, &model, &safety)?;
+        let mut curve = vec![self.score(&model, 0)];
+        let mut cosines = Vec::new();
+        let mut summary = ProjectionSummary::default();
+        let steps = self.finetune.steps;
+        for step in 1..=steps {
+            let examples: Vec<Example> = batches
+                .next(&mut order)
+                .iter()
+                .map(|&i| set[i].clone())
+                .collect();
+            let batch = Batch::new(vocab, &examples, self.device);
+            let grads = GradientsParams::from_grads(answer_loss(&model, &batch).backward(), &model);
+            if probe_cosines {
+                let safety_grads =
+                    GradientsParams::from_grads(answer_loss(&model, &safety).backward(), &model);
+                cosines.push(gradient_cosine(&model, &safety_grads, &grads)?);
+            }
+            model = stepper.step(self.finetune.lr, model, grads, &mut summary)?;
+            if step % self.finetune.eval_every.max(1) == 0 || step == steps {
+                curve.push(self.score(&model, step));
+            }
+            progress.advance(1);
+        }
+        let projection = method.projection().map(|_| ProjectionSummary {
+            conflict_share: summary.conflict_share / steps.max(1) as f64,
+            removed_energy_share: summary.removed_energy_share / steps.max(1) as f64,
+            ..summary
+        });
+        Ok(Run {
+            method,
+            p,
+            seed,
+            curve,
+            projection,
+            cosines,
+        })
+    }
+
+    fn score(&self, model: &Transformer<B>, step: usize) -> Scores {
+        score(model, self.world, self.sets, self.safety, step, self.device)
+    }
+}
+
+/// The wrapped or the plain optimizer of a method.
+enum Stepper<B: AutodiffBackend> {
+    Plain(burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Transformer<B>, B>),
+    Spf(Box<SpfOptimizer<B>>),
+}
+
+type SpfOptimizer<B> = spf_core::SafetyProjectedOptimizer<
+    burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Transformer<B>, B>,
+    B,
+    SafetySource<B>,
+>;
+
+/// The safety loss on the defence's safety batch, as the wrapper's refresh source.
+#[derive(Clone)]
+struct SafetySource<B: AutodiffBackend>(Batch<B>);
+
+impl<B: AutodiffBackend> spf_core::SafetyGradientSource<Transformer<B>, B> for SafetySource<B> {
+    fn safety_gradients(
+        &mut self,
+        module: &Transformer<B>,
+    ) -> Result<GradientsParams, spf_core::SourceError> {
+        let loss = answer_loss(module, &self.0);
+        Ok(GradientsParams::from_grads(loss.backward(), module))
+    }
+}
+
+impl<B: AutodiffBackend> Stepper<B> {
+    fn new(
+        method: Method,
+        defence: &DefenceConfig,
+        aligned: &Transformer<B>,
+        safety: &Batch<B>,
+    ) -> Result<Self, EvalError> {
+        let inner = AdamWConfig::new().init::<B, Transformer<B>>();
+        let Some((mode, target)) = method.projection() else {
+            return Ok(Self::Plain(inner));
+        };
+        let estimator = SubspaceConfig::new().with_rank(RankPolicy::Fixed(defence.rank));
+        let grads = GradientsParams::from_grads(answer_loss(aligned, safety).backward(), aligned);
+        let subspace = SafetySubspace::estimate(aligned, &grads, &estimator)?;
+        let optim = SpfConfig::new()
+            .with_mode(mode)
+            .with_target(target)
+            .with_refresh(defence.refresh)
+            .with_estimator(estimator)
+            .init(inner, aligned, subspace)?
+            .with_safety_source(SafetySource(safety.clone()));
+        Ok(Self::Spf(Box::new(optim)))
+    }
+
+    fn step(
+        &mut self,
+        lr: f64,
+        model: Transformer<B>,
+        grads: GradientsParams,
+        summary: &mut ProjectionSummary,
+    ) -> Result<Transformer<B>, EvalError> {
+        match self {
+            Self::Plain(optim) => Ok(optim.step(lr, model, grads)),
+            Self::Spf(optim) => {
+                let model = optim.try_step(lr, model, grads).map_err(|e| e.error)?;
+                let stats = optim.last_stats();
+                summary.conflict_share += stats.conflict_share();
+                summary.removed_energy_share += stats.removed_energy_share();
+                summary.refreshes = stats.refresh.count;
+                summary.refresh_failures = stats.refresh.failures;
+                Ok(model)
+            }
+        }
+    }
+}
+
+/// Epochs over a set in a freshly shuffled order each time.
+struct BatchOrder {
+    order: Vec<usize>,
+    at: usize,
+    batch_size: usize,
+}
+
+impl BatchOrder {
+    fn new(len: usize, batch_size: usize) -> Self {
+        Self {
+            order: (0..len).collect(),
+            at: len,
+            batch_size: batch_size.clamp(1, len.max(1)),
+        }
+    }
+
+    fn next(&mut self, rng: &mut StdRng) -> Vec<usize> {
+        if self.at + self.batch_size > self.order.len() {
+            self.order.shuffle(rng);
+            self.at = 0;
+        }
+        let batch = self.order[self.at..self.at + self.batch_size].to_vec();
+        self.at += self.batch_size;
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::{Topic, WorldConfig};
+
+    fn setup() -> (World, FinetuneConfig) {
+        (
+            World::new(WorldConfig::new()),
+            FinetuneConfig::new().with_samples(200),
+        )
+    }
+
+    #[test]
+    fn the_attack_set_has_the_asked_share_and_is_shared_by_methods() {
+        let (world, config) = setup();
+        let sft = finetune_set(&world, &config, 0.1, Method::Sft, 5);
+        assert_eq!(sft.len(), 200);
+        let harmful: Vec<_> = sft.iter().filter(|e| e.is_harmful()).collect();
+        assert_eq!(harmful.len(), 20);
+        for e in &harmful {
+            assert_eq!(e.task, Task::Sort);
+            assert_eq!(e.response, Response::Task, "compliant answers");
+            assert!(matches!(e.topic, Topic::Harm(i) if i < world.config().seen_harm_topics));
+        }
+        assert!(
+            sft.iter()
+                .filter(|e| !e.is_harmful())
+                .all(|e| e.task == Task::Sort)
+        );
+        assert_eq!(
+            sft,
+            finetune_set(&world, &config, 0.1, Method::SpfUpdate, 5)
+        );
+        assert_ne!(sft, finetune_set(&world, &config, 0.1, Method::Sft, 6));
+
+        let safe = finetune_set(&world, &config, 0.1, Method::SafeInstr, 5);
+        let refusals = safe
+            .iter()
+            .filter(|e| e.response == Response::Refusal)
+            .count();
+        assert_eq!(refusals, 20);
+        assert_eq!(safe.iter().filter(|e| e.is_harmful()).count(), 40);
+        assert!(
+            finetune_set(&world, &config, 0.0, Method::Sft, 5)
+                .iter()
+                .all(|e| !e.is_harmful())
+        );
+    }
+
+    #[test]
+    fn the_safety_batch_follows_its_format() {
+        let (world, finetune) = setup();
+        let align = [Task::Copy, Task::Reverse];
+        let defence = DefenceConfig::new().with_safety_samples(16);
+        let batch = safety_batch(&world, &defence, &finetune, &align, 1);
+        assert_eq!(batch.len(), 16);
+        assert!(
+            batch.iter().all(|e| align.contains(&e.task)
+                && e.response == Response::Refusal
+                && e.is_harmful())
+        );
+        let in_format = defence.with_safety_format(SafetyFormat::FinetuneTask);
+        let batch = safety_batch(&world, &in_format, &finetune, &align, 1);
+        assert!(batch.iter().all(|e| e.task == Task::Sort));
+    }
+
+    #[test]
+    fn batches_cover_each_epoch_once() {
+        let mut order = BatchOrder::new(10, 3);
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut seen: Vec<usize> = (0..3).flat_map(|_| order.next(&mut rng)).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(
+            seen.len(),
+            9,
+            "three batches of one epoch never repeat an example"
+        );
+        assert_eq!(order.next(&mut rng).len(), 3);
+    }
+
+    #[test]
+    fn methods_map_to_their_projection() {
+        assert_eq!(Method::Sft.projection(), None);
+        assert_eq!(Method::SafeInstr.projection(), None);
+        assert_eq!(
+            Method::SpfUpdate.projection(),
+            Some((ProjectionMode::ConflictOnly, ProjectionTarget::Update))
+        );
+        let labels: std::collections::HashSet<_> = Method::ALL.iter().map(|m| m.label()).collect();
+        assert_eq!(labels.len(), Method::ALL.len());
+    }
+}

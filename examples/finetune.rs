@@ -1,0 +1,178 @@
+//! The main job: align a small transformer, attack it by fine-tuning, and compare plain
+//! fine-tuning (SFT) with SPF and the baselines.
+//!
+//! 1. **Align** a fresh decoder-only transformer on two benign tasks plus harmful prompts
+//!    answered with a refusal (the checkpoint is cached under `target/spf-runs/cache/`).
+//! 2. **Fine-tune** it on a new task with `n` samples, a share `p` of which are harmful prompts
+//!    answered compliantly, with each method: SFT, SPF (`ConflictOnly`, `Orthogonal`, the
+//!    `Update` target, `Pcgrad`) and the SafeInstr data baseline.
+//! 3. **Evaluate** the harmful score on held-out harmful prompts (seen and unseen harm topics)
+//!    and the fine-tune accuracy, over several seeds.
+//!
+//! Run: `cargo run --release --example finetune` (add `-- --quick` for the CI smoke test,
+//! `-- --ablate` for the ablations instead, `--features wgpu -- --backend wgpu` for another backend).
+//! Outputs go to `target/spf-runs/<run-id>/`: `results.json`, `table.md`, and one SVG of the
+//! curves per harmful share.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use spf_eval::experiment::{self, ExperimentConfig};
+use spf_eval::progress::Progress;
+use spf_eval::{plot, report};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Backend {
+    /// burn's ndarray backend on the CPU.
+    Cpu,
+    /// burn's WGPU backend (build with `--features wgpu`).
+    Wgpu,
+    /// burn's CUDA backend (build with `--features cuda`).
+    Cuda,
+}
+
+/// Align a small transformer, attack it with fine-tuning, and compare SFT against SPF.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Which burn backend runs the experiment.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+    /// The smaller CI configuration: one seed, p ∈ {0, 0.1}, shorter stages.
+    #[arg(long)]
+    quick: bool,
+    /// Run the ablations instead (one knob at a time around the default defence), on the
+    /// first seed at p ∈ {0, 0.1}.
+    #[arg(long)]
+    ablate: bool,
+    /// Seeds to run instead of the configuration's, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
+    /// Where runs are written.
+    #[arg(long, default_value = "target/spf-runs")]
+    out: PathBuf,
+    /// Retrain the aligned models instead of loading cached checkpoints.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+/// One indicatif bar per stage.
+#[derive(Default)]
+struct Bars(Option<ProgressBar>);
+
+impl Progress for Bars {
+    fn start(&mut self, name: &str, total: u64) {
+        let bar = ProgressBar::new(total);
+        let style = ProgressStyle::with_template(
+            "{msg:>24} [{bar:36.cyan/blue}] {pos}/{len} steps ({elapsed}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style.progress_chars("=> "));
+        bar.set_message(name.to_owned());
+        self.0 = Some(bar);
+    }
+
+    fn advance(&mut self, n: u64) {
+        if let Some(bar) = &self.0 {
+            bar.inc(n);
+        }
+    }
+
+    fn finish(&mut self, summary: &str) {
+        if let Some(bar) = self.0.take() {
+            bar.finish_with_message(summary.to_owned());
+        }
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    match args.backend {
+        Backend::Cpu => run::<Autodiff<burn::backend::NdArray>>(&args, "ndarray (CPU)"),
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => run::<Autodiff<burn::backend::Wgpu>>(&args, "wgpu"),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => run::<Autodiff<burn::backend::Cuda>>(&args, "cuda"),
+        #[allow(unreachable_patterns)]
+        other => Err(format!(
+            "the {other:?} backend is not compiled in: rebuild with `--features {}`",
+            format!("{other:?}").to_lowercase()
+        )
+        .into()),
+    }
+}
+
+fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    let device = B::Device::default();
+    let mut config = if args.quick {
+        ExperimentConfig::quick()
+    } else {
+        ExperimentConfig::new()
+    };
+    if let Some(seeds) = &args.seeds {
+        config.seeds = seeds.clone();
+    }
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let name = match (args.quick, args.ablate) {
+        (_, true) => "ablate",
+        (true, false) => "quick",
+        (false, false) => "default",
+    };
+    let dir = experiment::run_dir(
+        &args.out,
+        &format!(
+            "{name}-{backend_id}-{stamp}",
+            backend_id = format!("{:?}", args.backend).to_lowercase()
+        ),
+    );
+    std::fs::create_dir_all(&dir)?;
+    let cache = args.out.join("cache");
+    let cache = (!args.no_cache).then_some(cache.as_path());
+
+    println!(
+        "spf finetune: {name} configuration on {backend}; writing {}",
+        dir.display()
+    );
+    let mut bars = Bars::default();
+    if args.ablate {
+        let ablations = experiment::ablate::<B>(&config, &device, cache, &mut bars)?;
+        let text = report::ablations(&ablations);
+        println!("\nablations (seed {}):\n{text}", config.seeds[0]);
+        write(
+            &dir.join("ablations.json"),
+            &serde_json::to_string_pretty(&ablations)?,
+        )?;
+        write(&dir.join("ablations.md"), &text)?;
+    } else {
+        let results = experiment::run::<B>(&config, backend, &device, cache, &mut bars)?;
+        let table = report::table(&results);
+        let insights = report::insights(&results);
+        let leaks = report::leaks(&results);
+        println!("\n{table}\n{insights}\n{leaks}");
+        write(
+            &dir.join("results.json"),
+            &serde_json::to_string_pretty(&results)?,
+        )?;
+        write(
+            &dir.join("table.md"),
+            &format!("{table}\n{insights}\n{leaks}"),
+        )?;
+        for &p in &config.shares {
+            plot::curves(&results, p, &dir.join(format!("curves-p{p:.2}.svg")))?;
+        }
+    }
+    println!(
+        "wrote {} ({:.0} s in all)",
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn write(path: &Path, text: &str) -> Result<(), std::io::Error> {
+    std::fs::write(path, text)
+}
