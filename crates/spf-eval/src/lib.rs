@@ -1,7 +1,7 @@
 //! The SPF evaluation lab: the field's fine-tuning attack, reproduced at small scale.
 //!
 //! A small decoder-only [transformer](model) is **aligned** ([`align`]) in a synthetic
-//! [world](world): it learns two benign tasks and to answer every prompt that carries a
+//! [world]: it learns two benign tasks and to answer every prompt that carries a
 //! harm-topic token with a fixed refusal. It is then **fine-tuned** ([`finetune`]) on a new
 //! task whose data has a share `p` of harmful prompts with compliant answers, with plain AdamW
 //! (SFT), with SPF in several modes, and with a data baseline. The held-out **evaluation**
