@@ -253,16 +253,8 @@ pub fn run<B: AutodiffBackend>(
     cache: Option<&Path>,
     progress: &mut dyn Progress,
 ) -> Result<Results, EvalError> {
-    config.validate()?;
     let started = Instant::now();
-    let world = World::new(config.world.clone());
-    let sets = EvalSets::new(
-        &world,
-        config.finetune.task,
-        &config.align.tasks,
-        config.eval_prompts,
-        config.world.seed ^ salt::TEST_SETS,
-    );
+    let (world, sets) = world_and_sets(config)?;
     let mut seeds = Vec::new();
     for &seed in &config.seeds {
         let aligned = aligned_model::<B>(config, &world, seed, cache, device, progress)?;
@@ -306,6 +298,20 @@ pub fn run<B: AutodiffBackend>(
         seeds,
         started.elapsed().as_secs_f64(),
     ))
+}
+
+/// The world of a valid `config`, and its held-out sets.
+fn world_and_sets(config: &ExperimentConfig) -> Result<(World, EvalSets), EvalError> {
+    config.validate()?;
+    let world = World::new(config.world.clone());
+    let sets = EvalSets::new(
+        &world,
+        config.finetune.task,
+        &config.align.tasks,
+        config.eval_prompts,
+        config.world.seed ^ salt::TEST_SETS,
+    );
+    Ok((world, sets))
 }
 
 fn seed_insights<B: AutodiffBackend>(
@@ -481,15 +487,7 @@ pub fn ablate<B: AutodiffBackend>(
     cache: Option<&Path>,
     progress: &mut dyn Progress,
 ) -> Result<Vec<Ablation>, EvalError> {
-    config.validate()?;
-    let world = World::new(config.world.clone());
-    let sets = EvalSets::new(
-        &world,
-        config.finetune.task,
-        &config.align.tasks,
-        config.eval_prompts,
-        config.world.seed ^ salt::TEST_SETS,
-    );
+    let (world, sets) = world_and_sets(config)?;
     let seed = config.seeds[0];
     let aligned = aligned_model::<B>(config, &world, seed, cache, device, progress)?;
     let grid = ablation_grid(&config.defence);
