@@ -122,13 +122,8 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
         (true, false) => "quick",
         (false, false) => "default",
     };
-    let dir = experiment::run_dir(
-        &args.out,
-        &format!(
-            "{name}-{backend_id}-{stamp}",
-            backend_id = format!("{:?}", args.backend).to_lowercase()
-        ),
-    );
+    let backend_name = format!("{:?}", args.backend).to_lowercase();
+    let dir = args.out.join(format!("{name}-{backend_name}-{stamp}"));
     std::fs::create_dir_all(&dir)?;
     let cache = args.out.join("cache");
     let cache = (!args.no_cache).then_some(cache.as_path());

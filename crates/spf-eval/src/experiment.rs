@@ -1,7 +1,7 @@
 //! The whole experiment: align a model per seed (or reuse its checkpoint), measure the
 //! insights, fine-tune it with every method at every harmful share, and summarise over seeds.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::config::Config;
@@ -522,11 +522,6 @@ pub fn ablate<B: AutodiffBackend>(
     }
     progress.finish("ablations done");
     Ok(out)
-}
-
-/// Where a run's outputs go: `target/spf-runs/<run-id>/`.
-pub fn run_dir(root: &Path, id: &str) -> PathBuf {
-    root.join(id)
 }
 
 #[cfg(test)]
