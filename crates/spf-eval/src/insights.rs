@@ -10,8 +10,11 @@
 //!
 //! Every quantity is averaged over the weight matrices (the parameters of rank 2).
 
+use std::collections::HashMap;
+
 use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use spf_subspace::{
@@ -23,21 +26,13 @@ use crate::batch::{Batch, answer_loss};
 use crate::error::EvalError;
 use crate::model::Transformer;
 
-/// The matrices' ids and their gradients in `grads`, in the module's order.
-fn matrix_gradients<B: AutodiffBackend>(
-    model: &Transformer<B>,
-    grads: &GradientsParams,
-) -> Result<Vec<burn::tensor::Tensor<B::InnerBackend, 2>>, EvalError> {
-    let targets = Targets::of(model, &ParamFilter::All, VectorPolicy::Skip)?;
-    Ok(targets
-        .gradients(model, grads)
-        .into_iter()
-        .map(|(_, g)| g)
-        .collect())
+/// Every weight matrix of `model` (every parameter of rank 2).
+fn matrices<B: AutodiffBackend>(model: &Transformer<B>) -> Result<Targets, EvalError> {
+    Ok(Targets::of(model, &ParamFilter::All, VectorPolicy::Skip)?)
 }
 
 /// The cosine between two gradients of `model` over all its weight matrices together (0 when
-/// either is zero).
+/// either is zero). A matrix missing from one of them counts as a zero gradient there.
 ///
 /// # Errors
 ///
@@ -47,15 +42,16 @@ pub fn gradient_cosine<B: AutodiffBackend>(
     a: &GradientsParams,
     b: &GradientsParams,
 ) -> Result<f64, EvalError> {
-    let ga = matrix_gradients(model, a)?;
-    let gb = matrix_gradients(model, b)?;
-    let (mut dot, mut na, mut nb) = (0.0, 0.0, 0.0);
-    for (x, y) in ga.into_iter().zip(gb) {
-        let scalar =
-            |t: burn::tensor::Tensor<B::InnerBackend, 2>| -> f64 { t.sum().into_scalar().elem() };
-        dot += scalar(x.clone() * y.clone());
+    let targets = matrices(model)?;
+    let scalar = |t: Tensor<B::InnerBackend, 2>| -> f64 { t.sum().into_scalar().elem() };
+    let gb: HashMap<_, _> = targets.gradients(model, b).into_iter().collect();
+    let nb: f64 = gb.values().map(|y| scalar(y.clone().square())).sum();
+    let (mut dot, mut na) = (0.0, 0.0);
+    for (id, x) in targets.gradients(model, a) {
+        if let Some(y) = gb.get(&id) {
+            dot += scalar(x.clone() * y.clone());
+        }
         na += scalar(x.square());
-        nb += scalar(y.square());
     }
     let norm = (na * nb).sqrt();
     Ok(if norm > 0.0 { dot / norm } else { 0.0 })
@@ -92,14 +88,16 @@ pub fn measure<B: AutodiffBackend>(
     utility_batch: &Batch<B>,
     ranks: &[usize],
 ) -> Result<Insights, EvalError> {
-    let grads = |batch: &Batch<B>| {
+    let targets = matrices(model)?;
+    let grads = |batch: &Batch<B>| -> Vec<Tensor<B::InnerBackend, 2>> {
         let g = GradientsParams::from_grads(answer_loss(model, batch).backward(), model);
-        matrix_gradients(model, &g)
+        let found = targets.gradients(model, &g);
+        found.into_iter().map(|(_, g)| g).collect()
     };
     let (one, many, utility) = (
-        grads(safety_sample)?,
-        grads(safety_batch)?,
-        grads(utility_batch)?,
+        grads(safety_sample),
+        grads(safety_batch),
+        grads(utility_batch),
     );
     let k_max = ranks.iter().copied().max().unwrap_or(0);
     let svd = RandomizedSvd::new(RandomizedSvdConfig::new(k_max));
@@ -116,7 +114,7 @@ pub fn measure<B: AutodiffBackend>(
         let b1 = svd.compute(g1)?;
         let bb = svd.compute(gb)?;
         let bu = svd.compute(gu)?;
-        let energy = |g: &burn::tensor::Tensor<B::InnerBackend, 2>| -> f64 {
+        let energy = |g: &Tensor<B::InnerBackend, 2>| -> f64 {
             g.clone().square().sum().into_scalar().elem()
         };
         let (e1, eb, eu) = (energy(g1), energy(gb), energy(gu));
