@@ -27,9 +27,10 @@
 //! # Statistics
 //!
 //! [`ProjectionStats`] is computed in closed form from the coefficients, in `f64` on the host,
-//! which avoids the cancellation of `‖G‖² − ‖G̃‖²` when most of `G` is removed. The energies are
-//! accumulated on the device after scaling by `max|G|`, so gradients of size `1e-30` or `1e30`
-//! neither underflow nor overflow in `f32`.
+//! which avoids the cancellation of `‖G‖² − ‖G̃‖²` when most of `G` is removed. `‖G‖²` is
+//! accumulated on the device in `f32`; when that overflows or is small enough for underflow to
+//! have lost entries (below `1e-30` per element), it is redone on `G / max|G|`, so gradients of
+//! size `1e-30` or `1e30` keep exact statistics and the common case pays one pass, not three.
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
@@ -141,45 +142,47 @@ pub fn project<B: Backend>(
     let k = basis.rank();
     let sigma = basis.singular_values();
 
-    // One device pass gathers everything the host needs: c, scale s = max|G|, ‖G/s‖², and for
-    // the subspace modes the per-direction energies ‖u_iᵀG/s‖² (or ‖G v_i/s‖²).
-    let scale = grad.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
-    let scaled_energy = grad.clone().div(scale.clone().unsqueeze()).square().sum();
-    let (coefficients, side_product, side_energy) = if k == 0 {
-        (None, None, None)
-    } else if mode == ProjectionMode::RowSpace {
-        let gv = grad.clone().matmul(basis.v().clone()); // [d_in, k]
-        let c = (gv.clone() * basis.u().clone()).sum_dim(0).reshape([k]);
-        let e = gv
-            .clone()
-            .div(scale.clone().unsqueeze())
-            .square()
-            .sum_dim(0)
-            .reshape([k]);
-        (Some(c), Some(gv), Some(e))
-    } else {
-        let utg = basis.u().clone().transpose().matmul(grad.clone()); // [k, d_out]
-        let c = (utg.clone() * basis.v().clone().transpose())
-            .sum_dim(1)
-            .reshape([k]);
-        let e = (mode == ProjectionMode::ColumnSpace).then(|| {
-            utg.clone()
-                .div(scale.clone().unsqueeze())
-                .square()
+    // One device pass gathers everything the host needs: c, ‖G‖², and for the subspace modes
+    // the per-direction energies ‖u_iᵀG‖² (or ‖G v_i‖²).
+    let (coefficients, side_product) = match (k, mode) {
+        (0, _) => (None, None),
+        (_, ProjectionMode::RowSpace) => {
+            let gv = grad.clone().matmul(basis.v().clone()); // [d_in, k]
+            let c = (gv.clone() * basis.u().clone()).sum_dim(0).reshape([k]);
+            (Some(c), Some(gv))
+        }
+        _ => {
+            let utg = basis.u().clone().transpose().matmul(grad.clone()); // [k, d_out]
+            let c = (utg.clone() * basis.v().clone().transpose())
                 .sum_dim(1)
-                .reshape([k])
-        });
-        (Some(c), Some(utg), e)
+                .reshape([k]);
+            (Some(c), Some(utg))
+        }
     };
-    let mut parts = vec![scale, scaled_energy];
-    parts.extend(coefficients);
-    parts.extend(side_energy);
-    let host: Vec<f64> = Tensor::cat(parts, 0).into_data().iter::<f64>().collect();
-    let (s, c, side) = (host[0], &host[2..2 + k], &host[2 + k..]);
-    let grad_energy = s * s * host[1];
+    let side = side_product
+        .as_ref()
+        .filter(|_| matches!(mode, ProjectionMode::ColumnSpace | ProjectionMode::RowSpace));
+    let mut parts: Vec<_> = coefficients.into_iter().collect();
+    parts.push(energies(&grad, side, mode, None));
+    let host = read_host(parts);
+    let (c, mut energy) = (host[..k].to_vec(), host[k]);
+    let mut side_energy = host[k + 1..].to_vec();
+    if !(energy.is_finite() && energy >= grad.shape().num_elements() as f64 * 1e-30) {
+        // ‖G‖² overflowed or lost its small entries to underflow in `f32`: redo the energies on
+        // G / max|G|, which cannot. Only gradients of extreme magnitude take this second pass.
+        let scale = grad.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
+        let host = read_host(vec![
+            scale.clone(),
+            energies(&grad, side, mode, Some(scale)),
+        ]);
+        let s2 = host[0] * host[0];
+        energy = s2 * host[1];
+        side_energy = host[2..].iter().map(|e| s2 * e).collect();
+    }
+    let grad_energy = energy;
 
-    let plan = Plan::new(mode, c, sigma, side.iter().map(|e| s * s * e));
-    let stats = plan.stats(c, sigma, grad_energy);
+    let plan = Plan::new(mode, &c, sigma, side_energy.into_iter());
+    let stats = plan.stats(&c, sigma, grad_energy);
     let grad = match plan.removal {
         Removal::Nothing => grad,
         Removal::RankK(r) => {
@@ -197,6 +200,37 @@ pub fn project<B: Backend>(
         }
     };
     Ok(Projected { grad, stats })
+}
+
+/// `[‖G/s‖², ‖side_i/s‖²…]` as one device vector, where `side` is `UᵀG` (`[k, d_out]`,
+/// energies by row) for `ColumnSpace` and `G V` (`[d_in, k]`, by column) for `RowSpace`, and `s`
+/// is `scale` or 1.
+fn energies<B: Backend>(
+    grad: &Tensor<B, 2>,
+    side: Option<&Tensor<B, 2>>,
+    mode: ProjectionMode,
+    scale: Option<Tensor<B, 1>>,
+) -> Tensor<B, 1> {
+    let scaled = |t: &Tensor<B, 2>| match &scale {
+        Some(s) => t.clone().div(s.clone().unsqueeze()),
+        None => t.clone(),
+    };
+    let total = scaled(grad).square().sum();
+    let Some(side) = side else {
+        return total;
+    };
+    let k = side.dims()[usize::from(mode == ProjectionMode::RowSpace)];
+    let by_direction = if mode == ProjectionMode::RowSpace {
+        scaled(side).square().sum_dim(0)
+    } else {
+        scaled(side).square().sum_dim(1)
+    };
+    Tensor::cat(vec![total, by_direction.reshape([k])], 0)
+}
+
+/// Reads the concatenation of `parts` back to the host in one transfer.
+fn read_host<B: Backend>(parts: Vec<Tensor<B, 1>>) -> Vec<f64> {
+    Tensor::cat(parts, 0).into_data().iter::<f64>().collect()
 }
 
 /// What to subtract from `G`, decided on the host.
