@@ -392,26 +392,35 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         (module.map(&mut pass), pass.stats)
     }
 
-    /// The parameters whose gradient holds NaN or ±Inf, found with one device read.
+    /// The parameters whose gradient holds NaN or ±Inf: one device read of every gradient's sum,
+    /// and a second, exact one of those whose sum is not finite.
     fn non_finite_gradients<M: AutodiffModule<B>>(
         &self,
         module: &M,
         grads: &GradientsParams,
     ) -> Vec<ParamId> {
-        let mut probe = NonFiniteProbe::<B> {
-            grads,
-            probes: Vec::new(),
+        let probe = |only: Option<&[ParamId]>| {
+            let mut probe = NonFiniteProbe::<B> {
+                grads,
+                only,
+                probes: Vec::new(),
+            };
+            module.visit(&mut probe);
+            if probe.probes.is_empty() {
+                return Vec::new();
+            }
+            let (ids, probes): (Vec<ParamId>, Vec<_>) = probe.probes.into_iter().unzip();
+            let values = Tensor::cat(probes, 0).into_data();
+            ids.into_iter()
+                .zip(values.iter::<f64>())
+                .filter_map(|(id, probe)| (!probe.is_finite()).then_some(id))
+                .collect::<Vec<_>>()
         };
-        module.visit(&mut probe);
-        if probe.probes.is_empty() {
-            return Vec::new();
+        let suspects = probe(None);
+        if suspects.is_empty() {
+            return suspects;
         }
-        let (ids, probes): (Vec<ParamId>, Vec<_>) = probe.probes.into_iter().unzip();
-        let values = Tensor::cat(probes, 0).into_data();
-        ids.into_iter()
-            .zip(values.iter::<f64>())
-            .filter_map(|(id, probe)| (!probe.is_finite()).then_some(id))
-            .collect()
+        probe(Some(&suspects))
     }
 
     /// [`Optimizer::step`] that reports what it refuses instead of panicking: an invalid learning

@@ -14,7 +14,7 @@ use burn::tensor::{
 
 use crate::optimizer::Bases;
 use crate::{ProjectionMode, TensorStats, project};
-use spf_subspace::{LowRankBasis, Targets, view_2d};
+use spf_subspace::{LowRankBasis, Targets, from_2d, into_2d};
 
 /// Projects, in place, every gradient in `grads` that has a basis.
 pub(crate) struct GradientProjection<'a, B: AutodiffBackend> {
@@ -35,13 +35,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
         };
         let dims = grad.dims();
         let basis = on_device(basis, &grad.device());
-        let projected = project(
-            grad.reshape(view_2d(&dims)),
-            &basis,
-            mode_for::<D>(self.mode),
-        )
-        .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
-        self.grads.register(param.id, projected.grad.reshape(dims));
+        let projected = project(into_2d(grad), &basis, mode_for::<D>(self.mode))
+            .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
+        self.grads.register(param.id, from_2d(projected.grad, dims));
         self.stats
             .push(tensor_stats(self.targets, param.id, projected.stats));
     }
@@ -74,9 +70,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UpdateSnapshot<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let has_grad = || self.grads.get::<B::InnerBackend, D>(param.id).is_some();
         if self.bases.contains_key(&param.id) && has_grad() {
-            let value = param.val().inner();
-            let view = view_2d(&value.dims());
-            self.before.insert(param.id, value.reshape(view));
+            self.before.insert(param.id, into_2d(param.val().inner()));
         }
     }
 }
@@ -102,7 +96,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
         let after = tensor.clone().inner();
         let dims = after.dims();
         let before = before.to_device(&after.device());
-        let descent = before.clone() - after.reshape(view_2d(&dims));
+        let descent = before.clone() - into_2d(after);
         let basis = on_device(basis, &descent.device());
         let projected = project(descent, &basis, mode_for::<D>(self.mode))
             .unwrap_or_else(|err| panic!("update of parameter {id} does not fit: {err}"));
@@ -111,7 +105,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
         if projected.stats.removed == 0 {
             return Param::from_mapped_value(id, tensor, mapper);
         }
-        let mut value = Tensor::from_inner((before - projected.grad).reshape(dims));
+        let mut value = Tensor::from_inner(from_2d(before - projected.grad, dims));
         if tensor.is_require_grad() {
             value = value.require_grad();
         }
@@ -119,17 +113,29 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
     }
 }
 
-/// `Σ 0·g` for every gradient, NaN exactly when the gradient holds NaN or ±Inf; read back
-/// together in one transfer.
+/// A sum over each gradient whose value is not finite whenever the gradient holds NaN or ±Inf;
+/// all are read back together in one transfer.
+///
+/// The fast probe is `Σ g`, one read of each gradient: a finite sum proves every entry finite,
+/// but finite entries of size near `f32::MAX` can overflow it too. The exact probe, `Σ 0·g`, is NaN
+/// exactly when an entry is NaN or ±Inf; it costs a written copy, so it only re-checks the
+/// gradients in `only`, those whose fast probe was not finite.
 pub(crate) struct NonFiniteProbe<'a, B: AutodiffBackend> {
     pub grads: &'a GradientsParams,
+    pub only: Option<&'a [ParamId]>,
     pub probes: Vec<(ParamId, Tensor<B::InnerBackend, 1>)>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for NonFiniteProbe<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.only.is_some_and(|only| !only.contains(&param.id)) {
+            return;
+        }
         if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let probe = grad.mul_scalar(0.0).sum();
+            let probe = match self.only {
+                None => grad.sum(),
+                Some(_) => grad.mul_scalar(0.0).sum(),
+            };
             self.probes.push((param.id, probe));
         }
     }

@@ -24,4 +24,4 @@ pub use diagnostics::{
 pub use error::SubspaceError;
 pub use rsvd::{RandomizedSvd, RandomizedSvdConfig, SketchConfig};
 pub use subspace::{RankPolicy, SafetySubspace, SubspaceConfig};
-pub use targets::{ParamFilter, Target, Targets, VectorPolicy, view_2d};
+pub use targets::{ParamFilter, Target, Targets, VectorPolicy, from_2d, into_2d, view_2d};

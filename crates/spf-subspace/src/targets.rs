@@ -137,6 +137,28 @@ pub fn view_2d(dims: &[usize]) -> [usize; 2] {
     }
 }
 
+/// `t` as its 2-D view (see [`view_2d`]). A matrix is handed back as it is: burn-ndarray's
+/// `reshape` copies its input even when the shape does not change, which would cost the optimizer
+/// step two copies of every protected gradient.
+pub fn into_2d<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 2> {
+    if D == 2 {
+        Tensor::from_primitive(t.into_primitive())
+    } else {
+        let view = view_2d(&t.dims());
+        t.reshape(view)
+    }
+}
+
+/// The inverse of [`into_2d`]: `t` back in the shape `dims` of its parameter, without a copy for a
+/// matrix.
+pub fn from_2d<B: Backend, const D: usize>(t: Tensor<B, 2>, dims: [usize; D]) -> Tensor<B, D> {
+    if D == 2 {
+        Tensor::from_primitive(t.into_primitive())
+    } else {
+        t.reshape(dims)
+    }
+}
+
 struct TargetVisitor {
     regex: Option<Regex>,
     vectors: VectorPolicy,
@@ -183,8 +205,7 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for TargetedGradients<'_, AB> {
             return;
         }
         if let Some(grad) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-            let view = view_2d(&grad.dims());
-            self.found.push((param.id, grad.reshape(view)));
+            self.found.push((param.id, into_2d(grad)));
         }
     }
 }
@@ -285,5 +306,31 @@ mod tests {
         assert_eq!(view_2d(&[7]), [7, 1]);
         assert_eq!(view_2d(&[4, 5]), [4, 5]);
         assert_eq!(view_2d(&[2, 3, 4, 5]), [2, 60]);
+    }
+
+    #[test]
+    fn into_2d_and_back_round_trip_every_rank() {
+        let device = Default::default();
+        let values: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let t3 = Tensor::<NdArray, 1>::from_floats(values.as_slice(), &device).reshape([2, 3, 4]);
+        let flat = into_2d(t3.clone());
+        assert_eq!(flat.dims(), [2, 12]);
+        from_2d(flat, [2, 3, 4])
+            .into_data()
+            .assert_eq(&t3.into_data(), true);
+
+        let t2 = Tensor::<NdArray, 1>::from_floats(values.as_slice(), &device).reshape([4, 6]);
+        let same = into_2d(t2.clone());
+        assert_eq!(same.dims(), [4, 6]);
+        from_2d(same, [4, 6])
+            .into_data()
+            .assert_eq(&t2.into_data(), true);
+
+        let t1 = Tensor::<NdArray, 1>::from_floats(values.as_slice(), &device);
+        let column = into_2d(t1.clone());
+        assert_eq!(column.dims(), [24, 1]);
+        from_2d(column, [24])
+            .into_data()
+            .assert_eq(&t1.into_data(), true);
     }
 }

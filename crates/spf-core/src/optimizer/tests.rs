@@ -797,6 +797,27 @@ mod reliability {
         }
     }
 
+    /// The fast probe sums each gradient; finite entries near `f32::MAX` overflow that sum, and
+    /// the exact re-check must clear them.
+    #[test]
+    fn huge_finite_gradients_are_not_mistaken_for_non_finite_ones() {
+        let device = Default::default();
+        let model = Net::<B>::new(&device);
+        let mut g = grads(&model, 1);
+        let w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
+        let huge = Tensor::<Inner, 2>::full(w.dims(), f32::MAX / 2.0, &device);
+        assert!(
+            !huge.clone().sum().into_scalar().is_finite(),
+            "the sum overflows"
+        );
+        g.register(model.attn.weight.id, huge);
+        let mut optim = wrapper(NonFinitePolicy::Error, &model);
+        optim
+            .try_step(1e-2, model.clone(), g)
+            .expect("every entry is finite");
+        assert_eq!(optim.last_stats().non_finite.total, 0);
+    }
+
     #[test]
     #[should_panic(expected = "non-finite gradient for attn.weight")]
     fn optimizer_step_panics_with_the_error_message() {
