@@ -1,0 +1,95 @@
+//! The optimizer step's overhead: `SafetyProjectedOptimizer<AdamW>::step` against `AdamW::step`
+//! on the same gradients, on ndarray, for every projection mode, both projection targets and
+//! `k ∈ {4, 8, 16}`.
+//!
+//! Two parameter sets: the lab transformer's (every matrix protected: embeddings, attention,
+//! MLP, head; vectors pass through) and one Llama-shaped block scaled to the CPU (four
+//! `[512, 512]`, two `[512, 1376]` and one `[1376, 512]` matrices). Each iteration steps on a
+//! fresh copy of one fixed set of standard-normal gradients against random orthonormal bases, so
+//! about half of all directions conflict. The copy is made outside the timer.
+//!
+//! Run: `cargo bench --bench step`. After criterion's output, each group prints a table of
+//! medians and their ratio to the plain AdamW step of the same run.
+
+#![allow(missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, Optimizer};
+use common::{GradientSet, Group, Matrices, llama_block, random_bases};
+use criterion::{Criterion, criterion_group, criterion_main};
+use spf::{ProjectionMode, ProjectionTarget, SpfConfig};
+use spf_eval::model::TransformerConfig;
+use spf_eval::world::{World, WorldConfig};
+
+type B = Autodiff<NdArray>;
+
+const MODES: [ProjectionMode; 5] = [
+    ProjectionMode::ConflictOnly,
+    ProjectionMode::Orthogonal,
+    ProjectionMode::ColumnSpace,
+    ProjectionMode::RowSpace,
+    ProjectionMode::Pcgrad,
+];
+const LR: f64 = 1e-4;
+
+/// Times AdamW, then every wrapped configuration, on `module`'s parameters.
+fn bench_set<M>(c: &mut Criterion, name: &str, module: M, measurement: Duration)
+where
+    M: AutodiffModule<B> + Clone + 'static,
+{
+    let device = Default::default();
+    let grads = GradientSet::<B>::new(&module, &device);
+    let mut group = Group::new(c, name, 10, measurement);
+
+    let mut optim = AdamWConfig::new().init::<B, M>();
+    let mut model = Some(module.clone());
+    group.bench(
+        "adamw",
+        || grads.fresh(),
+        |g| {
+            model = Some(optim.step(LR, model.take().expect("returned"), g));
+        },
+    );
+
+    for k in [4, 8, 16] {
+        let bases = random_bases::<B, M>(&module, k, 7, &device);
+        for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
+            for mode in MODES {
+                let mut optim = SpfConfig::new()
+                    .with_mode(mode)
+                    .with_target(target)
+                    .init(AdamWConfig::new().init::<B, M>(), &module, bases.clone())
+                    .expect("bases fit the module");
+                let mut model = Some(module.clone());
+                let label = format!("spf/k{k}/{target:?}/{mode:?}");
+                group.bench(
+                    &label,
+                    || grads.fresh(),
+                    |g| {
+                        model = Some(optim.step(LR, model.take().expect("returned"), g));
+                    },
+                );
+            }
+        }
+    }
+    group.finish("adamw");
+}
+
+fn benches(c: &mut Criterion) {
+    let device = Default::default();
+    let world = World::new(WorldConfig::new());
+    let vocab = world.vocab();
+    let lab = TransformerConfig::new().init::<B>(vocab.size(), vocab.max_len(), &device);
+    bench_set(c, "step_lab_transformer", lab, Duration::from_secs(1));
+
+    let block = Matrices::<B>::new(&llama_block(512, 1376), &device);
+    bench_set(c, "step_llama_block_512", block, Duration::from_secs(3));
+}
+
+criterion_group!(step, benches);
+criterion_main!(step);

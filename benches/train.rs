@@ -1,0 +1,114 @@
+//! The whole training step's overhead: forward, backward and optimizer step on the lab
+//! transformer, plain AdamW against SPF(AdamW) (`ConflictOnly`, `Gradient` target, rank 8) with
+//! the bases re-estimated from an 8-sample safety batch `Every(n)` steps, `n ∈ {1, 10, 50}`.
+//!
+//! One timed iteration is 50 training steps (batch 32, the lab's fine-tuning task), so every
+//! iteration holds the same number of refreshes: 50, 5 or 1. The batches are built once,
+//! outside the timer.
+//!
+//! Run: `cargo bench --bench train`. After criterion's output it prints the time per training
+//! step and its ratio to plain AdamW's.
+
+#![allow(missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use common::Group;
+use criterion::{Criterion, criterion_group, criterion_main};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use spf::{RankPolicy, RefreshPolicy, SafetySubspace, SpfConfig, SubspaceConfig};
+use spf_eval::batch::{Batch, answer_loss};
+use spf_eval::model::{Transformer, TransformerConfig};
+use spf_eval::world::{HarmTopics, Response, Split, Task, World, WorldConfig};
+
+type B = Autodiff<NdArray>;
+
+const STEPS: usize = 50;
+const BATCH: usize = 32;
+const LR: f64 = 1e-3;
+
+/// Runs `STEPS` training steps of `model` with `step`, cycling through `batches`.
+fn train(
+    model: Transformer<B>,
+    batches: &[Batch<B>],
+    mut step: impl FnMut(Transformer<B>, GradientsParams) -> Transformer<B>,
+) -> Transformer<B> {
+    (0..STEPS).fold(model, |model, i| {
+        let loss = answer_loss(&model, &batches[i % batches.len()]);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        step(model, grads)
+    })
+}
+
+fn benches(c: &mut Criterion) {
+    let device = Default::default();
+    let world = World::new(WorldConfig::new());
+    let vocab = world.vocab();
+    let model = TransformerConfig::new().init::<B>(vocab.size(), vocab.max_len(), &device);
+    let mut rng = StdRng::seed_from_u64(3);
+    let batches: Vec<Batch<B>> = (0..10)
+        .map(|_| {
+            let examples: Vec<_> = (0..BATCH)
+                .map(|_| world.benign(&mut rng, Task::Sort, Split::Train))
+                .collect();
+            Batch::new(vocab, &examples, &device)
+        })
+        .collect();
+    let safety_examples: Vec<_> = (0..8)
+        .map(|_| {
+            let tasks = [Task::Copy, Task::Reverse];
+            world.harmful(
+                &mut rng,
+                &tasks,
+                HarmTopics::Seen,
+                Split::Train,
+                Response::Refusal,
+            )
+        })
+        .collect();
+    let safety = Batch::<B>::new(vocab, &safety_examples, &device);
+
+    let mut group = Group::new(c, "train_step_lab_transformer", 10, Duration::from_secs(8));
+    let mut optim = AdamWConfig::new().init::<B, Transformer<B>>();
+    let mut current = Some(model.clone());
+    group.bench(
+        "adamw",
+        || (),
+        |()| {
+            let model = current.take().expect("returned");
+            current = Some(train(model, &batches, |m, g| optim.step(LR, m, g)));
+        },
+    );
+
+    let estimator = SubspaceConfig::new().with_rank(RankPolicy::Fixed(8));
+    let safety_grads = GradientsParams::from_grads(answer_loss(&model, &safety).backward(), &model);
+    let subspace =
+        SafetySubspace::estimate(&model, &safety_grads, &estimator).expect("finite gradients");
+    for n in [1, 10, 50] {
+        let batch = safety.clone();
+        let mut optim = SpfConfig::new()
+            .with_refresh(RefreshPolicy::Every(n))
+            .with_estimator(estimator.clone())
+            .init(AdamWConfig::new().init(), &model, subspace.clone())
+            .expect("the estimate fits the model")
+            .with_safety_source(move |m: &Transformer<B>| answer_loss(m, &batch));
+        let mut current = Some(model.clone());
+        group.bench(
+            &format!("spf/every{n}"),
+            || (),
+            |()| {
+                let model = current.take().expect("returned");
+                current = Some(train(model, &batches, |m, g| optim.step(LR, m, g)));
+            },
+        );
+    }
+    group.finish_per(STEPS, "adamw");
+}
+
+criterion_group!(train_step, benches);
+criterion_main!(train_step);
