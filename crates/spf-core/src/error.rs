@@ -23,6 +23,22 @@ pub enum SpfError {
         id: ParamId,
     },
 
+    /// A record was saved for a module whose parameters (by path) are not this module's.
+    #[error("the record does not fit the module: {reason}")]
+    RecordMismatch {
+        /// Which parameter is missing on which side.
+        reason: String,
+    },
+
+    /// The module handed to a step has none of the parameters the bases belong to: it is not the
+    /// module the wrapper was built for, or a record was loaded into the wrapper but not the
+    /// module's own record into the module.
+    #[error(
+        "none of the module's parameters has a basis; load the module's record saved with the \
+         optimizer's, or build the wrapper for this module"
+    )]
+    ModuleMismatch,
+
     /// A basis names a parameter that the configuration does not target: its path does not match
     /// the filter, or it is a vector and the vector policy is `Skip`.
     #[error("basis given for parameter `{path}`, which the configuration does not target")]

@@ -34,4 +34,4 @@ pub use projection::{Projected, ProjectionMode, ProjectionStats, project};
 pub use record::{BasisRecord, RECORD_VERSION, SpfRecord};
 pub use refresh::{NoSafetySource, RefreshPolicy, RefreshStats, SafetyGradientSource, SourceError};
 pub use spf_subspace::{ParamFilter, RankPolicy, SubspaceConfig, VectorPolicy};
-pub use stats::{NonFiniteStats, StepStats, TensorStats};
+pub use stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};

@@ -24,14 +24,14 @@ use burn::tensor::backend::AutodiffBackend;
 use spf_subspace::{LowRankBasis, SafetySubspace, Targets, direction_overlap};
 
 use crate::error::panic_message;
-use crate::record::{BasisRecord, RECORD_VERSION, SpfRecord};
+use crate::record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};
 use crate::walk::{
-    GradientProjection, GradientReduction, NonFiniteProbe, NonFiniteZeroing, UpdateProjection,
-    UpdateSnapshot,
+    BasisPresence, GradientProjection, GradientReduction, NonFiniteProbe, NonFiniteZeroing,
+    UpdateProjection, UpdateSnapshot,
 };
 use crate::{
     NoSafetySource, NonFinitePolicy, NonFiniteStats, ProjectionTarget, RefreshStats,
-    SafetyGradientSource, SpfConfig, SpfError, StepStats, TensorStats,
+    SafetyGradientSource, SpfConfig, SpfError, StatsFeed, StepStats, TensorStats,
 };
 
 /// A basis on the backend the gradients live on.
@@ -87,6 +87,7 @@ pub struct SafetyProjectedOptimizer<O, B: AutodiffBackend, S = NoSafetySource> {
     refresh: RefreshStats,
     non_finite: NonFiniteStats,
     last_stats: StepStats,
+    feed: StatsFeed,
 }
 
 /// A step that did not happen, with the module handed back untouched.
@@ -113,6 +114,7 @@ impl<O: Clone, B: AutodiffBackend, S: Clone> Clone for SafetyProjectedOptimizer<
             refresh: self.refresh.clone(),
             non_finite: self.non_finite,
             last_stats: self.last_stats.clone(),
+            feed: self.feed.clone(),
         }
     }
 }
@@ -141,6 +143,7 @@ impl<O, B: AutodiffBackend> SafetyProjectedOptimizer<O, B, NoSafetySource> {
             refresh,
             non_finite: NonFiniteStats::default(),
             last_stats: StepStats::default(),
+            feed: StatsFeed::default(),
         };
         optim.insert_bases(bases)?;
         if !optim.bases.is_empty() {
@@ -166,6 +169,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             refresh: self.refresh,
             non_finite: self.non_finite,
             last_stats: self.last_stats,
+            feed: self.feed,
         }
     }
 
@@ -238,12 +242,31 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         &self.last_stats
     }
 
+    /// A shared handle on [`Self::last_stats`] that follows this wrapper (and its clones) as it
+    /// steps; see [`StatsFeed`].
+    pub fn stats_feed(&self) -> StatsFeed {
+        self.feed.clone()
+    }
+
+    /// Records the statistics of the step just taken (or refused).
+    fn publish(&mut self, stats: StepStats) {
+        self.feed.publish(&stats);
+        self.last_stats = stats;
+    }
+
     /// Restores a record saved by [`Optimizer::to_record`], checking it against the module the
     /// wrapper was built for.
     ///
+    /// The record may come from a wrapper built for another instance of the same architecture
+    /// (same parameter paths and shapes, other ids), as when burn-train resumes from a checkpoint
+    /// in a fresh process: the wrapper then adopts the saved ids, which the module takes on when
+    /// its own record, saved with this one, is loaded. A step on a module that has none of those
+    /// ids is refused with [`SpfError::ModuleMismatch`].
+    ///
     /// # Errors
     ///
-    /// [`SpfError::UnsupportedRecordVersion`], [`SpfError::InvalidBasis`] for factors that do not
+    /// [`SpfError::UnsupportedRecordVersion`], [`SpfError::RecordMismatch`] when the record's
+    /// parameter paths are not the module's, [`SpfError::InvalidBasis`] for factors that do not
     /// form a valid basis, and the errors of [`Self::insert_bases`] for a basis that does not fit
     /// its parameter. The bases in the record replace the current ones.
     pub fn try_load_record<M>(
@@ -260,15 +283,10 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
                 supported: RECORD_VERSION,
             });
         }
-        let mut bases = Vec::with_capacity(record.bases.len());
-        for saved in record.bases {
-            let id = ParamId::from(saved.param);
-            let path = self.targets.get(&id).map(|t| t.path.to_string());
-            let basis = LowRankBasis::new(saved.u.inner(), saved.sigma.inner(), saved.v.inner())
-                .map_err(|source| SpfError::InvalidBasis { path, source })?;
-            bases.push((id, basis));
+        if let Some(targets) = rekeyed(&self.targets, &record.params)? {
+            self.targets = Arc::new(targets);
         }
-        self.bases = self.admit(bases)?.into_iter().collect();
+        self.bases = self.admit_saved(record.bases)?.into_iter().collect();
         self.steps = record.steps;
         self.refresh_since = record.refresh_since;
         self.refresh = RefreshStats {
@@ -279,6 +297,22 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         };
         self.inner = self.inner.load_record(record.inner);
         Ok(self)
+    }
+
+    /// The bases of a record, checked and admitted against the current targets.
+    fn admit_saved(
+        &self,
+        saved: Vec<BasisRecord<B>>,
+    ) -> Result<Vec<(ParamId, InnerBasis<B>)>, SpfError> {
+        let mut bases = Vec::with_capacity(saved.len());
+        for saved in saved {
+            let id = ParamId::from(saved.param);
+            let path = self.targets.get(&id).map(|t| t.path.to_string());
+            let basis = LowRankBasis::new(saved.u.inner(), saved.sigma.inner(), saved.v.inner())
+                .map_err(|source| SpfError::InvalidBasis { path, source })?;
+            bases.push((id, basis));
+        }
+        self.admit(bases)
     }
 
     fn refresh_due(&self) -> bool {
@@ -431,7 +465,8 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     /// # Errors
     ///
     /// [`SpfError::InvalidLearningRate`] for a NaN, infinite or negative `lr`;
-    /// [`SpfError::NonFiniteGradient`] as above; [`SpfError::StepPanicked`] when the inner
+    /// [`SpfError::ModuleMismatch`] when the wrapper has bases but the module none of their
+    /// parameters; [`SpfError::NonFiniteGradient`] as above; [`SpfError::StepPanicked`] when the inner
     /// optimizer panics (on state that does not fit the module, from a corrupt record for
     /// example): the module comes back as it was, but the inner optimizer's state may be
     /// incomplete, so reload it before stepping again.
@@ -450,6 +485,17 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             let error = SpfError::InvalidLearningRate { lr };
             return Err(StepError { module, error });
         }
+        if !self.bases.is_empty() {
+            let mut presence = BasisPresence::<B> {
+                bases: &self.bases,
+                found: 0,
+            };
+            module.visit(&mut presence);
+            if presence.found == 0 {
+                let error = SpfError::ModuleMismatch;
+                return Err(StepError { module, error });
+            }
+        }
         let bad = self.non_finite_gradients(&module, &grads);
         self.non_finite.this_step = bad.len();
         self.non_finite.total += bad.len();
@@ -457,7 +503,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             self.refresh.refreshed = false;
             match self.config.non_finite {
                 NonFinitePolicy::Error => {
-                    self.last_stats = self.stats(Vec::new());
+                    self.publish(self.stats(Vec::new()));
                     let paths = bad
                         .iter()
                         .map(|id| {
@@ -471,7 +517,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
                 }
                 NonFinitePolicy::SkipStep => {
                     self.non_finite.skipped_steps += 1;
-                    self.last_stats = self.stats(Vec::new());
+                    self.publish(self.stats(Vec::new()));
                     return Ok(module);
                 }
                 NonFinitePolicy::ZeroNonFinite => {
@@ -501,7 +547,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         }));
         match stepped {
             Ok((module, tensors)) => {
-                self.last_stats = self.stats(tensors);
+                self.publish(self.stats(tensors));
                 self.steps += 1;
                 Ok(module)
             }
@@ -565,9 +611,19 @@ where
             })
             .collect();
         bases.sort_by_key(|basis| basis.param);
+        let mut params: Vec<_> = self
+            .targets
+            .iter()
+            .map(|(id, target)| ParamPath {
+                param: id.val(),
+                path: target.path.to_string(),
+            })
+            .collect();
+        params.sort_by_key(|p| p.param);
         SpfRecord {
             version: RECORD_VERSION,
             inner: self.inner.to_record(),
+            params,
             steps: self.steps,
             bases,
             refreshes: self.refresh.count,
@@ -585,6 +641,46 @@ where
         self.try_load_record::<M>(record)
             .unwrap_or_else(|err| panic!("cannot load SPF optimizer record: {err}"))
     }
+}
+
+/// `targets` keyed by the ids of a record's `saved` parameters, matched by module path, or `None`
+/// when the ids already agree. A module built afresh has new parameter ids; once its own record is
+/// loaded it takes on the saved ones, so the wrapper adopts them too.
+fn rekeyed(targets: &Targets, saved: &[ParamPath]) -> Result<Option<Targets>, SpfError> {
+    let agree = saved.iter().all(|p| {
+        targets
+            .get(&ParamId::from(p.param))
+            .is_some_and(|t| *t.path == *p.path)
+    });
+    if agree && saved.len() == targets.iter().count() {
+        return Ok(None);
+    }
+    let by_path: HashMap<&str, u64> = saved.iter().map(|p| (p.path.as_str(), p.param)).collect();
+    let mismatch = |reason: String| SpfError::RecordMismatch { reason };
+    if by_path.len() != saved.len() {
+        return Err(mismatch("two saved parameters share a path".into()));
+    }
+    let rekeyed: Targets = targets
+        .iter()
+        .map(|(_, target)| match by_path.get(&*target.path) {
+            Some(&id) => Ok((ParamId::from(id), target.clone())),
+            None => Err(mismatch(format!(
+                "the module's parameter `{}` is not in the record",
+                target.path
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    if let Some(extra) = saved.iter().find(|p| {
+        rekeyed
+            .get(&ParamId::from(p.param))
+            .is_none_or(|t| *t.path != *p.path)
+    }) {
+        return Err(mismatch(format!(
+            "the record's parameter `{}` is not in the module",
+            extra.path
+        )));
+    }
+    Ok(Some(rekeyed))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! [`StepStats`]: what the projection did in one optimizer step, per tensor and in aggregate.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use burn::module::ParamId;
 use serde::Serialize;
@@ -95,5 +95,30 @@ impl StepStats {
             .iter()
             .map(|t| t.stats.cosine_after)
             .reduce(f64::min)
+    }
+}
+
+/// A shared view of a wrapper's latest [`StepStats`], for readers that cannot hold the wrapper
+/// itself: burn-train's metrics, which only see the model's output, or a logging thread.
+///
+/// Get one with [`SafetyProjectedOptimizer::stats_feed`](crate::SafetyProjectedOptimizer::stats_feed);
+/// every step (and every refused step) publishes to it. Clones of a wrapper share its feed, so a
+/// feed taken before the wrapper is handed to burn-train's `Learner` keeps reporting the copy
+/// that trains.
+#[derive(Debug, Clone, Default)]
+pub struct StatsFeed(Arc<Mutex<StepStats>>);
+
+impl StatsFeed {
+    /// The statistics of the latest step, or the default (empty) ones before the first.
+    pub fn latest(&self) -> StepStats {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn publish(&self, stats: &StepStats) {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.clone_from(stats);
     }
 }

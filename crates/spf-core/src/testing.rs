@@ -1,7 +1,7 @@
 //! Shared fixtures of the unit tests: seeded random matrices and bases, and an `f64` host
 //! reference of every projection mode written straight from the formulas of the SPF method note.
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::Autodiff;
 use burn::tensor::{DType, Element, Tensor, TensorData, backend::Backend};
 use faer::Mat;
 use rand::rngs::StdRng;
@@ -10,8 +10,14 @@ use spf_subspace::LowRankBasis;
 
 use crate::ProjectionMode;
 
-/// The backend every unit test runs on.
-pub type TestBackend = NdArray;
+/// The backend every unit test runs on: ndarray, or WGPU with the `test-wgpu` feature (for
+/// example on Mesa's lavapipe in CI).
+#[cfg(not(feature = "test-wgpu"))]
+pub type TestBackend = burn::backend::NdArray;
+/// The backend every unit test runs on: ndarray, or WGPU with the `test-wgpu` feature (for
+/// example on Mesa's lavapipe in CI).
+#[cfg(feature = "test-wgpu")]
+pub type TestBackend = burn::backend::Wgpu;
 /// Its autodiff counterpart.
 pub type TestAutodiffBackend = Autodiff<TestBackend>;
 

@@ -43,6 +43,18 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
     }
 }
 
+/// Counts the module's parameters that have a basis.
+pub(crate) struct BasisPresence<'a, B: AutodiffBackend> {
+    pub bases: &'a Bases<B>,
+    pub found: usize,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for BasisPresence<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.found += usize::from(self.bases.contains_key(&param.id));
+    }
+}
+
 /// Sums each parameter's gradients over the devices of a [`MultiGradientsParams`], on the device
 /// burn's own reduction picks for it.
 pub(crate) struct GradientReduction<'a> {

@@ -293,9 +293,8 @@ fn check_orthonormal<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
 
-    type TestBackend = NdArray;
+    use crate::testing::TestBackend;
 
     fn tensor2(rows: &[&[f32]]) -> Tensor<TestBackend, 2> {
         let n = rows.len();

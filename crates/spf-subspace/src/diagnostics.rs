@@ -97,10 +97,10 @@ pub fn principal_angles<B: Backend>(u1: &Tensor<B, 2>, u2: &Tensor<B, 2>) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
+    use crate::testing::TestBackend;
     use burn::tensor::TensorData;
 
-    fn columns(rows: &[&[f32]]) -> Tensor<NdArray, 2> {
+    fn columns(rows: &[&[f32]]) -> Tensor<TestBackend, 2> {
         let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         Tensor::from_data(
             TensorData::new(flat, [rows.len(), rows[0].len()]),
@@ -149,11 +149,11 @@ mod tests {
 
     #[test]
     fn direction_overlap_needs_both_factors_to_agree() {
-        let sigma = || Tensor::<NdArray, 1>::from_floats([1.0], &Default::default());
+        let sigma = || Tensor::<TestBackend, 1>::from_floats([1.0], &Default::default());
         let e = |i: usize| {
             let mut column = [[0.0f32]; 2];
             column[i] = [1.0];
-            Tensor::<NdArray, 2>::from_floats(column, &Default::default())
+            Tensor::<TestBackend, 2>::from_floats(column, &Default::default())
         };
         let basis = |u, v| LowRankBasis::new(e(u), sigma(), e(v)).unwrap();
         assert!((direction_overlap(&basis(0, 0), &basis(0, 0)) - 1.0).abs() < 1e-6);

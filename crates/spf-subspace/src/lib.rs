@@ -25,3 +25,13 @@ pub use error::SubspaceError;
 pub use rsvd::{RandomizedSvd, RandomizedSvdConfig, SketchConfig};
 pub use subspace::{RankPolicy, SafetySubspace, SubspaceConfig};
 pub use targets::{ParamFilter, Target, Targets, VectorPolicy, from_2d, into_2d, view_2d};
+
+/// The backend of the unit tests: ndarray, or WGPU with the `test-wgpu` feature (for example on
+/// Mesa's lavapipe in CI).
+#[cfg(test)]
+pub(crate) mod testing {
+    #[cfg(not(feature = "test-wgpu"))]
+    pub(crate) type TestBackend = burn::backend::NdArray;
+    #[cfg(feature = "test-wgpu")]
+    pub(crate) type TestBackend = burn::backend::Wgpu;
+}

@@ -272,9 +272,8 @@ fn device_matrix<B: Backend>(
 mod tests {
     use super::*;
     use crate::subspace_overlap;
-    use burn::backend::NdArray;
 
-    type TestBackend = NdArray;
+    use crate::testing::TestBackend;
 
     fn gaussian(rows: usize, cols: usize, seed: u64) -> Mat<f64> {
         let mut rng = StdRng::seed_from_u64(seed);

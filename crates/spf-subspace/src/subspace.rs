@@ -218,12 +218,13 @@ pub(crate) fn mix(a: u64, b: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::{Autodiff, NdArray};
+    use crate::testing::TestBackend;
+    use burn::backend::Autodiff;
     use burn::module::{Module, Param};
     use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
     use burn::tensor::activation::relu;
 
-    type AB = Autodiff<NdArray>;
+    type AB = Autodiff<TestBackend>;
 
     /// Attention-like and MLP-like layers, a norm with vector parameters, and a head.
     #[derive(Module, Debug)]
@@ -262,7 +263,7 @@ mod tests {
         GradientsParams::from_grads(model.head.forward(h).sum().backward(), model)
     }
 
-    fn paths(model: &Tiny<AB>, subspace: &SafetySubspace<NdArray>) -> Vec<String> {
+    fn paths(model: &Tiny<AB>, subspace: &SafetySubspace<TestBackend>) -> Vec<String> {
         let targets = Targets::of(model, &ParamFilter::All, VectorPolicy::Pcgrad).unwrap();
         let mut paths: Vec<String> = subspace
             .iter()
@@ -346,7 +347,7 @@ mod tests {
     fn non_finite_gradient_names_its_parameter() {
         let model = tiny();
         let mut grads = safety_grads(&model, 2);
-        let bad = Tensor::<NdArray, 2>::full([6, 12], f32::NAN, &Default::default());
+        let bad = Tensor::<TestBackend, 2>::full([6, 12], f32::NAN, &Default::default());
         grads.register(model.mlp.weight.id, bad);
         let err = SafetySubspace::estimate(&model, &grads, &SubspaceConfig::new()).unwrap_err();
         assert!(
@@ -363,7 +364,7 @@ mod tests {
         let config = SubspaceConfig::new().with_sketch(SketchConfig::new().with_seed(5));
         let sa = SafetySubspace::estimate(&a, &safety_grads(&a, 3), &config).unwrap();
         let sb = SafetySubspace::estimate(&b, &safety_grads(&b, 3), &config).unwrap();
-        let u = |m: &Tiny<AB>, s: &SafetySubspace<NdArray>| {
+        let u = |m: &Tiny<AB>, s: &SafetySubspace<TestBackend>| {
             s.get(&m.mlp.weight.id).unwrap().u().to_data()
         };
         assert_eq!(u(&a, &sa), u(&b, &sb));

@@ -128,6 +128,12 @@ impl Targets {
     }
 }
 
+impl FromIterator<(ParamId, Target)> for Targets {
+    fn from_iter<I: IntoIterator<Item = (ParamId, Target)>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
 /// The 2-D view of a parameter of shape `dims`: `[dim0, rest]`, or `[n, 1]` for a vector.
 pub fn view_2d(dims: &[usize]) -> [usize; 2] {
     match dims {
@@ -213,7 +219,7 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for TargetedGradients<'_, AB> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
+    use crate::testing::TestBackend;
     use burn::nn::{Linear, LinearConfig};
 
     #[derive(Module, Debug)]
@@ -223,7 +229,7 @@ mod tests {
         head: Linear<B>,
     }
 
-    fn block() -> Block<NdArray> {
+    fn block() -> Block<TestBackend> {
         let device = Default::default();
         Block {
             attn: LinearConfig::new(2, 3).init(&device),
@@ -312,21 +318,22 @@ mod tests {
     fn into_2d_and_back_round_trip_every_rank() {
         let device = Default::default();
         let values: Vec<f32> = (0..24).map(|i| i as f32).collect();
-        let t3 = Tensor::<NdArray, 1>::from_floats(values.as_slice(), &device).reshape([2, 3, 4]);
+        let t3 =
+            Tensor::<TestBackend, 1>::from_floats(values.as_slice(), &device).reshape([2, 3, 4]);
         let flat = into_2d(t3.clone());
         assert_eq!(flat.dims(), [2, 12]);
         from_2d(flat, [2, 3, 4])
             .into_data()
             .assert_eq(&t3.into_data(), true);
 
-        let t2 = Tensor::<NdArray, 1>::from_floats(values.as_slice(), &device).reshape([4, 6]);
+        let t2 = Tensor::<TestBackend, 1>::from_floats(values.as_slice(), &device).reshape([4, 6]);
         let same = into_2d(t2.clone());
         assert_eq!(same.dims(), [4, 6]);
         from_2d(same, [4, 6])
             .into_data()
             .assert_eq(&t2.into_data(), true);
 
-        let t1 = Tensor::<NdArray, 1>::from_floats(values.as_slice(), &device);
+        let t1 = Tensor::<TestBackend, 1>::from_floats(values.as_slice(), &device);
         let column = into_2d(t1.clone());
         assert_eq!(column.dims(), [24, 1]);
         from_2d(column, [24])

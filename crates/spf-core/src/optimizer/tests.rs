@@ -325,10 +325,16 @@ fn unprotected_parameters_pass_through_bit_for_bit() {
     }
 }
 
+/// Data parallelism on burn's own engine: burn-train's multi-device strategy hands each
+/// replica's optimizer the gradients of every device in one `MultiGradientsParams`. burn 0.21's
+/// ndarray backend has one device, so the three "devices" here are three handles on it. Every
+/// replica of the wrapper applies the same projected update, and it is the step on the summed
+/// gradients.
 #[test]
-fn step_multi_equals_step_on_summed_gradients() {
+fn step_multi_replicas_apply_the_step_on_summed_gradients() {
     let device: burn::tensor::Device<B> = Default::default();
     let model = Net::<B>::new(&device);
+    let seeds = [7, 8, 9];
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
         let build = || {
             config(ProjectionMode::ConflictOnly)
@@ -336,33 +342,56 @@ fn step_multi_equals_step_on_summed_gradients() {
                 .init(AdamWConfig::new().init(), &model, bases(&model))
                 .unwrap()
         };
-        let (mut single, mut multi) = (build(), build());
-
+        let mut single = build();
         let mut summed = GradientsParams::new();
-        let (g1, g2) = (grads(&model, 7), grads(&model, 8));
+        let all: Vec<_> = seeds.iter().map(|&s| grads(&model, s)).collect();
         for (id, _) in params(&model) {
             match rank_of(&model, id) {
-                None => summed.register(id, g1.get::<Inner, 1>(id).unwrap() + g2.get(id).unwrap()),
-                Some(2) => {
-                    summed.register(id, g1.get::<Inner, 2>(id).unwrap() + g2.get(id).unwrap())
-                }
-                Some(_) => {
-                    summed.register(id, g1.get::<Inner, 3>(id).unwrap() + g2.get(id).unwrap())
-                }
+                None => summed.register(id, sum_of::<1>(&all, id)),
+                Some(2) => summed.register(id, sum_of::<2>(&all, id)),
+                Some(_) => summed.register(id, sum_of::<3>(&all, id)),
             }
         }
-        let a = single.step(1e-2, model.clone(), summed);
-        let replicas = MultiGradientsParams {
-            grads: vec![
-                (grads(&model, 7), device.id()),
-                (grads(&model, 8), device.id()),
-            ],
-        };
-        let b = multi.step_multi(1e-2, model.clone(), replicas);
+        let expected = single.step(1e-2, model.clone(), summed);
         assert!(single.last_stats().removed() > 0);
-        assert_eq!(single.last_stats(), multi.last_stats());
-        assert_same(&a, &b, &format!("{target:?}"));
+
+        let replicas: Vec<_> = (0..3)
+            .map(|_| {
+                let mut optim = build();
+                let multi = MultiGradientsParams {
+                    grads: seeds
+                        .iter()
+                        .map(|&s| (grads(&model, s), device.id()))
+                        .collect(),
+                };
+                let stepped = optim.step_multi(1e-2, model.clone(), multi);
+                (stepped, optim.last_stats().clone())
+            })
+            .collect();
+        for (replica, (stepped, stats)) in replicas.iter().enumerate() {
+            let context = format!("{target:?}, replica {replica}");
+            // Every replica applies the same update, bit for bit, on any backend.
+            assert_same(&replicas[0].0, stepped, &context);
+            assert_eq!(&replicas[0].1, stats, "{context}");
+            // It is the step on the summed gradients: bit for bit on ndarray, where burn's
+            // reduction adds in the same order; to rounding on a GPU backend.
+            assert_eq!(single.last_stats().conflicting(), stats.conflicting());
+            if cfg!(feature = "test-wgpu") {
+                assert_close(&expected, stepped, 1e-5);
+            } else {
+                assert_eq!(single.last_stats(), stats, "{context}");
+                assert_same(&expected, stepped, &context);
+            }
+        }
     }
+}
+
+/// `Σ_g g[id]` over the gradient sets, in their order.
+fn sum_of<const D: usize>(all: &[GradientsParams], id: ParamId) -> Tensor<Inner, D> {
+    all.iter()
+        .map(|g| g.get::<Inner, D>(id).unwrap())
+        .reduce(|a, b| a + b)
+        .unwrap()
 }
 
 #[test]
@@ -388,6 +417,46 @@ fn record_round_trip_continues_identically() {
     let a = optim.step(1e-2, model.clone(), grads(&model, 2));
     let b = restored.step(1e-2, model.clone(), grads(&model, 2));
     assert_same(&a, &b, "after the round trip");
+}
+
+/// burn-train resumes by building the model and the wrapper afresh (new parameter ids) and then
+/// loading both records: the wrapper adopts the saved ids, the module takes them on, and training
+/// continues exactly. Stepping a module that never loaded its record is refused.
+#[test]
+fn a_record_loads_into_a_wrapper_built_for_a_fresh_copy_of_the_model() {
+    let device = Default::default();
+    let cfg = config(ProjectionMode::ConflictOnly).with_refresh(crate::RefreshPolicy::Never);
+    let model = Net::<B>::new(&device);
+    let mut optim = cfg
+        .init(AdamWConfig::new().init(), &model, bases(&model))
+        .unwrap();
+    let model = train(&mut optim, model, 0..2);
+
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let optim_bytes = recorder.record(optim.to_record(), ()).unwrap();
+    let model_bytes = recorder.record(model.clone().into_record(), ()).unwrap();
+
+    let fresh = Net::<B>::new(&device);
+    assert_ne!(fresh.attn.weight.id, model.attn.weight.id, "new ids");
+    let mut restored = cfg
+        .init(AdamWConfig::new().init(), &fresh, [])
+        .unwrap()
+        .try_load_record::<Net<B>>(recorder.load(optim_bytes, &device).unwrap())
+        .unwrap();
+    assert_eq!(restored.bases().len(), 3);
+
+    let refused = restored
+        .try_step(1e-2, fresh.clone(), grads(&fresh, 2))
+        .unwrap_err();
+    assert_eq!(refused.error, SpfError::ModuleMismatch);
+
+    let resumed = fresh.load_record(recorder.load(model_bytes, &device).unwrap());
+    assert_eq!(resumed.attn.weight.id, model.attn.weight.id);
+    let a = optim.step(1e-2, model.clone(), grads(&model, 2));
+    let b = restored.step(1e-2, resumed.clone(), grads(&resumed, 2));
+    assert!(optim.last_stats().removed() > 0);
+    assert_eq!(optim.last_stats(), restored.last_stats());
+    assert_same(&a, &b, "after resuming into a fresh copy");
 }
 
 #[test]
@@ -473,15 +542,19 @@ fn load_record_rejects_records_that_do_not_fit() {
         })
     );
 
-    // A record saved for another model: its ids are unknown here.
-    let other = Net::<B>::new(&device);
-    let foreign = cfg
-        .init(SgdConfig::new().init::<B, Net<B>>(), &other, bases(&other))
-        .unwrap()
-        .to_record();
+    // A record saved for another architecture: a parameter path it does not have, or one
+    // parameter fewer.
+    let mut renamed = optim.to_record();
+    renamed.params[0].path = "elsewhere.weight".into();
     assert!(matches!(
-        fresh().try_load_record::<Net<B>>(foreign),
-        Err(SpfError::UnknownParam { .. })
+        fresh().try_load_record::<Net<B>>(renamed),
+        Err(SpfError::RecordMismatch { .. })
+    ));
+    let mut fewer = optim.to_record();
+    fewer.params.pop();
+    assert!(matches!(
+        fresh().try_load_record::<Net<B>>(fewer),
+        Err(SpfError::RecordMismatch { .. })
     ));
 
     // The right id with factors of another shape.
@@ -560,6 +633,60 @@ mod refresh {
                     .with_rank(RankPolicy::Fixed(2))
                     .with_sketch(SketchConfig::new().with_seed(3)),
             )
+    }
+
+    /// A frozen layer (outside the autodiff graph, so without gradients, in both the utility
+    /// and the safety loss) passes through bit for bit, keeps its basis through refreshes, and
+    /// is projected again once unfrozen.
+    #[test]
+    fn frozen_parameters_pass_through_and_keep_their_bases() {
+        let device = Default::default();
+        for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
+            let mut model = Net::<B>::new(&device);
+            model.attn = model.attn.no_grad();
+            let mut optim = refreshing(RefreshPolicy::Every(1), target)
+                .init(AdamWConfig::new().init(), &model, bases(&model))
+                .unwrap()
+                .with_safety_source(safety_loss);
+            let attn = model.attn.weight.id;
+            let basis_before = optim.bases()[&attn].u().to_data();
+
+            let stepped = train(&mut optim, model.clone(), 0..3);
+            assert_bitwise(&stepped.attn.weight, &model.attn.weight);
+            assert_bitwise(
+                stepped.attn.bias.as_ref().unwrap(),
+                model.attn.bias.as_ref().unwrap(),
+            );
+            assert_ne!(
+                params(&stepped)[2..],
+                params(&model)[2..],
+                "{target:?}: the rest trains"
+            );
+            // The bases given at init serve step 0; steps 1 and 2 re-estimate.
+            assert_eq!(optim.last_stats().refresh.count, 2, "{target:?}");
+            assert_eq!(optim.bases()[&attn].u().to_data(), basis_before);
+            let projected = |optim: &SafetyProjectedOptimizer<_, B, _>| {
+                optim
+                    .last_stats()
+                    .tensors
+                    .iter()
+                    .any(|t: &crate::TensorStats| t.param == attn)
+            };
+            assert!(
+                !projected(&optim),
+                "{target:?}: nothing to project while frozen"
+            );
+
+            let mut unfrozen = stepped;
+            unfrozen.attn.weight = unfrozen.attn.weight.set_require_grad(true);
+            let g = grads(&unfrozen, 9);
+            let after = optim.step(1e-2, unfrozen.clone(), g);
+            assert!(projected(&optim), "{target:?}: projected once unfrozen");
+            assert_ne!(
+                after.attn.weight.val().into_data(),
+                unfrozen.attn.weight.val().into_data()
+            );
+        }
     }
 
     #[test]
