@@ -6,10 +6,14 @@ pub use spf_core::{
     BasisRecord, NoSafetySource, NonFinitePolicy, NonFiniteStats, ParamFilter, Projected,
     ProjectionMode, ProjectionStats, ProjectionTarget, RECORD_VERSION, RankPolicy, RefreshPolicy,
     RefreshStats, SafetyGradientSource, SafetyProjectedOptimizer, SourceError, SpfConfig, SpfError,
-    SpfRecord, StepStats, SubspaceConfig, TensorStats, VectorPolicy, project,
+    SpfRecord, StatsFeed, StepStats, SubspaceConfig, TensorStats, VectorPolicy, project,
 };
 pub use spf_subspace::rsvd;
 pub use spf_subspace::{
     LowRankBasis, RandomizedSvd, RandomizedSvdConfig, SafetySubspace, SketchConfig, SubspaceError,
     Targets, captured_energy, direction_overlap, principal_angles, subspace_overlap,
 };
+
+/// burn-train integration: the projection statistics as `Learner` metrics (feature `train`).
+#[cfg(feature = "train")]
+pub use spf_train as train;

@@ -1,0 +1,226 @@
+//! SPF inside burn-train's `Learner`: the wrapped optimizer goes in unchanged, burn-train
+//! checkpoints it with the model, and the projection statistics appear beside the loss on the
+//! dashboard (a terminal UI in a terminal, plain lines otherwise) and in the metric logs.
+//!
+//! An MLP learns a regression task while SPF (AdamW inside, `ConflictOnly`, rank 4) keeps it from
+//! moving against a four-sample "safety" regression, re-estimating its bases every 5 steps.
+//!
+//! Run: `cargo run -p spf-train --example learner`, which trains 3 epochs into
+//! `target/spf-runs/learner`. `-- --epochs 4 --resume 3` continues that run from its epoch-3
+//! checkpoint: burn-train reloads the model, the wrapper (inner AdamW state, bases, step counter
+//! and refresh state) and the scheduler, and the fourth epoch is the one an uninterrupted
+//! four-epoch run takes (`tests/learner.rs` checks it bit for bit).
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::data::dataset::InMemDataset;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::AdamWConfig;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Device, Distribution, Tensor, TensorData, activation::tanh};
+use burn::train::metric::LossMetric;
+use burn::train::{
+    InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep,
+};
+use spf_core::{RankPolicy, RefreshPolicy, SpfConfig, StepStats, SubspaceConfig};
+use spf_train::{SpfMetric, SpfStatistic};
+
+type B = Autodiff<NdArray>;
+
+const INPUT: usize = 8;
+const WIDTH: usize = 32;
+const OUTPUT: usize = 4;
+const SAMPLES: usize = 512;
+const BATCH: usize = 32;
+const LR: f64 = 3e-3;
+
+/// A three-layer MLP.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    fc1: Linear<B>,
+    fc2: Linear<B>,
+    fc3: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn new(device: &B::Device) -> Self {
+        Self {
+            fc1: LinearConfig::new(INPUT, WIDTH).init(device),
+            fc2: LinearConfig::new(WIDTH, WIDTH).init(device),
+            fc3: LinearConfig::new(WIDTH, OUTPUT).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.fc3
+            .forward(tanh(self.fc2.forward(tanh(self.fc1.forward(x)))))
+    }
+
+    fn regression(&self, batch: Pairs<B>) -> RegressionOutput<B> {
+        let output = self.forward(batch.x);
+        let loss = (output.clone() - batch.y.clone()).square().mean();
+        RegressionOutput {
+            loss,
+            output,
+            targets: batch.y,
+        }
+    }
+}
+
+impl<B: AutodiffBackend> TrainStep for Mlp<B> {
+    type Input = Pairs<B>;
+    type Output = RegressionOutput<B>;
+
+    fn step(&self, batch: Pairs<B>) -> TrainOutput<RegressionOutput<B>> {
+        let output = self.regression(batch);
+        TrainOutput::new(self, output.loss.backward(), output)
+    }
+}
+
+impl<B: Backend> InferenceStep for Mlp<B> {
+    type Input = Pairs<B>;
+    type Output = RegressionOutput<B>;
+
+    fn step(&self, batch: Pairs<B>) -> RegressionOutput<B> {
+        self.regression(batch)
+    }
+}
+
+/// One input and its target.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    x: Vec<f32>,
+    y: Vec<f32>,
+}
+
+/// A batch of inputs and targets.
+#[derive(Debug, Clone)]
+pub struct Pairs<B: Backend> {
+    x: Tensor<B, 2>,
+    y: Tensor<B, 2>,
+}
+
+#[derive(Clone)]
+struct PairBatcher;
+
+impl<B: Backend> Batcher<B, Sample, Pairs<B>> for PairBatcher {
+    fn batch(&self, items: Vec<Sample>, device: &B::Device) -> Pairs<B> {
+        let n = items.len();
+        let (x, y): (Vec<_>, Vec<_>) = items.into_iter().map(|s| (s.x, s.y)).unzip();
+        Pairs {
+            x: Tensor::from_data(TensorData::new(x.concat(), [n, INPUT]), device),
+            y: Tensor::from_data(TensorData::new(y.concat(), [n, OUTPUT]), device),
+        }
+    }
+}
+
+/// `n` samples of `y = tanh(x T)`: the teacher `T` drawn with seed `teacher`, the inputs with
+/// seed `inputs`.
+fn task(n: usize, teacher: u64, inputs: u64, device: &Device<NdArray>) -> Vec<Sample> {
+    let normal = Distribution::Normal(0.0, 1.0);
+    <NdArray as Backend>::seed(device, teacher);
+    let teacher = Tensor::<NdArray, 2>::random([INPUT, OUTPUT], normal, device);
+    <NdArray as Backend>::seed(device, inputs);
+    let x = Tensor::<NdArray, 2>::random([n, INPUT], normal, device);
+    let y = tanh(x.clone().matmul(teacher));
+    let rows = |t: Tensor<NdArray, 2>, width: usize| -> Vec<Vec<f32>> {
+        let values: Vec<f32> = t.into_data().to_vec().expect("f32 data");
+        values.chunks(width).map(<[f32]>::to_vec).collect()
+    };
+    rows(x, INPUT)
+        .into_iter()
+        .zip(rows(y, OUTPUT))
+        .map(|(x, y)| Sample { x, y })
+        .collect()
+}
+
+/// Batches of `BATCH` samples in order (no shuffling, so a resumed run sees the same batches).
+fn loader<B: Backend>(items: Vec<Sample>) -> Arc<dyn DataLoader<B, Pairs<B>>> {
+    DataLoaderBuilder::new(PairBatcher)
+        .batch_size(BATCH)
+        .build(InMemDataset::new(items))
+}
+
+/// What a run leaves behind.
+pub struct Outcome {
+    /// The trained model.
+    pub model: Mlp<NdArray>,
+    /// The wrapper's statistics after its last step.
+    pub stats: StepStats,
+}
+
+/// Trains `epochs` epochs into `dir`, from scratch or, with `resume`, from the checkpoint of
+/// that epoch in `dir`.
+pub fn run(dir: &Path, epochs: usize, resume: Option<usize>) -> Result<Outcome, Box<dyn Error>> {
+    let device = Default::default();
+    let train = task(SAMPLES, 1, 10, &device);
+    let valid = task(SAMPLES / 4, 1, 11, &device);
+    // The safety examples follow another teacher: the two objectives conflict.
+    let safety = PairBatcher.batch(task(4, 2, 12, &device), &device);
+
+    B::seed(&device, 0);
+    let model = Mlp::<B>::new(&device);
+    let optim = SpfConfig::new()
+        .with_refresh(RefreshPolicy::Every(5))
+        .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(4)))
+        .init(AdamWConfig::new().init(), &model, [])?
+        .with_safety_source(move |m: &Mlp<B>| m.regression(safety.clone()).loss);
+    let feed = optim.stats_feed();
+
+    let mut training = SupervisedTraining::new(dir, loader::<B>(train), loader::<NdArray>(valid))
+        .metric_train_numeric(LossMetric::new())
+        .metric_valid_numeric(LossMetric::new())
+        .metric_train_numeric(SpfMetric::new(SpfStatistic::ConflictShare, feed.clone()))
+        .metric_train_numeric(SpfMetric::new(
+            SpfStatistic::RemovedEnergyShare,
+            feed.clone(),
+        ))
+        .metric_train_numeric(SpfMetric::new(SpfStatistic::Refreshes, feed.clone()))
+        .with_file_checkpointer(NamedMpkFileRecorder::<FullPrecisionSettings>::new())
+        .num_epochs(epochs)
+        .summary();
+    if let Some(epoch) = resume {
+        training = training.checkpoint(epoch);
+    }
+    let result = training.launch(Learner::new(model, optim, LR));
+    Ok(Outcome {
+        model: result.model,
+        stats: feed.latest(),
+    })
+}
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let mut args = std::env::args().skip(1);
+    let (mut epochs, mut resume, mut dir) = (3, None, PathBuf::from("target/spf-runs/learner"));
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--epochs" => epochs = value()?.parse()?,
+            "--resume" => resume = Some(value()?.parse()?),
+            "--out" => dir = value()?.into(),
+            _ => return Err(format!("unknown argument {flag}").into()),
+        }
+    }
+    if resume.is_none() && dir.exists() {
+        // A fresh run: burn-train appends to the logs of an old one.
+        std::fs::remove_dir_all(&dir)?;
+    }
+    let outcome = run(&dir, epochs, resume)?;
+    let stats = &outcome.stats;
+    println!(
+        "last step: {:.1}% of safety directions conflicting, {:.3}% of gradient energy removed, \
+         {} refreshes; checkpoints and logs in {}",
+        100.0 * stats.conflict_share(),
+        100.0 * stats.removed_energy_share(),
+        stats.refresh.count,
+        dir.display()
+    );
+    Ok(())
+}

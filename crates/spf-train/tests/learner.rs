@@ -1,0 +1,75 @@
+//! SPF in burn-train's `Learner`, through `examples/learner.rs` itself: the projection statistics
+//! reach burn-train's metric logs, and resuming from burn-train's checkpoint restores the wrapper,
+//! so an interrupted run ends bit for bit where an uninterrupted one does.
+
+#[path = "../examples/learner.rs"]
+#[allow(dead_code)]
+mod learner;
+
+use std::path::Path;
+
+use burn::module::Module;
+
+fn parameters(model: &learner::Mlp<burn::backend::NdArray>) -> Vec<burn::tensor::TensorData> {
+    let mut all = Vec::new();
+    model.visit(&mut Collect(&mut all));
+    all
+}
+
+struct Collect<'a>(&'a mut Vec<burn::tensor::TensorData>);
+
+impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Collect<'_> {
+    fn visit_float<const D: usize>(
+        &mut self,
+        param: &burn::module::Param<burn::tensor::Tensor<B, D>>,
+    ) {
+        self.0.push(param.val().into_data());
+    }
+}
+
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn metrics_are_logged_and_a_resumed_run_matches_an_uninterrupted_one() {
+    let whole = fresh_dir("learner-whole");
+    let a = learner::run(&whole, 2, None).unwrap();
+
+    let split = fresh_dir("learner-split");
+    learner::run(&split, 1, None).unwrap();
+    assert!(split.join("checkpoint/optim-1.mpk").exists());
+    let b = learner::run(&split, 2, Some(1)).unwrap();
+
+    assert_eq!(parameters(&a.model), parameters(&b.model));
+    // Each run draws its own parameter ids; compare by path.
+    let by_path = |o: &learner::Outcome| -> Vec<_> {
+        o.stats
+            .tensors
+            .iter()
+            .map(|t| (t.path.clone(), t.stats))
+            .collect()
+    };
+    assert_eq!(by_path(&a), by_path(&b));
+    assert_eq!(a.stats.refresh.count, b.stats.refresh.count);
+    assert!(a.stats.refresh.count >= 6, "refreshes every 5 of 32 steps");
+    assert!(a.stats.removed() > 0, "the objectives conflict");
+
+    // burn-train names each log after its metric, spaces as underscores.
+    for metric in [
+        "SPF_conflicting_directions",
+        "SPF_removed_energy",
+        "SPF_refreshes",
+    ] {
+        let log = whole.join(format!("train/epoch-2/{metric}.log"));
+        let text =
+            std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        assert_eq!(
+            text.lines().count(),
+            16,
+            "one entry per step of epoch 2 in {metric}"
+        );
+    }
+}
