@@ -28,13 +28,6 @@ use spf_eval::world::{World, WorldConfig};
 
 type B = Autodiff<NdArray>;
 
-const MODES: [ProjectionMode; 5] = [
-    ProjectionMode::ConflictOnly,
-    ProjectionMode::Orthogonal,
-    ProjectionMode::ColumnSpace,
-    ProjectionMode::RowSpace,
-    ProjectionMode::Pcgrad,
-];
 const LR: f64 = 1e-4;
 
 /// Times AdamW, then every wrapped configuration, on `module`'s parameters.
@@ -59,7 +52,7 @@ where
     for k in [4, 8, 16] {
         let bases = random_bases::<B, M>(&module, k, 7, &device);
         for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
-            for mode in MODES {
+            for mode in ProjectionMode::ALL {
                 let mut optim = SpfConfig::new()
                     .with_mode(mode)
                     .with_target(target)

@@ -2,9 +2,9 @@
 //! transformer, plain AdamW against SPF(AdamW) (`ConflictOnly`, `Gradient` target, rank 8) with
 //! the bases re-estimated from an 8-sample safety batch `Every(n)` steps, `n ∈ {1, 10, 50}`.
 //!
-//! One timed iteration is 50 training steps (batch 32, the lab's fine-tuning task), so every
-//! iteration holds the same number of refreshes: 50, 5 or 1. The batches are built once,
-//! outside the timer.
+//! One timed iteration is 50 training steps (batch 32 of the lab's benign fine-tuning set), so
+//! every iteration holds the same number of refreshes: 50, 5 or 1. The batches are built once,
+//! outside the timer; the safety batch is the lab's default one (8 refusals).
 //!
 //! Run: `cargo bench --bench train`. After criterion's output it prints the time per training
 //! step and its ratio to plain AdamW's.
@@ -19,12 +19,11 @@ use burn::backend::{Autodiff, NdArray};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use common::Group;
 use criterion::{Criterion, criterion_group, criterion_main};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use spf::{RankPolicy, RefreshPolicy, SafetySubspace, SpfConfig, SubspaceConfig};
 use spf_eval::batch::{Batch, answer_loss};
+use spf_eval::finetune::{DefenceConfig, FinetuneConfig, Method, finetune_set, safety_batch};
 use spf_eval::model::{Transformer, TransformerConfig};
-use spf_eval::world::{HarmTopics, Response, Split, Task, World, WorldConfig};
+use spf_eval::world::{Task, World, WorldConfig};
 
 type B = Autodiff<NdArray>;
 
@@ -50,27 +49,21 @@ fn benches(c: &mut Criterion) {
     let world = World::new(WorldConfig::new());
     let vocab = world.vocab();
     let model = TransformerConfig::new().init::<B>(vocab.size(), vocab.max_len(), &device);
-    let mut rng = StdRng::seed_from_u64(3);
-    let batches: Vec<Batch<B>> = (0..10)
-        .map(|_| {
-            let examples: Vec<_> = (0..BATCH)
-                .map(|_| world.benign(&mut rng, Task::Sort, Split::Train))
-                .collect();
-            Batch::new(vocab, &examples, &device)
-        })
+    // The lab's own benign fine-tuning set and safety batch (seed 0, default configs).
+    let finetune = FinetuneConfig::new().with_batch_size(BATCH);
+    let set = finetune_set(&world, &finetune, 0.0, Method::SpfConflictOnly, 0);
+    let batches: Vec<Batch<B>> = set
+        .chunks(BATCH)
+        .take(10)
+        .map(|examples| Batch::new(vocab, examples, &device))
         .collect();
-    let safety_examples: Vec<_> = (0..8)
-        .map(|_| {
-            let tasks = [Task::Copy, Task::Reverse];
-            world.harmful(
-                &mut rng,
-                &tasks,
-                HarmTopics::Seen,
-                Split::Train,
-                Response::Refusal,
-            )
-        })
-        .collect();
+    let safety_examples = safety_batch(
+        &world,
+        &DefenceConfig::new(),
+        &finetune,
+        &[Task::Copy, Task::Reverse],
+        0,
+    );
     let safety = Batch::<B>::new(vocab, &safety_examples, &device);
 
     let mut group = Group::new(c, "train_step_lab_transformer", 10, Duration::from_secs(8));

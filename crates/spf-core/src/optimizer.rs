@@ -466,8 +466,8 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     ///
     /// [`SpfError::InvalidLearningRate`] for a NaN, infinite or negative `lr`;
     /// [`SpfError::ModuleMismatch`] when the wrapper has bases but the module none of their
-    /// parameters; [`SpfError::NonFiniteGradient`] as above; [`SpfError::StepPanicked`] when the inner
-    /// optimizer panics (on state that does not fit the module, from a corrupt record for
+    /// parameters; [`SpfError::NonFiniteGradient`] as above; [`SpfError::StepPanicked`] when the
+    /// inner optimizer panics (on state that does not fit the module, from a corrupt record for
     /// example): the module comes back as it was, but the inner optimizer's state may be
     /// incomplete, so reload it before stepping again.
     pub fn try_step<M>(

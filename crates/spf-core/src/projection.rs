@@ -54,6 +54,17 @@ pub enum ProjectionMode {
     Pcgrad,
 }
 
+impl ProjectionMode {
+    /// Every mode, in declaration order.
+    pub const ALL: [Self; 5] = [
+        Self::ConflictOnly,
+        Self::Orthogonal,
+        Self::ColumnSpace,
+        Self::RowSpace,
+        Self::Pcgrad,
+    ];
+}
+
 /// What one projection did to one gradient tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct ProjectionStats {
@@ -165,9 +176,9 @@ pub fn project<B: Backend>(
     let mut parts: Vec<_> = coefficients.into_iter().collect();
     parts.push(energies(&grad, side, mode, None));
     let host = read_host(parts);
-    let (c, mut energy) = (host[..k].to_vec(), host[k]);
+    let (c, mut grad_energy) = (host[..k].to_vec(), host[k]);
     let mut side_energy = host[k + 1..].to_vec();
-    if !(energy.is_finite() && energy >= grad.shape().num_elements() as f64 * 1e-30) {
+    if !(grad_energy.is_finite() && grad_energy >= grad.shape().num_elements() as f64 * 1e-30) {
         // ‖G‖² overflowed or lost its small entries to underflow in `f32`: redo the energies on
         // G / max|G|, which cannot. Only gradients of extreme magnitude take this second pass.
         let scale = grad.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
@@ -176,10 +187,9 @@ pub fn project<B: Backend>(
             energies(&grad, side, mode, Some(scale)),
         ]);
         let s2 = host[0] * host[0];
-        energy = s2 * host[1];
+        grad_energy = s2 * host[1];
         side_energy = host[2..].iter().map(|e| s2 * e).collect();
     }
-    let grad_energy = energy;
 
     let plan = Plan::new(mode, &c, sigma, side_energy.into_iter());
     let stats = plan.stats(&c, sigma, grad_energy);
@@ -345,8 +355,8 @@ impl Plan {
 mod tests {
     use super::*;
     use crate::testing::{
-        Gaussian, HostBasis, MODES, TestBackend, max_abs_diff, reference_projection, round_f32,
-        to_host, to_tensor,
+        Gaussian, HostBasis, TestBackend, max_abs_diff, reference_projection, round_f32, to_host,
+        to_tensor,
     };
     use faer::Mat;
 
@@ -392,7 +402,7 @@ mod tests {
     #[test]
     fn every_mode_matches_the_f64_reference() {
         for (case, (g, basis)) in cases(64).enumerate() {
-            for mode in MODES {
+            for mode in ProjectionMode::ALL {
                 let expected = reference_projection(&g, &basis, mode);
                 let got = to_host(project_host(&g, &basis, mode).grad);
                 let err = max_abs_diff(&got, &expected);
@@ -430,7 +440,7 @@ mod tests {
             let conflicting = (0..k)
                 .filter(|&i| basis.u.col(i).transpose() * &g * basis.v.col(i) < 0.0)
                 .count();
-            for mode in MODES {
+            for mode in ProjectionMode::ALL {
                 let expected = reference_projection(&g, &basis, mode);
                 let stats = project_host(&g, &basis, mode).stats;
                 let share = 1.0 - expected.squared_norm_l2() / g.squared_norm_l2();
@@ -488,7 +498,7 @@ mod tests {
     fn empty_basis_changes_nothing() {
         let device = Default::default();
         let g = to_tensor::<TestBackend>(&Gaussian::new(3).matrix(4, 6), &device);
-        for mode in MODES {
+        for mode in ProjectionMode::ALL {
             let out = project(g.clone(), &LowRankBasis::empty(4, 6, &device), mode).unwrap();
             assert_eq!(out.grad.into_data(), g.clone().into_data());
             assert_eq!((out.stats.directions, out.stats.removed), (0, 0));
@@ -519,7 +529,7 @@ mod tests {
     fn zero_gradient_is_left_alone() {
         let mut rng = Gaussian::new(5);
         let basis = rng.basis(3, 3, 3).rounded();
-        for mode in MODES {
+        for mode in ProjectionMode::ALL {
             let stats = project_host(&Mat::zeros(3, 3), &basis, mode).stats;
             assert_eq!(
                 stats,

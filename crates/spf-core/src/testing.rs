@@ -162,11 +162,3 @@ pub fn max_abs_diff(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
     }
     worst
 }
-
-pub const MODES: [ProjectionMode; 5] = [
-    ProjectionMode::ConflictOnly,
-    ProjectionMode::Orthogonal,
-    ProjectionMode::ColumnSpace,
-    ProjectionMode::RowSpace,
-    ProjectionMode::Pcgrad,
-];

@@ -12,13 +12,6 @@ use spf_theory::{Gaussian, Margin, Method, Quadratic, Trajectory, fine_tune};
 const D_IN: usize = 6;
 const D_OUT: usize = 5;
 const N: usize = D_IN * D_OUT;
-const MODES: [ProjectionMode; 5] = [
-    ProjectionMode::ConflictOnly,
-    ProjectionMode::Orthogonal,
-    ProjectionMode::ColumnSpace,
-    ProjectionMode::RowSpace,
-    ProjectionMode::Pcgrad,
-];
 const SEEDS: u64 = 4;
 /// Rounding in `f64` over a run: a few hundred operations on numbers of order one.
 const F64_SLACK: f64 = 1e3 * f64::EPSILON;
@@ -75,7 +68,7 @@ fn normalized(name: String, ratios: impl Iterator<Item = f64>) -> Margin {
 fn utility_converges_at_the_sgd_rate() {
     // min_t ‖G̃_t‖² ≤ 2(L_u(θ_0) − L_u*)/(ηT), with η = 1/L_u and L_u* = 0.
     let steps = 200;
-    for mode in MODES {
+    for mode in ProjectionMode::ALL {
         let ratios = (0..SEEDS).map(|seed| {
             let problem = Problem::new(seed, 1e-2, false);
             let eta = 1.0 / problem.utility.smoothness;
@@ -135,7 +128,7 @@ fn worst_of(name: String, checks: impl Iterator<Item = (f64, f64)>) -> Margin {
 fn safety_drift_with_the_exact_subspace_is_second_order() {
     // ε = 0: the full-rank SVD of the safety gradient, refreshed every step.
     let steps = 200;
-    for mode in MODES {
+    for mode in ProjectionMode::ALL {
         let checks = (0..SEEDS).map(|seed| {
             let problem = Problem::new(seed, 1e-2, false);
             let eta = 1.0 / problem.utility.smoothness;
@@ -158,7 +151,7 @@ fn safety_drift_with_the_exact_subspace_is_second_order() {
 fn safety_drift_with_a_truncated_subspace_includes_the_leak() {
     // Rank 1 < rank(G_s): the bound gains η Σ ε_t ‖∇L_s‖ ‖G̃_t‖.
     let steps = 200;
-    for mode in MODES {
+    for mode in ProjectionMode::ALL {
         let mut leaked = 0.0f64;
         let checks: Vec<(f64, f64)> = (0..SEEDS)
             .map(|seed| {

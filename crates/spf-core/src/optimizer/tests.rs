@@ -10,7 +10,7 @@ use burn::tensor::{Tensor, TensorData, activation::tanh, backend::Backend};
 use faer::Mat;
 
 use super::*;
-use crate::testing::{Gaussian, MODES, TestAutodiffBackend, TestBackend, to_host, to_tensor};
+use crate::testing::{Gaussian, TestAutodiffBackend, TestBackend, to_host, to_tensor};
 use crate::{ParamFilter, ProjectionMode, RankPolicy, SubspaceConfig, VectorPolicy, project};
 use spf_subspace::SubspaceError;
 
@@ -179,7 +179,7 @@ fn projected_grads(model: &Net<B>, seed: u64, mode: ProjectionMode) -> Gradients
 fn sgd_step_equals_manual_step_on_projected_gradients() {
     let device = Default::default();
     let lr = 0.05;
-    for mode in MODES {
+    for mode in ProjectionMode::ALL {
         let model = Net::<B>::new(&device);
         let mut optim = config(mode)
             .init(SgdConfig::new().init(), &model, bases(&model))
@@ -328,8 +328,8 @@ fn unprotected_parameters_pass_through_bit_for_bit() {
 /// Data parallelism on burn's own engine: burn-train's multi-device strategy hands each
 /// replica's optimizer the gradients of every device in one `MultiGradientsParams`. burn 0.21's
 /// ndarray backend has one device, so the three "devices" here are three handles on it. Every
-/// replica of the wrapper applies the same projected update, and it is the step on the summed
-/// gradients.
+/// replica of the wrapper applies the same projected update, bit for bit, and it is the step on
+/// the summed gradients.
 #[test]
 fn step_multi_replicas_apply_the_step_on_summed_gradients() {
     let device: burn::tensor::Device<B> = Default::default();
@@ -373,15 +373,12 @@ fn step_multi_replicas_apply_the_step_on_summed_gradients() {
             // Every replica applies the same update, bit for bit, on any backend.
             assert_same(&replicas[0].0, stepped, &context);
             assert_eq!(&replicas[0].1, stats, "{context}");
-            // It is the step on the summed gradients: bit for bit on ndarray, where burn's
-            // reduction adds in the same order; to rounding on a GPU backend.
+            // It is the step on the summed gradients, to rounding: burn's reduction starts each
+            // parameter's sum at the device its (random) id selects, so the order of the three
+            // additions differs from `sum_of`'s for some parameters.
             assert_eq!(single.last_stats().conflicting(), stats.conflicting());
-            if cfg!(feature = "test-wgpu") {
-                assert_close(&expected, stepped, 1e-5);
-            } else {
-                assert_eq!(single.last_stats(), stats, "{context}");
-                assert_same(&expected, stepped, &context);
-            }
+            assert_eq!(single.last_stats().removed(), stats.removed());
+            assert_close(&expected, stepped, 1e-5);
         }
     }
 }
