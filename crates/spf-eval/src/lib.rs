@@ -38,14 +38,18 @@
 
 pub mod align;
 pub mod batch;
+pub mod chat;
 pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod experiment;
 pub mod finetune;
+pub mod gguf;
 pub mod insights;
+pub mod llama;
 pub mod model;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod smollm;
 pub mod world;

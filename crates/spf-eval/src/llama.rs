@@ -1,0 +1,439 @@
+//! A Llama-architecture decoder in burn, loaded from a GGUF file: SmolLM2's architecture.
+//!
+//! For tokens `t₁ … t_T`: `h⁰ = E[t]`, then per block
+//!
+//! ```text
+//! h ← h + W_o · Attn(RoPE(W_q x), RoPE(W_k x), W_v x),   x = RMSNorm(h)
+//! h ← h + W_down (SiLU(W_gate x) ⊙ W_up x),               x = RMSNorm(h)
+//! ```
+//!
+//! and the logits are `RMSNorm(h) Eᵀ`: the head is tied to the embedding `E`.
+//! `RMSNorm(x) = γ ⊙ x / √(mean(x²) + ε)`. Attention is causal and grouped-query: `heads` query
+//! heads share `kv_heads` key/value heads, query head `h` reading key/value head
+//! `h / (heads / kv_heads)`. RoPE rotates **interleaved pairs** `(x₂ᵢ, x₂ᵢ₊₁)` of each head by
+//! the angle `p · base^(−2i/head_dim)` at position `p` (llama.cpp's layout, in which the GGUF
+//! stores W_q and W_k).
+//!
+//! [`Llama::forward`] runs whole sequences (training, scoring); a [`KvCache`] keeps each
+//! block's keys and values so that [`Llama::generate`] feeds one new token per step. Batches of
+//! prompts of different lengths are left-padded, and a key mask keeps the pads out of
+//! attention: RoPE makes scores depend on relative positions only, so a shift changes nothing.
+
+use std::ops::Range;
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, RmsNorm, RmsNormConfig};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::gguf::{Gguf, GgufError};
+
+/// The architecture's sizes, read from the GGUF metadata (`llama.*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (`heads` is a multiple of it).
+    pub kv_heads: usize,
+    /// Hidden width of the MLP.
+    pub d_ff: usize,
+    /// RoPE base.
+    pub rope_base: f64,
+    /// RMSNorm's ε.
+    pub norm_eps: f64,
+}
+
+impl LlamaConfig {
+    /// The sizes of the Llama model in `gguf`.
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self, GgufError> {
+        let arch = gguf.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(GgufError::Corrupt(format!(
+                "general.architecture is {arch:?}, not \"llama\""
+            )));
+        }
+        let key = |k: &str| format!("llama.{k}");
+        let config = Self {
+            vocab: gguf.info("token_embd.weight")?.shape()[0],
+            d_model: gguf.get_usize(&key("embedding_length"))?,
+            layers: gguf.get_usize(&key("block_count"))?,
+            heads: gguf.get_usize(&key("attention.head_count"))?,
+            kv_heads: gguf.get_usize(&key("attention.head_count_kv"))?,
+            d_ff: gguf.get_usize(&key("feed_forward_length"))?,
+            rope_base: gguf.get_f64(&key("rope.freq_base"))?,
+            norm_eps: gguf.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
+        };
+        let ok = config.heads > 0
+            && config.kv_heads > 0
+            && config.heads.is_multiple_of(config.kv_heads)
+            && config.d_model.is_multiple_of(config.heads)
+            && (config.d_model / config.heads).is_multiple_of(2)
+            && config.rope_base > 0.0
+            && config.norm_eps > 0.0;
+        if !ok {
+            return Err(GgufError::Corrupt(format!(
+                "inconsistent Llama sizes {config:?}"
+            )));
+        }
+        Ok(config)
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.heads
+    }
+}
+
+/// One pre-norm block: grouped-query attention, then a SwiGLU MLP.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    /// Norm before attention.
+    pub attn_norm: RmsNorm<B>,
+    /// Query projection, `[d_model, heads · head_dim]`.
+    pub wq: Linear<B>,
+    /// Key projection, `[d_model, kv_heads · head_dim]`.
+    pub wk: Linear<B>,
+    /// Value projection, `[d_model, kv_heads · head_dim]`.
+    pub wv: Linear<B>,
+    /// Output projection, `[heads · head_dim, d_model]`.
+    pub wo: Linear<B>,
+    /// Norm before the MLP.
+    pub ffn_norm: RmsNorm<B>,
+    /// Gate projection, `[d_model, d_ff]`.
+    pub gate: Linear<B>,
+    /// Up projection, `[d_model, d_ff]`.
+    pub up: Linear<B>,
+    /// Down projection, `[d_ff, d_model]`.
+    pub down: Linear<B>,
+}
+
+/// The model: embedding (also the head), blocks, final norm.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// Token embedding `[vocab, d_model]`, tied to the LM head.
+    pub embed: Param<Tensor<B, 2>>,
+    /// The blocks.
+    pub blocks: Vec<Block<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    heads: usize,
+    kv_heads: usize,
+    rope_base: f64,
+}
+
+/// Each block's keys and values for the positions seen so far.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    entries: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for a model of `layers` blocks.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            entries: vec![None; layers],
+        }
+    }
+
+    /// The positions cached (the same for every block that has run).
+    pub fn len(&self) -> usize {
+        self.entries
+            .iter()
+            .flatten()
+            .next()
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads the model in `gguf` onto `device`, dequantizing every tensor to f32.
+    ///
+    /// Names: `token_embd`, `output_norm`, and per block `blk.{i}.` + `attn_norm`, `attn_q`,
+    /// `attn_k`, `attn_v`, `attn_output`, `ffn_norm`, `ffn_gate`, `ffn_up`, `ffn_down` (each
+    /// `.weight`). ggml matrices are `[out, in]`; burn's `Linear` holds `[in, out]`.
+    pub fn from_gguf(gguf: &Gguf, device: &B::Device) -> Result<Self, GgufError> {
+        let config = LlamaConfig::from_gguf(gguf)?;
+        let (hd, kv) = (config.head_dim(), config.kv_heads * config.head_dim());
+        let tensor = |name: &str, expect: &[usize]| -> Result<Vec<f32>, GgufError> {
+            let (shape, values) = gguf.tensor_f32(name)?;
+            if shape != expect {
+                return Err(GgufError::Corrupt(format!(
+                    "tensor {name} has shape {shape:?}, expected {expect:?}"
+                )));
+            }
+            Ok(values)
+        };
+        let norm = |name: &str| -> Result<RmsNorm<B>, GgufError> {
+            let gamma = tensor(name, &[config.d_model])?;
+            let mut norm = RmsNormConfig::new(config.d_model)
+                .with_epsilon(config.norm_eps)
+                .init(device);
+            norm.gamma = Param::from_tensor(Tensor::from_data(
+                TensorData::new(gamma, [config.d_model]),
+                device,
+            ));
+            Ok(norm)
+        };
+        let linear = |name: &str, d_in: usize, d_out: usize| -> Result<Linear<B>, GgufError> {
+            let w = tensor(name, &[d_out, d_in])?;
+            let mut t = vec![0.0f32; w.len()];
+            for (o, row) in w.chunks_exact(d_in).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    t[i * d_out + o] = v;
+                }
+            }
+            Ok(Linear {
+                weight: Param::from_tensor(Tensor::from_data(
+                    TensorData::new(t, [d_in, d_out]),
+                    device,
+                )),
+                bias: None,
+            })
+        };
+        let (d, ff) = (config.d_model, config.d_ff);
+        let blocks = (0..config.layers)
+            .map(|i| {
+                let n = |part: &str| format!("blk.{i}.{part}.weight");
+                Ok(Block {
+                    attn_norm: norm(&n("attn_norm"))?,
+                    wq: linear(&n("attn_q"), d, config.heads * hd)?,
+                    wk: linear(&n("attn_k"), d, kv)?,
+                    wv: linear(&n("attn_v"), d, kv)?,
+                    wo: linear(&n("attn_output"), config.heads * hd, d)?,
+                    ffn_norm: norm(&n("ffn_norm"))?,
+                    gate: linear(&n("ffn_gate"), d, ff)?,
+                    up: linear(&n("ffn_up"), d, ff)?,
+                    down: linear(&n("ffn_down"), ff, d)?,
+                })
+            })
+            .collect::<Result<Vec<_>, GgufError>>()?;
+        let embed = tensor("token_embd.weight", &[config.vocab, d])?;
+        Ok(Self {
+            embed: Param::from_tensor(Tensor::from_data(
+                TensorData::new(embed, [config.vocab, d]),
+                device,
+            )),
+            blocks,
+            norm: norm("output_norm.weight")?,
+            heads: config.heads,
+            kv_heads: config.kv_heads,
+            rope_base: config.rope_base,
+        })
+    }
+
+    /// The embeddings of `tokens` `[batch, T]`: `[batch, T, d_model]`.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.embed.val(), tokens)
+    }
+
+    /// Runs blocks `layers` on hidden states `h` `[batch, T, d_model]` at positions
+    /// `start .. start + T`. `key_valid[b][j]` says whether key position `j` of sequence `b` is
+    /// a real token (`None`: all are); a `cache` supplies the keys and values of positions
+    /// `0 .. start` and takes the new ones.
+    pub fn forward_layers(
+        &self,
+        mut h: Tensor<B, 3>,
+        layers: Range<usize>,
+        start: usize,
+        key_valid: Option<&[Vec<bool>]>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [batch, t, _] = h.dims();
+        let device = h.device();
+        let head_dim = self.embed.dims()[1] / self.heads;
+        let mask = attention_mask::<B>(batch, t, start, key_valid, &device);
+        let (cos, sin) = rope_tables::<B>(start, t, head_dim, self.rope_base, &device);
+        for i in layers {
+            let block = &self.blocks[i];
+            let x = block.attn_norm.forward(h.clone());
+            let heads = |lin: &Linear<B>, n: usize| {
+                lin.forward(x.clone())
+                    .reshape([batch, t, n, head_dim])
+                    .swap_dims(1, 2)
+            };
+            let q = rope(heads(&block.wq, self.heads), &cos, &sin);
+            let mut k = rope(heads(&block.wk, self.kv_heads), &cos, &sin);
+            let mut v = heads(&block.wv, self.kv_heads);
+            if let Some(cache) = cache.as_deref_mut() {
+                if let Some((ck, cv)) = cache.entries[i].take() {
+                    k = Tensor::cat(vec![ck, k], 2);
+                    v = Tensor::cat(vec![cv, v], 2);
+                }
+                cache.entries[i] = Some((k.clone(), v.clone()));
+            }
+            let group = self.heads / self.kv_heads;
+            let repeat = |x: Tensor<B, 4>| {
+                let [b, n, tk, hd] = x.dims();
+                x.unsqueeze_dim::<5>(2)
+                    .repeat_dim(2, group)
+                    .reshape([b, n * group, tk, hd])
+            };
+            let scores = q.matmul(repeat(k).swap_dims(2, 3)) / (head_dim as f64).sqrt();
+            let att = softmax(scores + mask.clone(), 3).matmul(repeat(v));
+            let att = att
+                .swap_dims(1, 2)
+                .reshape([batch, t, self.heads * head_dim]);
+            h = h + block.wo.forward(att);
+            let x = block.ffn_norm.forward(h.clone());
+            let mlp = silu(block.gate.forward(x.clone())) * block.up.forward(x);
+            h = h + block.down.forward(mlp);
+        }
+        h
+    }
+
+    /// The logits `[.., vocab]` of final hidden states: `RMSNorm(h) Eᵀ`.
+    pub fn logits<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
+        let x = self.norm.forward(h);
+        let e = self.embed.val().transpose();
+        let dims = x.dims();
+        let rows = dims[..D - 1].iter().product();
+        let mut out = dims;
+        out[D - 1] = e.dims()[1];
+        x.reshape([rows, dims[D - 1]]).matmul(e).reshape(out)
+    }
+
+    /// Logits `[batch, T, vocab]` of whole, right-padded sequences `tokens` `[batch, T]`.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let h = self.embed(tokens);
+        self.logits(self.forward_layers(h, 0..self.blocks.len(), 0, None, None))
+    }
+
+    /// Greedy continuations of `prompts`, `max_new` tokens at most each, each ending at (and
+    /// including) its first `eos`. The prompts run as one batch, left-padded with `eos`.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        eos: u32,
+        device: &B::Device,
+    ) -> Vec<Vec<u32>> {
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if prompts.is_empty() || longest == 0 || max_new == 0 {
+            return vec![Vec::new(); prompts.len()];
+        }
+        let mut valid: Vec<Vec<bool>> = prompts
+            .iter()
+            .map(|p| {
+                let mut v = vec![false; longest - p.len()];
+                v.resize(longest, true);
+                v
+            })
+            .collect();
+        let padded: Vec<i64> = prompts
+            .iter()
+            .flat_map(|p| {
+                std::iter::repeat_n(eos, longest - p.len())
+                    .chain(p.iter().copied())
+                    .map(i64::from)
+            })
+            .collect();
+        let mut tokens = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(padded, [prompts.len(), longest]),
+            device,
+        );
+        let mut cache = KvCache::new(self.blocks.len());
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        let mut done = vec![false; prompts.len()];
+        for _ in 0..max_new {
+            let start = cache.len();
+            let t = tokens.dims()[1];
+            let h = self.forward_layers(
+                self.embed(tokens),
+                0..self.blocks.len(),
+                start,
+                Some(&valid),
+                Some(&mut cache),
+            );
+            let [b, _, d] = h.dims();
+            let last = self.logits(h.slice([0..b, t - 1..t]).reshape([b, d]));
+            let next: Vec<i64> = last.argmax(1).into_data().iter::<i64>().collect();
+            for (i, &id) in next.iter().enumerate() {
+                if !done[i] {
+                    out[i].push(id as u32);
+                    done[i] = id as u32 == eos;
+                }
+                valid[i].push(true);
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            tokens = Tensor::from_data(TensorData::new(next, [b, 1]), device);
+        }
+        out
+    }
+}
+
+/// The additive mask `[batch, 1, T, start + T]`: 0 where query `start + i` may read key `j`
+/// (`j ≤ start + i` and key `j` real), −10⁹ elsewhere (finite, so a pad query that sees no real
+/// key gets a uniform row instead of NaN).
+fn attention_mask<B: Backend>(
+    batch: usize,
+    t: usize,
+    start: usize,
+    key_valid: Option<&[Vec<bool>]>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let tk = start + t;
+    let mut m = vec![0.0f32; batch * t * tk];
+    for b in 0..batch {
+        for i in 0..t {
+            for j in 0..tk {
+                let real = key_valid.is_none_or(|v| v[b].get(j).copied().unwrap_or(false));
+                if j > start + i || !real {
+                    m[(b * t + i) * tk + j] = -1e9;
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [batch, 1, t, tk]), device)
+}
+
+/// `cos` and `sin` `[T, head_dim]` of positions `start .. start + T`, each angle written twice
+/// (once per element of its pair).
+fn rope_tables<B: Backend>(
+    start: usize,
+    t: usize,
+    head_dim: usize,
+    base: f64,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(t * head_dim),
+        Vec::with_capacity(t * head_dim),
+    );
+    for p in start..start + t {
+        for i in 0..head_dim {
+            let freq = base.powf(-((i / 2 * 2) as f64) / head_dim as f64);
+            let angle = p as f64 * freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let table = |v| Tensor::from_data(TensorData::new(v, [t, head_dim]), device);
+    (table(cos), table(sin))
+}
+
+/// RoPE on `x` `[batch, heads, T, head_dim]`: each pair `(a, b)` becomes
+/// `(a·cos − b·sin, b·cos + a·sin)`.
+fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, h, t, d] = x.dims();
+    let pairs = x.clone().reshape([b, h, t, d / 2, 2]);
+    let (even, odd) = (
+        pairs.clone().slice([0..b, 0..h, 0..t, 0..d / 2, 0..1]),
+        pairs.slice([0..b, 0..h, 0..t, 0..d / 2, 1..2]),
+    );
+    let rotated = Tensor::cat(vec![odd.neg(), even], 4).reshape([b, h, t, d]);
+    x * cos.clone().unsqueeze::<4>() + rotated * sin.clone().unsqueeze::<4>()
+}
