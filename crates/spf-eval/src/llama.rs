@@ -259,7 +259,7 @@ impl<B: Backend> Llama<B> {
             let block = &self.blocks[i];
             let x = block.attn_norm.forward(h.clone());
             let heads = |lin: &Linear<B>, n: usize| {
-                lin.forward(x.clone())
+                linear(lin, x.clone())
                     .reshape([batch, t, n, head_dim])
                     .swap_dims(1, 2)
             };
@@ -285,10 +285,10 @@ impl<B: Backend> Llama<B> {
             let att = att
                 .swap_dims(1, 2)
                 .reshape([batch, t, self.heads * head_dim]);
-            h = h + block.wo.forward(att);
+            h = h + linear(&block.wo, att);
             let x = block.ffn_norm.forward(h.clone());
-            let mlp = silu(block.gate.forward(x.clone())) * block.up.forward(x);
-            h = h + block.down.forward(mlp);
+            let mlp = silu(linear(&block.gate, x.clone())) * linear(&block.up, x);
+            h = h + linear(&block.down, mlp);
         }
         h
     }
@@ -319,11 +319,103 @@ impl<B: Backend> Llama<B> {
         eos: u32,
         device: &B::Device,
     ) -> Vec<Vec<u32>> {
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        if prompts.is_empty() || longest == 0 || max_new == 0 {
+        let Some(mut batch) = PromptBatch::new(prompts, eos, self.blocks.len(), device) else {
             return vec![Vec::new(); prompts.len()];
+        };
+        let h = self.embed(batch.tokens.clone());
+        let h = self.forward_layers(
+            h,
+            0..self.blocks.len(),
+            0,
+            Some(&batch.valid),
+            Some(&mut batch.cache),
+        );
+        self.continue_greedy(h, batch, max_new, eos)
+    }
+
+    /// Greedy decoding after a prefill: `h` holds the prompts' final hidden states (all blocks
+    /// run) and `batch.cache` their keys and values.
+    pub fn continue_greedy(
+        &self,
+        mut h: Tensor<B, 3>,
+        mut batch: PromptBatch<B>,
+        max_new: usize,
+        eos: u32,
+    ) -> Vec<Vec<u32>> {
+        let device = h.device();
+        let n = batch.valid.len();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut done = vec![false; n];
+        for step in 0..max_new {
+            let [b, t, d] = h.dims();
+            let last = self.logits(h.slice([0..b, t - 1..t]).reshape([b, d]));
+            let next: Vec<i64> = last.argmax(1).into_data().iter::<i64>().collect();
+            for (i, &id) in next.iter().enumerate() {
+                if !done[i] {
+                    out[i].push(id as u32);
+                    done[i] = id as u32 == eos;
+                }
+                batch.valid[i].push(true);
+            }
+            if step + 1 == max_new || done.iter().all(|&d| d) {
+                break;
+            }
+            let tokens = Tensor::from_data(TensorData::new(next, [b, 1]), &device);
+            let start = batch.cache.len();
+            h = self.forward_layers(
+                self.embed(tokens),
+                0..self.blocks.len(),
+                start,
+                Some(&batch.valid),
+                Some(&mut batch.cache),
+            );
         }
-        let mut valid: Vec<Vec<bool>> = prompts
+        out
+    }
+
+    /// This model's first `n` blocks and the rest, each as a model with the same embedding and
+    /// final norm.
+    pub fn split(mut self, n: usize) -> (Self, Self) {
+        let top = self.blocks.split_off(n.min(self.blocks.len()));
+        let rest = Self {
+            embed: self.embed.clone(),
+            blocks: top,
+            norm: self.norm.clone(),
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            rope_base: self.rope_base,
+        };
+        (self, rest)
+    }
+
+    /// The model whose blocks are this one's followed by `top`'s (embedding and norm from `top`).
+    pub fn join(self, top: Self) -> Self {
+        let mut blocks = self.blocks;
+        blocks.extend(top.blocks);
+        Self { blocks, ..top }
+    }
+}
+
+/// Prompts of different lengths as one left-padded batch, with the key mask and a cache.
+#[derive(Debug, Clone)]
+pub struct PromptBatch<B: Backend> {
+    /// The padded ids `[batch, longest]`.
+    pub tokens: Tensor<B, 2, Int>,
+    /// `valid[b][j]`: whether position `j` of sequence `b` is a real token.
+    pub valid: Vec<Vec<bool>>,
+    /// The keys and values computed so far.
+    pub cache: KvCache<B>,
+}
+
+impl<B: Backend> PromptBatch<B> {
+    /// `prompts` left-padded with `pad`, and an empty cache for `layers` blocks; `None` when
+    /// there is no prompt or every prompt is empty.
+    pub fn new(prompts: &[Vec<u32>], pad: u32, layers: usize, device: &B::Device) -> Option<Self> {
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if longest == 0 {
+            return None;
+        }
+        let valid = prompts
             .iter()
             .map(|p| {
                 let mut v = vec![false; longest - p.len()];
@@ -334,45 +426,28 @@ impl<B: Backend> Llama<B> {
         let padded: Vec<i64> = prompts
             .iter()
             .flat_map(|p| {
-                std::iter::repeat_n(eos, longest - p.len())
+                std::iter::repeat_n(pad, longest - p.len())
                     .chain(p.iter().copied())
                     .map(i64::from)
             })
             .collect();
-        let mut tokens = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(padded, [prompts.len(), longest]),
-            device,
-        );
-        let mut cache = KvCache::new(self.blocks.len());
-        let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
-        let mut done = vec![false; prompts.len()];
-        for _ in 0..max_new {
-            let start = cache.len();
-            let t = tokens.dims()[1];
-            let h = self.forward_layers(
-                self.embed(tokens),
-                0..self.blocks.len(),
-                start,
-                Some(&valid),
-                Some(&mut cache),
-            );
-            let [b, _, d] = h.dims();
-            let last = self.logits(h.slice([0..b, t - 1..t]).reshape([b, d]));
-            let next: Vec<i64> = last.argmax(1).into_data().iter::<i64>().collect();
-            for (i, &id) in next.iter().enumerate() {
-                if !done[i] {
-                    out[i].push(id as u32);
-                    done[i] = id as u32 == eos;
-                }
-                valid[i].push(true);
-            }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-            tokens = Tensor::from_data(TensorData::new(next, [b, 1]), device);
-        }
-        out
+        Some(Self {
+            tokens: Tensor::from_data(TensorData::new(padded, [prompts.len(), longest]), device),
+            valid,
+            cache: KvCache::new(layers),
+        })
     }
+}
+
+/// `lin` on `x` `[batch, T, d_in]` as one `[batch·T, d_in]` matrix product. burn's
+/// `Linear::forward` on a 3-d input broadcasts the weight over the batch, and burn-ndarray then
+/// runs one product (re-packing the whole weight) per sequence: with one new token per
+/// sequence while generating, that made decoding several times slower.
+fn linear<B: Backend>(lin: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, d] = x.dims();
+    let y = lin.forward(x.reshape([b * t, d]));
+    let out = y.dims()[1];
+    y.reshape([b, t, out])
 }
 
 /// The additive mask `[batch, 1, T, start + T]`: 0 where query `start + i` may read key `j`
@@ -437,3 +512,106 @@ fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> 
     let rotated = Tensor::cat(vec![odd.neg(), even], 4).reshape([b, h, t, d]);
     x * cos.clone().unsqueeze::<4>() + rotated * sin.clone().unsqueeze::<4>()
 }
+
+/// A small random Llama with a byte-level tokenizer, as GGUF bytes: what tests (the loader's
+/// fuzzing among them) use when the real model is not fetched. Vocabulary: `<|endoftext|>`,
+/// `<|im_start|>`, `<|im_end|>`, GPT-2's 256 byte symbols, and the merges `Ġ t` and `h e`.
+/// Weights are F32, uniform in ±0.1, from `seed`.
+pub fn tiny_gguf(config: &LlamaConfig, seed: u64) -> Vec<u8> {
+    use crate::gguf::{Value, ggml_type, write};
+    use rand::{Rng, SeedableRng};
+
+    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .map(String::from)
+        .to_vec();
+    // GPT-2's byte → symbol table: printable bytes stand for themselves, the rest are
+    // shifted to 256 and up.
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut shifted = 0;
+    for b in 0..256u32 {
+        let c = if printable(b) {
+            b
+        } else {
+            shifted += 1;
+            255 + shifted
+        };
+        tokens.push(char::from_u32(c).expect("a valid char").to_string());
+    }
+    tokens.extend(["Ġt", "he"].map(String::from));
+    let mut types = vec![3i32; 3];
+    types.resize(tokens.len(), 1);
+    let vocab = tokens.len().max(config.vocab);
+    while tokens.len() < vocab {
+        tokens.push(format!("<unused{}>", tokens.len()));
+        types.push(3);
+    }
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut add = |name: String, dims: Vec<usize>, ones: bool| {
+        let n: usize = dims.iter().product();
+        let bytes = (0..n)
+            .flat_map(|_| {
+                let v: f32 = if ones {
+                    1.0
+                } else {
+                    rng.random_range(-0.1..0.1)
+                };
+                v.to_le_bytes()
+            })
+            .collect();
+        tensors.push((name, dims, bytes));
+    };
+    let (d, hd) = (config.d_model, config.head_dim());
+    add("token_embd.weight".into(), vec![d, vocab], false);
+    for i in 0..config.layers {
+        let n = |p: &str| format!("blk.{i}.{p}.weight");
+        add(n("attn_norm"), vec![d], true);
+        add(n("attn_q"), vec![d, config.heads * hd], false);
+        add(n("attn_k"), vec![d, config.kv_heads * hd], false);
+        add(n("attn_v"), vec![d, config.kv_heads * hd], false);
+        add(n("attn_output"), vec![config.heads * hd, d], false);
+        add(n("ffn_norm"), vec![d], true);
+        add(n("ffn_gate"), vec![d, config.d_ff], false);
+        add(n("ffn_up"), vec![d, config.d_ff], false);
+        add(n("ffn_down"), vec![config.d_ff, d], false);
+    }
+    add("output_norm.weight".into(), vec![d], true);
+
+    let u = |v: usize| Value::U32(v as u32);
+    let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
+    let metadata = [
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", u(d)),
+        ("llama.block_count", u(config.layers)),
+        ("llama.attention.head_count", u(config.heads)),
+        ("llama.attention.head_count_kv", u(config.kv_heads)),
+        ("llama.feed_forward_length", u(config.d_ff)),
+        ("llama.rope.freq_base", Value::F32(config.rope_base as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(config.norm_eps as f32),
+        ),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", strings(&tokens)),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges",
+            strings(&["Ġ t".into(), "h e".into()]),
+        ),
+        ("tokenizer.ggml.bos_token_id", u(1)),
+        ("tokenizer.ggml.eos_token_id", u(2)),
+    ];
+    let tensors: Vec<(&str, &[usize], u32, &[u8])> = tensors
+        .iter()
+        .map(|(n, dims, b)| (n.as_str(), dims.as_slice(), ggml_type::F32, b.as_slice()))
+        .collect();
+    write::encode(&metadata, &tensors)
+}
+
+#[cfg(test)]
+mod tests;

@@ -5,3 +5,6 @@
 pub mod data;
 
 pub use data::{Assets, DataError};
+pub mod experiment;
+
+pub use experiment::{SmolConfig, SmolResults, SmolRow};

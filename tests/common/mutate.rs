@@ -1,0 +1,53 @@
+//! Byte-string mutations shared by the loader fuzz tests: bit flips, truncations, insertions
+//! and splices of a valid file, and the proptest strategy that draws them.
+
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+pub enum Mutation {
+    Flip { at: usize, mask: u8 },
+    Truncate { at: usize },
+    Insert { at: usize, bytes: Vec<u8> },
+    Splice { from: usize, to: usize, len: usize },
+}
+
+pub fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
+    for mutation in mutations {
+        let n = bytes.len().max(1);
+        match mutation {
+            Mutation::Flip { at, mask } => {
+                if let Some(b) = bytes.get_mut(at % n) {
+                    *b ^= mask;
+                }
+            }
+            Mutation::Truncate { at } => bytes.truncate(at % n),
+            Mutation::Insert { at, bytes: extra } => {
+                let at = (at % n).min(bytes.len());
+                bytes.splice(at..at, extra.iter().copied());
+            }
+            Mutation::Splice { from, to, len } => {
+                let from = from % n;
+                let chunk: Vec<u8> = bytes.iter().skip(from).take(*len).copied().collect();
+                let to = (to % n).min(bytes.len());
+                bytes.splice(to..to, chunk);
+            }
+        }
+    }
+    bytes
+}
+
+pub fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
+    let one =
+        prop_oneof![
+            (any::<usize>(), 1u8..=255).prop_map(|(at, mask)| Mutation::Flip { at, mask }),
+            any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+            (
+                any::<usize>(),
+                proptest::collection::vec(any::<u8>(), 1..16)
+            )
+                .prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
+            (any::<usize>(), any::<usize>(), 1usize..64)
+                .prop_map(|(from, to, len)| Mutation::Splice { from, to, len }),
+        ];
+    proptest::collection::vec(one, 1..6)
+}
