@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::config::Config;
-use burn::module::{AutodiffModule, Module};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::activation::log_softmax;
@@ -539,7 +539,10 @@ impl<B: AutodiffBackend> Lab<'_, B> {
         name: &str,
         progress: &mut dyn Progress,
     ) -> Result<(Llama<Inner<B>>, f64, Option<f64>), EvalError> {
+        // Parameters loaded on the inner backend do not require gradients, and `from_inner`
+        // keeps that: the blocks must be made trainable, or every step would be a no-op.
         let mut model = Llama::<B>::from_inner(top);
+        model.blocks = model.blocks.map(&mut Trainable);
         model.embed = model.embed.set_require_grad(false);
         model.norm = model.norm.no_grad();
         let inner = AdamWConfig::new().init::<B, Llama<B>>();
@@ -591,6 +594,9 @@ impl<B: AutodiffBackend> Lab<'_, B> {
             }
             losses.push(value);
             let grads = GradientsParams::from_grads(l.backward(), &model);
+            if grads.is_empty() {
+                return Err(EvalError::Config(format!("{name}: no parameter has a gradient")));
+            }
             model = match spf.as_mut() {
                 None => plain.step(lr, model, grads),
                 Some(optim) => {
@@ -744,6 +750,15 @@ impl<B: AutodiffBackend> Lab<'_, B> {
             }
         }
         hits as f64 / total.max(1) as f64
+    }
+}
+
+/// Marks every float parameter as trainable.
+struct Trainable;
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Trainable {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.set_require_grad(true)
     }
 }
 
