@@ -26,7 +26,7 @@ use spf_subspace::{LowRankBasis, SafetySubspace, Targets, direction_overlap};
 use crate::error::panic_message;
 use crate::record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};
 use crate::walk::{
-    BasisPresence, GradientProjection, GradientReduction, NonFiniteProbe, NonFiniteZeroing,
+    BasisPlacement, GradientProjection, GradientReduction, NonFiniteProbe, NonFiniteZeroing,
     UpdateProjection, UpdateSnapshot,
 };
 use crate::{
@@ -486,12 +486,12 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             return Err(StepError { module, error });
         }
         if !self.bases.is_empty() {
-            let mut presence = BasisPresence::<B> {
-                bases: &self.bases,
+            let mut placement = BasisPlacement::<B> {
+                bases: &mut self.bases,
                 found: 0,
             };
-            module.visit(&mut presence);
-            if presence.found == 0 {
+            module.visit(&mut placement);
+            if placement.found == 0 {
                 let error = SpfError::ModuleMismatch;
                 return Err(StepError { module, error });
             }

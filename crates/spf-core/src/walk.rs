@@ -43,15 +43,24 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
     }
 }
 
-/// Counts the module's parameters that have a basis.
-pub(crate) struct BasisPresence<'a, B: AutodiffBackend> {
-    pub bases: &'a Bases<B>,
+/// Counts the module's parameters that have a basis, and moves each basis that is not on its
+/// parameter's device there (a record loaded onto one device for parameters on another), once,
+/// so that no later step pays for the transfer.
+pub(crate) struct BasisPlacement<'a, B: AutodiffBackend> {
+    pub bases: &'a mut Bases<B>,
     pub found: usize,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for BasisPresence<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for BasisPlacement<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.found += usize::from(self.bases.contains_key(&param.id));
+        let Some(basis) = self.bases.get_mut(&param.id) else {
+            return;
+        };
+        self.found += 1;
+        let device = param.device();
+        if basis.device() != device {
+            *basis = basis.clone().to_device(&device);
+        }
     }
 }
 

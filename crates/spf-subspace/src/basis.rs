@@ -224,12 +224,22 @@ impl<B: Backend> LowRankBasis<B> {
         }
     }
 
-    /// Moves the factors to `device`.
+    /// Moves the factors to `device`, through host memory.
+    ///
+    /// burn 0.21's WGPU backend cannot move a tensor from one device straight to another (its
+    /// device-to-device path is unimplemented and panics); the factors are small, `(m + n + 1)·k`
+    /// numbers, so the round trip through the host costs little and works on every backend.
     pub fn to_device(self, device: &B::Device) -> Self {
+        if self.device() == *device {
+            return self;
+        }
+        fn moved<B: Backend, const D: usize>(t: Tensor<B, D>, device: &B::Device) -> Tensor<B, D> {
+            Tensor::from_data(t.into_data(), device)
+        }
         Self {
-            u: self.u.to_device(device),
-            sigma: self.sigma.to_device(device),
-            v: self.v.to_device(device),
+            u: moved(self.u, device),
+            sigma: moved(self.sigma, device),
+            v: moved(self.v, device),
             sigma_host: self.sigma_host,
         }
     }

@@ -1140,3 +1140,35 @@ mod reliability {
         assert_eq!(optim.steps(), 0);
     }
 }
+
+/// A record loaded onto one device for parameters on another: the step is the same as with the
+/// bases in place, and afterwards every basis lives on its parameter's device. WGPU only (the
+/// `test-wgpu` feature): ndarray has a single device, so nothing could be apart. Plain SGD,
+/// because burn 0.21's own optimizers move their state with `Tensor::to_device`, which panics
+/// between two WGPU devices (so AdamW state loaded onto another WGPU device cannot step).
+#[cfg(feature = "test-wgpu")]
+#[test]
+fn bases_loaded_onto_another_device_move_to_their_parameters() {
+    use burn::backend::wgpu::WgpuDevice;
+    let (here, there) = (WgpuDevice::DefaultDevice, WgpuDevice::Cpu);
+    let model = Net::<B>::new(&here);
+    let cfg = config(ProjectionMode::ConflictOnly);
+    let mut optim = cfg
+        .init(SgdConfig::new().init(), &model, bases(&model))
+        .unwrap();
+    let model = train(&mut optim, model, 0..2);
+
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let bytes = recorder.record(optim.to_record(), ()).unwrap();
+    let record = recorder.load(bytes, &there).unwrap();
+    let mut restored = cfg
+        .init(SgdConfig::new().init(), &model, [])
+        .unwrap()
+        .load_record(record);
+    assert!(restored.bases().values().all(|b| b.device() == there));
+
+    let a = optim.step(1e-2, model.clone(), grads(&model, 2));
+    let b = restored.step(1e-2, model.clone(), grads(&model, 2));
+    assert!(restored.bases().values().all(|b| b.device() == here));
+    assert_close(&a, &b, 1e-6);
+}

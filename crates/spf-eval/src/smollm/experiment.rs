@@ -305,7 +305,11 @@ pub fn run<B: AutodiffBackend>(
     let align_set = lab.prepare(&align_pairs);
     let safety = align_set[0].clone();
     let t = Instant::now();
-    let (aligned_top, align_loss, _) = lab.train(
+    let Trained {
+        top: aligned_top,
+        loss: align_loss,
+        ..
+    } = lab.train(
         base_top,
         &align_set,
         None,
@@ -384,7 +388,11 @@ pub fn run<B: AutodiffBackend>(
         for spf in [false, true] {
             let name = format!("{} on {task}", if spf { "SPF" } else { "SFT" });
             let t = Instant::now();
-            let (top, loss, conflict) = lab.train(
+            let Trained {
+                top,
+                loss,
+                conflict,
+            } = lab.train(
                 aligned_top.clone(),
                 set,
                 spf.then_some(&safety),
@@ -439,6 +447,16 @@ pub fn arithmetic_task(n: usize, seed: u64) -> Vec<(String, String)> {
             }
         })
         .collect()
+}
+
+/// A training stage's outcome.
+struct Trained<B: Backend> {
+    /// The trained blocks (with the frozen embedding and norm).
+    top: Llama<B>,
+    /// The mean loss of the last 10 steps.
+    loss: f64,
+    /// SPF's mean conflict share, for an SPF stage.
+    conflict: Option<f64>,
 }
 
 /// What every stage shares: the frozen blocks and the settings.
@@ -526,8 +544,7 @@ impl<B: AutodiffBackend> Lab<'_, B> {
     }
 
     /// Trains the top blocks `top` on `set` for `steps` steps of `batch_size` pairs (epochs in
-    /// a seeded order): plain AdamW, or SPF when `safety` is the one safety sample. Returns
-    /// the trained blocks, the mean loss of the last 10 steps and SPF's mean conflict share.
+    /// a seeded order): plain AdamW, or SPF when `safety` is the one safety sample.
     #[allow(clippy::too_many_arguments)]
     fn train(
         &self,
@@ -538,7 +555,7 @@ impl<B: AutodiffBackend> Lab<'_, B> {
         lr: f64,
         name: &str,
         progress: &mut dyn Progress,
-    ) -> Result<(Llama<Inner<B>>, f64, Option<f64>), EvalError> {
+    ) -> Result<Trained<Inner<B>>, EvalError> {
         // Parameters loaded on the inner backend do not require gradients, and `from_inner`
         // keeps that: the blocks must be made trainable, or every step would be a no-op.
         let mut model = Llama::<B>::from_inner(top);
@@ -595,7 +612,9 @@ impl<B: AutodiffBackend> Lab<'_, B> {
             losses.push(value);
             let grads = GradientsParams::from_grads(l.backward(), &model);
             if grads.is_empty() {
-                return Err(EvalError::Config(format!("{name}: no parameter has a gradient")));
+                return Err(EvalError::Config(format!(
+                    "{name}: no parameter has a gradient"
+                )));
             }
             model = match spf.as_mut() {
                 None => plain.step(lr, model, grads),
@@ -611,7 +630,11 @@ impl<B: AutodiffBackend> Lab<'_, B> {
         let mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
         progress.finish(&format!("loss {mean:.3}"));
         let conflict = spf.is_some().then(|| conflict / steps.max(1) as f64);
-        Ok((model.valid(), mean, conflict))
+        Ok(Trained {
+            top: model.valid(),
+            loss: mean,
+            conflict,
+        })
     }
 
     /// Greedy answers of `model` to `prompts`, in order, `max_new` tokens at most each.
