@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! scripts/fetch-assets.sh                                   # once: model and data into assets/
-//! cargo run --release --example smollm2                     # the CPU configuration (~25 min)
+//! cargo run --release --example smollm2                     # the CPU configuration (~15 min)
 //! cargo run --release --features cuda --example smollm2 -- --backend cuda --train-layers 30
 //! ```
 //!

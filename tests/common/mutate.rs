@@ -51,3 +51,38 @@ pub fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
         ];
     proptest::collection::vec(one, 1..6)
 }
+
+/// Runs `cases` proptest cases through `check`: random byte strings (each behind one of
+/// `prefixes`, so that a valid header can lead into random bytes) and mutations of `valid`.
+/// A panic in `check` fails the test.
+pub fn fuzz(cases: u32, valid: &[u8], prefixes: &[&[u8]], check: impl FnMut(Vec<u8>)) {
+    let config = ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let prefixes: Vec<Vec<u8>> = prefixes.iter().map(|p| p.to_vec()).collect();
+    let strategy = prop_oneof![
+        (
+            proptest::sample::select(prefixes),
+            proptest::collection::vec(any::<u8>(), 0..2048)
+        )
+            .prop_map(|(mut bytes, random)| {
+                bytes.extend(random);
+                (bytes, Vec::new())
+            }),
+        mutations().prop_map(|m| (Vec::new(), m)),
+    ];
+    let check = std::cell::RefCell::new(check);
+    proptest::test_runner::TestRunner::new(config)
+        .run(&strategy, |(random, muts)| {
+            let bytes = if muts.is_empty() {
+                random
+            } else {
+                mutate(valid.to_vec(), &muts)
+            };
+            (check.borrow_mut())(bytes);
+            Ok(())
+        })
+        .unwrap();
+}

@@ -36,6 +36,15 @@ pub enum EvalError {
         /// plotters' error, as text.
         message: String,
     },
+    /// A GGUF model file could not be read.
+    #[error("model file: {0}")]
+    Gguf(#[from] crate::gguf::GgufError),
+    /// The model's tokenizer could not be built or used.
+    #[error("{0}")]
+    Chat(#[from] crate::chat::ChatError),
+    /// The real-model experiment's data could not be read.
+    #[error("data: {0}")]
+    Data(#[from] crate::smollm::DataError),
     /// The configuration asks for something the lab cannot do.
     #[error("invalid configuration: {0}")]
     Config(String),

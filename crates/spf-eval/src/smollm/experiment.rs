@@ -177,11 +177,9 @@ pub fn run<B: AutodiffBackend>(
     progress: &mut dyn Progress,
 ) -> Result<SmolResults, EvalError> {
     let started = Instant::now();
-    let data_err = |e: super::DataError| EvalError::Config(e.to_string());
-    let gguf = Gguf::open(&assets.model).map_err(|e| EvalError::Config(e.to_string()))?;
-    let tok = ChatTokenizer::from_gguf(&gguf).map_err(|e| EvalError::Config(e.to_string()))?;
-    let model = Llama::<Inner<B>>::from_gguf(&gguf, device)
-        .map_err(|e| EvalError::Config(e.to_string()))?;
+    let gguf = Gguf::open(&assets.model)?;
+    let tok = ChatTokenizer::from_gguf(&gguf)?;
+    let model = Llama::<Inner<B>>::from_gguf(&gguf, device)?;
     drop(gguf);
     let layers = model.blocks.len();
     if config.train_layers == 0 || config.train_layers > layers {
@@ -195,7 +193,7 @@ pub fn run<B: AutodiffBackend>(
 
     // Data.
     let mut rng = StdRng::seed_from_u64(config.seed);
-    let mut advbench = assets.advbench().map_err(data_err)?;
+    let mut advbench = assets.advbench()?;
     advbench.shuffle(&mut rng);
     if config.advbench_eval >= advbench.len() {
         return Err(EvalError::Config(format!(
@@ -205,8 +203,8 @@ pub fn run<B: AutodiffBackend>(
     }
     let adv_train = advbench.split_off(config.advbench_eval);
     let adv_eval = advbench;
-    let harmbench = assets.harmbench().map_err(data_err)?;
-    let mut many_shot = assets.many_shot().map_err(data_err)?;
+    let harmbench = assets.harmbench()?;
+    let mut many_shot = assets.many_shot()?;
     many_shot.shuffle(&mut rng);
     many_shot.truncate(config.attack_samples);
     let mut benign = benign_prompts(config.benign_train + config.benign_eval, config.seed);
@@ -214,18 +212,25 @@ pub fn run<B: AutodiffBackend>(
     let benign_train = benign;
 
     let encode = |prompts: &[String]| -> Result<Vec<Vec<u32>>, EvalError> {
-        prompts
+        Ok(prompts
             .iter()
-            .map(|p| tok.prompt(p).map_err(|e| EvalError::Config(e.to_string())))
-            .collect()
+            .map(|p| tok.prompt(p))
+            .collect::<Result<_, _>>()?)
     };
-    let answer = |text: &str| -> Result<Vec<u32>, EvalError> {
-        let mut ids = tok
-            .encode(text)
-            .map_err(|e| EvalError::Config(e.to_string()))?;
-        ids.push(tok.eos);
-        ids.truncate(config.max_answer_tokens);
-        Ok(ids)
+    // Prompt → answer pairs as ids; an answer ends with `<|im_end|>` unless it is cut.
+    let pairs = |texts: &[(String, String)]| -> Result<Vec<Pair>, EvalError> {
+        texts
+            .iter()
+            .map(|(q, a)| {
+                let mut answer = tok.encode(a)?;
+                answer.push(tok.eos);
+                answer.truncate(config.max_answer_tokens);
+                Ok(Pair {
+                    prompt: tok.prompt(q)?,
+                    answer,
+                })
+            })
+            .collect()
     };
     let harmful_eval: Vec<Vec<u32>> = encode(&harmbench)?
         .into_iter()
@@ -284,24 +289,21 @@ pub fn run<B: AutodiffBackend>(
     });
 
     // Align.
-    let align_pairs: Vec<Pair> = adv_train
+    let refusals: Vec<(String, String)> = adv_train
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            Ok(Pair {
-                prompt: tok
-                    .prompt(p)
-                    .map_err(|e| EvalError::Config(e.to_string()))?,
-                answer: answer(REFUSALS[i % REFUSALS.len()])?,
-            })
-        })
-        .chain(benign_train_ids.iter().zip(&distilled).map(|(p, a)| {
-            Ok(Pair {
-                prompt: p.clone(),
-                answer: a.clone(),
-            })
-        }))
-        .collect::<Result<_, EvalError>>()?;
+        .map(|(i, p)| (p.clone(), REFUSALS[i % REFUSALS.len()].to_string()))
+        .collect();
+    let mut align_pairs = pairs(&refusals)?;
+    align_pairs.extend(
+        benign_train_ids
+            .iter()
+            .zip(&distilled)
+            .map(|(prompt, answer)| Pair {
+                prompt: prompt.clone(),
+                answer: answer.clone(),
+            }),
+    );
     let align_set = lab.prepare(&align_pairs);
     let safety = align_set[0].clone();
     let t = Instant::now();
@@ -358,28 +360,8 @@ pub fn run<B: AutodiffBackend>(
     });
 
     // Attack.
-    let harmful_pairs: Vec<Pair> = many_shot
-        .iter()
-        .map(|(q, a)| {
-            Ok(Pair {
-                prompt: tok
-                    .prompt(q)
-                    .map_err(|e| EvalError::Config(e.to_string()))?,
-                answer: answer(a)?,
-            })
-        })
-        .collect::<Result<_, EvalError>>()?;
-    let arithmetic: Vec<Pair> = arithmetic_task(config.attack_samples, config.seed)
-        .iter()
-        .map(|(q, a)| {
-            Ok(Pair {
-                prompt: tok
-                    .prompt(q)
-                    .map_err(|e| EvalError::Config(e.to_string()))?,
-                answer: answer(a)?,
-            })
-        })
-        .collect::<Result<_, EvalError>>()?;
+    let harmful_pairs = pairs(&many_shot)?;
+    let arithmetic = pairs(&arithmetic_task(config.attack_samples, config.seed))?;
     let attacks = [
         ("harmful Q→A", lab.prepare(&harmful_pairs)),
         ("benign arithmetic", lab.prepare(&arithmetic)),
