@@ -17,23 +17,17 @@
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use spf_eval::experiment::{self, ExperimentConfig};
 use spf_eval::progress::Progress;
 use spf_eval::{plot, report};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Backend {
-    /// burn's ndarray backend on the CPU.
-    Cpu,
-    /// burn's WGPU backend (build with `--features wgpu`).
-    Wgpu,
-    /// burn's CUDA backend (build with `--features cuda`).
-    Cuda,
-}
+#[path = "common/backend.rs"]
+mod backend;
+
+use backend::{Backend, run_on};
 
 /// Align a small transformer, attack it with fine-tuning, and compare SFT against SPF.
 #[derive(Debug, Parser)]
@@ -90,19 +84,7 @@ impl Progress for Bars {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    match args.backend {
-        Backend::Cpu => run::<Autodiff<burn::backend::NdArray>>(&args, "ndarray (CPU)"),
-        #[cfg(feature = "wgpu")]
-        Backend::Wgpu => run::<Autodiff<burn::backend::Wgpu>>(&args, "wgpu"),
-        #[cfg(feature = "cuda")]
-        Backend::Cuda => run::<Autodiff<burn::backend::Cuda>>(&args, "cuda"),
-        #[allow(unreachable_patterns)]
-        other => Err(format!(
-            "the {other:?} backend is not compiled in: rebuild with `--features {}`",
-            format!("{other:?}").to_lowercase()
-        )
-        .into()),
-    }
+    run_on!(args.backend, run(&args))
 }
 
 fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std::error::Error>> {

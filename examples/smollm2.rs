@@ -14,21 +14,15 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use spf_eval::progress::Progress;
 use spf_eval::smollm::{Assets, SmolConfig, SmolResults};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Backend {
-    /// burn's ndarray backend on the CPU.
-    Cpu,
-    /// burn's WGPU backend (build with `--features wgpu`).
-    Wgpu,
-    /// burn's CUDA backend (build with `--features cuda`).
-    Cuda,
-}
+#[path = "common/backend.rs"]
+mod backend;
+
+use backend::{Backend, run_on};
 
 #[derive(Debug, Parser)]
 #[command(about = "Align SmolLM2-135M, attack it by fine-tuning, compare SFT with SPF")]
@@ -89,19 +83,7 @@ impl Progress for Log {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    match args.backend {
-        Backend::Cpu => run::<Autodiff<burn::backend::NdArray>>(&args, "ndarray (CPU)"),
-        #[cfg(feature = "wgpu")]
-        Backend::Wgpu => run::<Autodiff<burn::backend::Wgpu>>(&args, "wgpu"),
-        #[cfg(feature = "cuda")]
-        Backend::Cuda => run::<Autodiff<burn::backend::Cuda>>(&args, "cuda"),
-        #[allow(unreachable_patterns)]
-        other => Err(format!(
-            "the {other:?} backend is not compiled in: rebuild with `--features {}`",
-            format!("{other:?}").to_lowercase()
-        )
-        .into()),
-    }
+    run_on!(args.backend, run(&args))
 }
 
 fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std::error::Error>> {
