@@ -11,6 +11,10 @@
 //! grid over seeds and summarises it; [`report`] and [`plot`] turn the results into tables and
 //! SVG curves.
 //!
+//! The same attack on a real model lives in [`smollm`]: SmolLM2-135M-Instruct read from its GGUF
+//! file ([`gguf`]) into a burn [Llama](llama) with its own tokenizer ([`chat`]), aligned on
+//! AdvBench, attacked, and judged on HarmBench (`examples/smollm2.rs`, docs/smollm2.md).
+//!
 //! Everything is generic over the burn backend, and every random choice is seeded from the
 //! configuration, so CPU, WGPU and CUDA runs can be compared. `examples/finetune.rs` in the
 //! root package is the command-line front end; docs/results.md holds its measured numbers.

@@ -465,7 +465,12 @@ fn attention_mask<B: Backend>(
     for b in 0..batch {
         for i in 0..t {
             for j in 0..tk {
-                let real = key_valid.is_none_or(|v| v[b].get(j).copied().unwrap_or(false));
+                let real = key_valid.is_none_or(|v| {
+                    v.get(b)
+                        .and_then(|row| row.get(j))
+                        .copied()
+                        .unwrap_or(false)
+                });
                 if j > start + i || !real {
                     m[(b * t + i) * tk + j] = -1e9;
                 }
