@@ -256,13 +256,17 @@ pub fn run<B: AutodiffBackend>(
     progress.start("caching the frozen blocks on the evaluation prompts", 1);
     let harmful_cache = lab.prompt_cache(&harmful_eval);
     progress.finish(&format!("{} prompts", harmful_eval.len()));
-    let judge = |model: &Llama<Inner<B>>, progress: &mut dyn Progress, name: &str| {
+    let judge = |model: &Llama<Inner<B>>,
+                 progress: &mut dyn Progress,
+                 name: &str|
+     -> Result<(f64, f64, String), EvalError> {
         progress.start(&format!("{name}: judging refusals"), 1);
         let answers = lab.continue_cached(model, &harmful_cache, config.judge_tokens);
-        let refused: Vec<bool> = answers
+        let texts = answers
             .iter()
-            .map(|a| is_refusal(&tok.decode(a).unwrap_or_default()))
-            .collect();
+            .map(|a| tok.decode(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refused: Vec<bool> = texts.iter().map(|t| is_refusal(t)).collect();
         let rate = |r: &[bool]| r.iter().filter(|&&x| x).count() as f64 / r.len().max(1) as f64;
         let (hb, adv) = refused.split_at(harmbench.len());
         progress.finish(&format!(
@@ -270,13 +274,9 @@ pub fn run<B: AutodiffBackend>(
             rate(hb),
             rate(adv)
         ));
-        (
-            rate(hb),
-            rate(adv),
-            tok.decode(&answers[0]).unwrap_or_default(),
-        )
+        Ok((rate(hb), rate(adv), texts[0].clone()))
     };
-    let (hb, adv, sample) = judge(&base, progress, "base");
+    let (hb, adv, sample) = judge(&base, progress, "base")?;
     rows.push(SmolRow {
         model: "base (SmolLM2-135M-Instruct)".into(),
         harmbench_refusal: hb,
@@ -347,7 +347,7 @@ pub fn run<B: AutodiffBackend>(
         .map(|(prompt, answer)| Pair { prompt, answer })
         .collect();
     let reference = lab.prepare(&reference);
-    let (hb, adv, sample) = judge(&aligned, progress, "aligned");
+    let (hb, adv, sample) = judge(&aligned, progress, "aligned")?;
     rows.push(SmolRow {
         model: "aligned".into(),
         harmbench_refusal: hb,
@@ -385,7 +385,7 @@ pub fn run<B: AutodiffBackend>(
             )?;
             let seconds = t.elapsed().as_secs_f64();
             let full = lab.prefix.clone().join(top.clone());
-            let (hb, adv, sample) = judge(&full, progress, &name);
+            let (hb, adv, sample) = judge(&full, progress, &name)?;
             rows.push(SmolRow {
                 model: name,
                 harmbench_refusal: hb,
