@@ -70,7 +70,9 @@ impl LlamaConfig {
             rope_base: gguf.get_f64(&key("rope.freq_base"))?,
             norm_eps: gguf.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
         };
-        let ok = config.heads > 0
+        let ok = config.d_model > 0
+            && config.d_ff > 0
+            && config.heads > 0
             && config.kv_heads > 0
             && config.heads.is_multiple_of(config.kv_heads)
             && config.d_model.is_multiple_of(config.heads)

@@ -132,6 +132,21 @@ fn a_wrong_shape_or_architecture_is_a_typed_error() {
         LlamaConfig::from_gguf(&gguf),
         Err(GgufError::Corrupt(_))
     ));
+    // Zero widths would make the loader's row splitting meaningless.
+    for c in [
+        LlamaConfig {
+            d_model: 0,
+            ..config()
+        },
+        LlamaConfig {
+            d_ff: 0,
+            ..config()
+        },
+    ] {
+        let gguf = Gguf::parse(tiny_gguf(&c, 3)).unwrap();
+        let loaded = Llama::<B>::from_gguf(&gguf, &Default::default());
+        assert!(matches!(loaded, Err(GgufError::Corrupt(_))), "{c:?}");
+    }
 }
 
 #[test]
