@@ -22,8 +22,7 @@ use burn::record::{FileRecorder, FullPrecisionSettings, NamedMpkFileRecorder, Re
 use burn::tensor::backend::Backend;
 use rmpv::Value;
 
-use crate::SpfError;
-use crate::error::panic_message;
+use crate::error::{SpfError, panic_message};
 
 /// The recorder behind every checkpoint file.
 pub type CheckpointRecorder = NamedMpkFileRecorder<FullPrecisionSettings>;

@@ -1,12 +1,11 @@
 //! [`SpfConfig`]: which parameters SPF protects, how it projects, and where.
 
 use burn::config::Config;
-use burn::module::{AutodiffModule, ParamId};
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
-use spf_subspace::{LowRankBasis, SubspaceConfig};
+use spf_subspace::SubspaceConfig;
 
-use crate::{NoSafetySource, ProjectionMode, RefreshPolicy, SafetyProjectedOptimizer, SpfError};
+use crate::projection::ProjectionMode;
+use crate::refresh::RefreshPolicy;
 
 /// Where the projection acts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -24,7 +23,8 @@ pub enum ProjectionTarget {
 /// What a step does when a gradient holds NaN or ±Inf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum NonFinitePolicy {
-    /// [`SafetyProjectedOptimizer::try_step`] returns [`SpfError::NonFiniteGradient`] with the
+    /// [`SafetyProjectedOptimizer::try_step`](crate::SafetyProjectedOptimizer::try_step) returns
+    /// [`SpfError::NonFiniteGradient`](crate::SpfError::NonFiniteGradient) with the
     /// module untouched; [`Optimizer::step`](burn::optim::Optimizer::step) panics with that
     /// message.
     #[default]
@@ -36,7 +36,8 @@ pub enum NonFinitePolicy {
     ZeroNonFinite,
 }
 
-/// Configuration of [`SafetyProjectedOptimizer`].
+/// Configuration of [`SafetyProjectedOptimizer`](crate::SafetyProjectedOptimizer); its
+/// `init` builds one.
 ///
 /// Which parameters are protected, and how their bases are estimated, is the
 /// [`estimator`](Self::estimator)'s business, so that the wrapper and
@@ -62,30 +63,6 @@ pub struct SpfConfig {
     /// What a step does with NaN or ±Inf gradients.
     #[config(default = "NonFinitePolicy::Error")]
     pub non_finite: NonFinitePolicy,
-}
-
-impl SpfConfig {
-    /// Wraps `inner` so that every step is projected against `bases`, one per targeted parameter
-    /// of `module`. Targeted parameters without a basis, and all other parameters, pass through
-    /// untouched.
-    ///
-    /// # Errors
-    ///
-    /// [`SpfError::Subspace`] for a bad filter regex; for a basis, [`SpfError::UnknownParam`],
-    /// [`SpfError::UntargetedParam`] or [`SpfError::ShapeMismatch`] when it does not belong to a
-    /// targeted parameter of `module` of the right shape.
-    pub fn init<O, M, B>(
-        &self,
-        inner: O,
-        module: &M,
-        bases: impl IntoIterator<Item = (ParamId, LowRankBasis<B::InnerBackend>)>,
-    ) -> Result<SafetyProjectedOptimizer<O, B, NoSafetySource>, SpfError>
-    where
-        B: AutodiffBackend,
-        M: AutodiffModule<B>,
-    {
-        SafetyProjectedOptimizer::new(inner, module, self.clone(), bases)
-    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,17 @@ use burn::module::ParamId;
 use spf_subspace::SubspaceError;
 use thiserror::Error;
 
+/// A step that did not happen, with the module handed back untouched.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct StepError<M> {
+    /// The module as it was passed in.
+    pub module: M,
+    /// Why the step was refused.
+    #[source]
+    pub error: SpfError,
+}
+
 /// Everything that can go wrong when configuring, stepping or restoring the SPF wrapper.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum SpfError {

@@ -14,6 +14,7 @@
 //! - [`SafetyProjectedOptimizer`]: the wrapper, a burn [`Optimizer`](burn::optim::Optimizer);
 //! - [`SpfRecord`]: its versioned saved state, and [`checkpoint`]: crash-safe files for it.
 
+mod bases;
 pub mod checkpoint;
 mod config;
 mod error;
@@ -22,14 +23,15 @@ pub mod projection;
 mod record;
 mod refresh;
 mod stats;
-mod walk;
+mod visitors;
 
-#[cfg(test)]
-mod testing;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
 
 pub use config::{NonFinitePolicy, ProjectionTarget, SpfConfig};
-pub use error::SpfError;
-pub use optimizer::{SafetyProjectedOptimizer, StepError};
+pub use error::{SpfError, StepError};
+pub use optimizer::SafetyProjectedOptimizer;
 pub use projection::{Projected, ProjectionMode, ProjectionStats, project};
 pub use record::{BasisRecord, RECORD_VERSION, SpfRecord};
 pub use refresh::{NoSafetySource, RefreshPolicy, RefreshStats, SafetyGradientSource, SourceError};

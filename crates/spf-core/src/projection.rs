@@ -36,7 +36,7 @@ use burn::tensor::{Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
 use spf_subspace::LowRankBasis;
 
-use crate::SpfError;
+use crate::error::SpfError;
 
 /// What the projection removes from a gradient; see the [module docs](self) for the formulas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -355,8 +355,8 @@ impl Plan {
 mod tests {
     use super::*;
     use crate::testing::{
-        Gaussian, HostBasis, TestBackend, max_abs_diff, reference_projection, round_f32, to_host,
-        to_tensor,
+        Gaussian, HostBasis, TestBackend, download, max_abs_diff, reference_projection, round_f32,
+        upload,
     };
     use faer::Mat;
 
@@ -396,7 +396,7 @@ mod tests {
         mode: ProjectionMode,
     ) -> Projected<TestBackend> {
         let device = Default::default();
-        project(to_tensor(g, &device), &basis.to_device(&device), mode).unwrap()
+        project(upload(g, &device), &basis.to_device(&device), mode).unwrap()
     }
 
     #[test]
@@ -404,7 +404,7 @@ mod tests {
         for (case, (g, basis)) in cases(64).enumerate() {
             for mode in ProjectionMode::ALL {
                 let expected = reference_projection(&g, &basis, mode);
-                let got = to_host(project_host(&g, &basis, mode).grad);
+                let got = download(project_host(&g, &basis, mode).grad);
                 let err = max_abs_diff(&got, &expected);
                 let tol = tolerance(&g, basis.sigma.len());
                 assert!(
@@ -486,7 +486,7 @@ mod tests {
         let u_perp = Mat::<f64>::identity(9, 9) - &basis.u * basis.u.transpose();
         g += u_perp * rng.matrix(9, 5);
         let device = Default::default();
-        let g = to_tensor::<TestBackend>(&g, &device);
+        let g = upload::<TestBackend>(&g, &device);
         for mode in [ProjectionMode::ConflictOnly, ProjectionMode::Pcgrad] {
             let out = project(g.clone(), &basis.to_device(&device), mode).unwrap();
             assert_eq!(out.stats.removed, 0);
@@ -497,7 +497,7 @@ mod tests {
     #[test]
     fn empty_basis_changes_nothing() {
         let device = Default::default();
-        let g = to_tensor::<TestBackend>(&Gaussian::new(3).matrix(4, 6), &device);
+        let g = upload::<TestBackend>(&Gaussian::new(3).matrix(4, 6), &device);
         for mode in ProjectionMode::ALL {
             let out = project(g.clone(), &LowRankBasis::empty(4, 6, &device), mode).unwrap();
             assert_eq!(out.grad.into_data(), g.clone().into_data());
@@ -552,12 +552,12 @@ mod tests {
         let g = rng.matrix(12, 9);
         let expected = reference_projection(&g, &basis, ProjectionMode::ConflictOnly);
         let out = project(
-            to_tensor::<F64>(&g, &device),
+            upload::<F64>(&g, &device),
             &basis.to_device(&device),
             ProjectionMode::ConflictOnly,
         )
         .unwrap();
-        let err = max_abs_diff(&to_host(out.grad), &expected);
+        let err = max_abs_diff(&download(out.grad), &expected);
         let tol = 4.0 * (12 + 9 + 4) as f64 * f64::EPSILON * g.norm_l2();
         assert!(err <= tol, "{err:e} > {tol:e}");
     }

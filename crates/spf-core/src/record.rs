@@ -1,7 +1,16 @@
-//! [`SpfRecord`]: the wrapper's saved state, versioned.
+//! [`SpfRecord`]: the wrapper's saved state, versioned, and how its parts are written from and
+//! checked back into the wrapper's state.
 
+use std::collections::HashMap;
+
+use burn::module::ParamId;
 use burn::record::Record;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, backend::Backend};
+use spf_subspace::{LowRankBasis, Targets};
+
+use crate::bases::{Admitted, ProtectedBases, admit};
+use crate::error::SpfError;
 
 /// The record format this build writes and reads.
 pub const RECORD_VERSION: u32 = 2;
@@ -56,4 +65,103 @@ pub struct ParamPath {
     pub param: u64,
     /// The `.`-joined module path, as in [`Targets`](spf_subspace::Targets).
     pub path: String,
+}
+
+/// Every basis as a record, sorted by parameter id.
+pub(crate) fn basis_records<B: AutodiffBackend>(
+    bases: &ProtectedBases<B::InnerBackend>,
+) -> Vec<BasisRecord<B>> {
+    let mut records: Vec<_> = bases
+        .iter()
+        .map(|(id, basis)| {
+            let (u, sigma, v) = basis.clone().into_parts();
+            BasisRecord {
+                param: id.val(),
+                u: Tensor::from_inner(u),
+                sigma: Tensor::from_inner(sigma),
+                v: Tensor::from_inner(v),
+            }
+        })
+        .collect();
+    records.sort_by_key(|basis| basis.param);
+    records
+}
+
+/// Every parameter of `targets` with its path, sorted by id.
+pub(crate) fn param_paths(targets: &Targets) -> Vec<ParamPath> {
+    let mut params: Vec<_> = targets
+        .iter()
+        .map(|(id, target)| ParamPath {
+            param: id.val(),
+            path: target.path.to_string(),
+        })
+        .collect();
+    params.sort_by_key(|p| p.param);
+    params
+}
+
+/// The saved bases, checked as bases and admitted against `targets`.
+///
+/// # Errors
+///
+/// [`SpfError::InvalidBasis`] for factors that do not form a basis, and the errors of
+/// [`admit`](crate::bases::admit).
+pub(crate) fn saved_bases<B: AutodiffBackend>(
+    saved: Vec<BasisRecord<B>>,
+    targets: &Targets,
+    max_rank: usize,
+) -> Result<Admitted<B::InnerBackend>, SpfError> {
+    let mut bases = Vec::with_capacity(saved.len());
+    for saved in saved {
+        let id = ParamId::from(saved.param);
+        let path = targets.get(&id).map(|t| t.path.to_string());
+        let basis = LowRankBasis::new(saved.u.inner(), saved.sigma.inner(), saved.v.inner())
+            .map_err(|source| SpfError::InvalidBasis { path, source })?;
+        bases.push((id, basis));
+    }
+    admit(targets, max_rank, bases)
+}
+
+/// `targets` keyed by the ids of a record's `saved` parameters, matched by module path, or `None`
+/// when the ids already agree. A module built afresh has new parameter ids; once its own record is
+/// loaded it takes on the saved ones, so the wrapper adopts them too.
+///
+/// # Errors
+///
+/// [`SpfError::RecordMismatch`] when the paths are not the same on both sides.
+pub(crate) fn rekeyed(targets: &Targets, saved: &[ParamPath]) -> Result<Option<Targets>, SpfError> {
+    let agree = saved.iter().all(|p| {
+        targets
+            .get(&ParamId::from(p.param))
+            .is_some_and(|t| *t.path == *p.path)
+    });
+    if agree && saved.len() == targets.iter().count() {
+        return Ok(None);
+    }
+    let by_path: HashMap<&str, u64> = saved.iter().map(|p| (p.path.as_str(), p.param)).collect();
+    let mismatch = |reason: String| SpfError::RecordMismatch { reason };
+    if by_path.len() != saved.len() {
+        return Err(mismatch("two saved parameters share a path".into()));
+    }
+    let rekeyed: Targets = targets
+        .iter()
+        .map(|(_, target)| match by_path.get(&*target.path) {
+            Some(&id) => Ok((ParamId::from(id), target.clone())),
+            None => Err(mismatch(format!(
+                "the module's parameter `{}` is not in the record",
+                target.path
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    if let Some(extra) = saved.iter().find(|p| {
+        rekeyed
+            .get(&ParamId::from(p.param))
+            .is_none_or(|t| *t.path != *p.path)
+    }) {
+        return Err(mismatch(format!(
+            "the record's parameter `{}` is not in the module",
+            extra.path
+        )));
+    }
+    Ok(Some(rekeyed))
 }

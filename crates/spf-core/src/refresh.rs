@@ -1,13 +1,18 @@
 //! Re-estimating the safety subspace during training: [`RefreshPolicy`] says when, a
 //! [`SafetyGradientSource`] supplies the safety gradient of the *current* module.
 
-use std::time::Duration;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
+use spf_subspace::{SafetySubspace, SubspaceConfig, Targets};
+
+use crate::bases::{ProtectedBases, admit};
+use crate::error::{SpfError, panic_message};
 
 /// When the wrapper re-estimates its bases. The bases given at `init` count as estimated at step
 /// 0; with none, the first step estimates them.
@@ -108,7 +113,8 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> SafetyGradientSource<M, B> for No
     }
 }
 
-/// What the refreshes so far have done; part of [`StepStats`](crate::StepStats).
+/// What the refreshes so far have done, as of one step: a snapshot of the wrapper's refresh
+/// state, part of [`StepStats`](crate::StepStats).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RefreshStats {
     /// Whether the bases were re-estimated before this step.
@@ -126,4 +132,107 @@ pub struct RefreshStats {
     pub last_error: Option<String>,
     /// Steps between refreshes now (it changes under [`RefreshPolicy::Adaptive`]).
     pub period: Option<usize>,
+}
+
+/// The wrapper's live refresh state: when the bases were last estimated, the period, and the
+/// counts that [`RefreshStats`] publishes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RefreshState {
+    /// Whether the bases were re-estimated before the current step.
+    pub refreshed: bool,
+    /// Successful refreshes: the random state of the refresh sketches.
+    pub count: usize,
+    /// Failed refreshes.
+    pub failures: usize,
+    /// Wall time spent refreshing since this wrapper was built.
+    pub time: Duration,
+    /// Mean overlap of the last refresh's bases with the ones they replaced.
+    pub last_overlap: Option<f64>,
+    /// The error of the last failed refresh.
+    pub last_error: Option<String>,
+    /// Steps between refreshes now (`None`: refresh is off).
+    pub period: Option<usize>,
+    /// The step at which the current bases were estimated (or a refresh last failed).
+    pub since: Option<usize>,
+}
+
+impl RefreshState {
+    /// The state of a wrapper built under `policy`, with bases given at step 0 or not.
+    pub fn new(policy: &RefreshPolicy, has_bases: bool) -> Self {
+        Self {
+            period: policy.initial_period(),
+            since: has_bases.then_some(0),
+            ..Self::default()
+        }
+    }
+
+    /// What the refreshes so far have done.
+    pub fn stats(&self) -> RefreshStats {
+        RefreshStats {
+            refreshed: self.refreshed,
+            count: self.count,
+            failures: self.failures,
+            time: self.time,
+            last_overlap: self.last_overlap,
+            last_error: self.last_error.clone(),
+            period: self.period,
+        }
+    }
+
+    /// Whether a refresh is due before step `steps` (counted from 0).
+    pub fn due(&self, steps: usize) -> bool {
+        match (self.period, self.since) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(period), Some(since)) => steps.saturating_sub(since) >= period,
+        }
+    }
+
+    /// Re-estimates the bases of the `targets` at `module` from `source` before step `steps`;
+    /// on failure keeps the old ones and counts it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn refresh<M, B, S>(
+        &mut self,
+        policy: &RefreshPolicy,
+        estimator: &SubspaceConfig,
+        targets: &Targets,
+        bases: &mut ProtectedBases<B::InnerBackend>,
+        source: &mut S,
+        module: &M,
+        steps: usize,
+    ) where
+        M: AutodiffModule<B>,
+        B: AutodiffBackend,
+        S: SafetyGradientSource<M, B>,
+    {
+        let start = Instant::now();
+        // The t-th refresh draws its sketches from seed + t: the counter is the random state.
+        let mut estimator = estimator.clone();
+        estimator.sketch.seed = estimator.sketch.seed.wrapping_add(self.count as u64);
+        // A panicking source counts as a failed refresh: training goes on with the old bases.
+        let gradients = catch_unwind(AssertUnwindSafe(|| source.safety_gradients(module)))
+            .unwrap_or_else(|panic| Err(format!("it panicked: {}", panic_message(&*panic)).into()));
+        let estimated = gradients
+            .map_err(|err| SpfError::SafetySource(err.to_string()))
+            .and_then(|grads| Ok(SafetySubspace::estimate(module, &grads, &estimator)?))
+            .and_then(|subspace| admit(targets, estimator.rank.max_rank(), subspace));
+        self.since = Some(steps);
+        match estimated {
+            Ok(new) => {
+                let overlap = bases.mean_overlap(&new);
+                bases.extend(new);
+                self.refreshed = true;
+                self.count += 1;
+                self.last_overlap = overlap;
+                self.period = self
+                    .period
+                    .map(|period| policy.next_period(period, overlap));
+            }
+            Err(err) => {
+                self.failures += 1;
+                self.last_error = Some(err.to_string());
+            }
+        }
+        self.time += start.elapsed();
+    }
 }

@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use burn::module::ParamId;
 use serde::Serialize;
 
-use crate::{ProjectionStats, RefreshStats};
+use crate::projection::ProjectionStats;
+use crate::refresh::RefreshStats;
 
 /// The projection statistics of one parameter in one step.
 #[derive(Debug, Clone, PartialEq, Serialize)]

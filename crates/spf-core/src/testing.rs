@@ -1,5 +1,9 @@
-//! Shared fixtures of the unit tests: seeded random matrices and bases, and an `f64` host
-//! reference of every projection mode written straight from the formulas of the SPF method note.
+//! Test fixtures shared by this crate's unit tests and by `spf-theory` (the `testing` feature):
+//! the backend the tests run on, seeded Gaussian matrices and bases on the host (`f64`, faer),
+//! moving matrices between host and device, and an `f64` reference of every projection mode
+//! written straight from the formulas of the SPF method note. Not part of the library's API.
+
+#![allow(missing_docs)]
 
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Element, Tensor, TensorData, backend::Backend};
@@ -8,13 +12,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use spf_subspace::LowRankBasis;
 
-use crate::ProjectionMode;
+use crate::projection::ProjectionMode;
 
-/// The backend every unit test runs on: ndarray, or WGPU with the `test-wgpu` feature (for
+/// The backend the unit tests run on: ndarray, or WGPU with the `test-wgpu` feature (for
 /// example on Mesa's lavapipe in CI).
 #[cfg(not(feature = "test-wgpu"))]
 pub type TestBackend = burn::backend::NdArray;
-/// The backend every unit test runs on: ndarray, or WGPU with the `test-wgpu` feature (for
+/// The backend the unit tests run on: ndarray, or WGPU with the `test-wgpu` feature (for
 /// example on Mesa's lavapipe in CI).
 #[cfg(feature = "test-wgpu")]
 pub type TestBackend = burn::backend::Wgpu;
@@ -25,26 +29,29 @@ pub type TestAutodiffBackend = Autodiff<TestBackend>;
 pub struct Gaussian(StdRng);
 
 impl Gaussian {
+    /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         Self(StdRng::seed_from_u64(seed))
     }
 
+    /// A uniform index below `n`.
     pub fn below(&mut self, n: usize) -> usize {
         self.0.random_range(0..n)
     }
 
-    /// A standard normal sample (Box–Muller).
+    /// One standard normal sample (Box–Muller).
     pub fn sample(&mut self) -> f64 {
         let u1: f64 = 1.0 - self.0.random::<f64>();
         let u2: f64 = self.0.random();
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 
+    /// A `rows × cols` matrix of standard normal samples.
     pub fn matrix(&mut self, rows: usize, cols: usize) -> Mat<f64> {
         Mat::from_fn(rows, cols, |_, _| self.sample())
     }
 
-    /// An `n × k` matrix with orthonormal columns: the thin Q of a Gaussian matrix.
+    /// An `n × k` matrix with orthonormal columns (the thin Q of a Gaussian matrix).
     pub fn orthonormal(&mut self, n: usize, k: usize) -> Mat<f64> {
         if k == 0 {
             return Mat::zeros(n, 0);
@@ -52,39 +59,54 @@ impl Gaussian {
         self.matrix(n, k).qr().compute_thin_Q()
     }
 
-    /// A random basis for a `d_in × d_out` parameter: orthonormal factors and sorted positive
-    /// singular values.
+    /// A random basis for a `d_in × d_out` parameter ([`HostBasis::random`]).
     pub fn basis(&mut self, d_in: usize, d_out: usize, k: usize) -> HostBasis {
-        let mut sigma: Vec<f64> = (0..k).map(|_| 0.1 + self.sample().abs()).collect();
-        sigma.sort_by(|a, b| b.total_cmp(a));
-        HostBasis {
-            u: self.orthonormal(d_in, k),
-            sigma,
-            v: self.orthonormal(d_out, k),
-        }
+        HostBasis::random(self, d_in, d_out, k)
     }
 }
 
-/// The `f64` factors of a basis; [`HostBasis::rounded`] gives what an `f32` device holds.
+/// The factors `U Σ Vᵀ` of a basis on the host.
+#[derive(Debug, Clone)]
 pub struct HostBasis {
+    /// `U: [d_in, k]`.
     pub u: Mat<f64>,
+    /// `σ`, non-increasing.
     pub sigma: Vec<f64>,
+    /// `V: [d_out, k]`.
     pub v: Mat<f64>,
 }
 
 impl HostBasis {
-    pub fn to_device<B: Backend>(&self, device: &B::Device) -> LowRankBasis<B> {
-        let sigma = self.sigma.clone();
-        let k = sigma.len();
-        LowRankBasis::new(
-            to_tensor(&self.u, device),
-            Tensor::from_data(TensorData::new(sigma, [k]), float_options::<B>(device)),
-            to_tensor(&self.v, device),
-        )
-        .expect("a QR factor is orthonormal")
+    /// A random basis: orthonormal factors and sorted singular values in `[0.1, 3.1)`.
+    pub fn random(rng: &mut Gaussian, d_in: usize, d_out: usize, k: usize) -> Self {
+        let mut sigma: Vec<f64> = (0..k).map(|_| 0.1 + rng.sample().abs().min(3.0)).collect();
+        sigma.sort_by(|a, b| b.total_cmp(a));
+        Self {
+            u: rng.orthonormal(d_in, k),
+            sigma,
+            v: rng.orthonormal(d_out, k),
+        }
     }
 
-    /// The same factors as the device holds them (rounded through `f32`).
+    /// The exact rank-`k` truncated SVD of `g` (faer), without directions whose singular value
+    /// is zero.
+    pub fn truncated_svd(g: &Mat<f64>, k: usize) -> Self {
+        let svd = g.thin_svd().expect("the SVD of a finite matrix converges");
+        let s = svd.S().column_vector();
+        let k = (0..k.min(s.nrows())).take_while(|&i| s[i] > 0.0).count();
+        Self {
+            u: svd.U().get(.., ..k).to_owned(),
+            sigma: (0..k).map(|i| s[i]).collect(),
+            v: svd.V().get(.., ..k).to_owned(),
+        }
+    }
+
+    /// Number of directions.
+    pub fn rank(&self) -> usize {
+        self.sigma.len()
+    }
+
+    /// The same factors rounded to `f32`, as an `f32` device holds them.
     pub fn rounded(&self) -> Self {
         Self {
             u: round_f32(&self.u),
@@ -92,31 +114,86 @@ impl HostBasis {
             v: round_f32(&self.v),
         }
     }
+
+    /// `B_i = u_i v_iᵀ`.
+    pub fn direction(&self, i: usize) -> Mat<f64> {
+        self.u.col(i) * self.v.col(i).transpose()
+    }
+
+    /// `D = U Σ Vᵀ`.
+    pub fn d(&self) -> Mat<f64> {
+        let us = Mat::from_fn(self.u.nrows(), self.rank(), |i, j| {
+            self.u[(i, j)] * self.sigma[j]
+        });
+        us * self.v.transpose()
+    }
+
+    /// `c_i = u_iᵀ G v_i`.
+    pub fn coefficients(&self, g: &Mat<f64>) -> Vec<f64> {
+        (0..self.rank())
+            .map(|i| self.u.col(i).transpose() * g * self.v.col(i))
+            .collect()
+    }
+
+    /// The basis on a device, checked by [`LowRankBasis::new`] at `f32` accuracy.
+    pub fn to_device<B: Backend>(&self, device: &B::Device) -> LowRankBasis<B> {
+        let k = self.rank();
+        let sigma = Tensor::from_data(
+            TensorData::new(self.sigma.clone(), [k]),
+            float_options::<B>(device),
+        );
+        LowRankBasis::new(upload(&self.u, device), sigma, upload(&self.v, device))
+            .expect("QR and SVD factors are orthonormal")
+    }
 }
 
+/// `m` with every entry rounded to the nearest `f32`.
 pub fn round_f32(m: &Mat<f64>) -> Mat<f64> {
     Mat::from_fn(m.nrows(), m.ncols(), |i, j| f64::from(m[(i, j)] as f32))
 }
 
-/// Uploads `m`; burn rounds it to the backend's float type.
-pub fn to_tensor<B: Backend>(m: &Mat<f64>, device: &B::Device) -> Tensor<B, 2> {
-    let data: Vec<f64> = (0..m.nrows())
-        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
-        .collect();
-    Tensor::from_data(
-        TensorData::new(data, [m.nrows(), m.ncols()]),
-        float_options::<B>(device),
-    )
+/// `⟨a, b⟩_F`.
+pub fn inner(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
+    let mut sum = 0.0;
+    for j in 0..a.ncols() {
+        for i in 0..a.nrows() {
+            sum += a[(i, j)] * b[(i, j)];
+        }
+    }
+    sum
 }
 
-/// `device` with the backend's own float dtype: burn 0.21's per-device default dtype is shared by
-/// all backends on a device type, so `NdArray<f64>` would otherwise get `f32` tensors after any
-/// `NdArray<f32>` test ran first.
+/// The largest absolute entry of `a − b`.
+pub fn max_abs_diff(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
+    let mut worst = 0.0f64;
+    for i in 0..a.nrows() {
+        for j in 0..a.ncols() {
+            worst = worst.max((a[(i, j)] - b[(i, j)]).abs());
+        }
+    }
+    worst
+}
+
+/// The device and the backend's own float dtype. burn 0.21's default dtype is per device and
+/// shared by every backend on it, so an `f64` backend must ask for `f64` explicitly (else
+/// `NdArray<f64>` gets `f32` tensors after any `NdArray<f32>` test ran first).
 fn float_options<B: Backend>(device: &B::Device) -> (&B::Device, DType) {
     (device, <B::FloatElem as Element>::dtype())
 }
 
-pub fn to_host<B: Backend>(t: Tensor<B, 2>) -> Mat<f64> {
+/// `m` on the device, in the backend's float type.
+pub fn upload<B: Backend>(m: &Mat<f64>, device: &B::Device) -> Tensor<B, 2> {
+    let values: Vec<f64> = (0..m.nrows())
+        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
+        .collect();
+    Tensor::from_data(
+        TensorData::new(values, [m.nrows(), m.ncols()]),
+        float_options::<B>(device),
+    )
+}
+
+/// A device matrix back on the host.
+pub fn download<B: Backend>(t: Tensor<B, 2>) -> Mat<f64> {
     let [rows, cols] = t.dims();
     let values: Vec<f64> = t.into_data().iter::<f64>().collect();
     Mat::from_fn(rows, cols, |i, j| values[i * cols + j])
@@ -124,14 +201,12 @@ pub fn to_host<B: Backend>(t: Tensor<B, 2>) -> Mat<f64> {
 
 /// `G̃` from the formulas of the SPF method note, in `f64`.
 pub fn reference_projection(g: &Mat<f64>, b: &HostBasis, mode: ProjectionMode) -> Mat<f64> {
-    let k = b.sigma.len();
-    let c: Vec<f64> = (0..k)
-        .map(|i| b.u.col(i).transpose() * g * b.v.col(i))
-        .collect();
+    let k = b.rank();
+    let c = b.coefficients(g);
     let rank_k = |r: &dyn Fn(usize) -> f64| {
         let mut out = g.clone();
         for i in 0..k {
-            out -= r(i) * (b.u.col(i) * b.v.col(i).transpose());
+            out -= r(i) * b.direction(i);
         }
         out
     };
@@ -150,15 +225,4 @@ pub fn reference_projection(g: &Mat<f64>, b: &HostBasis, mode: ProjectionMode) -
             }
         }
     }
-}
-
-/// The largest absolute entry of `a − b`.
-pub fn max_abs_diff(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
-    let mut worst = 0.0f64;
-    for i in 0..a.nrows() {
-        for j in 0..a.ncols() {
-            worst = worst.max((a[(i, j)] - b[(i, j)]).abs());
-        }
-    }
-    worst
 }

@@ -8,175 +8,18 @@
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, Param};
 use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Element, Tensor, TensorData};
 use faer::Mat;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand_distr::{Distribution, StandardNormal};
 use spf_core::{ProjectionMode, RankPolicy, SpfConfig, SubspaceConfig, project};
-use spf_subspace::LowRankBasis;
+
+/// The fixtures this crate shares with spf-core's unit tests (spf-core's `testing` feature).
+pub use spf_core::testing::{Gaussian, HostBasis, download, inner, round_f32, upload};
 
 /// The default backend of the library, for the projection invariants.
 pub type F32 = NdArray<f32>;
 /// An `f64` backend, for the theorems, whose constants are then exact to `1e-16`.
 pub type F64 = NdArray<f64>;
-
-/// A seeded source of Gaussian matrices.
-pub struct Gaussian(StdRng);
-
-impl Gaussian {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self(StdRng::seed_from_u64(seed))
-    }
-
-    /// One standard normal sample.
-    pub fn sample(&mut self) -> f64 {
-        StandardNormal.sample(&mut self.0)
-    }
-
-    /// A `rows × cols` matrix of standard normal samples.
-    pub fn matrix(&mut self, rows: usize, cols: usize) -> Mat<f64> {
-        Mat::from_fn(rows, cols, |_, _| self.sample())
-    }
-
-    /// An `n × k` matrix with orthonormal columns (the thin Q of a Gaussian matrix).
-    pub fn orthonormal(&mut self, n: usize, k: usize) -> Mat<f64> {
-        if k == 0 {
-            return Mat::zeros(n, 0);
-        }
-        self.matrix(n, k).qr().compute_thin_Q()
-    }
-}
-
-/// The factors `U Σ Vᵀ` of a basis on the host.
-#[derive(Debug, Clone)]
-pub struct HostBasis {
-    /// `U: [d_in, k]`.
-    pub u: Mat<f64>,
-    /// `σ`, non-increasing.
-    pub sigma: Vec<f64>,
-    /// `V: [d_out, k]`.
-    pub v: Mat<f64>,
-}
-
-impl HostBasis {
-    /// A random basis: orthonormal factors and sorted singular values in `[0.1, 3.1)`.
-    pub fn random(rng: &mut Gaussian, d_in: usize, d_out: usize, k: usize) -> Self {
-        let mut sigma: Vec<f64> = (0..k).map(|_| 0.1 + rng.sample().abs().min(3.0)).collect();
-        sigma.sort_by(|a, b| b.total_cmp(a));
-        Self {
-            u: rng.orthonormal(d_in, k),
-            sigma,
-            v: rng.orthonormal(d_out, k),
-        }
-    }
-
-    /// The exact rank-`k` truncated SVD of `g` (faer), without directions whose singular value
-    /// is zero.
-    pub fn truncated_svd(g: &Mat<f64>, k: usize) -> Self {
-        let svd = g.thin_svd().expect("the SVD of a finite matrix converges");
-        let s = svd.S().column_vector();
-        let k = (0..k.min(s.nrows())).take_while(|&i| s[i] > 0.0).count();
-        Self {
-            u: svd.U().get(.., ..k).to_owned(),
-            sigma: (0..k).map(|i| s[i]).collect(),
-            v: svd.V().get(.., ..k).to_owned(),
-        }
-    }
-
-    /// Number of directions.
-    pub fn rank(&self) -> usize {
-        self.sigma.len()
-    }
-
-    /// The same factors rounded to `f32`, as an `f32` device holds them.
-    pub fn rounded(&self) -> Self {
-        Self {
-            u: round_f32(&self.u),
-            sigma: self.sigma.iter().map(|s| f64::from(*s as f32)).collect(),
-            v: round_f32(&self.v),
-        }
-    }
-
-    /// `B_i = u_i v_iᵀ`.
-    pub fn direction(&self, i: usize) -> Mat<f64> {
-        self.u.col(i) * self.v.col(i).transpose()
-    }
-
-    /// `D = U Σ Vᵀ`.
-    pub fn d(&self) -> Mat<f64> {
-        let us = Mat::from_fn(self.u.nrows(), self.rank(), |i, j| {
-            self.u[(i, j)] * self.sigma[j]
-        });
-        us * self.v.transpose()
-    }
-
-    /// `c_i = u_iᵀ G v_i`.
-    pub fn coefficients(&self, g: &Mat<f64>) -> Vec<f64> {
-        (0..self.rank())
-            .map(|i| self.u.col(i).transpose() * g * self.v.col(i))
-            .collect()
-    }
-
-    /// The basis on a device, checked by [`LowRankBasis::with_tolerance`] at `f32` accuracy.
-    pub fn to_device<B: Backend>(&self, device: &B::Device) -> LowRankBasis<B> {
-        let k = self.rank();
-        let sigma = Tensor::from_data(
-            TensorData::new(self.sigma.clone(), [k]),
-            options::<B>(device),
-        );
-        let [d_in, d_out] = [self.u.nrows(), self.v.nrows()];
-        LowRankBasis::with_tolerance(
-            upload(&self.u, device),
-            sigma,
-            upload(&self.v, device),
-            LowRankBasis::<B>::default_tolerance(d_in, d_out),
-        )
-        .expect("QR and SVD factors are orthonormal")
-    }
-}
-
-/// `m` with every entry rounded to the nearest `f32`.
-pub fn round_f32(m: &Mat<f64>) -> Mat<f64> {
-    Mat::from_fn(m.nrows(), m.ncols(), |i, j| f64::from(m[(i, j)] as f32))
-}
-
-/// `⟨a, b⟩_F`.
-pub fn inner(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
-    let mut sum = 0.0;
-    for j in 0..a.ncols() {
-        for i in 0..a.nrows() {
-            sum += a[(i, j)] * b[(i, j)];
-        }
-    }
-    sum
-}
-
-/// The device and the backend's own float dtype. burn 0.21's default dtype is per device and
-/// shared by every backend on it, so an `f64` backend must ask for `f64` explicitly.
-fn options<B: Backend>(device: &B::Device) -> (&B::Device, DType) {
-    (device, <B::FloatElem as Element>::dtype())
-}
-
-/// `m` on the device, in the backend's float type.
-pub fn upload<B: Backend>(m: &Mat<f64>, device: &B::Device) -> Tensor<B, 2> {
-    let values: Vec<f64> = (0..m.nrows())
-        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
-        .collect();
-    Tensor::from_data(
-        TensorData::new(values, [m.nrows(), m.ncols()]),
-        options::<B>(device),
-    )
-}
-
-/// A device matrix back on the host.
-pub fn download<B: Backend>(t: Tensor<B, 2>) -> Mat<f64> {
-    let [rows, cols] = t.dims();
-    let values: Vec<f64> = t.into_data().iter::<f64>().collect();
-    Mat::from_fn(rows, cols, |i, j| values[i * cols + j])
-}
 
 /// How a check obtains `G̃ = P(G)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,28 +1,33 @@
-//! The passes over a module that one wrapped step makes. `GradientsParams` cannot list its ids,
-//! and reading a gradient needs its rank as a constant, so every pass walks the module with
-//! burn's `ModuleVisitor` (or `ModuleMapper`), which supplies both.
+//! The passes over a module that one wrapped step makes, as burn's module visitors and mappers.
+//! `GradientsParams` cannot list its ids, and reading a gradient needs its rank as a constant,
+//! so every pass walks the module with a `ModuleVisitor` (or `ModuleMapper`), which supplies
+//! both. The functions at the end run the passes the step is made of.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, MultiGradientsParams};
 use burn::tensor::{
     Tensor,
     backend::{AutodiffBackend, Backend},
 };
-
-use crate::optimizer::Bases;
-use crate::{ProjectionMode, TensorStats, project};
 use spf_subspace::{LowRankBasis, Targets, from_2d, into_2d};
 
+use crate::bases::ProtectedBases;
+use crate::projection::{ProjectionMode, ProjectionStats, project};
+use crate::stats::TensorStats;
+
+/// The bases of a wrapper over the autodiff backend `B`.
+type Bases<B> = ProtectedBases<<B as AutodiffBackend>::InnerBackend>;
+
 /// Projects, in place, every gradient in `grads` that has a basis.
-pub(crate) struct GradientProjection<'a, B: AutodiffBackend> {
-    pub grads: &'a mut GradientsParams,
-    pub bases: &'a Bases<B>,
-    pub targets: &'a Targets,
-    pub mode: ProjectionMode,
-    pub stats: Vec<TensorStats>,
+struct GradientProjection<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    bases: &'a Bases<B>,
+    targets: &'a Targets,
+    mode: ProjectionMode,
+    stats: Vec<TensorStats>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
@@ -46,9 +51,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
 /// Counts the module's parameters that have a basis, and moves each basis that is not on its
 /// parameter's device there (a record loaded onto one device for parameters on another), once,
 /// so that no later step pays for the transfer.
-pub(crate) struct BasisPlacement<'a, B: AutodiffBackend> {
-    pub bases: &'a mut Bases<B>,
-    pub found: usize,
+struct BasisPlacement<'a, B: AutodiffBackend> {
+    bases: &'a mut Bases<B>,
+    found: usize,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for BasisPlacement<'_, B> {
@@ -66,9 +71,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for BasisPlacement<'_, B> {
 
 /// Sums each parameter's gradients over the devices of a [`MultiGradientsParams`], on the device
 /// burn's own reduction picks for it.
-pub(crate) struct GradientReduction<'a> {
-    pub multi: &'a mut MultiGradientsParams,
-    pub reduced: GradientsParams,
+struct GradientReduction<'a> {
+    multi: &'a mut MultiGradientsParams,
+    reduced: GradientsParams,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for GradientReduction<'_> {
@@ -81,16 +86,16 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientReduction<'_> {
 
 /// Records `W_old` (as its 2-D view) for every parameter that has a basis and a gradient, before
 /// the inner optimizer steps.
-pub(crate) struct UpdateSnapshot<'a, B: AutodiffBackend> {
-    pub grads: &'a GradientsParams,
-    pub bases: &'a Bases<B>,
-    pub before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+struct UpdateSnapshot<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    bases: &'a Bases<B>,
+    before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for UpdateSnapshot<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let has_grad = || self.grads.get::<B::InnerBackend, D>(param.id).is_some();
-        if self.bases.contains_key(&param.id) && has_grad() {
+        if self.bases.contains(&param.id) && has_grad() {
             self.before.insert(param.id, into_2d(param.val().inner()));
         }
     }
@@ -98,12 +103,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UpdateSnapshot<'_, B> {
 
 /// Replaces each snapshotted parameter's update `ΔW = W_new − W_old` by `−P(−ΔW)`: the update is
 /// projected as the descent step `−ηG̃` it stands for, with `G = −ΔW`.
-pub(crate) struct UpdateProjection<'a, B: AutodiffBackend> {
-    pub before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
-    pub bases: &'a Bases<B>,
-    pub targets: &'a Targets,
-    pub mode: ProjectionMode,
-    pub stats: Vec<TensorStats>,
+struct UpdateProjection<'a, B: AutodiffBackend> {
+    before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+    bases: &'a Bases<B>,
+    targets: &'a Targets,
+    mode: ProjectionMode,
+    stats: Vec<TensorStats>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
@@ -141,10 +146,10 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
 /// but finite entries of size near `f32::MAX` can overflow it too. The exact probe, `Σ 0·g`, is NaN
 /// exactly when an entry is NaN or ±Inf; it costs a written copy, so it only re-checks the
 /// gradients in `only`, those whose fast probe was not finite.
-pub(crate) struct NonFiniteProbe<'a, B: AutodiffBackend> {
-    pub grads: &'a GradientsParams,
-    pub only: Option<&'a [ParamId]>,
-    pub probes: Vec<(ParamId, Tensor<B::InnerBackend, 1>)>,
+struct NonFiniteProbe<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    only: Option<&'a [ParamId]>,
+    probes: Vec<(ParamId, Tensor<B::InnerBackend, 1>)>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for NonFiniteProbe<'_, B> {
@@ -163,9 +168,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for NonFiniteProbe<'_, B> {
 }
 
 /// Replaces the NaN and ±Inf entries of the listed gradients with 0.
-pub(crate) struct NonFiniteZeroing<'a> {
-    pub grads: &'a mut GradientsParams,
-    pub ids: &'a [ParamId],
+struct NonFiniteZeroing<'a> {
+    grads: &'a mut GradientsParams,
+    ids: &'a [ParamId],
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for NonFiniteZeroing<'_> {
@@ -202,10 +207,127 @@ fn mode_for<const D: usize>(matrix_mode: ProjectionMode) -> ProjectionMode {
     }
 }
 
-fn tensor_stats(targets: &Targets, param: ParamId, stats: crate::ProjectionStats) -> TensorStats {
+fn tensor_stats(targets: &Targets, param: ParamId, stats: ProjectionStats) -> TensorStats {
     let path = targets
         .get(&param)
         .map(|target| target.path.clone())
         .unwrap_or_else(|| param.to_string().into());
     TensorStats { param, path, stats }
+}
+
+/// Projects, in place, the gradient of every parameter of `module` that has a basis; returns
+/// what the projection did to each.
+pub(crate) fn project_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    grads: &mut GradientsParams,
+    bases: &Bases<B>,
+    targets: &Targets,
+    mode: ProjectionMode,
+) -> Vec<TensorStats> {
+    let mut pass = GradientProjection::<B> {
+        grads,
+        bases,
+        targets,
+        mode,
+        stats: Vec::new(),
+    };
+    module.visit(&mut pass);
+    pass.stats
+}
+
+/// Lets `inner_step` step on the raw gradients, then replaces the update of every parameter
+/// that has a basis and a gradient by its projection; returns the module and what the projection
+/// did to each update.
+pub(crate) fn step_then_project_updates<M, B, F>(
+    module: M,
+    grads: GradientsParams,
+    bases: &Bases<B>,
+    targets: &Targets,
+    mode: ProjectionMode,
+    inner_step: F,
+) -> (M, Vec<TensorStats>)
+where
+    M: AutodiffModule<B>,
+    B: AutodiffBackend,
+    F: FnOnce(M, GradientsParams) -> M,
+{
+    let mut snapshot = UpdateSnapshot::<B> {
+        grads: &grads,
+        bases,
+        before: HashMap::new(),
+    };
+    module.visit(&mut snapshot);
+    let before = snapshot.before;
+    let module = inner_step(module, grads);
+    let mut pass = UpdateProjection::<B> {
+        before,
+        bases,
+        targets,
+        mode,
+        stats: Vec::new(),
+    };
+    (module.map(&mut pass), pass.stats)
+}
+
+/// Moves every basis onto its parameter's device; returns how many of `module`'s parameters
+/// have a basis.
+pub(crate) fn place_bases<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    bases: &mut Bases<B>,
+) -> usize {
+    let mut placement = BasisPlacement::<B> { bases, found: 0 };
+    module.visit(&mut placement);
+    placement.found
+}
+
+/// The parameters whose gradient holds NaN or ±Inf: one device read of every gradient's sum,
+/// and a second, exact one of those whose sum is not finite.
+pub(crate) fn non_finite_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    grads: &GradientsParams,
+) -> Vec<ParamId> {
+    let probe = |only: Option<&[ParamId]>| {
+        let mut probe = NonFiniteProbe::<B> {
+            grads,
+            only,
+            probes: Vec::new(),
+        };
+        module.visit(&mut probe);
+        if probe.probes.is_empty() {
+            return Vec::new();
+        }
+        let (ids, probes): (Vec<ParamId>, Vec<_>) = probe.probes.into_iter().unzip();
+        let values = Tensor::cat(probes, 0).into_data();
+        ids.into_iter()
+            .zip(values.iter::<f64>())
+            .filter_map(|(id, probe)| (!probe.is_finite()).then_some(id))
+            .collect::<Vec<_>>()
+    };
+    let suspects = probe(None);
+    if suspects.is_empty() {
+        return suspects;
+    }
+    probe(Some(&suspects))
+}
+
+/// Replaces the NaN and ±Inf entries of the gradients of `ids` with 0.
+pub(crate) fn zero_non_finite<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    grads: &mut GradientsParams,
+    ids: &[ParamId],
+) {
+    module.visit(&mut NonFiniteZeroing { grads, ids });
+}
+
+/// Each parameter's gradients summed over the devices of `multi`, by burn's own reduction.
+pub(crate) fn reduce_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    multi: &mut MultiGradientsParams,
+) -> GradientsParams {
+    let mut reduction = GradientReduction {
+        multi,
+        reduced: GradientsParams::new(),
+    };
+    module.visit(&mut reduction);
+    reduction.reduced
 }

@@ -1,0 +1,182 @@
+//! The wrapper inside real burn steps, one file per concern: stepping against manual SGD and
+//! plain AdamW on projected gradients (`stepping`), records (`records`), refresh during training
+//! (`refresh`) and bad input (`reliability`). This file holds the model and fixtures they share.
+
+use burn::module::{Module, Param, ParamId};
+use burn::nn::Linear;
+use burn::optim::{AdamWConfig, GradientsParams, MultiGradientsParams, Optimizer, SgdConfig};
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::DeviceOps;
+use burn::tensor::{Tensor, TensorData, activation::tanh, backend::Backend};
+use faer::Mat;
+
+use super::*;
+use crate::testing::{Gaussian, TestAutodiffBackend, TestBackend, download, upload};
+use crate::{ParamFilter, ProjectionMode, RankPolicy, SubspaceConfig, VectorPolicy, project};
+use spf_subspace::SubspaceError;
+
+type B = TestAutodiffBackend;
+type Inner = TestBackend;
+
+/// Three layers named so that a path filter can tell them apart, and a rank-3 parameter.
+#[derive(Module, Debug)]
+struct Net<B: Backend> {
+    attn: Linear<B>,
+    mlp: Linear<B>,
+    head: Linear<B>,
+    cube: Param<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Net<B> {
+    /// Seeded and initialized eagerly: clones of a lazily initialized module would each draw
+    /// their own random weights.
+    fn new(device: &B::Device) -> Self {
+        let mut rng = Gaussian::new(99);
+        let mut param = |dims: &[usize]| {
+            let n = dims.iter().product();
+            let values: Vec<f32> = (0..n).map(|_| 0.5 * rng.sample() as f32).collect();
+            TensorData::new(values, dims.to_vec())
+        };
+        let mut linear = |d_in: usize, d_out: usize| Linear {
+            weight: Param::from_data(param(&[d_in, d_out]), device),
+            bias: Some(Param::from_data(param(&[d_out]), device)),
+        };
+        Self {
+            attn: linear(4, 6),
+            mlp: linear(6, 5),
+            head: linear(5, 3),
+            cube: Param::from_data(param(&[3, 2, 2]), device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let h = tanh(self.attn.forward(x));
+        let h = tanh(self.mlp.forward(h));
+        // The cube mixes the first three outputs: out[:, j] += Σ_i h[:, i] · Σ cube[i, j, :].
+        let mix = self.cube.val().sum_dim(2).reshape([3, 2]);
+        let out = self.head.forward(h);
+        let extra = out.clone().slice([0..out.dims()[0], 0..3]).matmul(mix);
+        out.slice_assign([0..extra.dims()[0], 0..2], extra)
+    }
+}
+
+/// The gradients of a seeded regression loss at `model`.
+fn grads(model: &Net<B>, seed: u64) -> GradientsParams {
+    let device = Default::default();
+    let mut rng = Gaussian::new(seed);
+    let x = upload::<B>(&rng.matrix(8, 4), &device);
+    let y = upload::<B>(&rng.matrix(8, 3), &device);
+    let loss = (model.forward(x) - y).square().mean();
+    GradientsParams::from_grads(loss.backward(), model)
+}
+
+/// Random bases for the two protected weights and the rank-3 cube (viewed as 3 × 4).
+fn bases(model: &Net<B>) -> Vec<(ParamId, LowRankBasis<Inner>)> {
+    let device = Default::default();
+    let mut rng = Gaussian::new(1234);
+    vec![
+        (model.attn.weight.id, rng.basis(4, 6, 3).to_device(&device)),
+        (model.mlp.weight.id, rng.basis(6, 5, 2).to_device(&device)),
+        (model.cube.id, rng.basis(3, 4, 2).to_device(&device)),
+    ]
+}
+
+fn estimator() -> SubspaceConfig {
+    SubspaceConfig::new().with_filter(ParamFilter::path_regex(r"(attn|mlp)\..*|cube"))
+}
+
+fn config(mode: ProjectionMode) -> SpfConfig {
+    SpfConfig::new().with_mode(mode).with_estimator(estimator())
+}
+
+/// Every float parameter of the model on the host, as 2-D views, by id.
+fn params(model: &Net<B>) -> Vec<(ParamId, Mat<f64>)> {
+    let linear = |l: &Linear<B>| {
+        let mut out = vec![(l.weight.id, download(l.weight.val().inner()))];
+        if let Some(bias) = &l.bias {
+            out.push((bias.id, download(bias.val().inner().unsqueeze_dim(1))));
+        }
+        out
+    };
+    let mut all = linear(&model.attn);
+    all.extend(linear(&model.mlp));
+    all.extend(linear(&model.head));
+    all.push((
+        model.cube.id,
+        download(model.cube.val().inner().reshape([3, 4])),
+    ));
+    all
+}
+
+/// The rank of a matrix-or-larger parameter, `None` for the vectors.
+fn rank_of(model: &Net<B>, id: ParamId) -> Option<usize> {
+    if id == model.cube.id {
+        Some(3)
+    } else {
+        [&model.attn, &model.mlp, &model.head]
+            .iter()
+            .any(|l| l.weight.id == id)
+            .then_some(2)
+    }
+}
+
+fn assert_close(a: &Net<B>, b: &Net<B>, tol: f64) {
+    for ((id, x), (_, y)) in params(a).iter().zip(params(b)) {
+        let err = crate::testing::max_abs_diff(x, &y);
+        assert!(err <= tol, "parameter {id}: {err:e} > {tol:e}");
+    }
+}
+
+/// Steps `optim` on the gradients of `grads(model, seed)` for each seed in `steps`.
+fn train<S: SafetyGradientSource<Net<B>, B>>(
+    optim: &mut SafetyProjectedOptimizer<impl Optimizer<Net<B>, B>, B, S>,
+    mut model: Net<B>,
+    steps: std::ops::Range<u64>,
+) -> Net<B> {
+    for seed in steps {
+        let g = grads(&model, seed);
+        model = optim.step(1e-2, model, g);
+    }
+    model
+}
+
+/// Every parameter of `a` and `b` is bit-identical.
+fn assert_same(a: &Net<B>, b: &Net<B>, context: &str) {
+    for ((id, x), (_, y)) in params(a).into_iter().zip(params(b)) {
+        assert_eq!(x, y, "{context}: parameter {id} differs");
+    }
+}
+
+fn assert_bitwise<const D: usize>(a: &Param<Tensor<B, D>>, b: &Param<Tensor<B, D>>) {
+    assert_eq!(
+        a.val().into_data(),
+        b.val().into_data(),
+        "parameter {}",
+        a.id
+    );
+}
+
+/// The gradients with each protected one replaced by its projection.
+fn projected_grads(model: &Net<B>, seed: u64, mode: ProjectionMode) -> GradientsParams {
+    let mut grads = grads(model, seed);
+    for (id, basis) in bases(model) {
+        // `remove` must be called with the parameter's true rank.
+        let grad: Tensor<Inner, 2> = if id == model.cube.id {
+            grads.remove::<Inner, 3>(id).unwrap().reshape([3, 4])
+        } else {
+            grads.remove::<Inner, 2>(id).unwrap()
+        };
+        let projected = project(grad, &basis, mode).unwrap().grad;
+        if id == model.cube.id {
+            grads.register(id, projected.reshape([3, 2, 2]));
+        } else {
+            grads.register(id, projected);
+        }
+    }
+    grads
+}
+
+mod records;
+mod refresh;
+mod reliability;
+mod stepping;

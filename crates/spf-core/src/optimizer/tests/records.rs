@@ -1,0 +1,220 @@
+//! Records: round trips, a record loaded into a wrapper for a fresh copy of the model, bases
+//! that do not fit, and bases loaded onto another device.
+
+use super::*;
+
+#[test]
+fn record_round_trip_continues_identically() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let cfg = config(ProjectionMode::ConflictOnly).with_target(ProjectionTarget::Update);
+    let mut optim = cfg
+        .init(AdamWConfig::new().init(), &model, bases(&model))
+        .unwrap();
+    let model = train(&mut optim, model, 0..2);
+
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let bytes = recorder.record(optim.to_record(), ()).unwrap();
+    let record = recorder.load(bytes, &device).unwrap();
+    let mut restored = cfg
+        .init(AdamWConfig::new().init(), &model, [])
+        .unwrap()
+        .load_record(record);
+    assert_eq!(restored.steps(), 2);
+    assert_eq!(restored.bases().len(), 3);
+
+    let a = optim.step(1e-2, model.clone(), grads(&model, 2));
+    let b = restored.step(1e-2, model.clone(), grads(&model, 2));
+    assert_same(&a, &b, "after the round trip");
+}
+
+/// burn-train resumes by building the model and the wrapper afresh (new parameter ids) and then
+/// loading both records: the wrapper adopts the saved ids, the module takes them on, and training
+/// continues exactly. Stepping a module that never loaded its record is refused.
+#[test]
+fn a_record_loads_into_a_wrapper_built_for_a_fresh_copy_of_the_model() {
+    let device = Default::default();
+    let cfg = config(ProjectionMode::ConflictOnly).with_refresh(crate::RefreshPolicy::Never);
+    let model = Net::<B>::new(&device);
+    let mut optim = cfg
+        .init(AdamWConfig::new().init(), &model, bases(&model))
+        .unwrap();
+    let model = train(&mut optim, model, 0..2);
+
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let optim_bytes = recorder.record(optim.to_record(), ()).unwrap();
+    let model_bytes = recorder.record(model.clone().into_record(), ()).unwrap();
+
+    let fresh = Net::<B>::new(&device);
+    assert_ne!(fresh.attn.weight.id, model.attn.weight.id, "new ids");
+    let mut restored = cfg
+        .init(AdamWConfig::new().init(), &fresh, [])
+        .unwrap()
+        .try_load_record::<Net<B>>(recorder.load(optim_bytes, &device).unwrap())
+        .unwrap();
+    assert_eq!(restored.bases().len(), 3);
+
+    let refused = restored
+        .try_step(1e-2, fresh.clone(), grads(&fresh, 2))
+        .unwrap_err();
+    assert_eq!(refused.error, SpfError::ModuleMismatch);
+
+    let resumed = fresh.load_record(recorder.load(model_bytes, &device).unwrap());
+    assert_eq!(resumed.attn.weight.id, model.attn.weight.id);
+    let a = optim.step(1e-2, model.clone(), grads(&model, 2));
+    let b = restored.step(1e-2, resumed.clone(), grads(&resumed, 2));
+    assert!(optim.last_stats().removed() > 0);
+    assert_eq!(optim.last_stats(), restored.last_stats());
+    assert_same(&a, &b, "after resuming into a fresh copy");
+}
+
+#[test]
+fn init_rejects_bases_that_do_not_fit() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let basis = |d_in, d_out| {
+        Gaussian::new(0)
+            .basis(d_in, d_out, 1)
+            .to_device::<Inner>(&device)
+    };
+    let init = |bases: Vec<(ParamId, LowRankBasis<Inner>)>| {
+        config(ProjectionMode::ConflictOnly)
+            .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases)
+            .map(|_| ())
+    };
+
+    let stranger = ParamId::new();
+    assert_eq!(
+        init(vec![(stranger, basis(4, 6))]),
+        Err(SpfError::UnknownParam { id: stranger })
+    );
+    assert_eq!(
+        init(vec![(model.head.weight.id, basis(5, 3))]),
+        Err(SpfError::UntargetedParam {
+            path: "head.weight".into()
+        })
+    );
+    assert_eq!(
+        init(vec![(model.attn.bias.as_ref().unwrap().id, basis(6, 1))]),
+        Err(SpfError::UntargetedParam {
+            path: "attn.bias".into()
+        })
+    );
+    assert_eq!(
+        init(vec![(model.attn.weight.id, basis(6, 4))]),
+        Err(SpfError::ShapeMismatch {
+            path: Some("attn.weight".into()),
+            expected: vec![4, 6],
+            found: vec![6, 4],
+        })
+    );
+    let bad_regex = SpfConfig::new()
+        .with_estimator(SubspaceConfig::new().with_filter(ParamFilter::path_regex("(")))
+        .init(SgdConfig::new().init::<B, Net<B>>(), &model, []);
+    assert!(matches!(
+        bad_regex,
+        Err(SpfError::Subspace(SubspaceError::InvalidFilter { .. }))
+    ));
+}
+
+#[test]
+fn bases_are_truncated_to_the_configured_rank() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let optim = config(ProjectionMode::ConflictOnly)
+        .with_estimator(estimator().with_rank(RankPolicy::Fixed(1)))
+        .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases(&model))
+        .unwrap();
+    assert!(optim.bases().values().all(|b| b.rank() == 1));
+}
+
+#[test]
+fn load_record_rejects_records_that_do_not_fit() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let cfg = config(ProjectionMode::ConflictOnly);
+    let optim = cfg
+        .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases(&model))
+        .unwrap();
+    let fresh = || {
+        cfg.init(SgdConfig::new().init::<B, Net<B>>(), &model, [])
+            .unwrap()
+    };
+
+    let mut record = optim.to_record();
+    record.version = RECORD_VERSION + 1;
+    assert_eq!(
+        fresh().try_load_record::<Net<B>>(record).err(),
+        Some(SpfError::UnsupportedRecordVersion {
+            found: RECORD_VERSION + 1,
+            supported: RECORD_VERSION
+        })
+    );
+
+    // A record saved for another architecture: a parameter path it does not have, or one
+    // parameter fewer.
+    let mut renamed = optim.to_record();
+    renamed.params[0].path = "elsewhere.weight".into();
+    assert!(matches!(
+        fresh().try_load_record::<Net<B>>(renamed),
+        Err(SpfError::RecordMismatch { .. })
+    ));
+    let mut fewer = optim.to_record();
+    fewer.params.pop();
+    assert!(matches!(
+        fresh().try_load_record::<Net<B>>(fewer),
+        Err(SpfError::RecordMismatch { .. })
+    ));
+
+    // The right id with factors of another shape.
+    let mut record = optim.to_record();
+    let wrong = Gaussian::new(2).basis(5, 4, 1).to_device::<Inner>(&device);
+    let (u, sigma, v) = wrong.into_parts();
+    record.bases[0].u = Tensor::from_inner(u);
+    record.bases[0].sigma = Tensor::from_inner(sigma);
+    record.bases[0].v = Tensor::from_inner(v);
+    assert!(matches!(
+        fresh().try_load_record::<Net<B>>(record),
+        Err(SpfError::ShapeMismatch { .. })
+    ));
+
+    // Factors that are not a basis at all.
+    let mut record = optim.to_record();
+    record.bases[0].u = record.bases[0].u.clone().mul_scalar(2.0);
+    assert!(matches!(
+        fresh().try_load_record::<Net<B>>(record),
+        Err(SpfError::InvalidBasis { .. })
+    ));
+}
+
+/// A record loaded onto one device for parameters on another: the step is the same as with the
+/// bases in place, and afterwards every basis lives on its parameter's device. WGPU only (the
+/// `test-wgpu` feature): ndarray has a single device, so nothing could be apart. Plain SGD,
+/// because burn 0.21's own optimizers move their state with `Tensor::to_device`, which panics
+/// between two WGPU devices (so AdamW state loaded onto another WGPU device cannot step).
+#[cfg(feature = "test-wgpu")]
+#[test]
+fn bases_loaded_onto_another_device_move_to_their_parameters() {
+    use burn::backend::wgpu::WgpuDevice;
+    let (here, there) = (WgpuDevice::DefaultDevice, WgpuDevice::Cpu);
+    let model = Net::<B>::new(&here);
+    let cfg = config(ProjectionMode::ConflictOnly);
+    let mut optim = cfg
+        .init(SgdConfig::new().init(), &model, bases(&model))
+        .unwrap();
+    let model = train(&mut optim, model, 0..2);
+
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let bytes = recorder.record(optim.to_record(), ()).unwrap();
+    let record = recorder.load(bytes, &there).unwrap();
+    let mut restored = cfg
+        .init(SgdConfig::new().init(), &model, [])
+        .unwrap()
+        .load_record(record);
+    assert!(restored.bases().values().all(|b| b.device() == there));
+
+    let a = optim.step(1e-2, model.clone(), grads(&model, 2));
+    let b = restored.step(1e-2, model.clone(), grads(&model, 2));
+    assert!(restored.bases().values().all(|b| b.device() == here));
+    assert_close(&a, &b, 1e-6);
+}

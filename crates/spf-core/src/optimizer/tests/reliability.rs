@@ -1,0 +1,273 @@
+//! Bad input: typed errors, nothing lost, everything counted.
+
+use super::*;
+use crate::{NonFinitePolicy, RefreshPolicy};
+
+fn poisoned_grads(model: &Net<B>, seed: u64, value: f32) -> GradientsParams {
+    let mut g = grads(model, seed);
+    let mut w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
+    w = w.slice_assign(
+        [0..1, 0..1],
+        Tensor::full([1, 1], value, &Default::default()),
+    );
+    g.register(model.attn.weight.id, w);
+    g
+}
+
+/// AdamW wrapped with `config` around the fixture bases.
+fn adamw(
+    config: SpfConfig,
+    model: &Net<B>,
+) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B> + use<>, B> {
+    config
+        .init(AdamWConfig::new().init::<B, Net<B>>(), model, bases(model))
+        .unwrap()
+}
+
+fn wrapper(
+    policy: NonFinitePolicy,
+    model: &Net<B>,
+) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B>, B> {
+    adamw(
+        config(ProjectionMode::ConflictOnly).with_non_finite(policy),
+        model,
+    )
+}
+
+#[test]
+fn non_finite_gradient_is_an_error_and_loses_nothing() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut optim = wrapper(NonFinitePolicy::Error, &model);
+        let err = optim
+            .try_step(1e-2, model.clone(), poisoned_grads(&model, 1, bad))
+            .unwrap_err();
+        assert_eq!(
+            err.error,
+            SpfError::NonFiniteGradient {
+                paths: vec!["attn.weight".into()]
+            }
+        );
+        assert_same(&err.module, &model, "the module handed back");
+        assert_eq!(optim.steps(), 0);
+        assert_eq!(optim.last_stats().non_finite.total, 1);
+        // The inner state is untouched: the next good step is a first step.
+        let after = optim.try_step(1e-2, err.module, grads(&model, 2)).unwrap();
+        let fresh =
+            wrapper(NonFinitePolicy::Error, &model).step(1e-2, model.clone(), grads(&model, 2));
+        assert_same(&after, &fresh, "the next step against a fresh wrapper");
+    }
+}
+
+/// The fast probe sums each gradient; finite entries near `f32::MAX` overflow that sum, and
+/// the exact re-check must clear them.
+#[test]
+fn huge_finite_gradients_are_not_mistaken_for_non_finite_ones() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let mut g = grads(&model, 1);
+    let w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
+    let huge = Tensor::<Inner, 2>::full(w.dims(), f32::MAX / 2.0, &device);
+    assert!(
+        !huge.clone().sum().into_scalar().is_finite(),
+        "the sum overflows"
+    );
+    g.register(model.attn.weight.id, huge);
+    let mut optim = wrapper(NonFinitePolicy::Error, &model);
+    optim
+        .try_step(1e-2, model.clone(), g)
+        .expect("every entry is finite");
+    assert_eq!(optim.last_stats().non_finite.total, 0);
+}
+
+#[test]
+#[should_panic(expected = "non-finite gradient for attn.weight")]
+fn optimizer_step_panics_with_the_error_message() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let mut optim = wrapper(NonFinitePolicy::Error, &model);
+    let _ = optim.step(1e-2, model.clone(), poisoned_grads(&model, 1, f32::NAN));
+}
+
+#[test]
+fn skip_step_leaves_parameters_and_state_untouched() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let mut optim = wrapper(NonFinitePolicy::SkipStep, &model);
+    let skipped = optim.step(1e-2, model.clone(), poisoned_grads(&model, 1, f32::NAN));
+    assert_same(&skipped, &model, "a skipped step");
+    let stats = optim.last_stats().non_finite;
+    assert_eq!(
+        (stats.this_step, stats.total, stats.skipped_steps),
+        (1, 1, 1)
+    );
+    assert_eq!(optim.steps(), 0);
+    let after = optim.step(1e-2, skipped, grads(&model, 2));
+    let fresh =
+        wrapper(NonFinitePolicy::SkipStep, &model).step(1e-2, model.clone(), grads(&model, 2));
+    assert_same(&after, &fresh, "the next step against a fresh wrapper");
+    assert_eq!(optim.last_stats().non_finite.this_step, 0);
+}
+
+#[test]
+fn zero_non_finite_steps_on_the_cleaned_gradient() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let mut optim = wrapper(NonFinitePolicy::ZeroNonFinite, &model);
+    let stepped = optim.step(
+        1e-2,
+        model.clone(),
+        poisoned_grads(&model, 1, f32::INFINITY),
+    );
+    let clean = wrapper(NonFinitePolicy::Error, &model).step(
+        1e-2,
+        model.clone(),
+        poisoned_grads(&model, 1, 0.0),
+    );
+    assert_same(&stepped, &clean, "a step on the zeroed gradient");
+    assert_eq!(optim.last_stats().non_finite.total, 1);
+    assert_eq!(optim.steps(), 1);
+}
+
+#[test]
+fn learning_rate_must_be_finite_and_non_negative() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    for lr in [f64::NAN, f64::INFINITY, -1e-3] {
+        let mut optim = wrapper(NonFinitePolicy::Error, &model);
+        let err = optim
+            .try_step(lr, model.clone(), grads(&model, 1))
+            .unwrap_err();
+        assert!(
+            matches!(err.error, SpfError::InvalidLearningRate { .. }),
+            "{lr}"
+        );
+        assert_same(&err.module, &model, "the module handed back");
+    }
+    // Zero is a valid (if idle) rate: SGD leaves every parameter where it was.
+    let mut sgd = config(ProjectionMode::ConflictOnly)
+        .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases(&model))
+        .unwrap();
+    let same = sgd.try_step(0.0, model.clone(), grads(&model, 1)).unwrap();
+    assert_same(&same, &model, "learning rate 0");
+}
+
+fn refreshing_every_step(model: &Net<B>) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B>, B> {
+    adamw(
+        config(ProjectionMode::ConflictOnly).with_refresh(RefreshPolicy::Every(1)),
+        model,
+    )
+}
+
+#[test]
+fn a_panicking_safety_source_is_a_counted_failure() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let mut optim = refreshing_every_step(&model)
+        .with_safety_source(|_: &Net<B>| -> Tensor<B, 1> { panic!("safety data went away") });
+    train(&mut optim, model.clone(), 0..2);
+    let stats = &optim.last_stats().refresh;
+    assert_eq!((stats.count, stats.failures), (0, 1));
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("safety data went away")
+    );
+    assert_eq!(optim.bases().len(), 3, "the bases from init are kept");
+}
+
+#[test]
+fn a_non_finite_safety_gradient_is_a_counted_failure() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let mut optim = refreshing_every_step(&model)
+        .with_safety_source(|m: &Net<B>| m.cube.val().sum().mul_scalar(f32::NAN));
+    train(&mut optim, model.clone(), 0..2);
+    let stats = &optim.last_stats().refresh;
+    assert_eq!((stats.count, stats.failures), (0, 1));
+    assert!(
+        stats.last_error.as_deref().unwrap().contains("cube"),
+        "{:?}",
+        stats.last_error
+    );
+}
+
+#[test]
+fn an_all_zero_safety_gradient_leaves_nothing_to_protect() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let mut optim = refreshing_every_step(&model).with_safety_source(|m: &Net<B>| {
+        let x = Tensor::<B, 2>::ones([1, 4], &Default::default());
+        m.forward(x).sum().mul_scalar(0.0)
+    });
+    train(&mut optim, model.clone(), 0..2);
+    let stats = optim.last_stats();
+    assert_eq!((stats.refresh.count, stats.refresh.failures), (1, 0));
+    assert!(
+        optim.bases().values().all(|b| b.rank() == 0),
+        "a zero gradient has rank 0"
+    );
+    assert_eq!(stats.removed(), 0);
+}
+
+#[test]
+fn an_empty_safety_batch_is_a_counted_failure() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let empty = move |m: &Net<B>| {
+        let x = Tensor::<B, 2>::zeros([0, 4], &Default::default());
+        m.forward(x).mean()
+    };
+    let mut optim = refreshing_every_step(&model).with_safety_source(empty);
+    train(&mut optim, model.clone(), 0..2);
+    let stats = &optim.last_stats().refresh;
+    assert_eq!(stats.count + stats.failures, 1, "{stats:?}");
+    assert_eq!(
+        stats.failures, 1,
+        "the mean of no samples is NaN: {stats:?}"
+    );
+}
+
+/// An inner optimizer that panics, as burn's do on state that does not fit the module.
+#[derive(Clone)]
+struct Panicking;
+
+impl Optimizer<Net<B>, B> for Panicking {
+    type Record = ();
+
+    fn step(&mut self, _lr: f64, _module: Net<B>, _grads: GradientsParams) -> Net<B> {
+        panic!("moment shape [32, 3] does not match [4, 3]")
+    }
+
+    fn step_multi(&mut self, _lr: f64, _module: Net<B>, _grads: MultiGradientsParams) -> Net<B> {
+        panic!("unused")
+    }
+
+    fn to_record(&self) {}
+
+    fn load_record(self, _record: ()) -> Self {
+        self
+    }
+}
+
+#[test]
+fn a_panicking_inner_optimizer_is_an_error_with_the_module_handed_back() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let mut optim = config(ProjectionMode::ConflictOnly)
+        .init(Panicking, &model, bases(&model))
+        .unwrap();
+    let err = optim
+        .try_step(1e-2, model.clone(), grads(&model, 1))
+        .unwrap_err();
+    assert!(
+        matches!(&err.error, SpfError::StepPanicked { message } if message.contains("does not match")),
+        "{}",
+        err.error
+    );
+    assert_same(&err.module, &model, "the module handed back");
+    assert_eq!(optim.steps(), 0);
+}
