@@ -23,8 +23,8 @@ use burn::optim::{AdamWConfig, Optimizer};
 use common::{GradientSet, Group, Matrices, llama_block, random_bases};
 use criterion::{Criterion, criterion_group, criterion_main};
 use spf::{ProjectionMode, ProjectionTarget, SpfConfig};
-use spf_eval::model::TransformerConfig;
-use spf_eval::world::{World, WorldConfig};
+use spf_lab::model::TransformerConfig;
+use spf_lab::world::{World, WorldConfig};
 
 type B = Autodiff<NdArray>;
 

@@ -20,10 +20,10 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use common::Group;
 use criterion::{Criterion, criterion_group, criterion_main};
 use spf::{RankPolicy, RefreshPolicy, SafetySubspace, SpfConfig, SubspaceConfig};
-use spf_eval::batch::{Batch, answer_loss};
-use spf_eval::finetune::{DefenceConfig, FinetuneConfig, Method, finetune_set, safety_batch};
-use spf_eval::model::{Transformer, TransformerConfig};
-use spf_eval::world::{Task, World, WorldConfig};
+use spf_lab::batch::{Batch, answer_loss};
+use spf_lab::finetune::{DefenceConfig, FinetuneConfig, Method, finetune_set, safety_batch};
+use spf_lab::model::{Transformer, TransformerConfig};
+use spf_lab::world::{Task, World, WorldConfig};
 
 type B = Autodiff<NdArray>;
 

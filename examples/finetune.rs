@@ -20,9 +20,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use spf_eval::experiment::{self, ExperimentConfig};
-use spf_eval::progress::Progress;
-use spf_eval::{plot, report};
+use spf_lab::experiment::{self, ExperimentConfig};
+use spf_lab::progress::Progress;
+use spf_lab::{plot, report};
 
 #[path = "common/backend.rs"]
 mod backend;

@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
-use spf_eval::progress::Progress;
-use spf_eval::smollm::{Assets, SmolConfig, SmolResults};
+use spf_lab::progress::Progress;
+use spf_llm::smollm::{Assets, SmolConfig, SmolResults};
 
 #[path = "common/backend.rs"]
 mod backend;
@@ -106,7 +106,7 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
         total: 0,
     };
     let device = B::Device::default();
-    let results = spf_eval::smollm::experiment::run::<B>(&config, &assets, &device, &mut log)?;
+    let results = spf_llm::smollm::experiment::run::<B>(&config, &assets, &device, &mut log)?;
     std::fs::create_dir_all(&args.out)?;
     let json = args.out.join("results.json");
     std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;

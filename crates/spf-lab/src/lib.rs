@@ -11,9 +11,10 @@
 //! grid over seeds and summarises it; [`report`] and [`plot`] turn the results into tables and
 //! SVG curves.
 //!
-//! The same attack on a real model lives in [`smollm`]: SmolLM2-135M-Instruct read from its GGUF
-//! file ([`gguf`]) into a burn [Llama](llama) with its own tokenizer ([`chat`]), aligned on
-//! AdvBench, attacked, and judged on HarmBench (`examples/smollm2.rs`, docs/smollm2.md).
+//! What a fine-tuning run needs besides its data, the optimizer of a method (plain AdamW or
+//! AdamW under SPF) and the order of its batches, is in [`training`], shared with the same
+//! attack on a real model in the `spf-llm` crate; [`seed`] holds the named salts and the hash
+//! that make every random choice reproducible, and [`progress`] how long stages report.
 //!
 //! Everything is generic over the burn backend, and every random choice is seeded from the
 //! configuration, so CPU, WGPU and CUDA runs can be compared. `examples/finetune.rs` in the
@@ -21,9 +22,9 @@
 //!
 //! ```
 //! use burn::backend::{Autodiff, NdArray};
-//! use spf_eval::experiment::ExperimentConfig;
-//! use spf_eval::finetune::{FinetuneConfig, Method};
-//! use spf_eval::{align::AlignConfig, progress::Silent};
+//! use spf_lab::experiment::ExperimentConfig;
+//! use spf_lab::finetune::{FinetuneConfig, Method};
+//! use spf_lab::{align::AlignConfig, progress::Silent};
 //!
 //! // A tiny grid: two methods, one share, a few steps.
 //! let config = ExperimentConfig::new()
@@ -34,26 +35,26 @@
 //!     .with_seeds(vec![0])
 //!     .with_eval_prompts(8);
 //! let device = Default::default();
-//! let results = spf_eval::experiment::run::<Autodiff<NdArray>>(&config, "cpu", &device, None, &mut Silent)?;
+//! let results = spf_lab::experiment::run::<Autodiff<NdArray>>(&config, "cpu", &device, None, &mut Silent)?;
 //! let spf = results.get(Method::SpfConflictOnly, 0.1).expect("it ran");
 //! assert!((0.0..=1.0).contains(&spf.harmful_seen.mean));
-//! # Ok::<(), spf_eval::error::EvalError>(())
+//! # Ok::<(), spf_lab::error::LabError>(())
 //! ```
 
 pub mod align;
 pub mod batch;
-pub mod chat;
 pub mod decode;
-pub mod error;
+mod error;
 pub mod eval;
 pub mod experiment;
 pub mod finetune;
-pub mod gguf;
 pub mod insights;
-pub mod llama;
 pub mod model;
 pub mod plot;
 pub mod progress;
 pub mod report;
-pub mod smollm;
+pub mod seed;
+pub mod training;
 pub mod world;
+
+pub use error::LabError;

@@ -6,24 +6,24 @@ use std::time::Instant;
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-use spf_core::RefreshPolicy;
+use spf_core::{RefreshPolicy, checkpoint};
 
 use crate::align::{AlignConfig, align};
 use crate::batch::Batch;
-use crate::error::EvalError;
+use crate::error::LabError;
 use crate::eval::{EvalSets, Scores, score};
 use crate::finetune::{
-    DefenceConfig, FinetuneConfig, Method, Run, SafetyFormat, Stage, safety_batch,
+    CosineProbe, DefenceConfig, FinetuneConfig, Method, Run, SafetyFormat, Stage, safety_batch,
 };
 use crate::insights::{Insights, measure};
 use crate::model::{Transformer, TransformerConfig};
 use crate::progress::Progress;
-use crate::world::{HarmTopics, Response, Split, World, WorldConfig, salt};
+use crate::seed::{fnv, salt};
+use crate::world::{HarmTopics, Response, Split, World, WorldConfig};
 
 /// Every setting of an experiment; saved with its results.
 #[derive(Config, Debug, PartialEq)]
@@ -79,9 +79,9 @@ impl ExperimentConfig {
     ///
     /// # Errors
     ///
-    /// [`EvalError::Config`] naming the setting.
-    pub fn validate(&self) -> Result<(), EvalError> {
-        let bad = |what: &str| Err(EvalError::Config(what.to_owned()));
+    /// [`LabError::Config`] naming the setting.
+    pub fn validate(&self) -> Result<(), LabError> {
+        let bad = |what: &str| Err(LabError::Config(what.to_owned()));
         if self.seeds.is_empty() || self.methods.is_empty() || self.shares.is_empty() {
             return bad("seeds, methods and shares must each have at least one entry");
         }
@@ -191,7 +191,7 @@ impl Results {
 ///
 /// # Errors
 ///
-/// [`EvalError::Checkpoint`] when the checkpoint cannot be read or written.
+/// [`LabError::Checkpoint`] when the checkpoint cannot be read or written.
 pub fn aligned_model<B: AutodiffBackend>(
     config: &ExperimentConfig,
     world: &World,
@@ -199,8 +199,7 @@ pub fn aligned_model<B: AutodiffBackend>(
     cache: Option<&Path>,
     device: &B::Device,
     progress: &mut dyn Progress,
-) -> Result<Transformer<B>, EvalError> {
-    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+) -> Result<Transformer<B>, LabError> {
     let Some(dir) = cache else {
         return Ok(align(
             world,
@@ -211,32 +210,23 @@ pub fn aligned_model<B: AutodiffBackend>(
             progress,
         ));
     };
-    let key = serde_json::to_string(&(&config.world, &config.model, &config.align, seed))
-        .map_err(|e| EvalError::Config(e.to_string()))?;
-    let path = dir.join(format!("aligned-{:016x}", fnv(&key)));
-    let file = path.with_extension("mpk");
-    let checkpoint = |e: burn::record::RecorderError| EvalError::Checkpoint {
-        path: file.clone(),
-        message: e.to_string(),
-    };
+    let key = serde_json::to_string(&(&config.world, &config.model, &config.align, seed))?;
+    let path = dir.join(format!("aligned-{:016x}", fnv::of_str(&key)));
     let vocab = world.vocab();
-    if file.exists() {
+    if path.with_extension("mpk").exists() {
         let fresh = config
             .model
             .init::<B>(vocab.size(), vocab.max_len(), device);
-        return fresh
-            .load_file(&path, &recorder, device)
-            .map_err(checkpoint);
+        let record = checkpoint::load(&path, device).map_err(LabError::Checkpoint)?;
+        return Ok(fresh.load_record(record));
     }
     let model = align(world, &config.model, &config.align, seed, device, progress);
-    std::fs::create_dir_all(dir).map_err(|source| EvalError::Io {
+    std::fs::create_dir_all(dir).map_err(|source| LabError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    model
-        .clone()
-        .save_file(&path, &recorder)
-        .map_err(checkpoint)?;
+    checkpoint::save_atomic::<B, _>(model.clone().into_record(), &path)
+        .map_err(LabError::Checkpoint)?;
     Ok(model)
 }
 
@@ -244,7 +234,7 @@ pub fn aligned_model<B: AutodiffBackend>(
 ///
 /// # Errors
 ///
-/// [`EvalError::Config`] for a configuration [`ExperimentConfig::validate`] rejects; otherwise
+/// [`LabError::Config`] for a configuration [`ExperimentConfig::validate`] rejects; otherwise
 /// whatever a stage reports.
 pub fn run<B: AutodiffBackend>(
     config: &ExperimentConfig,
@@ -252,7 +242,7 @@ pub fn run<B: AutodiffBackend>(
     device: &B::Device,
     cache: Option<&Path>,
     progress: &mut dyn Progress,
-) -> Result<Results, EvalError> {
+) -> Result<Results, LabError> {
     let started = Instant::now();
     let (world, sets) = world_and_sets(config)?;
     let mut seeds = Vec::new();
@@ -281,7 +271,12 @@ pub fn run<B: AutodiffBackend>(
         let mut runs = Vec::new();
         for &p in &config.shares {
             for &method in &config.methods {
-                runs.push(stage.run(method, p, seed, method == Method::Sft, progress)?);
+                let probe = if method == Method::Sft {
+                    CosineProbe::EveryStep
+                } else {
+                    CosineProbe::Off
+                };
+                runs.push(stage.run(method, p, seed, probe, progress)?);
             }
         }
         progress.finish(&format!("seed {seed} done"));
@@ -301,7 +296,7 @@ pub fn run<B: AutodiffBackend>(
 }
 
 /// The world of a valid `config`, and its held-out sets.
-fn world_and_sets(config: &ExperimentConfig) -> Result<(World, EvalSets), EvalError> {
+fn world_and_sets(config: &ExperimentConfig) -> Result<(World, EvalSets), LabError> {
     config.validate()?;
     let world = World::new(config.world.clone());
     let sets = EvalSets::new(
@@ -321,7 +316,7 @@ fn seed_insights<B: AutodiffBackend>(
     safety: &[crate::world::Example],
     seed: u64,
     device: &B::Device,
-) -> Result<Insights, EvalError> {
+) -> Result<Insights, LabError> {
     let mut rng = StdRng::seed_from_u64(seed ^ salt::INSIGHTS);
     let tasks = &config.align.tasks;
     let many: Vec<_> = (0..config.insight_batch)
@@ -406,42 +401,94 @@ pub fn summarise(
     }
 }
 
-/// FNV-1a of a string, for checkpoint names.
-fn fnv(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
+/// The setting an ablation varies, one at a time around the default defence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Knob {
+    /// Samples in the safety batch.
+    SafetyBatch,
+    /// The safety batch's prompt format.
+    SafetyFormat,
+    /// The refresh policy.
+    Refresh,
+    /// Directions per matrix.
+    Rank,
+    /// Gradient or update projection.
+    Target,
+    /// No defence: the SFT reference row.
+    None,
 }
 
-/// One ablation: a knob's setting, and the defence and method it gives.
+impl Knob {
+    /// Its name in tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Knob::SafetyBatch => "safety batch",
+            Knob::SafetyFormat => "safety format",
+            Knob::Refresh => "refresh",
+            Knob::Rank => "rank",
+            Knob::Target => "target",
+            Knob::None => "none (SFT)",
+        }
+    }
+}
+
+/// One cell of the ablation grid: the knob it varies, and the defence and method it gives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AblationCell {
+    /// The knob.
+    pub knob: Knob,
+    /// The defence with the knob set.
+    pub defence: DefenceConfig,
+    /// The method run.
+    pub method: Method,
+}
+
+impl AblationCell {
+    /// The knob's value in this cell, in words.
+    pub fn value(&self) -> String {
+        match self.knob {
+            Knob::SafetyBatch => self.defence.safety_samples.to_string(),
+            Knob::SafetyFormat => format!("{:?}", self.defence.safety_format),
+            Knob::Refresh => format!("{:?}", self.defence.refresh),
+            Knob::Rank => self.defence.rank.to_string(),
+            Knob::Target => self
+                .method
+                .projection()
+                .map_or(String::new(), |(_, t)| format!("{t:?}")),
+            Knob::None => "-".into(),
+        }
+    }
+}
+
+/// One ablation: a cell of the grid and its run at each share.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ablation {
-    /// The knob.
-    pub knob: String,
-    /// Its value, in words.
-    pub value: String,
+    /// What was varied.
+    pub cell: AblationCell,
     /// The run at each share.
     pub runs: Vec<Run>,
 }
 
 /// The ablation grid around `base`: one knob at a time.
-pub fn ablation_grid(base: &DefenceConfig) -> Vec<(String, String, DefenceConfig, Method)> {
+pub fn ablation_grid(base: &DefenceConfig) -> Vec<AblationCell> {
     let mut grid = Vec::new();
-    let mut add = |knob: &str, value: String, defence: DefenceConfig, method| {
-        grid.push((knob.to_owned(), value, defence, method));
+    let mut add = |knob, defence, method| {
+        grid.push(AblationCell {
+            knob,
+            defence,
+            method,
+        });
     };
     for n in [1, 8, 32] {
         add(
-            "safety batch",
-            n.to_string(),
+            Knob::SafetyBatch,
             base.clone().with_safety_samples(n),
             Method::SpfConflictOnly,
         );
     }
     for format in [SafetyFormat::AlignmentTasks, SafetyFormat::FinetuneTask] {
         add(
-            "safety format",
-            format!("{format:?}"),
+            Knob::SafetyFormat,
             base.clone().with_safety_format(format),
             Method::SpfConflictOnly,
         );
@@ -452,27 +499,22 @@ pub fn ablation_grid(base: &DefenceConfig) -> Vec<(String, String, DefenceConfig
         RefreshPolicy::Never,
     ] {
         add(
-            "refresh",
-            format!("{refresh:?}"),
+            Knob::Refresh,
             base.clone().with_refresh(refresh),
             Method::SpfConflictOnly,
         );
     }
     for k in [4, 8, 16] {
         add(
-            "rank",
-            k.to_string(),
+            Knob::Rank,
             base.clone().with_rank(k),
             Method::SpfConflictOnly,
         );
     }
     for method in [Method::SpfConflictOnly, Method::SpfUpdate] {
-        let target = method
-            .projection()
-            .map_or(String::new(), |(_, t)| format!("{t:?}"));
-        add("target", target, base.clone(), method);
+        add(Knob::Target, base.clone(), method);
     }
-    add("none (SFT)", "-".into(), base.clone(), Method::Sft);
+    add(Knob::None, base.clone(), Method::Sft);
     grid
 }
 
@@ -486,7 +528,7 @@ pub fn ablate<B: AutodiffBackend>(
     device: &B::Device,
     cache: Option<&Path>,
     progress: &mut dyn Progress,
-) -> Result<Vec<Ablation>, EvalError> {
+) -> Result<Vec<Ablation>, LabError> {
     let (world, sets) = world_and_sets(config)?;
     let seed = config.seeds[0];
     let aligned = aligned_model::<B>(config, &world, seed, cache, device, progress)?;
@@ -497,10 +539,10 @@ pub fn ablate<B: AutodiffBackend>(
         (grid.len() * shares.len() * config.finetune.steps) as u64,
     );
     let mut out = Vec::new();
-    for (knob, value, defence, method) in grid {
+    for cell in grid {
         let safety = safety_batch(
             &world,
-            &defence,
+            &cell.defence,
             &config.finetune,
             &config.align.tasks,
             seed,
@@ -509,16 +551,16 @@ pub fn ablate<B: AutodiffBackend>(
             world: &world,
             aligned: &aligned,
             finetune: &config.finetune,
-            defence: &defence,
+            defence: &cell.defence,
             sets: &sets,
             safety: &safety,
             device,
         };
         let runs = shares
             .iter()
-            .map(|&p| stage.run(method, p, seed, false, progress))
+            .map(|&p| stage.run(cell.method, p, seed, CosineProbe::Off, progress))
             .collect::<Result<_, _>>()?;
-        out.push(Ablation { knob, value, runs });
+        out.push(Ablation { cell, runs });
     }
     progress.finish("ablations done");
     Ok(out)
@@ -550,7 +592,7 @@ mod tests {
             ExperimentConfig::new().with_model(TransformerConfig::new().with_heads(3)),
         ];
         for config in bad {
-            assert!(matches!(config.validate(), Err(EvalError::Config(_))));
+            assert!(matches!(config.validate(), Err(LabError::Config(_))));
         }
     }
 
@@ -558,19 +600,26 @@ mod tests {
     fn the_ablation_grid_moves_one_knob_at_a_time() {
         let base = DefenceConfig::new();
         let grid = ablation_grid(&base);
-        for (knob, _, defence, method) in &grid {
+        for cell in &grid {
+            let defence = &cell.defence;
             let changed = [
                 defence.safety_samples != base.safety_samples,
                 defence.safety_format != base.safety_format,
                 defence.refresh != base.refresh,
                 defence.rank != base.rank,
-                *method != Method::SpfConflictOnly,
+                cell.method != Method::SpfConflictOnly,
             ];
-            assert!(changed.iter().filter(|&&c| c).count() <= 1, "{knob}");
+            assert!(changed.iter().filter(|&&c| c).count() <= 1, "{cell:?}");
         }
-        let knobs: std::collections::HashSet<_> = grid.iter().map(|g| g.0.as_str()).collect();
-        for knob in ["safety batch", "safety format", "refresh", "rank", "target"] {
-            assert!(knobs.contains(knob), "{knob}");
+        let knobs: std::collections::HashSet<_> = grid.iter().map(|cell| cell.knob).collect();
+        for knob in [
+            Knob::SafetyBatch,
+            Knob::SafetyFormat,
+            Knob::Refresh,
+            Knob::Rank,
+            Knob::Target,
+        ] {
+            assert!(knobs.contains(&knob), "{knob:?}");
         }
     }
 

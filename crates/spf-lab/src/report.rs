@@ -103,8 +103,8 @@ pub fn ablations(rows: &[Ablation]) -> String {
             let _ = writeln!(
                 out,
                 "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} / {:.3} |",
-                row.knob,
-                row.value,
+                row.cell.knob.label(),
+                row.cell.value(),
                 run.p,
                 100.0 * s.harmful_seen,
                 100.0 * s.harmful_unseen,

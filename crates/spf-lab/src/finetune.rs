@@ -7,22 +7,26 @@
 //! 10% of the set) differs.
 
 use burn::config::Config;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use spf_core::{ProjectionMode, ProjectionTarget, RefreshPolicy, SpfConfig};
-use spf_subspace::{RankPolicy, SafetySubspace, SubspaceConfig};
+use spf_core::{
+    ProjectionMode, ProjectionTarget, RefreshPolicy, SafetyGradientSource, SourceError, SpfConfig,
+};
+use spf_subspace::{RankPolicy, SubspaceConfig};
 
 use crate::batch::{Batch, answer_loss};
-use crate::error::EvalError;
+use crate::error::LabError;
 use crate::eval::{EvalSets, Scores, score};
 use crate::insights::gradient_cosine;
 use crate::model::Transformer;
 use crate::progress::Progress;
-use crate::world::{Example, HarmTopics, Response, Split, Task, World, salt};
+use crate::seed::salt;
+use crate::training::{BatchOrder, ProjectionSummary, Stepper};
+use crate::world::{Example, HarmTopics, Response, Split, Task, World};
 
 /// Stage 2's data and schedule, shared by every method.
 #[derive(Config, Debug, PartialEq)]
@@ -204,17 +208,14 @@ pub fn safety_batch(
         .collect()
 }
 
-/// What the SPF wrapper did over a run.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-pub struct ProjectionSummary {
-    /// The mean over steps of the share of safety directions with `c_i < 0`.
-    pub conflict_share: f64,
-    /// The mean over steps of the share of gradient energy removed.
-    pub removed_energy_share: f64,
-    /// Successful refreshes.
-    pub refreshes: usize,
-    /// Failed refreshes.
-    pub refresh_failures: usize,
+/// Whether a run measures the cosine between the safety and the utility gradient (an extra
+/// backward pass of the safety batch per step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CosineProbe {
+    /// Not measured.
+    Off,
+    /// Measured before every step, into [`Run::cosines`].
+    EveryStep,
 }
 
 /// One fine-tuning run.
@@ -263,21 +264,21 @@ pub struct Stage<'a, B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> Stage<'_, B> {
     /// Fine-tunes a copy of the aligned model with `method` on the set of share `p` and seed
-    /// `seed`; with `probe_cosines`, records the safety–utility gradient cosine at every step.
-    /// `progress` counts steps.
+    /// `seed`, recording the safety–utility gradient cosine as `probe` says. `progress` counts
+    /// steps.
     ///
     /// # Errors
     ///
-    /// [`EvalError::Subspace`] or [`EvalError::Spf`] when the defence cannot be set up or a
+    /// [`LabError::Subspace`] or [`LabError::Spf`] when the defence cannot be set up or a
     /// step is refused (a non-finite gradient, say).
     pub fn run(
         &self,
         method: Method,
         p: f64,
         seed: u64,
-        probe_cosines: bool,
+        probe: CosineProbe,
         progress: &mut dyn Progress,
-    ) -> Result<Run, EvalError> {
+    ) -> Result<Run, LabError> {
         let vocab = self.world.vocab();
         let set = finetune_set(self.world, self.finetune, p, method, seed);
         let safety = Batch::<B>::new(vocab, self.safety, self.device);
@@ -285,10 +286,9 @@ impl<B: AutodiffBackend> Stage<'_, B> {
         let mut batches = BatchOrder::new(set.len(), self.finetune.batch_size);
 
         let mut model = self.aligned.clone();
-        let mut stepper = Stepper::new(method, self.defence, &model, &safety)?;
+        let mut stepper = stepper(method, self.defence, &model, &safety)?;
         let mut curve = vec![self.score(&model, 0)];
         let mut cosines = Vec::new();
-        let mut summary = ProjectionSummary::default();
         let steps = self.finetune.steps;
         for step in 1..=steps {
             let examples: Vec<Example> = batches
@@ -298,28 +298,23 @@ impl<B: AutodiffBackend> Stage<'_, B> {
                 .collect();
             let batch = Batch::new(vocab, &examples, self.device);
             let grads = GradientsParams::from_grads(answer_loss(&model, &batch).backward(), &model);
-            if probe_cosines {
+            if probe == CosineProbe::EveryStep {
                 let safety_grads =
                     GradientsParams::from_grads(answer_loss(&model, &safety).backward(), &model);
                 cosines.push(gradient_cosine(&model, &safety_grads, &grads)?);
             }
-            model = stepper.step(self.finetune.lr, model, grads, &mut summary)?;
+            model = stepper.step(self.finetune.lr, model, grads)?;
             if step % self.finetune.eval_every.max(1) == 0 || step == steps {
                 curve.push(self.score(&model, step));
             }
             progress.advance(1);
         }
-        let projection = method.projection().map(|_| ProjectionSummary {
-            conflict_share: summary.conflict_share / steps.max(1) as f64,
-            removed_energy_share: summary.removed_energy_share / steps.max(1) as f64,
-            ..summary
-        });
         Ok(Run {
             method,
             p,
             seed,
             curve,
-            projection,
+            projection: stepper.summary(),
             cosines,
         })
     }
@@ -329,103 +324,37 @@ impl<B: AutodiffBackend> Stage<'_, B> {
     }
 }
 
-/// The wrapped or the plain optimizer of a method.
-enum Stepper<B: AutodiffBackend> {
-    Plain(burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Transformer<B>, B>),
-    Spf(Box<SpfOptimizer<B>>),
-}
-
-type SpfOptimizer<B> = spf_core::SafetyProjectedOptimizer<
-    burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Transformer<B>, B>,
-    B,
-    SafetySource<B>,
->;
-
 /// The safety loss on the defence's safety batch, as the wrapper's refresh source.
 #[derive(Clone)]
 struct SafetySource<B: AutodiffBackend>(Batch<B>);
 
-impl<B: AutodiffBackend> spf_core::SafetyGradientSource<Transformer<B>, B> for SafetySource<B> {
+impl<B: AutodiffBackend> SafetyGradientSource<Transformer<B>, B> for SafetySource<B> {
     fn safety_gradients(
         &mut self,
         module: &Transformer<B>,
-    ) -> Result<GradientsParams, spf_core::SourceError> {
+    ) -> Result<GradientsParams, SourceError> {
         let loss = answer_loss(module, &self.0);
         Ok(GradientsParams::from_grads(loss.backward(), module))
     }
 }
 
-impl<B: AutodiffBackend> Stepper<B> {
-    fn new(
-        method: Method,
-        defence: &DefenceConfig,
-        aligned: &Transformer<B>,
-        safety: &Batch<B>,
-    ) -> Result<Self, EvalError> {
-        let inner = AdamWConfig::new().init::<B, Transformer<B>>();
-        let Some((mode, target)) = method.projection() else {
-            return Ok(Self::Plain(inner));
-        };
-        let estimator = SubspaceConfig::new().with_rank(RankPolicy::Fixed(defence.rank));
-        let grads = GradientsParams::from_grads(answer_loss(aligned, safety).backward(), aligned);
-        let subspace = SafetySubspace::estimate(aligned, &grads, &estimator)?;
-        let optim = SpfConfig::new()
-            .with_mode(mode)
-            .with_target(target)
-            .with_refresh(defence.refresh)
-            .with_estimator(estimator)
-            .init(inner, aligned, subspace)?
-            .with_safety_source(SafetySource(safety.clone()));
-        Ok(Self::Spf(Box::new(optim)))
-    }
-
-    fn step(
-        &mut self,
-        lr: f64,
-        model: Transformer<B>,
-        grads: GradientsParams,
-        summary: &mut ProjectionSummary,
-    ) -> Result<Transformer<B>, EvalError> {
-        match self {
-            Self::Plain(optim) => Ok(optim.step(lr, model, grads)),
-            Self::Spf(optim) => {
-                let model = optim.try_step(lr, model, grads).map_err(|e| e.error)?;
-                let stats = optim.last_stats();
-                summary.conflict_share += stats.conflict_share();
-                summary.removed_energy_share += stats.removed_energy_share();
-                summary.refreshes = stats.refresh.count;
-                summary.refresh_failures = stats.refresh.failures;
-                Ok(model)
-            }
-        }
-    }
-}
-
-/// Epochs over a set in a freshly shuffled order each time.
-struct BatchOrder {
-    order: Vec<usize>,
-    at: usize,
-    batch_size: usize,
-}
-
-impl BatchOrder {
-    fn new(len: usize, batch_size: usize) -> Self {
-        Self {
-            order: (0..len).collect(),
-            at: len,
-            batch_size: batch_size.clamp(1, len.max(1)),
-        }
-    }
-
-    fn next(&mut self, rng: &mut StdRng) -> Vec<usize> {
-        if self.at + self.batch_size > self.order.len() {
-            self.order.shuffle(rng);
-            self.at = 0;
-        }
-        let batch = self.order[self.at..self.at + self.batch_size].to_vec();
-        self.at += self.batch_size;
-        batch
-    }
+/// The optimizer of `method`: plain AdamW, or AdamW under SPF with the defence's settings, its
+/// bases estimated at `aligned` from the safety batch.
+fn stepper<B: AutodiffBackend>(
+    method: Method,
+    defence: &DefenceConfig,
+    aligned: &Transformer<B>,
+    safety: &Batch<B>,
+) -> Result<Stepper<Transformer<B>, B, SafetySource<B>>, LabError> {
+    let Some((mode, target)) = method.projection() else {
+        return Ok(Stepper::plain());
+    };
+    let config = SpfConfig::new()
+        .with_mode(mode)
+        .with_target(target)
+        .with_refresh(defence.refresh)
+        .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(defence.rank)));
+    Stepper::spf(&config, aligned, SafetySource(safety.clone()))
 }
 
 #[cfg(test)]
@@ -492,21 +421,6 @@ mod tests {
         let in_format = defence.with_safety_format(SafetyFormat::FinetuneTask);
         let batch = safety_batch(&world, &in_format, &finetune, &align, 1);
         assert!(batch.iter().all(|e| e.task == Task::Sort));
-    }
-
-    #[test]
-    fn batches_cover_each_epoch_once() {
-        let mut order = BatchOrder::new(10, 3);
-        let mut rng = StdRng::seed_from_u64(0);
-        let mut seen: Vec<usize> = (0..3).flat_map(|_| order.next(&mut rng)).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        assert_eq!(
-            seen.len(),
-            9,
-            "three batches of one epoch never repeat an example"
-        );
-        assert_eq!(order.next(&mut rng).len(), 3);
     }
 
     #[test]

@@ -23,11 +23,11 @@ use spf_subspace::{
 };
 
 use crate::batch::{Batch, answer_loss};
-use crate::error::EvalError;
+use crate::error::LabError;
 use crate::model::Transformer;
 
 /// Every weight matrix of `model` (every parameter of rank 2).
-fn matrices<B: AutodiffBackend>(model: &Transformer<B>) -> Result<Targets, EvalError> {
+fn matrices<B: AutodiffBackend>(model: &Transformer<B>) -> Result<Targets, LabError> {
     Ok(Targets::of(model, &ParamFilter::All, VectorPolicy::Skip)?)
 }
 
@@ -36,12 +36,12 @@ fn matrices<B: AutodiffBackend>(model: &Transformer<B>) -> Result<Targets, EvalE
 ///
 /// # Errors
 ///
-/// [`EvalError::Subspace`] only if the module's parameters cannot be walked.
+/// [`LabError::Subspace`] only if the module's parameters cannot be walked.
 pub fn gradient_cosine<B: AutodiffBackend>(
     model: &Transformer<B>,
     a: &GradientsParams,
     b: &GradientsParams,
-) -> Result<f64, EvalError> {
+) -> Result<f64, LabError> {
     let targets = matrices(model)?;
     let scalar = |t: Tensor<B::InnerBackend, 2>| -> f64 { t.sum().into_scalar().elem() };
     let gb: HashMap<_, _> = targets.gradients(model, b).into_iter().collect();
@@ -80,14 +80,14 @@ pub struct Insights {
 ///
 /// # Errors
 ///
-/// [`EvalError::Subspace`] when a randomized SVD fails.
+/// [`LabError::Subspace`] when a randomized SVD fails.
 pub fn measure<B: AutodiffBackend>(
     model: &Transformer<B>,
     safety_sample: &Batch<B>,
     safety_batch: &Batch<B>,
     utility_batch: &Batch<B>,
     ranks: &[usize],
-) -> Result<Insights, EvalError> {
+) -> Result<Insights, LabError> {
     let targets = matrices(model)?;
     let grads = |batch: &Batch<B>| -> Vec<Tensor<B::InnerBackend, 2>> {
         let g = GradientsParams::from_grads(answer_loss(model, batch).backward(), model);

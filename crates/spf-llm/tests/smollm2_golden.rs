@@ -7,10 +7,10 @@ use std::sync::OnceLock;
 
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
-use spf_eval::chat::ChatTokenizer;
-use spf_eval::gguf::Gguf;
-use spf_eval::llama::Llama;
-use spf_eval::smollm::Assets;
+use spf_llm::chat::ChatTokenizer;
+use spf_llm::gguf::Gguf;
+use spf_llm::llama::Llama;
+use spf_llm::smollm::Assets;
 
 type B = NdArray;
 

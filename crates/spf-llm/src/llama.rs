@@ -523,7 +523,8 @@ fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> 
 /// A small random Llama with a byte-level tokenizer, as GGUF bytes: what tests (the loader's
 /// fuzzing among them) use when the real model is not fetched. Vocabulary: `<|endoftext|>`,
 /// `<|im_start|>`, `<|im_end|>`, GPT-2's 256 byte symbols, and the merges `Ġ t` and `h e`.
-/// Weights are F32, uniform in ±0.1, from `seed`.
+/// Weights are F32, uniform in ±0.1, from `seed`. Only with the `testing` feature.
+#[cfg(any(test, feature = "testing"))]
 pub fn tiny_gguf(config: &LlamaConfig, seed: u64) -> Vec<u8> {
     use crate::gguf::{Value, ggml_type, write};
     use rand::{Rng, SeedableRng};

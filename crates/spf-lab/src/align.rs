@@ -2,7 +2,6 @@
 //! harmful prompt, with plain AdamW on freshly drawn batches.
 
 use burn::config::Config;
-use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
@@ -11,7 +10,8 @@ use rand::{Rng, SeedableRng};
 use crate::batch::{Batch, answer_loss};
 use crate::model::{Transformer, TransformerConfig};
 use crate::progress::Progress;
-use crate::world::{HarmTopics, Response, Split, Task, World, salt};
+use crate::seed::salt;
+use crate::world::{HarmTopics, Response, Split, Task, World};
 
 /// Stage 1's schedule and data mix.
 #[derive(Config, Debug, PartialEq)]
@@ -74,9 +74,4 @@ pub fn align<B: AutodiffBackend>(
     }
     progress.finish("aligned");
     net
-}
-
-/// The inner-backend copy used for decoding.
-pub fn for_eval<B: AutodiffBackend>(model: &Transformer<B>) -> Transformer<B::InnerBackend> {
-    model.valid()
 }

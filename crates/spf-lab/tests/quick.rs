@@ -1,10 +1,10 @@
 //! The `--quick` pipeline of the finetune example, end to end on ndarray.
 
 use burn::backend::{Autodiff, NdArray};
-use spf_eval::experiment::{ExperimentConfig, Results, run};
-use spf_eval::finetune::Method;
-use spf_eval::progress::Silent;
-use spf_eval::report;
+use spf_lab::experiment::{ExperimentConfig, Results, run};
+use spf_lab::finetune::Method;
+use spf_lab::progress::Silent;
+use spf_lab::report;
 
 #[test]
 fn quick_pipeline_aligns_attacks_and_reports() {

@@ -7,4 +7,4 @@ pub mod data;
 pub use data::{Assets, DataError};
 pub mod experiment;
 
-pub use experiment::{SmolConfig, SmolResults, SmolRow};
+pub use experiment::{Attack, SmolConfig, SmolMethod, SmolModel, SmolResults, SmolRow};

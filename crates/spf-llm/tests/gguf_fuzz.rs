@@ -7,11 +7,12 @@
 
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor};
-use spf_eval::chat::ChatTokenizer;
-use spf_eval::gguf::Gguf;
-use spf_eval::llama::{Llama, LlamaConfig, tiny_gguf};
+use spf_llm::chat::ChatTokenizer;
+use spf_llm::gguf::Gguf;
+use spf_llm::llama::{Llama, LlamaConfig, tiny_gguf};
 
-#[path = "common/mutate.rs"]
+// The mutation strategy and runner, shared with the root package's record fuzzer.
+#[path = "../../../tests/common/mutate.rs"]
 mod mutate;
 
 use mutate::fuzz;

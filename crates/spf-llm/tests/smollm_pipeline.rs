@@ -3,9 +3,9 @@
 //! rows carry projection statistics, and the aligned model agrees with its own greedy answers.
 
 use burn::backend::{Autodiff, NdArray};
-use spf_eval::llama::{LlamaConfig, tiny_gguf};
-use spf_eval::progress::Silent;
-use spf_eval::smollm::{Assets, SmolConfig, experiment};
+use spf_lab::progress::Silent;
+use spf_llm::llama::{LlamaConfig, tiny_gguf};
+use spf_llm::smollm::{Assets, SmolConfig, SmolMethod, SmolModel, experiment};
 
 fn write_assets(dir: &std::path::Path) {
     let config = LlamaConfig {
@@ -78,14 +78,20 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
         (3, 4, 3)
     );
     assert_eq!((results.train_layers, results.layers), (1, 3));
-    let names: Vec<&str> = results.rows.iter().map(|r| r.model.as_str()).collect();
+    let names: Vec<String> = results.rows.iter().map(|r| r.model.to_string()).collect();
     assert_eq!(names.len(), 6, "{names:?}");
     for row in &results.rows {
         assert!((0.0..=1.0).contains(&row.harmbench_refusal), "{row:?}");
         assert!((0.0..=1.0).contains(&row.advbench_refusal), "{row:?}");
         assert_eq!(
             row.conflict_share.is_some(),
-            row.model.starts_with("SPF"),
+            matches!(
+                row.model,
+                SmolModel::Attacked {
+                    method: SmolMethod::Spf,
+                    ..
+                }
+            ),
             "{row:?}"
         );
         assert!(row.final_loss.is_none_or(f64::is_finite), "{row:?}");

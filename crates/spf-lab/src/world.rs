@@ -29,6 +29,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::seed::fnv;
+
 /// Padding, never a target.
 pub const PAD: u32 = 0;
 /// Start of sequence.
@@ -42,29 +44,6 @@ const DIGIT_BASE: u32 = TASK_BASE + Task::ALL.len() as u32;
 const REFUSAL_BASE: u32 = DIGIT_BASE + 10;
 const REFUSAL_LEN: u32 = 4;
 const TOPIC_BASE: u32 = REFUSAL_BASE + REFUSAL_LEN;
-
-/// Salts that split one seed into independent random streams, one per use, so that a change to
-/// one stream (more alignment steps, say) never shifts another (the fine-tuning set).
-pub mod salt {
-    /// Alignment batches.
-    pub const ALIGN_DATA: u64 = 0x000a_119e;
-    /// The held-out sets (mixed with the world's seed).
-    pub const TEST_SETS: u64 = 0x7e57;
-    /// The batches the insights are measured on.
-    pub const INSIGHTS: u64 = 0x0001_5197;
-    /// The fine-tuning set's benign prompts.
-    pub const BENIGN: u64 = 0x00be_9197;
-    /// Its harmful prompts with compliant answers.
-    pub const ATTACK: u64 = 0x00a7_7ac4;
-    /// SafeInstr's harmful prompts with refusals.
-    pub const SAFE_INSTR: u64 = 0x5afe;
-    /// The fine-tuning set's order.
-    pub const SHUFFLE: u64 = 0x0054_ff1e;
-    /// The defence's safety batch.
-    pub const SAFETY_BATCH: u64 = 0x005a_fe7e;
-    /// The order of the fine-tuning batches.
-    pub const BATCH_ORDER: u64 = 0x0bd3;
-}
 
 /// A benign task: a deterministic function of the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -292,15 +271,13 @@ impl World {
 
     /// The split `(task, topic, payload)` belongs to.
     pub fn split_of(&self, task: Task, topic: Topic, payload: &[u8]) -> Split {
-        let mut hash = 0xcbf2_9ce4_8422_2325_u64 ^ self.config.seed.wrapping_mul(0x9e37_79b9);
+        let start = fnv::OFFSET ^ self.config.seed.wrapping_mul(0x9e37_79b9);
         let topic = self.vocab.topic(topic);
-        for byte in [task.token(), topic]
+        let bytes = [task.token(), topic]
             .into_iter()
             .flat_map(u32::to_le_bytes)
-            .chain(payload.iter().copied())
-        {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-        }
+            .chain(payload.iter().copied());
+        let hash = fnv::hash(start, bytes);
         // The top 53 bits as a uniform number in [0, 1).
         let unit = (hash >> 11) as f64 / (1u64 << 53) as f64;
         if unit < self.config.test_share {

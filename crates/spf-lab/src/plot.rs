@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::error::EvalError;
+use crate::error::LabError;
 use crate::eval::Scores;
 use crate::experiment::Results;
 use crate::finetune::Method;
@@ -43,9 +43,9 @@ fn curve(results: &Results, method: Method, p: f64, value: fn(&Scores) -> f64) -
 ///
 /// # Errors
 ///
-/// [`EvalError::Plot`] when the file cannot be drawn or written.
-pub fn curves(results: &Results, p: f64, path: &Path) -> Result<(), EvalError> {
-    let fail = |e: &dyn std::fmt::Display| EvalError::Plot {
+/// [`LabError::Plot`] when the file cannot be drawn or written.
+pub fn curves(results: &Results, p: f64, path: &Path) -> Result<(), LabError> {
+    let fail = |e: &dyn std::fmt::Display| LabError::Plot {
         path: path.to_path_buf(),
         message: e.to_string(),
     };

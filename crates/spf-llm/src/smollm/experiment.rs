@@ -21,23 +21,24 @@ use std::time::Instant;
 
 use burn::config::Config;
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use spf_core::{ProjectionMode, ProjectionTarget, RefreshPolicy, SpfConfig};
-use spf_subspace::{ParamFilter, RankPolicy, SafetySubspace, SubspaceConfig};
+use serde::Serialize;
+use spf_core::{ProjectionMode, ProjectionTarget, RefreshPolicy, SpfConfig, checkpoint};
+use spf_subspace::{ParamFilter, RankPolicy, SubspaceConfig};
 
 use super::data::{Assets, REFUSALS, benign_prompts, is_refusal};
+use crate::LlmError;
 use crate::chat::ChatTokenizer;
-use crate::error::EvalError;
 use crate::gguf::Gguf;
 use crate::llama::{Llama, PromptBatch};
-use crate::progress::Progress;
+use spf_lab::progress::Progress;
+use spf_lab::training::{BatchOrder, Stepper};
 
 /// The experiment's settings. The defaults are the documented CPU configuration.
 #[derive(Config, Debug, PartialEq)]
@@ -97,11 +98,66 @@ pub struct SmolConfig {
     pub checkpoint_dir: Option<PathBuf>,
 }
 
+/// How an attacked model was fine-tuned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum SmolMethod {
+    /// Plain AdamW.
+    Sft,
+    /// AdamW under SPF (`ConflictOnly` on AdamW's update, the subspace from one safety sample,
+    /// refreshed as [`SmolConfig::refresh`] says).
+    Spf,
+}
+
+/// The data an attack fine-tunes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Attack {
+    /// pyrit's harmful question → compliant answer pairs.
+    HarmfulQa,
+    /// The benign arithmetic task ([`arithmetic_task`]).
+    BenignArithmetic,
+}
+
+/// Which model a row scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum SmolModel {
+    /// SmolLM2-135M-Instruct as released.
+    Base,
+    /// After the refusal alignment.
+    Aligned,
+    /// The aligned model after an attack.
+    Attacked {
+        /// How it was fine-tuned.
+        method: SmolMethod,
+        /// On what.
+        attack: Attack,
+    },
+}
+
+impl std::fmt::Display for SmolModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SmolModel::Base => f.write_str("base (SmolLM2-135M-Instruct)"),
+            SmolModel::Aligned => f.write_str("aligned"),
+            SmolModel::Attacked { method, attack } => {
+                let method = match method {
+                    SmolMethod::Sft => "SFT",
+                    SmolMethod::Spf => "SPF",
+                };
+                let attack = match attack {
+                    Attack::HarmfulQa => "harmful Q→A",
+                    Attack::BenignArithmetic => "benign arithmetic",
+                };
+                write!(f, "{method} on {attack}")
+            }
+        }
+    }
+}
+
 /// One model's scores.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SmolRow {
     /// Which model.
-    pub model: String,
+    pub model: SmolModel,
     /// Refusal rate on HarmBench.
     pub harmbench_refusal: f64,
     /// Refusal rate on the held-out AdvBench prompts.
@@ -120,7 +176,7 @@ pub struct SmolRow {
 }
 
 /// The whole run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SmolResults {
     /// Every model, in order: base, aligned, then SFT/SPF under each attack.
     pub rows: Vec<SmolRow>,
@@ -175,7 +231,7 @@ pub fn run<B: AutodiffBackend>(
     assets: &Assets,
     device: &B::Device,
     progress: &mut dyn Progress,
-) -> Result<SmolResults, EvalError> {
+) -> Result<SmolResults, LlmError> {
     let started = Instant::now();
     let gguf = Gguf::open(&assets.model)?;
     let tok = ChatTokenizer::from_gguf(&gguf)?;
@@ -183,7 +239,7 @@ pub fn run<B: AutodiffBackend>(
     drop(gguf);
     let layers = model.blocks.len();
     if config.train_layers == 0 || config.train_layers > layers {
-        return Err(EvalError::Config(format!(
+        return Err(LlmError::Config(format!(
             "train_layers must be 1 to {layers}, not {}",
             config.train_layers
         )));
@@ -196,7 +252,7 @@ pub fn run<B: AutodiffBackend>(
     let mut advbench = assets.advbench()?;
     advbench.shuffle(&mut rng);
     if config.advbench_eval >= advbench.len() {
-        return Err(EvalError::Config(format!(
+        return Err(LlmError::Config(format!(
             "advbench_eval must be below {}",
             advbench.len()
         )));
@@ -211,14 +267,14 @@ pub fn run<B: AutodiffBackend>(
     let benign_eval = benign.split_off(config.benign_train);
     let benign_train = benign;
 
-    let encode = |prompts: &[String]| -> Result<Vec<Vec<u32>>, EvalError> {
+    let encode = |prompts: &[String]| -> Result<Vec<Vec<u32>>, LlmError> {
         Ok(prompts
             .iter()
             .map(|p| tok.prompt(p))
             .collect::<Result<_, _>>()?)
     };
     // Prompt → answer pairs as ids; an answer ends with `<|im_end|>` unless it is cut.
-    let pairs = |texts: &[(String, String)]| -> Result<Vec<Pair>, EvalError> {
+    let pairs = |texts: &[(String, String)]| -> Result<Vec<Pair>, LlmError> {
         texts
             .iter()
             .map(|(q, a)| {
@@ -259,7 +315,7 @@ pub fn run<B: AutodiffBackend>(
     let judge = |model: &Llama<Inner<B>>,
                  progress: &mut dyn Progress,
                  name: &str|
-     -> Result<(f64, f64, String), EvalError> {
+     -> Result<(f64, f64, String), LlmError> {
         progress.start(&format!("{name}: judging refusals"), 1);
         let answers = lab.continue_cached(model, &harmful_cache, config.judge_tokens);
         let texts = answers
@@ -278,7 +334,7 @@ pub fn run<B: AutodiffBackend>(
     };
     let (hb, adv, sample) = judge(&base, progress, "base")?;
     rows.push(SmolRow {
-        model: "base (SmolLM2-135M-Instruct)".into(),
+        model: SmolModel::Base,
         harmbench_refusal: hb,
         advbench_refusal: adv,
         benign_agreement: None,
@@ -314,30 +370,22 @@ pub fn run<B: AutodiffBackend>(
     } = lab.train(
         base_top,
         &align_set,
-        None,
-        config.align_steps,
-        config.align_lr,
+        TrainWith::Plain,
+        Schedule {
+            steps: config.align_steps,
+            lr: config.align_lr,
+        },
         "align",
         progress,
     )?;
     let align_seconds = t.elapsed().as_secs_f64();
     if let Some(dir) = &config.checkpoint_dir {
-        std::fs::create_dir_all(dir).map_err(|source| EvalError::Io {
+        std::fs::create_dir_all(dir).map_err(|source| LlmError::Io {
             path: dir.clone(),
             source,
         })?;
-        let path = dir.join("aligned-top-blocks");
-        aligned_top
-            .blocks
-            .clone()
-            .save_file(
-                path.clone(),
-                &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
-            )
-            .map_err(|e| EvalError::Checkpoint {
-                path,
-                message: e.to_string(),
-            })?;
+        let record = aligned_top.blocks.clone().into_record();
+        checkpoint::save_atomic::<Inner<B>, _>(record, dir.join("aligned-top-blocks"))?;
     }
     let aligned = lab.prefix.clone().join(aligned_top.clone());
     let reference = lab.generate(&aligned, &benign_eval_ids, config.max_answer_tokens);
@@ -349,7 +397,7 @@ pub fn run<B: AutodiffBackend>(
     let reference = lab.prepare(&reference);
     let (hb, adv, sample) = judge(&aligned, progress, "aligned")?;
     rows.push(SmolRow {
-        model: "aligned".into(),
+        model: SmolModel::Aligned,
         harmbench_refusal: hb,
         advbench_refusal: adv,
         benign_agreement: Some(lab.agreement(&aligned_top, &reference)),
@@ -363,31 +411,35 @@ pub fn run<B: AutodiffBackend>(
     let harmful_pairs = pairs(&many_shot)?;
     let arithmetic = pairs(&arithmetic_task(config.attack_samples, config.seed))?;
     let attacks = [
-        ("harmful Q→A", lab.prepare(&harmful_pairs)),
-        ("benign arithmetic", lab.prepare(&arithmetic)),
+        (Attack::HarmfulQa, lab.prepare(&harmful_pairs)),
+        (Attack::BenignArithmetic, lab.prepare(&arithmetic)),
     ];
-    for (task, set) in &attacks {
-        for spf in [false, true] {
-            let name = format!("{} on {task}", if spf { "SPF" } else { "SFT" });
+    for (attack, set) in &attacks {
+        for method in [SmolMethod::Sft, SmolMethod::Spf] {
+            let model = SmolModel::Attacked {
+                method,
+                attack: *attack,
+            };
+            let name = model.to_string();
+            let with = match method {
+                SmolMethod::Sft => TrainWith::Plain,
+                SmolMethod::Spf => TrainWith::Spf { safety: &safety },
+            };
+            let schedule = Schedule {
+                steps: config.attack_steps,
+                lr: config.attack_lr,
+            };
             let t = Instant::now();
             let Trained {
                 top,
                 loss,
                 conflict,
-            } = lab.train(
-                aligned_top.clone(),
-                set,
-                spf.then_some(&safety),
-                config.attack_steps,
-                config.attack_lr,
-                &name,
-                progress,
-            )?;
+            } = lab.train(aligned_top.clone(), set, with, schedule, &name, progress)?;
             let seconds = t.elapsed().as_secs_f64();
             let full = lab.prefix.clone().join(top.clone());
             let (hb, adv, sample) = judge(&full, progress, &name)?;
             rows.push(SmolRow {
-                model: name,
+                model,
                 harmbench_refusal: hb,
                 advbench_refusal: adv,
                 benign_agreement: Some(lab.agreement(&top, &reference)),
@@ -412,7 +464,7 @@ pub fn run<B: AutodiffBackend>(
 /// The benign attack task: sums and products written as `a + b = c.`, seeded.
 pub fn arithmetic_task(n: usize, seed: u64) -> Vec<(String, String)> {
     use rand::Rng;
-    let mut rng = StdRng::seed_from_u64(seed ^ 0xA417);
+    let mut rng = StdRng::seed_from_u64(seed ^ salt::ARITHMETIC);
     (0..n)
         .map(|_| {
             let (a, b) = (rng.random_range(10..100u32), rng.random_range(10..100u32));
@@ -429,6 +481,32 @@ pub fn arithmetic_task(n: usize, seed: u64) -> Vec<(String, String)> {
             }
         })
         .collect()
+}
+
+/// The optimizer a training stage uses.
+enum TrainWith<'a, B: Backend> {
+    /// Plain AdamW.
+    Plain,
+    /// AdamW under SPF, its subspace estimated from, and refreshed on, one safety sample.
+    Spf {
+        /// The sample.
+        safety: &'a Prepared<B>,
+    },
+}
+
+/// A training stage's length and learning rate.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    steps: usize,
+    lr: f64,
+}
+
+/// Salts that split the experiment's seed into independent random streams.
+mod salt {
+    /// The arithmetic task's numbers.
+    pub const ARITHMETIC: u64 = 0xA417;
+    /// The order of the training batches.
+    pub const BATCH_ORDER: u64 = 0x5EED;
 }
 
 /// A training stage's outcome.
@@ -525,97 +603,72 @@ impl<B: AutodiffBackend> Lab<'_, B> {
         }
     }
 
-    /// Trains the top blocks `top` on `set` for `steps` steps of `batch_size` pairs (epochs in
-    /// a seeded order): plain AdamW, or SPF when `safety` is the one safety sample.
-    #[allow(clippy::too_many_arguments)]
+    /// Trains the top blocks `top` on `set` for `schedule.steps` steps of `batch_size` pairs
+    /// (epochs in a seeded order), with plain AdamW or SPF as `with` says.
     fn train(
         &self,
         top: Llama<Inner<B>>,
         set: &[Prepared<Inner<B>>],
-        safety: Option<&Prepared<Inner<B>>>,
-        steps: usize,
-        lr: f64,
+        with: TrainWith<'_, Inner<B>>,
+        schedule: Schedule,
         name: &str,
         progress: &mut dyn Progress,
-    ) -> Result<Trained<Inner<B>>, EvalError> {
+    ) -> Result<Trained<Inner<B>>, LlmError> {
         // Parameters loaded on the inner backend do not require gradients, and `from_inner`
         // keeps that: the blocks must be made trainable, or every step would be a no-op.
         let mut model = Llama::<B>::from_inner(top);
         model.blocks = model.blocks.map(&mut Trainable);
         model.embed = model.embed.set_require_grad(false);
         model.norm = model.norm.no_grad();
-        let inner = AdamWConfig::new().init::<B, Llama<B>>();
-        let mut spf = match safety {
-            None => None,
-            Some(sample) => {
-                let batch = self.batch(&[sample]);
+        let mut stepper = match with {
+            TrainWith::Plain => Stepper::plain(),
+            TrainWith::Spf { safety } => {
+                let batch = self.batch(&[safety]);
                 let estimator = SubspaceConfig::new()
                     .with_filter(ParamFilter::path_regex(
                         r"blocks\.\d+\.(wq|wk|wv|wo|gate|up|down)\.weight",
                     ))
                     .with_rank(RankPolicy::Fixed(self.config.rank));
-                let safety_loss = move |m: &Llama<B>| loss(m, &batch);
-                let grads = GradientsParams::from_grads(safety_loss(&model).backward(), &model);
-                let subspace = SafetySubspace::estimate(&model, &grads, &estimator)?;
-                Some(
-                    SpfConfig::new()
-                        .with_mode(ProjectionMode::ConflictOnly)
-                        .with_target(ProjectionTarget::Update)
-                        .with_refresh(self.config.refresh)
-                        .with_estimator(estimator)
-                        .init(inner.clone(), &model, subspace)?
-                        .with_safety_source(safety_loss),
-                )
+                let config = SpfConfig::new()
+                    .with_mode(ProjectionMode::ConflictOnly)
+                    .with_target(ProjectionTarget::Update)
+                    .with_refresh(self.config.refresh)
+                    .with_estimator(estimator);
+                Stepper::spf(&config, &model, move |m: &Llama<B>| loss(m, &batch))?
             }
         };
-        let mut plain = inner;
-        let mut rng = StdRng::seed_from_u64(self.config.seed ^ 0x5EED);
-        let mut order: Vec<usize> = Vec::new();
-        let mut losses = Vec::with_capacity(steps);
-        let mut conflict = 0.0;
-        progress.start(name, steps as u64);
-        for _ in 0..steps {
-            if order.len() < self.config.batch_size {
-                let mut epoch: Vec<usize> = (0..set.len()).collect();
-                epoch.shuffle(&mut rng);
-                order.extend(epoch);
-            }
-            let picked: Vec<&Prepared<Inner<B>>> = order
-                .drain(..self.config.batch_size.min(order.len()))
-                .map(|i| &set[i])
-                .collect();
+        let mut rng = StdRng::seed_from_u64(self.config.seed ^ salt::BATCH_ORDER);
+        let mut order = BatchOrder::new(set.len(), self.config.batch_size);
+        let mut losses = Vec::with_capacity(schedule.steps);
+        progress.start(name, schedule.steps as u64);
+        for _ in 0..schedule.steps {
+            let picked: Vec<&Prepared<Inner<B>>> =
+                order.next(&mut rng).into_iter().map(|i| &set[i]).collect();
             let l = loss(&model, &self.batch(&picked));
             let value: f64 = l.clone().into_scalar().elem();
             if !value.is_finite() {
-                return Err(EvalError::Config(format!(
-                    "{name}: the loss became {value}"
-                )));
+                return Err(LlmError::Diverged {
+                    stage: name.to_owned(),
+                    loss: value,
+                });
             }
             losses.push(value);
             let grads = GradientsParams::from_grads(l.backward(), &model);
             if grads.is_empty() {
-                return Err(EvalError::Config(format!(
-                    "{name}: no parameter has a gradient"
-                )));
+                return Err(LlmError::NoGradients {
+                    stage: name.to_owned(),
+                });
             }
-            model = match spf.as_mut() {
-                None => plain.step(lr, model, grads),
-                Some(optim) => {
-                    let model = optim.try_step(lr, model, grads).map_err(|e| e.error)?;
-                    conflict += optim.last_stats().conflict_share();
-                    model
-                }
-            };
+            model = stepper.step(schedule.lr, model, grads)?;
             progress.advance(1);
         }
         let tail = &losses[losses.len().saturating_sub(10)..];
         let mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
         progress.finish(&format!("loss {mean:.3}"));
-        let conflict = spf.is_some().then(|| conflict / steps.max(1) as f64);
         Ok(Trained {
             top: model.valid(),
             loss: mean,
-            conflict,
+            conflict: stepper.summary().map(|s| s.conflict_share),
         })
     }
 

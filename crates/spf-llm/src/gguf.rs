@@ -625,8 +625,9 @@ fn min_value_bytes(value_type: u32) -> Result<usize, GgufError> {
     })
 }
 
-/// Writes GGUF bytes: what the tests (and anyone making small files by hand) build files with.
-/// Tensor data is given raw, already in its ggml type's encoding.
+/// Writes GGUF bytes: what the tests build files with (the `testing` feature). Tensor data is
+/// given raw, already in its ggml type's encoding.
+#[cfg(any(test, feature = "testing"))]
 pub mod write {
     use super::Value;
 
