@@ -3,16 +3,18 @@
 pub use spf_core::checkpoint;
 pub use spf_core::projection;
 pub use spf_core::{
-    BasisRecord, NoSafetySource, NonFinitePolicy, NonFiniteStats, ParamFilter, Projected,
-    ProjectionMode, ProjectionStats, ProjectionTarget, RECORD_VERSION, RankPolicy, RefreshPolicy,
-    RefreshStats, SafetyGradientSource, SafetyProjectedOptimizer, SourceError, SpfConfig, SpfError,
-    SpfRecord, StatsFeed, StepStats, SubspaceConfig, TensorStats, VectorPolicy, project,
+    BasisRecord, NoSafetySource, NonFinitePolicy, NonFiniteStats, ParamFilter, ParamPath,
+    Projected, ProjectionMode, ProjectionStats, ProjectionTarget, RECORD_VERSION, RankPolicy,
+    RefreshPolicy, RefreshStats, SafetyGradientSource, SafetyProjectedOptimizer, SourceError,
+    SpfConfig, SpfError, SpfRecord, StatsFeed, StepError, StepStats, SubspaceConfig, TensorStats,
+    VectorPolicy, project,
 };
-pub use spf_subspace::rsvd;
 pub use spf_subspace::{
     LowRankBasis, RandomizedSvd, RandomizedSvdConfig, SafetySubspace, SketchConfig, SubspaceError,
-    Targets, captured_energy, direction_overlap, principal_angles, subspace_overlap,
+    Target, Targets, captured_energy, direction_overlap, principal_angles, rank_for_energy,
+    subspace_overlap,
 };
+pub use spf_subspace::{rsvd, view};
 
 /// burn-train integration: the projection statistics as `Learner` metrics (feature `train`).
 #[cfg(feature = "train")]

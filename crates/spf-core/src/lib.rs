@@ -33,7 +33,7 @@ pub use config::{NonFinitePolicy, ProjectionTarget, SpfConfig};
 pub use error::{SpfError, StepError};
 pub use optimizer::SafetyProjectedOptimizer;
 pub use projection::{Projected, ProjectionMode, ProjectionStats, project};
-pub use record::{BasisRecord, RECORD_VERSION, SpfRecord};
+pub use record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};
 pub use refresh::{NoSafetySource, RefreshPolicy, RefreshStats, SafetyGradientSource, SourceError};
 pub use spf_subspace::{ParamFilter, RankPolicy, SubspaceConfig, VectorPolicy};
 pub use stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};

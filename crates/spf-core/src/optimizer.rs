@@ -112,7 +112,10 @@ impl SpfConfig {
         let estimator = &self.estimator;
         let targets = Targets::of(module, &estimator.filter, estimator.vector_policy)?;
         let bases = admit(&targets, estimator.rank.max_rank(), bases)?;
-        let refresh = RefreshState::new(&self.refresh, !bases.is_empty());
+        let mut refresh = RefreshState::new(&self.refresh);
+        if !bases.is_empty() {
+            refresh = refresh.estimated_at(0);
+        }
         let mut protected = ProtectedBases::default();
         protected.extend(bases);
         Ok(SafetyProjectedOptimizer {

@@ -157,12 +157,20 @@ pub(crate) struct RefreshState {
 }
 
 impl RefreshState {
-    /// The state of a wrapper built under `policy`, with bases given at step 0 or not.
-    pub fn new(policy: &RefreshPolicy, has_bases: bool) -> Self {
+    /// The state of a wrapper built under `policy` without bases: the first step estimates
+    /// them, unless refresh is off.
+    pub fn new(policy: &RefreshPolicy) -> Self {
         Self {
             period: policy.initial_period(),
-            since: has_bases.then_some(0),
             ..Self::default()
+        }
+    }
+
+    /// The same, for bases estimated before step `step` (given at `init`: step 0).
+    pub fn estimated_at(self, step: usize) -> Self {
+        Self {
+            since: Some(step),
+            ..self
         }
     }
 

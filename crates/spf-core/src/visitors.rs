@@ -12,7 +12,8 @@ use burn::tensor::{
     Tensor,
     backend::{AutodiffBackend, Backend},
 };
-use spf_subspace::{LowRankBasis, Targets, from_2d, into_2d};
+use spf_subspace::view::{from_2d, into_2d};
+use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::ProtectedBases;
 use crate::projection::{ProjectionMode, ProjectionStats, project};

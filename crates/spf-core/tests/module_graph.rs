@@ -31,7 +31,14 @@ fn crate_imports(source: &str) -> Vec<String> {
 /// The first path segment of each item of an import: `a::B` gives `a`, `{a::B, C}` gives `a`, `C`.
 fn first_segments(import: &str) -> Vec<String> {
     let Some(list) = import.strip_prefix('{') else {
-        return vec![import.split("::").next().unwrap_or(import).trim().to_owned()];
+        return vec![
+            import
+                .split("::")
+                .next()
+                .unwrap_or(import)
+                .trim()
+                .to_owned(),
+        ];
     };
     let mut items = Vec::new();
     let (mut depth, mut item) = (0, String::new());

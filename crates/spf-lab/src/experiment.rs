@@ -625,7 +625,7 @@ mod tests {
 
     #[test]
     fn aligned_checkpoints_are_reused_exactly() {
-        let dir = std::env::temp_dir().join(format!("spf-eval-cache-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("spf-lab-cache-{}", std::process::id()));
         let config = ExperimentConfig::new().with_align(AlignConfig::new().with_steps(3));
         let world = World::new(config.world.clone());
         let device = Default::default();

@@ -13,7 +13,7 @@
 //! `scripts/fetch-assets.sh`; `examples/smollm2.rs` in the root package is the command-line
 //! front end, and docs/smollm2.md says what is loaded and how it is tested.
 //!
-//! With the `testing` feature, [`gguf::write`] and [`llama::tiny_gguf`] build GGUF files by hand
+//! With the `testing` feature, `gguf::write` and `llama::tiny_gguf` build GGUF files by hand
 //! (a random tiny Llama with a byte-level tokenizer), so the whole pipeline is tested without the
 //! real assets.
 

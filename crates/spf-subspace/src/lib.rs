@@ -8,7 +8,8 @@
 //!   step;
 //! - [`SafetySubspace`]: one basis per targeted parameter ([`Targets`]) of a module, from the
 //!   gradients of a safety loss;
-//! - [`captured_energy`], [`subspace_overlap`], [`principal_angles`]: diagnostics.
+//! - [`captured_energy`], [`subspace_overlap`], [`principal_angles`]: diagnostics;
+//! - [`view`]: a parameter of any rank as the matrix SPF projects.
 
 mod basis;
 mod diagnostics;
@@ -16,6 +17,7 @@ mod error;
 pub mod rsvd;
 mod subspace;
 mod targets;
+pub mod view;
 
 pub use basis::LowRankBasis;
 pub use diagnostics::{
@@ -24,7 +26,7 @@ pub use diagnostics::{
 pub use error::SubspaceError;
 pub use rsvd::{RandomizedSvd, RandomizedSvdConfig, SketchConfig};
 pub use subspace::{RankPolicy, SafetySubspace, SubspaceConfig};
-pub use targets::{ParamFilter, Target, Targets, VectorPolicy, from_2d, into_2d, view_2d};
+pub use targets::{ParamFilter, Target, Targets, VectorPolicy};
 
 /// The backend of the unit tests: ndarray, or WGPU with the `test-wgpu` feature (for example on
 /// Mesa's lavapipe in CI).

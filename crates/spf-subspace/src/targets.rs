@@ -12,6 +12,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::SubspaceError;
+use crate::view::{into_2d, view_2d};
 
 /// Which parameters SPF protects, chosen by module path.
 ///
@@ -63,7 +64,7 @@ pub enum VectorPolicy {
 pub struct Target {
     /// Module path, `.`-joined.
     pub path: Arc<str>,
-    /// The 2-D view `[dim0, rest]` (`[n, 1]` for a vector), see [`view_2d`].
+    /// The 2-D view `[dim0, rest]` (`[n, 1]` for a vector), see [`view_2d`](crate::view::view_2d).
     pub view: [usize; 2],
     /// Its rank as a tensor.
     pub rank: usize,
@@ -134,37 +135,6 @@ impl FromIterator<(ParamId, Target)> for Targets {
     }
 }
 
-/// The 2-D view of a parameter of shape `dims`: `[dim0, rest]`, or `[n, 1]` for a vector.
-pub fn view_2d(dims: &[usize]) -> [usize; 2] {
-    match dims {
-        [] => [1, 1],
-        [n] => [*n, 1],
-        [first, rest @ ..] => [*first, rest.iter().product()],
-    }
-}
-
-/// `t` as its 2-D view (see [`view_2d`]). A matrix is handed back as it is: burn-ndarray's
-/// `reshape` copies its input even when the shape does not change, which would cost the optimizer
-/// step two copies of every protected gradient.
-pub fn into_2d<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 2> {
-    if D == 2 {
-        Tensor::from_primitive(t.into_primitive())
-    } else {
-        let view = view_2d(&t.dims());
-        t.reshape(view)
-    }
-}
-
-/// The inverse of [`into_2d`]: `t` back in the shape `dims` of its parameter, without a copy for a
-/// matrix.
-pub fn from_2d<B: Backend, const D: usize>(t: Tensor<B, 2>, dims: [usize; D]) -> Tensor<B, D> {
-    if D == 2 {
-        Tensor::from_primitive(t.into_primitive())
-    } else {
-        t.reshape(dims)
-    }
-}
-
 struct TargetVisitor {
     regex: Option<Regex>,
     vectors: VectorPolicy,
@@ -220,6 +190,7 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for TargetedGradients<'_, AB> {
 mod tests {
     use super::*;
     use crate::testing::TestBackend;
+    use crate::view::from_2d;
     use burn::nn::{Linear, LinearConfig};
 
     #[derive(Module, Debug)]

@@ -1,0 +1,36 @@
+//! The 2-D view of a parameter: SPF treats a tensor of rank `D > 2` as the matrix
+//! `[dim0, rest]` and a vector of length `n` as `[n, 1]`. These helpers move a tensor into that
+//! view and back; [`Targets`](crate::Targets) records each parameter's view.
+
+use burn::tensor::{Tensor, backend::Backend};
+
+/// The 2-D view of a parameter of shape `dims`: `[dim0, rest]`, or `[n, 1]` for a vector.
+pub fn view_2d(dims: &[usize]) -> [usize; 2] {
+    match dims {
+        [] => [1, 1],
+        [n] => [*n, 1],
+        [first, rest @ ..] => [*first, rest.iter().product()],
+    }
+}
+
+/// `t` as its 2-D view (see [`view_2d`]). A matrix is handed back as it is: burn-ndarray's
+/// `reshape` copies its input even when the shape does not change, which would cost the optimizer
+/// step two copies of every protected gradient.
+pub fn into_2d<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 2> {
+    if D == 2 {
+        Tensor::from_primitive(t.into_primitive())
+    } else {
+        let view = view_2d(&t.dims());
+        t.reshape(view)
+    }
+}
+
+/// The inverse of [`into_2d`]: `t` back in the shape `dims` of its parameter, without a copy for a
+/// matrix.
+pub fn from_2d<B: Backend, const D: usize>(t: Tensor<B, 2>, dims: [usize; D]) -> Tensor<B, D> {
+    if D == 2 {
+        Tensor::from_primitive(t.into_primitive())
+    } else {
+        t.reshape(dims)
+    }
+}
