@@ -24,7 +24,7 @@ use crate::bases::{ProtectedBases, admit};
 use crate::config::{NonFinitePolicy, ProjectionTarget, SpfConfig};
 use crate::error::{SpfError, StepError, panic_message};
 use crate::record::{RECORD_VERSION, SpfRecord, basis_records, param_paths, rekeyed, saved_bases};
-use crate::refresh::{NoSafetySource, RefreshState, SafetyGradientSource};
+use crate::refresh::{NoSafetySource, RefreshState, RefreshStats, SafetyGradientSource};
 use crate::stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};
 use crate::visitors::{
     non_finite_gradients, place_bases, project_gradients, reduce_gradients,
@@ -243,11 +243,13 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         state.bases.replace(bases);
         state.steps = record.steps;
         state.refresh = RefreshState {
-            count: record.refreshes,
-            failures: record.refresh_failures,
-            period: record.refresh_period,
+            counts: RefreshStats {
+                count: record.refreshes,
+                failures: record.refresh_failures,
+                period: record.refresh_period,
+                ..RefreshStats::default()
+            },
             since: record.refresh_since,
-            ..RefreshState::default()
         };
         self.inner = self.inner.load_record(record.inner);
         Ok(self)
@@ -289,7 +291,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         self.state.non_finite.this_step = bad.len();
         self.state.non_finite.total += bad.len();
         if !bad.is_empty() {
-            self.state.refresh.refreshed = false;
+            self.state.refresh.counts.refreshed = false;
             match self.state.config.non_finite {
                 NonFinitePolicy::Error => {
                     self.publish(Vec::new());
@@ -315,7 +317,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         }
 
         let state = &mut self.state;
-        state.refresh.refreshed = false;
+        state.refresh.counts.refreshed = false;
         if state.refresh.due(state.steps) {
             state.refresh.refresh(
                 &state.config.refresh,
@@ -397,10 +399,10 @@ where
             params: param_paths(&state.targets),
             steps: state.steps,
             bases: basis_records::<B>(&state.bases),
-            refreshes: state.refresh.count,
-            refresh_failures: state.refresh.failures,
+            refreshes: state.refresh.counts.count,
+            refresh_failures: state.refresh.counts.failures,
             refresh_since: state.refresh.since,
-            refresh_period: state.refresh.period,
+            refresh_period: state.refresh.counts.period,
         }
     }
 

@@ -134,24 +134,12 @@ pub struct RefreshStats {
     pub period: Option<usize>,
 }
 
-/// The wrapper's live refresh state: when the bases were last estimated, the period, and the
-/// counts that [`RefreshStats`] publishes.
+/// The wrapper's live refresh state: the counts that [`RefreshStats`] publishes, and the step at
+/// which the current bases were estimated.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RefreshState {
-    /// Whether the bases were re-estimated before the current step.
-    pub refreshed: bool,
-    /// Successful refreshes: the random state of the refresh sketches.
-    pub count: usize,
-    /// Failed refreshes.
-    pub failures: usize,
-    /// Wall time spent refreshing since this wrapper was built.
-    pub time: Duration,
-    /// Mean overlap of the last refresh's bases with the ones they replaced.
-    pub last_overlap: Option<f64>,
-    /// The error of the last failed refresh.
-    pub last_error: Option<String>,
-    /// Steps between refreshes now (`None`: refresh is off).
-    pub period: Option<usize>,
+    /// What the refreshes so far have done; [`Self::stats`] hands out copies.
+    pub counts: RefreshStats,
     /// The step at which the current bases were estimated (or a refresh last failed).
     pub since: Option<usize>,
 }
@@ -161,8 +149,11 @@ impl RefreshState {
     /// them, unless refresh is off.
     pub fn new(policy: &RefreshPolicy) -> Self {
         Self {
-            period: policy.initial_period(),
-            ..Self::default()
+            counts: RefreshStats {
+                period: policy.initial_period(),
+                ..RefreshStats::default()
+            },
+            since: None,
         }
     }
 
@@ -174,22 +165,14 @@ impl RefreshState {
         }
     }
 
-    /// What the refreshes so far have done.
+    /// A snapshot of what the refreshes so far have done.
     pub fn stats(&self) -> RefreshStats {
-        RefreshStats {
-            refreshed: self.refreshed,
-            count: self.count,
-            failures: self.failures,
-            time: self.time,
-            last_overlap: self.last_overlap,
-            last_error: self.last_error.clone(),
-            period: self.period,
-        }
+        self.counts.clone()
     }
 
     /// Whether a refresh is due before step `steps` (counted from 0).
     pub fn due(&self, steps: usize) -> bool {
-        match (self.period, self.since) {
+        match (self.counts.period, self.since) {
             (None, _) => false,
             (Some(_), None) => true,
             (Some(period), Some(since)) => steps.saturating_sub(since) >= period,
@@ -216,7 +199,7 @@ impl RefreshState {
         let start = Instant::now();
         // The t-th refresh draws its sketches from seed + t: the counter is the random state.
         let mut estimator = estimator.clone();
-        estimator.sketch.seed = estimator.sketch.seed.wrapping_add(self.count as u64);
+        estimator.sketch.seed = estimator.sketch.seed.wrapping_add(self.counts.count as u64);
         // A panicking source counts as a failed refresh: training goes on with the old bases.
         let gradients = catch_unwind(AssertUnwindSafe(|| source.safety_gradients(module)))
             .unwrap_or_else(|panic| Err(format!("it panicked: {}", panic_message(&*panic)).into()));
@@ -225,22 +208,23 @@ impl RefreshState {
             .and_then(|grads| Ok(SafetySubspace::estimate(module, &grads, &estimator)?))
             .and_then(|subspace| admit(targets, estimator.rank.max_rank(), subspace));
         self.since = Some(steps);
+        let counts = &mut self.counts;
         match estimated {
             Ok(new) => {
                 let overlap = bases.mean_overlap(&new);
                 bases.extend(new);
-                self.refreshed = true;
-                self.count += 1;
-                self.last_overlap = overlap;
-                self.period = self
+                counts.refreshed = true;
+                counts.count += 1;
+                counts.last_overlap = overlap;
+                counts.period = counts
                     .period
                     .map(|period| policy.next_period(period, overlap));
             }
             Err(err) => {
-                self.failures += 1;
-                self.last_error = Some(err.to_string());
+                counts.failures += 1;
+                counts.last_error = Some(err.to_string());
             }
         }
-        self.time += start.elapsed();
+        counts.time += start.elapsed();
     }
 }
