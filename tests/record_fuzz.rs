@@ -61,7 +61,8 @@ fn load(model: &Linear<B>, bytes: &[u8], path: &std::path::Path) -> Result<(), S
     let record = checkpoint::load(path, &Default::default())?;
     let optim = config()
         .init(AdamWConfig::new().init::<B, Linear<B>>(), model, [])?
-        .try_load_record::<Linear<B>>(record)?;
+        .try_load_record::<Linear<B>>(record)
+        .map_err(|refused| refused.error)?;
     // A record that loads must give a wrapper that steps, or refuses the step with an error.
     let loss = model
         .forward(Tensor::<B, 2>::ones([1, 4], &Default::default()))

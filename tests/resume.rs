@@ -204,7 +204,7 @@ fn resume_child() {
     let record = checkpoint::load(dir.join("optim"), &device).unwrap();
     let mut optim = optimizer(&model, policy_named(&name))
         .try_load_record::<Mlp<B>>(record)
-        .unwrap();
+        .unwrap_or_else(|refused| panic!("{}", refused.error));
     assert_eq!(
         optim.steps(),
         HALF,

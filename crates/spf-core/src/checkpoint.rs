@@ -14,9 +14,10 @@
 //!
 //! Paths follow burn's rule: the `.mpk` extension replaces any extension of `path`.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::record::{FileRecorder, FullPrecisionSettings, NamedMpkFileRecorder, Record, Recorder};
 use burn::tensor::backend::Backend;
@@ -27,47 +28,78 @@ use crate::error::{SpfError, panic_message};
 /// The recorder behind every checkpoint file.
 pub type CheckpointRecorder = NamedMpkFileRecorder<FullPrecisionSettings>;
 
-/// Writes `record` to `path` (with the `.mpk` extension) atomically; returns the file written.
+/// Writes `record` to `path` (with the `.mpk` extension) atomically and durably; returns the
+/// file written.
+///
+/// The record goes to a temporary file of its own in the same directory (named after `path`,
+/// this process and a counter, so concurrent saves never share one), which is flushed to disk
+/// through a handle opened for writing, renamed over the target, and the directory is flushed
+/// so that the rename itself survives a power loss. Concurrent saves to one path each land
+/// whole: the last rename wins.
 ///
 /// # Errors
 ///
-/// [`SpfError::Checkpoint`] when the temporary file cannot be written, flushed or renamed. The
-/// previous checkpoint at `path` is then untouched.
+/// [`SpfError::Checkpoint`] when the temporary file cannot be written, flushed or renamed, or the
+/// directory cannot be flushed. The previous checkpoint at `path` is then untouched, and the
+/// temporary file is removed.
 pub fn save_atomic<B: Backend, R: Record<B>>(
     record: R,
     path: impl AsRef<Path>,
 ) -> Result<PathBuf, SpfError> {
     let target = file_of::<B>(path.as_ref());
     let partial = write_partial(record, path.as_ref())?;
-    fs::rename(&partial, &target).map_err(|err| failure(&target, err))?;
-    if let Some(dir) = target.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        // Persist the rename itself; not every platform can open a directory: best effort.
-        if let Ok(dir) = File::open(dir) {
-            let _ = dir.sync_all();
-        }
+    if let Err(err) = fs::rename(&partial, &target) {
+        let _ = fs::remove_file(&partial);
+        return Err(failure(&target, err));
     }
+    sync_parent(&target)
+        .map_err(|err| failure(&target, format!("flushing its directory: {err}")))?;
     Ok(target)
 }
 
-/// The first half of [`save_atomic`]: the record written and flushed to the temporary file that
-/// the rename will move into place. A crash after this leaves the previous checkpoint intact.
+/// The first half of [`save_atomic`]: the record written to a temporary file of this save's own
+/// and flushed to disk. A crash after this leaves the previous checkpoint intact.
 pub(crate) fn write_partial<B: Backend, R: Record<B>>(
     record: R,
     path: &Path,
 ) -> Result<PathBuf, SpfError> {
+    static SAVES: AtomicU64 = AtomicU64::new(0);
     let stem = path
         .file_stem()
         .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let save = SAVES.fetch_add(1, Ordering::Relaxed);
     // A leading dot and no extension: burn's recorder appends its own extension to this name.
-    let partial = path.with_file_name(format!(".{stem}-partial"));
-    CheckpointRecorder::new()
-        .record(record, partial.clone())
-        .map_err(|err| failure(&partial, err))?;
+    let partial = path.with_file_name(format!(".{stem}-{}-{save}-partial", std::process::id()));
     let written = file_of::<B>(&partial);
-    File::open(&written)
-        .and_then(|file| file.sync_all())
-        .map_err(|err| failure(&written, err))?;
+    let flushed = CheckpointRecorder::new()
+        .record(record, partial.clone())
+        .map_err(|err| failure(&partial, err))
+        .and_then(|()| {
+            OpenOptions::new()
+                .write(true)
+                .open(&written)
+                .and_then(|file| file.sync_all())
+                .map_err(|err| failure(&written, err))
+        });
+    if let Err(err) = flushed {
+        let _ = fs::remove_file(&written);
+        return Err(err);
+    }
     Ok(written)
+}
+
+/// Flushes the directory that holds `file` (the current directory for a bare file name), so that
+/// a rename into it is on disk. Only Unix can open a directory for this; elsewhere the rename is
+/// as durable as the platform makes it.
+fn sync_parent(file: &Path) -> std::io::Result<()> {
+    let dir = match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if cfg!(unix) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Reads a record written by [`save_atomic`] onto `device`, after checking every tensor in it.
@@ -222,6 +254,125 @@ mod tests {
         let written = save_atomic(layer(2.0).into_record(), &path).unwrap();
         assert_eq!(written, dir.0.join("ckpt.mpk"));
         assert_eq!(weight_of(load_layer(&path).unwrap()), vec![2.0; 6]);
+    }
+
+    /// Files in `dir` whose name marks them as a save's temporary file.
+    fn partial_files(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains("-partial"))
+            .collect()
+    }
+
+    #[test]
+    fn a_save_to_a_bare_file_name_lands_in_the_current_directory() {
+        // The directory flush must not be skipped for a path without a parent (it was).
+        let name = format!("spf-bare-{}", std::process::id());
+        let written = save_atomic(layer(4.0).into_record(), &name).unwrap();
+        assert_eq!(written, PathBuf::from(format!("{name}.mpk")));
+        let loaded = weight_of(load_layer(Path::new(&name)).unwrap());
+        fs::remove_file(&written).unwrap();
+        assert_eq!(loaded, vec![4.0; 6]);
+    }
+
+    #[test]
+    fn concurrent_saves_to_one_path_each_land_whole() {
+        let dir = Scratch::new("concurrent");
+        let path = dir.0.join("ckpt");
+        std::thread::scope(|s| {
+            for writer in 0..4 {
+                let path = &path;
+                s.spawn(move || {
+                    for i in 0..5 {
+                        let value = (10 * writer + i) as f32;
+                        save_atomic(layer(value).into_record(), path).unwrap();
+                    }
+                });
+            }
+        });
+        let weights = weight_of(load_layer(&path).unwrap());
+        let value = weights[0];
+        assert_eq!(weights, vec![value; 6], "one writer's record, whole");
+        assert!(
+            value.fract() == 0.0 && (0.0..35.0).contains(&value),
+            "{value}"
+        );
+        assert_eq!(
+            partial_files(&dir.0),
+            Vec::<String>::new(),
+            "no temporary file left"
+        );
+    }
+
+    #[test]
+    fn a_failed_rename_leaves_no_temporary_file() {
+        let dir = Scratch::new("failed-rename");
+        // The target is a non-empty directory, which a file cannot be renamed over.
+        let path = dir.0.join("ckpt");
+        fs::create_dir_all(path.with_extension("mpk").join("inside")).unwrap();
+        let err = save_atomic(layer(1.0).into_record(), &path).unwrap_err();
+        assert!(matches!(err, SpfError::Checkpoint { .. }), "{err}");
+        assert_eq!(partial_files(&dir.0), Vec::<String>::new());
+    }
+
+    const CRASH_DIR: &str = "SPF_CHECKPOINT_CRASH_DIR";
+
+    /// A process killed (SIGKILL) after writing its new checkpoint but before the rename leaves
+    /// the previous checkpoint loadable, and the next save lands. Run as the test, it starts a
+    /// copy of this test binary that runs only this test with [`CRASH_DIR`] set; that child
+    /// saves once, writes a new checkpoint's temporary file, says so, and waits to be killed.
+    #[test]
+    fn a_save_killed_between_write_and_rename_keeps_the_previous_checkpoint() {
+        if let Some(dir) = std::env::var_os(CRASH_DIR) {
+            let path = PathBuf::from(dir).join("ckpt");
+            save_atomic(layer(1.0).into_record(), &path).unwrap();
+            write_partial(layer(9.0).into_record(), &path).unwrap();
+            fs::write(path.with_file_name("written"), b"").unwrap();
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+        let dir = Scratch::new("killed");
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "checkpoint::tests::a_save_killed_between_write_and_rename_keeps_the_previous_checkpoint",
+                "--test-threads=1",
+            ])
+            .env(CRASH_DIR, &dir.0)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let marker = dir.0.join("written");
+        let started = std::time::Instant::now();
+        while !marker.exists() {
+            assert!(
+                started.elapsed().as_secs() < 120,
+                "the child never wrote its checkpoint"
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the child exited early"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let path = dir.0.join("ckpt");
+        assert_eq!(
+            partial_files(&dir.0).len(),
+            1,
+            "the killed save's temporary file"
+        );
+        assert_eq!(
+            weight_of(load_layer(&path).unwrap()),
+            vec![1.0; 6],
+            "the previous checkpoint loads"
+        );
+        save_atomic(layer(3.0).into_record(), &path).unwrap();
+        assert_eq!(weight_of(load_layer(&path).unwrap()), vec![3.0; 6]);
     }
 
     #[test]

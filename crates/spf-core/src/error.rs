@@ -15,6 +15,27 @@ pub struct StepError<M> {
     pub error: SpfError,
 }
 
+/// A record that was not loaded, with the optimizer handed back unchanged.
+#[derive(thiserror::Error)]
+#[error("{error}")]
+pub struct LoadError<W> {
+    /// The optimizer as it was before the load: its bases, counters and inner state intact
+    /// (boxed: a wrapper is large, and an error should be cheap to pass up).
+    pub optimizer: Box<W>,
+    /// Why the record was refused.
+    #[source]
+    pub error: SpfError,
+}
+
+/// Shows the error only: the optimizer it holds need not be `Debug` (the SPF wrapper is not).
+impl<W> std::fmt::Debug for LoadError<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Everything that can go wrong when configuring, stepping or restoring the SPF wrapper.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum SpfError {

@@ -30,7 +30,7 @@ mod visitors;
 pub mod testing;
 
 pub use config::{NonFinitePolicy, ProjectionTarget, SpfConfig};
-pub use error::{SpfError, StepError};
+pub use error::{LoadError, SpfError, StepError};
 pub use optimizer::SafetyProjectedOptimizer;
 pub use projection::{Projected, ProjectionMode, ProjectionStats, project};
 pub use record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};

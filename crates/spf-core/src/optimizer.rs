@@ -20,9 +20,9 @@ use burn::optim::{GradientsParams, LearningRate, MultiGradientsParams, Optimizer
 use burn::tensor::backend::AutodiffBackend;
 use spf_subspace::{LowRankBasis, Targets};
 
-use crate::bases::{ProtectedBases, admit};
+use crate::bases::{Admitted, ProtectedBases, admit};
 use crate::config::{NonFinitePolicy, ProjectionTarget, SpfConfig};
-use crate::error::{SpfError, StepError, panic_message};
+use crate::error::{LoadError, SpfError, StepError, panic_message};
 use crate::record::{RECORD_VERSION, SpfRecord, basis_records, param_paths, rekeyed, saved_bases};
 use crate::refresh::{NoSafetySource, RefreshState, RefreshStats, SafetyGradientSource};
 use crate::stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};
@@ -30,6 +30,27 @@ use crate::visitors::{
     non_finite_gradients, place_bases, project_gradients, reduce_gradients,
     step_then_project_updates, zero_non_finite,
 };
+
+/// The targets (re-keyed to the record's ids where they differ) and the admitted bases of
+/// `record`, checked against the wrapper's `state`; nothing is changed.
+fn checked_record<B: AutodiffBackend, R: burn::record::Record<B>>(
+    state: &State<B>,
+    record: &SpfRecord<R, B>,
+) -> Result<(Arc<Targets>, Admitted<B::InnerBackend>), SpfError> {
+    if record.version != RECORD_VERSION {
+        return Err(SpfError::UnsupportedRecordVersion {
+            found: record.version,
+            supported: RECORD_VERSION,
+        });
+    }
+    let targets = match rekeyed(&state.targets, &record.params)? {
+        Some(targets) => Arc::new(targets),
+        None => state.targets.clone(),
+    };
+    let max_rank = state.config.estimator.rank.max_rank();
+    let bases = saved_bases::<B>(&record.bases, &targets, max_rank)?;
+    Ok((targets, bases))
+}
 
 /// A basis on the backend the gradients live on.
 type InnerBasis<B> = LowRankBasis<<B as AutodiffBackend>::InnerBackend>;
@@ -214,42 +235,57 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     /// its own record, saved with this one, is loaded. A step on a module that has none of those
     /// ids is refused with [`SpfError::ModuleMismatch`].
     ///
+    /// The record restores the bases, the step counter, the refresh counts (the random state of
+    /// the refresh sketches), the last refresh's overlap and error, and the non-finite counts.
+    /// The *configuration* is the wrapper's own, not the record's: the refresh period follows
+    /// the [`RefreshPolicy`](crate::RefreshPolicy) given at `init` (`Never` never refreshes,
+    /// `Every(n)` refreshes every `n` steps from the last estimate, `Adaptive` resumes the saved
+    /// period clamped to its bounds), so a run resumed under another policy obeys the new one.
+    ///
     /// # Errors
     ///
+    /// [`LoadError`], holding this wrapper unchanged (the inner optimizer's state included), with
     /// [`SpfError::UnsupportedRecordVersion`], [`SpfError::RecordMismatch`] when the record's
     /// parameter paths are not the module's, [`SpfError::InvalidBasis`] for factors that do not
-    /// form a valid basis, and the errors of [`Self::insert_bases`] for a basis that does not fit
-    /// its parameter. The bases in the record replace the current ones.
+    /// form a valid basis, or the errors of [`Self::insert_bases`] for a basis that does not fit
+    /// its parameter. On success the bases in the record replace the current ones.
     pub fn try_load_record<M>(
         mut self,
         record: SpfRecord<<O as Optimizer<M, B>>::Record, B>,
-    ) -> Result<Self, SpfError>
+    ) -> Result<Self, LoadError<Self>>
     where
         M: AutodiffModule<B>,
         O: Optimizer<M, B>,
     {
-        if record.version != RECORD_VERSION {
-            return Err(SpfError::UnsupportedRecordVersion {
-                found: record.version,
-                supported: RECORD_VERSION,
-            });
-        }
+        // Everything is checked before anything changes, so a refused record loses nothing.
+        let (targets, bases) = match checked_record(&self.state, &record) {
+            Ok(checked) => checked,
+            Err(error) => {
+                return Err(LoadError {
+                    optimizer: Box::new(self),
+                    error,
+                });
+            }
+        };
         let state = &mut self.state;
-        if let Some(targets) = rekeyed(&state.targets, &record.params)? {
-            state.targets = Arc::new(targets);
-        }
-        let max_rank = state.config.estimator.rank.max_rank();
-        let bases = saved_bases::<B>(record.bases, &state.targets, max_rank)?;
+        state.targets = targets;
         state.bases.replace(bases);
         state.steps = record.steps;
         state.refresh = RefreshState {
             counts: RefreshStats {
                 count: record.refreshes,
                 failures: record.refresh_failures,
-                period: record.refresh_period,
+                last_overlap: record.refresh_last_overlap,
+                last_error: record.refresh_last_error,
+                period: state.config.refresh.resumed_period(record.refresh_period),
                 ..RefreshStats::default()
             },
             since: record.refresh_since,
+        };
+        state.non_finite = NonFiniteStats {
+            this_step: 0,
+            total: record.non_finite_total,
+            skipped_steps: record.skipped_steps,
         };
         self.inner = self.inner.load_record(record.inner);
         Ok(self)
@@ -403,6 +439,10 @@ where
             refresh_failures: state.refresh.counts.failures,
             refresh_since: state.refresh.since,
             refresh_period: state.refresh.counts.period,
+            refresh_last_overlap: state.refresh.counts.last_overlap,
+            refresh_last_error: state.refresh.counts.last_error.clone(),
+            non_finite_total: state.non_finite.total,
+            skipped_steps: state.non_finite.skipped_steps,
         }
     }
 
@@ -412,7 +452,7 @@ where
     /// returns, when the record does not fit the module the wrapper was built for.
     fn load_record(self, record: Self::Record) -> Self {
         self.try_load_record::<M>(record)
-            .unwrap_or_else(|err| panic!("cannot load SPF optimizer record: {err}"))
+            .unwrap_or_else(|err| panic!("cannot load SPF optimizer record: {}", err.error))
     }
 }
 

@@ -13,7 +13,11 @@ use crate::bases::{Admitted, ProtectedBases, admit};
 use crate::error::SpfError;
 
 /// The record format this build writes and reads.
-pub const RECORD_VERSION: u32 = 2;
+///
+/// Version 3 added the last refresh's overlap and error and the non-finite counts; a version-2
+/// file does not decode as version 3 (burn's records have no optional fields), so it is refused
+/// with [`SpfError::Checkpoint`](crate::SpfError::Checkpoint) by [`checkpoint::load`](crate::checkpoint::load).
+pub const RECORD_VERSION: u32 = 3;
 
 /// The saved state of a [`SafetyProjectedOptimizer`](crate::SafetyProjectedOptimizer): the inner
 /// optimizer's record, every basis keyed by parameter id, the step counter and the refresh state.
@@ -41,8 +45,17 @@ pub struct SpfRecord<R: Record<B>, B: Backend> {
     pub refresh_failures: usize,
     /// The step at which the current bases were estimated.
     pub refresh_since: Option<usize>,
-    /// The current refresh period (`None` when refresh is off).
+    /// The refresh period when saved (`None` when refresh was off). A wrapper that loads the
+    /// record follows its own policy; under `Adaptive` it resumes this period within its bounds.
     pub refresh_period: Option<usize>,
+    /// The mean overlap of the last refresh's bases with the ones they replaced.
+    pub refresh_last_overlap: Option<f64>,
+    /// The error of the last failed refresh.
+    pub refresh_last_error: Option<String>,
+    /// Non-finite gradients met over every step so far.
+    pub non_finite_total: usize,
+    /// Steps skipped under `NonFinitePolicy::SkipStep`.
+    pub skipped_steps: usize,
 }
 
 /// The saved factors of one [`LowRankBasis`](spf_subspace::LowRankBasis).
@@ -107,7 +120,7 @@ pub(crate) fn param_paths(targets: &Targets) -> Vec<ParamPath> {
 /// [`SpfError::InvalidBasis`] for factors that do not form a basis, and the errors of
 /// [`admit`](crate::bases::admit).
 pub(crate) fn saved_bases<B: AutodiffBackend>(
-    saved: Vec<BasisRecord<B>>,
+    saved: &[BasisRecord<B>],
     targets: &Targets,
     max_rank: usize,
 ) -> Result<Admitted<B::InnerBackend>, SpfError> {
@@ -115,7 +128,8 @@ pub(crate) fn saved_bases<B: AutodiffBackend>(
     for saved in saved {
         let id = ParamId::from(saved.param);
         let path = targets.get(&id).map(|t| t.path.to_string());
-        let basis = LowRankBasis::new(saved.u.inner(), saved.sigma.inner(), saved.v.inner())
+        let (u, sigma, v) = (saved.u.clone(), saved.sigma.clone(), saved.v.clone());
+        let basis = LowRankBasis::new(u.inner(), sigma.inner(), v.inner())
             .map_err(|source| SpfError::InvalidBasis { path, source })?;
         bases.push((id, basis));
     }

@@ -59,6 +59,19 @@ impl RefreshPolicy {
         }
     }
 
+    /// The period of a run resumed under this policy from a record whose period was `saved`:
+    /// the policy's own for `Never` and `Every`, the saved one clamped to `[initial, max]` for
+    /// `Adaptive` (its `initial` when the record had none).
+    pub(crate) fn resumed_period(&self, saved: Option<usize>) -> Option<usize> {
+        match *self {
+            Self::Adaptive { initial, max, .. } => {
+                let (low, high) = (initial.max(1), max.max(initial).max(1));
+                Some(saved.unwrap_or(low).clamp(low, high))
+            }
+            _ => self.initial_period(),
+        }
+    }
+
     /// The period after a refresh whose mean overlap with the previous bases was `overlap`.
     pub(crate) fn next_period(&self, period: usize, overlap: Option<f64>) -> usize {
         match *self {

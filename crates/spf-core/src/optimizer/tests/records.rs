@@ -144,7 +144,10 @@ fn load_record_rejects_records_that_do_not_fit() {
     let mut record = optim.to_record();
     record.version = RECORD_VERSION + 1;
     assert_eq!(
-        fresh().try_load_record::<Net<B>>(record).err(),
+        fresh()
+            .try_load_record::<Net<B>>(record)
+            .err()
+            .map(|e| e.error),
         Some(SpfError::UnsupportedRecordVersion {
             found: RECORD_VERSION + 1,
             supported: RECORD_VERSION
@@ -156,13 +159,17 @@ fn load_record_rejects_records_that_do_not_fit() {
     let mut renamed = optim.to_record();
     renamed.params[0].path = "elsewhere.weight".into();
     assert!(matches!(
-        fresh().try_load_record::<Net<B>>(renamed),
+        fresh()
+            .try_load_record::<Net<B>>(renamed)
+            .map_err(|e| e.error),
         Err(SpfError::RecordMismatch { .. })
     ));
     let mut fewer = optim.to_record();
     fewer.params.pop();
     assert!(matches!(
-        fresh().try_load_record::<Net<B>>(fewer),
+        fresh()
+            .try_load_record::<Net<B>>(fewer)
+            .map_err(|e| e.error),
         Err(SpfError::RecordMismatch { .. })
     ));
 
@@ -174,7 +181,9 @@ fn load_record_rejects_records_that_do_not_fit() {
     record.bases[0].sigma = Tensor::from_inner(sigma);
     record.bases[0].v = Tensor::from_inner(v);
     assert!(matches!(
-        fresh().try_load_record::<Net<B>>(record),
+        fresh()
+            .try_load_record::<Net<B>>(record)
+            .map_err(|e| e.error),
         Err(SpfError::ShapeMismatch { .. })
     ));
 
@@ -182,9 +191,36 @@ fn load_record_rejects_records_that_do_not_fit() {
     let mut record = optim.to_record();
     record.bases[0].u = record.bases[0].u.clone().mul_scalar(2.0);
     assert!(matches!(
-        fresh().try_load_record::<Net<B>>(record),
+        fresh()
+            .try_load_record::<Net<B>>(record)
+            .map_err(|e| e.error),
         Err(SpfError::InvalidBasis { .. })
     ));
+}
+
+/// A refused record hands the wrapper back as it was: its bases, its step counter and its inner
+/// optimizer's state (before, `try_load_record` consumed the wrapper and lost all three).
+#[test]
+fn a_refused_record_hands_the_optimizer_back_unchanged() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let mut optim = config(ProjectionMode::ConflictOnly)
+        .init(AdamWConfig::new().init(), &model, bases(&model))
+        .unwrap();
+    let trained = train(&mut optim, model.clone(), 0..3);
+    let mut twin = optim.clone();
+
+    let mut record = optim.to_record();
+    record.bases[0].u = record.bases[0].u.clone().mul_scalar(2.0);
+    let refused = optim.try_load_record::<Net<B>>(record).err().unwrap();
+    assert!(matches!(refused.error, SpfError::InvalidBasis { .. }));
+    let mut back = *refused.optimizer;
+    assert_eq!(back.steps(), 3);
+    assert_eq!(back.bases().len(), 3);
+    // The inner AdamW's moments are intact: the next steps match the twin's bit for bit.
+    let a = train(&mut back, trained.clone(), 3..5);
+    let b = train(&mut twin, trained, 3..5);
+    assert_same(&a, &b, "after a refused load");
 }
 
 /// A record loaded onto one device for parameters on another: the step is the same as with the

@@ -250,3 +250,121 @@ fn adaptive_period_doubles_while_the_subspace_is_settled() {
         "refreshes at steps 0, 1, 3, 7, 11"
     );
 }
+
+/// A record resumes under the policy the loading wrapper was configured with, for every pair
+/// of saving and loading policies: `Never` never refreshes (and counts no failure, even without
+/// a safety source), `Every(n)` refreshes every `n` steps, `Adaptive` resumes the saved period
+/// clamped to its own bounds. (Before, the saved period won: a record saved under `Every(2)`
+/// kept refreshing under `Never`, and one saved under `Never` never refreshed under `Every`.)
+#[test]
+fn resume_obeys_the_configured_refresh_policy() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let adaptive = |initial, max| RefreshPolicy::Adaptive {
+        initial,
+        max,
+        overlap: 2.0, // never settled: the period resets to `initial` after each refresh
+    };
+    let policies = [
+        RefreshPolicy::Never,
+        RefreshPolicy::Every(2),
+        RefreshPolicy::Every(3),
+        adaptive(1, 4),
+        adaptive(3, 6),
+    ];
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    for saved in policies {
+        let mut first = refreshing(saved, ProjectionTarget::Gradient)
+            .init(AdamWConfig::new().init(), &model, bases(&model))
+            .unwrap()
+            .with_safety_source(safety_loss);
+        let halfway = train(&mut first, model.clone(), 0..4);
+        let bytes = recorder.record(first.to_record(), ()).unwrap();
+        let saved_counts = first.last_stats().refresh.clone();
+        for loaded in policies {
+            let context = format!("saved under {saved:?}, loaded under {loaded:?}");
+            let mut second = refreshing(loaded, ProjectionTarget::Gradient)
+                .init(AdamWConfig::new().init(), &model, [])
+                .unwrap()
+                .with_safety_source(safety_loss)
+                .load_record(recorder.load(bytes.clone(), &device).unwrap());
+            // Which of the next six steps refresh, and the period the wrapper reports.
+            let mut refreshed = Vec::new();
+            let mut m = halfway.clone();
+            for seed in 4..10 {
+                let g = grads(&m, seed);
+                m = second.step(1e-2, m, g);
+                refreshed.push(second.last_stats().refresh.refreshed);
+            }
+            let stats = &second.last_stats().refresh;
+            assert_eq!(stats.failures, saved_counts.failures, "{context}");
+            let count = refreshed.iter().filter(|&&r| r).count();
+            assert_eq!(stats.count, saved_counts.count + count, "{context}");
+            match loaded {
+                RefreshPolicy::Never => {
+                    assert_eq!(count, 0, "{context}: {refreshed:?}");
+                    assert_eq!(stats.period, None, "{context}");
+                }
+                RefreshPolicy::Every(n) => {
+                    assert_eq!(stats.period, Some(n), "{context}");
+                    // Refreshes are exactly n steps apart.
+                    let at: Vec<usize> = (0..6).filter(|&i| refreshed[i]).collect();
+                    assert!(!at.is_empty(), "{context}: {refreshed:?}");
+                    assert!(at.windows(2).all(|w| w[1] - w[0] == n), "{context}: {at:?}");
+                    assert!(at[0] < n, "{context}: due within one period: {at:?}");
+                }
+                RefreshPolicy::Adaptive { initial, max, .. } => {
+                    let period = stats.period.expect("adaptive always has a period");
+                    assert!((initial..=max).contains(&period), "{context}: {period}");
+                    assert!(count >= 6 / max, "{context}: {refreshed:?}");
+                }
+            }
+        }
+    }
+}
+
+/// The refresh counts, the last overlap and error, and the non-finite counts survive a save
+/// and load (before, only the counts did; the others restarted at zero).
+#[test]
+fn resume_restores_the_last_overlap_error_and_non_finite_counts() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    let config = refreshing(RefreshPolicy::Every(1), ProjectionTarget::Gradient)
+        .with_non_finite(crate::NonFinitePolicy::SkipStep);
+    let mut first = config
+        .init(AdamWConfig::new().init(), &model, bases(&model))
+        .unwrap()
+        .with_safety_source(Flaky { good: 2 });
+    // Steps 1 and 2 refresh (the bases from init count as step 0), step 3's refresh fails.
+    let mut m = train(&mut first, model.clone(), 0..4);
+    let mut poisoned = grads(&m, 4);
+    let w: Tensor<Inner, 2> = poisoned.remove(m.attn.weight.id).unwrap();
+    poisoned.register(m.attn.weight.id, w.mul_scalar(f32::NAN));
+    m = first.step(1e-2, m, poisoned);
+    let before = first.last_stats().clone();
+    assert!(before.refresh.last_overlap.is_some() && before.refresh.last_error.is_some());
+    assert_eq!(
+        (before.non_finite.total, before.non_finite.skipped_steps),
+        (1, 1)
+    );
+
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let bytes = recorder.record(first.to_record(), ()).unwrap();
+    let mut second = config
+        .init(AdamWConfig::new().init(), &model, [])
+        .unwrap()
+        .with_safety_source(Flaky { good: 0 })
+        .load_record(recorder.load(bytes, &device).unwrap());
+    // A step whose refresh fails again: the counts go on from the saved ones.
+    let g = grads(&m, 5);
+    second.step(1e-2, m, g);
+    let after = &second.last_stats();
+    assert_eq!(after.refresh.count, before.refresh.count);
+    assert_eq!(after.refresh.failures, before.refresh.failures + 1);
+    assert_eq!(after.refresh.last_overlap, before.refresh.last_overlap);
+    assert_eq!(after.non_finite.total, before.non_finite.total);
+    assert_eq!(
+        after.non_finite.skipped_steps,
+        before.non_finite.skipped_steps
+    );
+}
