@@ -3,16 +3,16 @@
 pub use spf_core::checkpoint;
 pub use spf_core::projection;
 pub use spf_core::{
-    BasisRecord, NoSafetySource, NonFinitePolicy, NonFiniteStats, ParamFilter, ParamPath,
-    Projected, ProjectionMode, ProjectionStats, ProjectionTarget, RECORD_VERSION, RankPolicy,
-    RefreshPolicy, RefreshStats, SafetyGradientSource, SafetyProjectedOptimizer, SourceError,
-    SpfConfig, SpfError, SpfRecord, StatsFeed, StepError, StepStats, SubspaceConfig, TensorStats,
-    VectorPolicy, project,
+    BasisRecord, LoadError, NoSafetySource, NonFinitePolicy, NonFiniteStats, ParamFilter,
+    ParamPath, Projected, ProjectionMode, ProjectionStats, ProjectionTarget, RECORD_VERSION,
+    RankPolicy, RefreshPolicy, RefreshStats, SafetyGradientSource, SafetyProjectedOptimizer,
+    SourceError, SpfConfig, SpfError, SpfRecord, StatsFeed, StepError, StepStats, SubspaceConfig,
+    TensorStats, VectorPolicy, project,
 };
 pub use spf_subspace::{
-    LowRankBasis, RandomizedSvd, RandomizedSvdConfig, SafetySubspace, SketchConfig, SubspaceError,
-    Target, Targets, captured_energy, direction_overlap, principal_angles, rank_for_energy,
-    subspace_overlap,
+    LowRankBasis, MAX_POWER_ITERATIONS, RandomizedSvd, RandomizedSvdConfig, SafetySubspace,
+    SketchConfig, SubspaceError, Target, Targets, captured_energy, direction_overlap,
+    principal_angles, rank_for_energy, subspace_overlap,
 };
 pub use spf_subspace::{rsvd, view};
 

@@ -75,9 +75,9 @@ fn the_export_reader_sees_what_a_lib_rs_exports() {
 // Every name a public signature of the library uses resolves through the facade.
 #[allow(unused_imports)]
 use spf::{
-    BasisRecord, LowRankBasis, NoSafetySource, NonFinitePolicy, NonFiniteStats, ParamFilter,
-    ParamPath, Projected, ProjectionMode, ProjectionStats, ProjectionTarget, RECORD_VERSION,
-    RandomizedSvd, RandomizedSvdConfig, RankPolicy, RefreshPolicy, RefreshStats,
+    BasisRecord, LoadError, LowRankBasis, NoSafetySource, NonFinitePolicy, NonFiniteStats,
+    ParamFilter, ParamPath, Projected, ProjectionMode, ProjectionStats, ProjectionTarget,
+    RECORD_VERSION, RandomizedSvd, RandomizedSvdConfig, RankPolicy, RefreshPolicy, RefreshStats,
     SafetyGradientSource, SafetyProjectedOptimizer, SafetySubspace, SketchConfig, SourceError,
     SpfConfig, SpfError, SpfRecord, StatsFeed, StepError, StepStats, SubspaceConfig, SubspaceError,
     Target, Targets, TensorStats, VectorPolicy, captured_energy, checkpoint, direction_overlap,

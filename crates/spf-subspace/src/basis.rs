@@ -91,6 +91,9 @@ impl<B: Backend> LowRankBasis<B> {
         v: Tensor<B, 2>,
         tolerance: f64,
     ) -> Result<Self, SubspaceError> {
+        if !(tolerance.is_finite() && tolerance >= 0.0) {
+            return Err(SubspaceError::InvalidTolerance { tolerance });
+        }
         let [d_in, k] = u.dims();
         let [d_out, k_v] = v.dims();
         let [k_sigma] = sigma.dims();
@@ -423,7 +426,15 @@ mod tests {
         let (_, s, v) = parts();
         let u = tensor2(&[&[1.0, 1e-3], &[0.0, 1.0], &[0.0, 0.0]]);
         assert!(LowRankBasis::new(u.clone(), s.clone(), v.clone()).is_err());
-        assert!(LowRankBasis::with_tolerance(u, s, v, 1e-2).is_ok());
+        assert!(LowRankBasis::with_tolerance(u.clone(), s.clone(), v.clone(), 1e-2).is_ok());
+        // A NaN tolerance would compare false and pass any factors (it used to).
+        for tolerance in [f64::NAN, f64::INFINITY, -1e-3] {
+            let err = LowRankBasis::with_tolerance(u.clone(), s.clone(), v.clone(), tolerance);
+            assert!(
+                matches!(err, Err(SubspaceError::InvalidTolerance { .. })),
+                "{tolerance}"
+            );
+        }
     }
 
     #[test]

@@ -4,8 +4,8 @@
 
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::LowRankBasis;
 use crate::rsvd::host_matrix;
+use crate::{LowRankBasis, SubspaceError};
 
 /// `CER(k) = Σ_{i≤k} σ_i² / ‖A‖_F²` for the given leading singular values of `A` and
 /// `total_energy = ‖A‖_F²`, clamped to `[0, 1]`. A zero matrix has nothing left to capture:
@@ -80,18 +80,33 @@ pub fn direction_overlap<B: Backend>(a: &LowRankBasis<B>, b: &LowRankBasis<B>) -
 /// The principal angles `θ_1 ≤ … ≤ θ_min(k₁,k₂)` (radians) between the spans of orthonormal
 /// `U₁` and `U₂`: `cos θ_i` are the singular values of `U₁ᵀ U₂` (Björck & Golub, 1973).
 ///
-/// # Panics
+/// # Errors
 ///
-/// If the factors have different numbers of rows.
-pub fn principal_angles<B: Backend>(u1: &Tensor<B, 2>, u2: &Tensor<B, 2>) -> Vec<f64> {
-    if u1.dims()[1].min(u2.dims()[1]) == 0 {
-        return Vec::new();
+/// [`SubspaceError::RowMismatch`] when the factors have different numbers of rows,
+/// [`SubspaceError::NonFinite`] when `U₁ᵀ U₂` holds NaN or ±Inf, and
+/// [`SubspaceError::SvdFailed`] if its SVD does not converge.
+pub fn principal_angles<B: Backend>(
+    u1: &Tensor<B, 2>,
+    u2: &Tensor<B, 2>,
+) -> Result<Vec<f64>, SubspaceError> {
+    let ([left, k1], [right, k2]) = (u1.dims(), u2.dims());
+    if left != right {
+        return Err(SubspaceError::RowMismatch { left, right });
+    }
+    if k1.min(k2) == 0 {
+        return Ok(Vec::new());
     }
     let cross = host_matrix(u1.clone().transpose().matmul(u2.clone()));
+    let finite = (0..cross.nrows()).all(|i| (0..cross.ncols()).all(|j| cross[(i, j)].is_finite()));
+    if !finite {
+        return Err(SubspaceError::NonFinite { factor: "input" });
+    }
     let singular = cross
         .singular_values()
-        .expect("the SVD of a small finite matrix converges");
-    singular.iter().map(|c| c.clamp(-1.0, 1.0).acos()).collect()
+        .map_err(|err| SubspaceError::SvdFailed {
+            message: format!("{err:?}"),
+        })?;
+    Ok(singular.iter().map(|c| c.clamp(-1.0, 1.0).acos()).collect())
 }
 
 #[cfg(test)]
@@ -136,15 +151,30 @@ mod tests {
         assert!(close(subspace_overlap(&e1, &e3), 0.0), "orthogonal");
         assert!(close(subspace_overlap(&e1, &diagonal), 0.5));
 
-        let angles = principal_angles(&e1, &diagonal);
+        let angles = principal_angles(&e1, &diagonal).unwrap();
         assert_eq!(angles.len(), 1);
         assert!(close(angles[0], std::f64::consts::FRAC_PI_4), "{angles:?}");
-        let angles = principal_angles(&e12, &columns(&[&[0.0, h], &[1.0, 0.0], &[0.0, h]]));
+        let angles =
+            principal_angles(&e12, &columns(&[&[0.0, h], &[1.0, 0.0], &[0.0, h]])).unwrap();
         assert!(
             close(angles[0], 0.0) && close(angles[1], std::f64::consts::FRAC_PI_4),
             "{angles:?}"
         );
-        assert!(principal_angles(&e1, &columns(&[&[], &[], &[]])).is_empty());
+        assert!(
+            principal_angles(&e1, &columns(&[&[], &[], &[]]))
+                .unwrap()
+                .is_empty()
+        );
+        // Factors of two different spaces are an error, not a panic (it used to be a panic).
+        assert_eq!(
+            principal_angles(&e1, &columns(&[&[1.0], &[0.0]])),
+            Err(SubspaceError::RowMismatch { left: 3, right: 2 })
+        );
+        let nan = columns(&[&[f32::NAN], &[0.0], &[0.0]]);
+        assert_eq!(
+            principal_angles(&e1, &nan),
+            Err(SubspaceError::NonFinite { factor: "input" })
+        );
     }
 
     #[test]

@@ -94,4 +94,28 @@ pub enum SubspaceError {
         /// The tolerance it was checked against.
         tolerance: f64,
     },
+
+    /// An orthonormality tolerance that is NaN, infinite or negative: with it, any factors
+    /// would pass (NaN compares false) or none would.
+    #[error("orthonormality tolerance {tolerance} must be finite and non-negative")]
+    InvalidTolerance {
+        /// The tolerance given.
+        tolerance: f64,
+    },
+
+    /// Two matrices that must have the same number of rows do not.
+    #[error("the factors have {left} and {right} rows; they must span subspaces of one space")]
+    RowMismatch {
+        /// Rows of the first.
+        left: usize,
+        /// Rows of the second.
+        right: usize,
+    },
+
+    /// A randomized-SVD setting that cannot run (see `RandomizedSvdConfig::check`).
+    #[error("invalid randomized SVD configuration: {reason}")]
+    InvalidSketch {
+        /// What is wrong.
+        reason: String,
+    },
 }

@@ -24,7 +24,7 @@ pub use diagnostics::{
     captured_energy, direction_overlap, principal_angles, rank_for_energy, subspace_overlap,
 };
 pub use error::SubspaceError;
-pub use rsvd::{RandomizedSvd, RandomizedSvdConfig, SketchConfig};
+pub use rsvd::{MAX_POWER_ITERATIONS, RandomizedSvd, RandomizedSvdConfig, SketchConfig};
 pub use subspace::{RankPolicy, SafetySubspace, SubspaceConfig};
 pub use targets::{ParamFilter, Target, Targets, VectorPolicy};
 

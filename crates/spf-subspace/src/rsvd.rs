@@ -64,6 +64,37 @@ pub struct RandomizedSvdConfig {
     pub rank_tolerance: Option<f64>,
 }
 
+/// The most power iterations a sketch may ask for. Two to four are typical; each costs two
+/// passes over the matrix, and past a few dozen the orthonormalisation, not the spectrum, limits
+/// the accuracy, so a larger count is a mistake, not a setting.
+pub const MAX_POWER_ITERATIONS: usize = 64;
+
+impl RandomizedSvdConfig {
+    /// Checks what [`RandomizedSvd::compute`] cannot run.
+    ///
+    /// # Errors
+    ///
+    /// [`SubspaceError::InvalidSketch`] naming the setting.
+    pub fn check(&self) -> Result<(), SubspaceError> {
+        if self.sketch.power_iterations > MAX_POWER_ITERATIONS {
+            return Err(SubspaceError::InvalidSketch {
+                reason: format!(
+                    "{} power iterations (at most {MAX_POWER_ITERATIONS})",
+                    self.sketch.power_iterations
+                ),
+            });
+        }
+        if let Some(tolerance) = self.rank_tolerance
+            && !(tolerance.is_finite() && tolerance >= 0.0)
+        {
+            return Err(SubspaceError::InvalidSketch {
+                reason: format!("rank tolerance {tolerance} must be finite and non-negative"),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The randomized SVD estimator; see the [module docs](self).
 ///
 /// # Example
@@ -101,16 +132,19 @@ impl RandomizedSvd {
     ///
     /// # Errors
     ///
+    /// [`SubspaceError::InvalidSketch`] for more than [`MAX_POWER_ITERATIONS`] power iterations
+    /// or a rank tolerance that is not a finite non-negative number,
     /// [`SubspaceError::NonFinite`] (factor `"input"`) when `a` holds NaN or ±Inf, and
     /// [`SubspaceError::SvdFailed`] if the small SVD does not converge.
     pub fn compute<B: Backend>(&self, a: &Tensor<B, 2>) -> Result<LowRankBasis<B>, SubspaceError> {
+        self.config.check()?;
         let [m, n] = a.dims();
         let k = self.config.rank.min(m).min(n);
         if k == 0 {
             return Ok(LowRankBasis::empty(m, n, &a.device()));
         }
         let sketch = &self.config.sketch;
-        let l = (k + sketch.oversampling).min(m).min(n);
+        let l = k.saturating_add(sketch.oversampling).min(m).min(n);
         let q = range_finder(a, l, sketch.power_iterations, sketch.seed)?;
         let tolerance = self
             .config
