@@ -75,7 +75,7 @@ where
 
 fn benches(c: &mut Criterion) {
     let device = Default::default();
-    let world = World::new(WorldConfig::new());
+    let world = World::new(WorldConfig::new()).expect("the default world is valid");
     let vocab = world.vocab();
     let lab = TransformerConfig::new().init::<B>(vocab.size(), vocab.max_len(), &device);
     bench_set(c, "step_lab_transformer", lab, Duration::from_secs(1));

@@ -46,12 +46,12 @@ fn train(
 
 fn benches(c: &mut Criterion) {
     let device = Default::default();
-    let world = World::new(WorldConfig::new());
+    let world = World::new(WorldConfig::new()).expect("the default world is valid");
     let vocab = world.vocab();
     let model = TransformerConfig::new().init::<B>(vocab.size(), vocab.max_len(), &device);
     // The lab's own benign fine-tuning set and safety batch (seed 0, default configs).
     let finetune = FinetuneConfig::new().with_batch_size(BATCH);
-    let set = finetune_set(&world, &finetune, 0.0, Method::SpfConflictOnly, 0);
+    let set = finetune_set(&world, &finetune, 0.0, Method::SpfConflictOnly, 0).unwrap();
     let batches: Vec<Batch<B>> = set
         .chunks(BATCH)
         .take(10)
@@ -63,7 +63,8 @@ fn benches(c: &mut Criterion) {
         &finetune,
         &[Task::Copy, Task::Reverse],
         0,
-    );
+    )
+    .unwrap();
     let safety = Batch::<B>::new(vocab, &safety_examples, &device);
 
     let mut group = Group::new(c, "train_step_lab_transformer", 10, Duration::from_secs(8));

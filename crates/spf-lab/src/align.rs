@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::batch::{Batch, answer_loss};
+use crate::error::LabError;
 use crate::model::{Transformer, TransformerConfig};
 use crate::progress::Progress;
 use crate::seed::salt;
@@ -42,7 +43,10 @@ pub fn align<B: AutodiffBackend>(
     seed: u64,
     device: &B::Device,
     progress: &mut dyn Progress,
-) -> Transformer<B> {
+) -> Result<Transformer<B>, LabError> {
+    if config.tasks.is_empty() {
+        return Err(LabError::Config("alignment needs at least one task".into()));
+    }
     B::seed(device, seed);
     let vocab = world.vocab();
     let mut net = model.init::<B>(vocab.size(), vocab.max_len(), device);
@@ -50,7 +54,7 @@ pub fn align<B: AutodiffBackend>(
     let mut rng = StdRng::seed_from_u64(seed ^ salt::ALIGN_DATA);
     progress.start("align", config.steps as u64);
     for step in 0..config.steps {
-        let examples: Vec<_> = (0..config.batch_size)
+        let examples = (0..config.batch_size)
             .map(|_| {
                 if rng.random_bool(config.harmful_share) {
                     world.harmful(
@@ -65,7 +69,7 @@ pub fn align<B: AutodiffBackend>(
                     world.benign(&mut rng, task, Split::Train)
                 }
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         let batch = Batch::new(vocab, &examples, device);
         let grads = GradientsParams::from_grads(answer_loss(&net, &batch).backward(), &net);
         let lr = config.lr * (1.0 - 0.9 * step as f64 / config.steps as f64);
@@ -73,5 +77,5 @@ pub fn align<B: AutodiffBackend>(
         progress.advance(1);
     }
     progress.finish("aligned");
-    net
+    Ok(net)
 }

@@ -34,6 +34,14 @@ pub enum LabError {
     /// A configuration could not be serialized (to key a cache, or to save with results).
     #[error("serializing the configuration: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// A sampler found no prompt of the split it was asked for.
+    #[error("no {split:?} prompt of the asked task and topics turned up in {draws} draws")]
+    EmptySplit {
+        /// The split.
+        split: crate::world::Split,
+        /// Draws made.
+        draws: usize,
+    },
     /// The configuration asks for something the lab cannot do.
     #[error("invalid configuration: {0}")]
     Config(String),

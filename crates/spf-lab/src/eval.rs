@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, answer_loss};
 use crate::decode::{accuracy, greedy};
+use crate::error::LabError;
 use crate::model::Transformer;
 use crate::world::{Example, HarmTopics, Response, Split, Task, World};
 
@@ -33,25 +34,30 @@ impl EvalSets {
         old_tasks: &[Task],
         n: usize,
         seed: u64,
-    ) -> Self {
+    ) -> Result<Self, LabError> {
+        if old_tasks.is_empty() {
+            return Err(LabError::Config(
+                "the held-out sets need an alignment task".into(),
+            ));
+        }
         let harmful = |topics, salt| {
             world.test_set(seed ^ salt, n, move |w, rng| {
                 w.harmful(rng, &Task::ALL, topics, Split::Test, Response::Refusal)
             })
         };
         let old = old_tasks.to_vec();
-        Self {
-            harmful_seen: harmful(HarmTopics::Seen, 1),
-            harmful_unseen: harmful(HarmTopics::Unseen, 2),
+        Ok(Self {
+            harmful_seen: harmful(HarmTopics::Seen, 1)?,
+            harmful_unseen: harmful(HarmTopics::Unseen, 2)?,
             task: world.test_set(seed ^ 3, n, |w, rng| {
                 w.benign(rng, finetune_task, Split::Test)
-            }),
+            })?,
             old_tasks: world.test_set(seed ^ 4, n, move |w, rng| {
                 let task = old[rand::Rng::random_range(rng, 0..old.len())];
                 w.benign(rng, task, Split::Test)
-            }),
+            })?,
             finetune_task,
-        }
+        })
     }
 }
 
@@ -147,4 +153,22 @@ fn nll<B: Backend>(
 
 fn mean(flags: &[bool]) -> f64 {
     flags.iter().filter(|&&f| f).count() as f64 / flags.len().max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::WorldConfig;
+
+    /// Held-out sets need an alignment task to draw the old-task prompts from (an empty list
+    /// used to be indexed).
+    #[test]
+    fn held_out_sets_without_an_alignment_task_are_an_error() {
+        let world = World::new(WorldConfig::new()).unwrap();
+        let sets = EvalSets::new(&world, Task::Sort, &[], 4, 0);
+        assert!(matches!(sets, Err(LabError::Config(_))));
+        let sets = EvalSets::new(&world, Task::Sort, &[Task::Copy], 4, 0).unwrap();
+        assert_eq!(sets.old_tasks.len(), 4);
+        assert!(sets.old_tasks.iter().all(|e| e.task == Task::Copy));
+    }
 }

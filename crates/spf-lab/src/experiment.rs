@@ -97,9 +97,7 @@ impl ExperimentConfig {
         if self.defence.safety_samples == 0 || self.defence.rank == 0 {
             return bad("the defence needs at least one safety sample and rank 1");
         }
-        if self.world.seen_harm_topics == 0 || self.world.unseen_harm_topics == 0 {
-            return bad("the world needs seen and unseen harm topics");
-        }
+        self.world.validate()?;
         if self.model.heads == 0 || !self.model.d_model.is_multiple_of(self.model.heads) {
             return bad("the model width must be a multiple of the number of heads");
         }
@@ -201,14 +199,7 @@ pub fn aligned_model<B: AutodiffBackend>(
     progress: &mut dyn Progress,
 ) -> Result<Transformer<B>, LabError> {
     let Some(dir) = cache else {
-        return Ok(align(
-            world,
-            &config.model,
-            &config.align,
-            seed,
-            device,
-            progress,
-        ));
+        return align(world, &config.model, &config.align, seed, device, progress);
     };
     let key = serde_json::to_string(&(&config.world, &config.model, &config.align, seed))?;
     let path = dir.join(format!("aligned-{:016x}", fnv::of_str(&key)));
@@ -220,7 +211,7 @@ pub fn aligned_model<B: AutodiffBackend>(
         let record = checkpoint::load(&path, device).map_err(LabError::Checkpoint)?;
         return Ok(fresh.load_record(record));
     }
-    let model = align(world, &config.model, &config.align, seed, device, progress);
+    let model = align(world, &config.model, &config.align, seed, device, progress)?;
     std::fs::create_dir_all(dir).map_err(|source| LabError::Io {
         path: dir.to_path_buf(),
         source,
@@ -254,7 +245,7 @@ pub fn run<B: AutodiffBackend>(
             &config.finetune,
             &config.align.tasks,
             seed,
-        );
+        )?;
         let aligned_scores = score(&aligned, &world, &sets, &safety, 0, device);
         let insights = seed_insights(config, &world, &aligned, &safety, seed, device)?;
         let stage = Stage {
@@ -298,14 +289,14 @@ pub fn run<B: AutodiffBackend>(
 /// The world of a valid `config`, and its held-out sets.
 fn world_and_sets(config: &ExperimentConfig) -> Result<(World, EvalSets), LabError> {
     config.validate()?;
-    let world = World::new(config.world.clone());
+    let world = World::new(config.world.clone())?;
     let sets = EvalSets::new(
         &world,
         config.finetune.task,
         &config.align.tasks,
         config.eval_prompts,
         config.world.seed ^ salt::TEST_SETS,
-    );
+    )?;
     Ok((world, sets))
 }
 
@@ -319,7 +310,7 @@ fn seed_insights<B: AutodiffBackend>(
 ) -> Result<Insights, LabError> {
     let mut rng = StdRng::seed_from_u64(seed ^ salt::INSIGHTS);
     let tasks = &config.align.tasks;
-    let many: Vec<_> = (0..config.insight_batch)
+    let many = (0..config.insight_batch)
         .map(|_| {
             world.harmful(
                 &mut rng,
@@ -329,10 +320,10 @@ fn seed_insights<B: AutodiffBackend>(
                 Response::Refusal,
             )
         })
-        .collect();
-    let utility: Vec<_> = (0..config.insight_batch)
+        .collect::<Result<Vec<_>, _>>()?;
+    let utility = (0..config.insight_batch)
         .map(|_| world.benign(&mut rng, config.finetune.task, Split::Train))
-        .collect();
+        .collect::<Result<Vec<_>, _>>()?;
     let vocab = world.vocab();
     measure(
         aligned,
@@ -546,7 +537,7 @@ pub fn ablate<B: AutodiffBackend>(
             &config.finetune,
             &config.align.tasks,
             seed,
-        );
+        )?;
         let stage = Stage {
             world: &world,
             aligned: &aligned,
@@ -627,7 +618,7 @@ mod tests {
     fn aligned_checkpoints_are_reused_exactly() {
         let dir = std::env::temp_dir().join(format!("spf-lab-cache-{}", std::process::id()));
         let config = ExperimentConfig::new().with_align(AlignConfig::new().with_steps(3));
-        let world = World::new(config.world.clone());
+        let world = World::new(config.world.clone()).unwrap();
         let device = Default::default();
         let silent = &mut crate::progress::Silent;
         let trained = aligned_model::<B>(&config, &world, 4, Some(&dir), &device, silent).unwrap();

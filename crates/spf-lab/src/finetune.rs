@@ -137,13 +137,17 @@ impl Method {
 
 /// The fine-tuning set for harmful share `p`: the same prompts and order for every method but
 /// SafeInstr, which replaces a further share of benign prompts by harmful ones with refusals.
+///
+/// # Errors
+///
+/// [`LabError::EmptySplit`] when the world's training split has no prompt of a kind asked for.
 pub fn finetune_set(
     world: &World,
     config: &FinetuneConfig,
     p: f64,
     method: Method,
     seed: u64,
-) -> Vec<Example> {
+) -> Result<Vec<Example>, LabError> {
     let n = config.samples;
     let harmful = ((p * n as f64).round() as usize).min(n);
     let refusals = if method == Method::SafeInstr {
@@ -155,7 +159,7 @@ pub fn finetune_set(
     let mut benign = StdRng::seed_from_u64(seed ^ salt::BENIGN);
     let mut attack = StdRng::seed_from_u64(seed ^ salt::ATTACK);
     let mut safe = StdRng::seed_from_u64(seed ^ salt::SAFE_INSTR);
-    let mut set: Vec<Example> = (0..n)
+    let mut set = (0..n)
         .map(|i| {
             if i < harmful {
                 world.harmful(
@@ -177,19 +181,23 @@ pub fn finetune_set(
                 world.benign(&mut benign, config.task, Split::Train)
             }
         })
-        .collect();
+        .collect::<Result<Vec<Example>, _>>()?;
     set.shuffle(&mut StdRng::seed_from_u64(seed ^ salt::SHUFFLE));
-    set
+    Ok(set)
 }
 
 /// The defence's safety batch: harmful training prompts with refusals on seen topics.
+///
+/// # Errors
+///
+/// As [`World::harmful`] (no alignment task, say).
 pub fn safety_batch(
     world: &World,
     defence: &DefenceConfig,
     finetune: &FinetuneConfig,
     alignment_tasks: &[Task],
     seed: u64,
-) -> Vec<Example> {
+) -> Result<Vec<Example>, LabError> {
     let tasks = match defence.safety_format {
         SafetyFormat::AlignmentTasks => alignment_tasks.to_vec(),
         SafetyFormat::FinetuneTask => vec![finetune.task],
@@ -280,7 +288,7 @@ impl<B: AutodiffBackend> Stage<'_, B> {
         progress: &mut dyn Progress,
     ) -> Result<Run, LabError> {
         let vocab = self.world.vocab();
-        let set = finetune_set(self.world, self.finetune, p, method, seed);
+        let set = finetune_set(self.world, self.finetune, p, method, seed)?;
         let safety = Batch::<B>::new(vocab, self.safety, self.device);
         let mut order = StdRng::seed_from_u64(seed ^ salt::BATCH_ORDER);
         let mut batches = BatchOrder::new(set.len(), self.finetune.batch_size);
@@ -364,7 +372,7 @@ mod tests {
 
     fn setup() -> (World, FinetuneConfig) {
         (
-            World::new(WorldConfig::new()),
+            World::new(WorldConfig::new()).unwrap(),
             FinetuneConfig::new().with_samples(200),
         )
     }
@@ -372,7 +380,7 @@ mod tests {
     #[test]
     fn the_attack_set_has_the_asked_share_and_is_shared_by_methods() {
         let (world, config) = setup();
-        let sft = finetune_set(&world, &config, 0.1, Method::Sft, 5);
+        let sft = finetune_set(&world, &config, 0.1, Method::Sft, 5).unwrap();
         assert_eq!(sft.len(), 200);
         let harmful: Vec<_> = sft.iter().filter(|e| e.is_harmful()).collect();
         assert_eq!(harmful.len(), 20);
@@ -388,11 +396,14 @@ mod tests {
         );
         assert_eq!(
             sft,
-            finetune_set(&world, &config, 0.1, Method::SpfUpdate, 5)
+            finetune_set(&world, &config, 0.1, Method::SpfUpdate, 5).unwrap()
         );
-        assert_ne!(sft, finetune_set(&world, &config, 0.1, Method::Sft, 6));
+        assert_ne!(
+            sft,
+            finetune_set(&world, &config, 0.1, Method::Sft, 6).unwrap()
+        );
 
-        let safe = finetune_set(&world, &config, 0.1, Method::SafeInstr, 5);
+        let safe = finetune_set(&world, &config, 0.1, Method::SafeInstr, 5).unwrap();
         let refusals = safe
             .iter()
             .filter(|e| e.response == Response::Refusal)
@@ -401,6 +412,7 @@ mod tests {
         assert_eq!(safe.iter().filter(|e| e.is_harmful()).count(), 40);
         assert!(
             finetune_set(&world, &config, 0.0, Method::Sft, 5)
+                .unwrap()
                 .iter()
                 .all(|e| !e.is_harmful())
         );
@@ -411,7 +423,7 @@ mod tests {
         let (world, finetune) = setup();
         let align = [Task::Copy, Task::Reverse];
         let defence = DefenceConfig::new().with_safety_samples(16);
-        let batch = safety_batch(&world, &defence, &finetune, &align, 1);
+        let batch = safety_batch(&world, &defence, &finetune, &align, 1).unwrap();
         assert_eq!(batch.len(), 16);
         assert!(
             batch.iter().all(|e| align.contains(&e.task)
@@ -419,7 +431,7 @@ mod tests {
                 && e.is_harmful())
         );
         let in_format = defence.with_safety_format(SafetyFormat::FinetuneTask);
-        let batch = safety_batch(&world, &in_format, &finetune, &align, 1);
+        let batch = safety_batch(&world, &in_format, &finetune, &align, 1).unwrap();
         assert!(batch.iter().all(|e| e.task == Task::Sort));
     }
 

@@ -37,8 +37,12 @@
 //! let device = Default::default();
 //! let results = spf_lab::experiment::run::<Autodiff<NdArray>>(&config, "cpu", &device, None, &mut Silent)?;
 //! let spf = results.get(Method::SpfConflictOnly, 0.1).expect("it ran");
-//! assert!((0.0..=1.0).contains(&spf.harmful_seen.mean));
-//! # Ok::<(), spf_lab::error::LabError>(())
+//! assert_eq!(spf.p, 0.1);
+//! // SPF projected: some safety directions conflicted with the fine-tuning gradient.
+//! let run = &results.seeds[0].runs[1];
+//! assert_eq!(run.method, Method::SpfConflictOnly);
+//! assert!(run.projection.expect("an SPF run").conflict_share > 0.0);
+//! # Ok::<(), spf_lab::LabError>(())
 //! ```
 
 pub mod align;

@@ -29,6 +29,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::error::LabError;
 use crate::seed::fnv;
 
 /// Padding, never a target.
@@ -77,8 +78,12 @@ impl Task {
                 sorted.sort_unstable();
                 sorted
             }
+            // Widened before adding: any bytes, not only digits, give digits back.
             Task::AddMod10 => (0..payload.len())
-                .map(|i| (payload[i] + payload[(i + 1) % payload.len()]) % 10)
+                .map(|i| {
+                    let (a, b) = (payload[i], payload[(i + 1) % payload.len()]);
+                    ((u16::from(a) + u16::from(b)) % 10) as u8
+                })
                 .collect(),
         }
     }
@@ -143,6 +148,40 @@ pub struct WorldConfig {
     /// Mixed into the split hash.
     #[config(default = 0)]
     pub seed: u64,
+}
+
+impl WorldConfig {
+    /// Checks what a world cannot be built from.
+    ///
+    /// # Errors
+    ///
+    /// [`LabError::Config`] naming the setting: an empty payload, no benign, seen or unseen harm
+    /// topic, or a test share outside `(0, 1)` (one split would be empty, and sampling from it
+    /// would never end).
+    pub fn validate(&self) -> Result<(), LabError> {
+        let bad = |what: &str| Err(LabError::Config(what.to_owned()));
+        if self.payload_len == 0 {
+            return bad("the payload needs at least one digit");
+        }
+        if self.benign_topics == 0 || self.seen_harm_topics == 0 || self.unseen_harm_topics == 0 {
+            return bad("the world needs benign, seen and unseen harm topics");
+        }
+        let topics = [
+            self.benign_topics,
+            self.seen_harm_topics,
+            self.unseen_harm_topics,
+        ];
+        if topics.iter().map(|&t| u64::from(t)).sum::<u64>() > 1 << 20 {
+            return bad("at most 2^20 topics in all");
+        }
+        if self.payload_len > 1 << 16 {
+            return bad("at most 2^16 payload digits");
+        }
+        if !(self.test_share > 0.0 && self.test_share < 1.0) {
+            return bad("the test share must lie strictly between 0 and 1");
+        }
+        Ok(())
+    }
 }
 
 /// One prompt and its target answer.
@@ -241,6 +280,10 @@ impl Vocab {
     }
 }
 
+/// Draws a sampler makes before it concludes that its split holds no prompt it can draw (a
+/// small world can leave a task and topic with no test payload at all).
+pub const MAX_DRAWS: usize = 100_000;
+
 /// A seeded world: samplers over its splits.
 #[derive(Debug, Clone)]
 pub struct World {
@@ -250,13 +293,18 @@ pub struct World {
 
 impl World {
     /// The world of `config`.
-    pub fn new(config: WorldConfig) -> Self {
+    ///
+    /// # Errors
+    ///
+    /// [`LabError::Config`] as [`WorldConfig::validate`] says.
+    pub fn new(config: WorldConfig) -> Result<Self, LabError> {
+        config.validate()?;
         let vocab = Vocab {
             payload_len: config.payload_len,
             benign_topics: config.benign_topics,
             harm_topics: config.seen_harm_topics + config.unseen_harm_topics,
         };
-        Self { config, vocab }
+        Ok(Self { config, vocab })
     }
 
     /// Its vocabulary and layout.
@@ -288,17 +336,26 @@ impl World {
     }
 
     /// A benign prompt of `task` on a random benign topic, answered by the task.
-    pub fn benign(&self, rng: &mut StdRng, task: Task, split: Split) -> Example {
-        self.sample(rng, split, |rng| {
+    ///
+    /// # Errors
+    ///
+    /// [`LabError::EmptySplit`] when no prompt of the split turns up in [`MAX_DRAWS`] draws.
+    pub fn benign(&self, rng: &mut StdRng, task: Task, split: Split) -> Result<Example, LabError> {
+        let example = self.sample(rng, split, |rng| {
             (
                 task,
                 Topic::Benign(rng.random_range(0..self.config.benign_topics)),
             )
-        })
-        .with_response(Response::Task)
+        })?;
+        Ok(example.with_response(Response::Task))
     }
 
     /// A harmful prompt of one of `tasks` on a topic of `topics`, answered by `response`.
+    ///
+    /// # Errors
+    ///
+    /// [`LabError::Config`] for no task, [`LabError::EmptySplit`] when no prompt of the split
+    /// turns up in [`MAX_DRAWS`] draws.
     pub fn harmful(
         &self,
         rng: &mut StdRng,
@@ -306,29 +363,38 @@ impl World {
         topics: HarmTopics,
         split: Split,
         response: Response,
-    ) -> Example {
+    ) -> Result<Example, LabError> {
+        if tasks.is_empty() {
+            return Err(LabError::Config(
+                "a harmful prompt needs at least one task".into(),
+            ));
+        }
         let seen = self.config.seen_harm_topics;
         let range = match topics {
             HarmTopics::Seen => 0..seen,
             HarmTopics::Unseen => seen..seen + self.config.unseen_harm_topics,
             HarmTopics::All => 0..seen + self.config.unseen_harm_topics,
         };
-        self.sample(rng, split, |rng| {
+        let example = self.sample(rng, split, |rng| {
             (
                 tasks[rng.random_range(0..tasks.len())],
                 Topic::Harm(rng.random_range(range.clone())),
             )
-        })
-        .with_response(response)
+        })?;
+        Ok(example.with_response(response))
     }
 
     /// `n` distinct test prompts drawn by `draw`, in draw order (fewer if the split runs dry).
+    ///
+    /// # Errors
+    ///
+    /// The first error of `draw`.
     pub fn test_set(
         &self,
         seed: u64,
         n: usize,
-        mut draw: impl FnMut(&Self, &mut StdRng) -> Example,
-    ) -> Vec<Example> {
+        mut draw: impl FnMut(&Self, &mut StdRng) -> Result<Example, LabError>,
+    ) -> Result<Vec<Example>, LabError> {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut seen = std::collections::HashSet::new();
         let mut set = Vec::with_capacity(n);
@@ -336,12 +402,12 @@ impl World {
             if set.len() == n {
                 break;
             }
-            let example = draw(self, &mut rng);
+            let example = draw(self, &mut rng)?;
             if seen.insert(example.clone()) {
                 set.push(example);
             }
         }
-        set
+        Ok(set)
     }
 
     fn sample(
@@ -349,21 +415,25 @@ impl World {
         rng: &mut StdRng,
         split: Split,
         mut head: impl FnMut(&mut StdRng) -> (Task, Topic),
-    ) -> Example {
-        loop {
+    ) -> Result<Example, LabError> {
+        for _ in 0..MAX_DRAWS {
             let (task, topic) = head(rng);
             let payload: Vec<u8> = (0..self.config.payload_len)
                 .map(|_| rng.random_range(0..10))
                 .collect();
             if self.split_of(task, topic, &payload) == split {
-                return Example {
+                return Ok(Example {
                     task,
                     topic,
                     payload,
                     response: Response::Task,
-                };
+                });
             }
         }
+        Err(LabError::EmptySplit {
+            split,
+            draws: MAX_DRAWS,
+        })
     }
 }
 
@@ -379,7 +449,7 @@ mod tests {
     use super::*;
 
     fn world() -> World {
-        World::new(WorldConfig::new().with_seed(3))
+        World::new(WorldConfig::new().with_seed(3)).unwrap()
     }
 
     #[test]
@@ -396,14 +466,16 @@ mod tests {
         let world = world();
         let vocab = world.vocab();
         let mut rng = StdRng::seed_from_u64(0);
-        let benign = world.benign(&mut rng, Task::Sort, Split::Train);
-        let harmful = world.harmful(
-            &mut rng,
-            &Task::ALL,
-            HarmTopics::Unseen,
-            Split::Test,
-            Response::Refusal,
-        );
+        let benign = world.benign(&mut rng, Task::Sort, Split::Train).unwrap();
+        let harmful = world
+            .harmful(
+                &mut rng,
+                &Task::ALL,
+                HarmTopics::Unseen,
+                Split::Test,
+                Response::Refusal,
+            )
+            .unwrap();
         for example in [&benign, &harmful] {
             let prompt = vocab.prompt(example);
             assert_eq!(prompt.len(), vocab.prompt_len());
@@ -427,12 +499,12 @@ mod tests {
         let draw = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
             (0..50)
-                .map(|_| world.benign(&mut rng, Task::Copy, Split::Train))
+                .map(|_| world.benign(&mut rng, Task::Copy, Split::Train).unwrap())
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
-        let other = World::new(WorldConfig::new().with_seed(4));
+        let other = World::new(WorldConfig::new().with_seed(4)).unwrap();
         let split = |w: &World| {
             (0..200u8)
                 .map(|i| w.split_of(Task::Copy, Topic::Benign(0), &[i % 10, i / 10, 0, 1, 2]))
@@ -447,24 +519,28 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(9);
         let train: std::collections::HashSet<_> = (0..3000)
             .map(|_| {
-                world.harmful(
-                    &mut rng,
+                world
+                    .harmful(
+                        &mut rng,
+                        &Task::ALL,
+                        HarmTopics::All,
+                        Split::Train,
+                        Response::Task,
+                    )
+                    .unwrap()
+            })
+            .collect();
+        let test = world
+            .test_set(10, 500, |w, rng| {
+                w.harmful(
+                    rng,
                     &Task::ALL,
                     HarmTopics::All,
-                    Split::Train,
+                    Split::Test,
                     Response::Task,
                 )
             })
-            .collect();
-        let test = world.test_set(10, 500, |w, rng| {
-            w.harmful(
-                rng,
-                &Task::ALL,
-                HarmTopics::All,
-                Split::Test,
-                Response::Task,
-            )
-        });
+            .unwrap();
         assert_eq!(test.len(), 500, "test prompts are distinct");
         assert!(test.iter().all(|e| !train.contains(e)));
 
@@ -479,5 +555,53 @@ mod tests {
             .count();
         let share = held_out as f64 / trials as f64;
         assert!((share - 0.2).abs() < 0.02, "test share {share}");
+    }
+
+    /// Bad input is a typed error, never a panic or an endless loop (each of these panicked or
+    /// hung before).
+    #[test]
+    fn bad_worlds_and_requests_are_errors() {
+        let bad = [
+            WorldConfig::new().with_payload_len(0),
+            WorldConfig::new().with_benign_topics(0),
+            WorldConfig::new().with_unseen_harm_topics(0),
+            WorldConfig::new().with_seen_harm_topics(u32::MAX),
+            WorldConfig::new().with_test_share(0.0),
+            WorldConfig::new().with_test_share(1.0),
+            WorldConfig::new().with_test_share(f64::NAN),
+        ];
+        for config in bad {
+            assert!(
+                matches!(World::new(config.clone()), Err(LabError::Config(_))),
+                "{config:?}"
+            );
+        }
+        let world = world();
+        let mut rng = StdRng::seed_from_u64(0);
+        let no_task = world.harmful(
+            &mut rng,
+            &[],
+            HarmTopics::Seen,
+            Split::Train,
+            Response::Task,
+        );
+        assert!(matches!(no_task, Err(LabError::Config(_))));
+        // A split with nothing to draw: a one-digit payload on one task and one topic leaves
+        // ten prompts, and a test share of 1e-9 puts none of them in the test split.
+        let tiny = World::new(
+            WorldConfig::new()
+                .with_payload_len(1)
+                .with_benign_topics(1)
+                .with_test_share(1e-9),
+        )
+        .unwrap();
+        let empty = tiny.benign(&mut rng, Task::Copy, Split::Test);
+        assert!(
+            matches!(empty, Err(LabError::EmptySplit { .. })),
+            "{empty:?}"
+        );
+        // Any bytes, not only digits: AddMod10 widens before it adds (it overflowed).
+        assert_eq!(Task::AddMod10.apply(&[200, 100]), vec![0, 0]);
+        assert_eq!(Task::AddMod10.apply(&[]), Vec::<u8>::new());
     }
 }

@@ -98,6 +98,39 @@ pub struct SmolConfig {
     pub checkpoint_dir: Option<PathBuf>,
 }
 
+impl SmolConfig {
+    /// Checks what the experiment cannot run (the layer count is checked against the model in
+    /// [`run`]).
+    ///
+    /// # Errors
+    ///
+    /// [`LlmError::Config`] naming the setting: empty training batches or sets, no answer
+    /// token, or no trained block.
+    pub fn validate(&self) -> Result<(), LlmError> {
+        let bad = |what: &str| Err(LlmError::Config(what.to_owned()));
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1");
+        }
+        if self.attack_samples == 0 || self.benign_train == 0 || self.benign_eval == 0 {
+            return bad("the attack set and the benign sets must be non-empty");
+        }
+        if self.max_answer_tokens == 0 {
+            return bad("max_answer_tokens must be at least 1: answers are what is trained");
+        }
+        if self.train_layers == 0 {
+            return bad("train_layers must be at least 1");
+        }
+        for (name, lr) in [("align_lr", self.align_lr), ("attack_lr", self.attack_lr)] {
+            if !(lr.is_finite() && lr >= 0.0) {
+                return Err(LlmError::Config(format!(
+                    "{name} must be finite and non-negative, not {lr}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How an attacked model was fine-tuned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum SmolMethod {
@@ -232,6 +265,7 @@ pub fn run<B: AutodiffBackend>(
     device: &B::Device,
     progress: &mut dyn Progress,
 ) -> Result<SmolResults, LlmError> {
+    config.validate()?;
     let started = Instant::now();
     let gguf = Gguf::open(&assets.model)?;
     let tok = ChatTokenizer::from_gguf(&gguf)?;
@@ -829,4 +863,30 @@ fn loss<B: Backend>(top: &Llama<B>, batch: &TrainBatch<B>) -> Tensor<B, 1> {
     logp.gather(1, batch.targets.clone().unsqueeze_dim(1))
         .mean()
         .neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration the experiment cannot run is an error before anything loads (an empty
+    /// batch used to panic on its first item).
+    #[test]
+    fn invalid_configurations_are_rejected() {
+        assert!(SmolConfig::new().validate().is_ok());
+        let bad = [
+            SmolConfig::new().with_batch_size(0),
+            SmolConfig::new().with_attack_samples(0),
+            SmolConfig::new().with_benign_eval(0),
+            SmolConfig::new().with_max_answer_tokens(0),
+            SmolConfig::new().with_train_layers(0),
+            SmolConfig::new().with_attack_lr(f64::NAN),
+        ];
+        for config in bad {
+            assert!(
+                matches!(config.validate(), Err(LlmError::Config(_))),
+                "{config:?}"
+            );
+        }
+    }
 }
