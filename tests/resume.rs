@@ -1,6 +1,11 @@
 //! End to end through the facade: a wrapped AdamW with refresh inside a training loop, saved to
 //! crash-safe checkpoint files halfway, restored in a fresh process, continues bit for bit, under
 //! every refresh policy.
+//!
+//! The first layer is 64 × 64 and the safety batch has 32 samples, so its safety gradient has
+//! rank up to 32 while the sketch has `k + p = 10` columns: the estimated basis depends on the
+//! sketch's seed (checked below), which is the refresh counter the record restores. With the
+//! whole range in the sketch, a resume that lost the counter would still pass.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,13 +17,14 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Tensor, TensorData, activation::tanh, backend::Backend};
 use spf::checkpoint;
 use spf::{
-    ProjectionTarget, RankPolicy, RefreshPolicy, SafetyGradientSource, SafetyProjectedOptimizer,
-    SafetySubspace, SpfConfig, SubspaceConfig,
+    ProjectionMode, ProjectionTarget, RankPolicy, RefreshPolicy, SafetyGradientSource,
+    SafetyProjectedOptimizer, SafetySubspace, SpfConfig, SubspaceConfig,
 };
 
 type B = Autodiff<NdArray>;
 
 const HALF: usize = 3;
+const WIDTH: usize = 64;
 const ENV_DIR: &str = "SPF_RESUME_DIR";
 const ENV_POLICY: &str = "SPF_RESUME_POLICY";
 
@@ -31,8 +37,8 @@ struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     fn new(device: &B::Device) -> Self {
         let model = Self {
-            fc1: LinearConfig::new(3, 5).init(device),
-            fc2: LinearConfig::new(5, 2).init(device),
+            fc1: LinearConfig::new(WIDTH, WIDTH).init(device),
+            fc2: LinearConfig::new(WIDTH, 2).init(device),
         };
         // Initialize eagerly, so that clones share their weights.
         model.clone().load_record(model.into_record())
@@ -52,12 +58,15 @@ fn wave(rows: usize, cols: usize, phase: f32) -> Tensor<B, 2> {
 
 /// The deterministic batch at data position `step`.
 fn batch(step: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    (wave(6, 3, step as f32), wave(6, 2, 1.0 + 2.0 * step as f32))
+    (
+        wave(6, WIDTH, step as f32),
+        wave(6, 2, 1.0 + 2.0 * step as f32),
+    )
 }
 
-/// The safety loss: one fixed "safety sample".
+/// The safety loss: a fixed batch of 32 "safety samples".
 fn safety_loss(model: &Mlp<B>) -> Tensor<B, 1> {
-    (model.forward(wave(1, 3, 0.3)) - wave(1, 2, -1.0))
+    (model.forward(wave(32, WIDTH, 0.3)) - wave(32, 2, -1.0))
         .square()
         .mean()
 }
@@ -77,8 +86,12 @@ fn policies() -> [(&'static str, RefreshPolicy); 3] {
     ]
 }
 
+/// `Orthogonal` removes every safety direction whatever its sign, so every step depends on the
+/// bases (under `ConflictOnly` a step without a conflict would not, and a wrong basis could go
+/// unseen).
 fn config(policy: RefreshPolicy) -> SpfConfig {
     SpfConfig::new()
+        .with_mode(ProjectionMode::Orthogonal)
         .with_target(ProjectionTarget::Update)
         .with_refresh(policy)
         .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(2)))
@@ -144,8 +157,35 @@ fn policy_named(name: &str) -> RefreshPolicy {
         .1
 }
 
+/// The basis of the 64 × 64 layer's safety gradient depends on the sketch's seed, so a resumed
+/// run that drew its sketches from the wrong refresh counter would not match.
+#[test]
+fn the_first_layers_basis_depends_on_the_sketch_seed() {
+    let model = Mlp::<B>::new(&Default::default());
+    let grads = GradientsParams::from_grads(safety_loss(&model).backward(), &model);
+    let estimate = |seed| {
+        let mut estimator = config(RefreshPolicy::Never).estimator;
+        estimator.sketch.seed = seed;
+        let subspace = SafetySubspace::estimate(&model, &grads, &estimator).unwrap();
+        let basis = subspace
+            .get(&model.fc1.weight.id)
+            .expect("fc1 is protected");
+        basis.u().clone().into_data().to_vec::<f32>().unwrap()
+    };
+    assert_eq!(estimate(0), estimate(0));
+    assert_ne!(estimate(0), estimate(1));
+}
+
+const ROLE_CHILD: &str = "SPF_RESUME_CHILD";
+
+/// Run as a test, trains halfway, saves, and starts a copy of this test binary that runs only
+/// this test with [`ROLE_CHILD`] set: that child loads the checkpoint, trains the second half
+/// in its fresh process and writes the final weights, which must equal uninterrupted training.
 #[test]
 fn training_resumed_in_a_fresh_process_matches_uninterrupted_training() {
+    if std::env::var_os(ROLE_CHILD).is_some() {
+        return resume_in_this_process();
+    }
     for (name, policy) in policies() {
         let model = Mlp::<B>::new(&Default::default());
         let mut straight = optimizer(&model, policy);
@@ -166,9 +206,13 @@ fn training_resumed_in_a_fresh_process_matches_uninterrupted_training() {
         checkpoint::save_atomic(halfway.into_record(), dir.0.join("model")).unwrap();
         checkpoint::save_atomic(first.to_record(), dir.0.join("optim")).unwrap();
 
-        // The second half runs in a child process: this test binary, filtered to `resume_child`.
+        // The second half runs in a child process: this test binary, filtered to this test.
         let child = Command::new(std::env::current_exe().unwrap())
-            .args(["resume_child", "--exact", "--ignored"])
+            .args([
+                "training_resumed_in_a_fresh_process_matches_uninterrupted_training",
+                "--exact",
+            ])
+            .env(ROLE_CHILD, "1")
             .env(ENV_DIR, &dir.0)
             .env(ENV_POLICY, name)
             .output()
@@ -182,20 +226,24 @@ fn training_resumed_in_a_fresh_process_matches_uninterrupted_training() {
         let resumed: Vec<Vec<f32>> =
             serde_json::from_str(&std::fs::read_to_string(dir.0.join("final.json")).unwrap())
                 .unwrap();
+        let expected = weights(&expected);
+        let first_difference = resumed
+            .iter()
+            .flatten()
+            .zip(expected.iter().flatten())
+            .position(|(a, b)| a.to_bits() != b.to_bits());
         assert_eq!(
-            resumed,
-            weights(&expected),
-            "{name}: resumed training differs"
+            first_difference, None,
+            "{name}: resumed training differs (first differing weight by index)"
         );
+        assert_eq!(resumed.len(), expected.len());
     }
 }
 
-/// The fresh process of the test above; does nothing when run on its own.
-#[test]
-#[ignore = "run by training_resumed_in_a_fresh_process_matches_uninterrupted_training"]
-fn resume_child() {
+/// The child's half of the test above, in its fresh process.
+fn resume_in_this_process() {
     let (Ok(dir), Ok(name)) = (std::env::var(ENV_DIR), std::env::var(ENV_POLICY)) else {
-        return;
+        panic!("the child needs {ENV_DIR} and {ENV_POLICY}");
     };
     let dir = Path::new(&dir);
     let device = Default::default();

@@ -5,7 +5,7 @@
 use burn::backend::{Autodiff, NdArray};
 use spf_lab::progress::Silent;
 use spf_llm::llama::{LlamaConfig, tiny_gguf};
-use spf_llm::smollm::{Assets, SmolConfig, SmolMethod, SmolModel, experiment};
+use spf_llm::smollm::{Assets, Attack, SmolConfig, SmolMethod, SmolModel, experiment};
 
 fn write_assets(dir: &std::path::Path) {
     let config = LlamaConfig {
@@ -54,7 +54,7 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
     let config = SmolConfig::new()
         .with_train_layers(1)
         .with_align_steps(3)
-        .with_attack_steps(2)
+        .with_attack_steps(4)
         .with_batch_size(2)
         .with_max_answer_tokens(6)
         .with_judge_tokens(4)
@@ -95,6 +95,25 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
             "{row:?}"
         );
         assert!(row.final_loss.is_none_or(f64::is_finite), "{row:?}");
+    }
+    // SPF did something: under each attack its directions conflicted with the fine-tuning
+    // gradient, and what it removed changed the weights, so its training loss is not SFT's on
+    // the same batches (if SPF did nothing, both would be equal bit for bit).
+    for attack in [Attack::HarmfulQa, Attack::BenignArithmetic] {
+        let row = |method| {
+            results
+                .rows
+                .iter()
+                .find(|r| r.model == SmolModel::Attacked { method, attack })
+                .expect("every attack has an SFT and an SPF row")
+        };
+        let (sft, spf) = (row(SmolMethod::Sft), row(SmolMethod::Spf));
+        let conflict = spf.conflict_share.expect("SPF rows carry statistics");
+        assert!(conflict > 0.0, "{attack:?}: no direction ever conflicted");
+        assert_ne!(
+            spf.final_loss, sft.final_loss,
+            "{attack:?}: SPF changed nothing"
+        );
     }
     // The reference answers are the aligned model's own greedy answers.
     assert_eq!(results.rows[1].benign_agreement, Some(1.0));
