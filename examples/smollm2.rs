@@ -1,23 +1,31 @@
-//! The SPF experiment on a real model, SmolLM2-135M-Instruct: align it to refuse harmful
-//! requests, attack the alignment by fine-tuning (harmful Q→A pairs, and a benign arithmetic
-//! task) with plain AdamW and with SPF, and report refusal rates and benign agreement.
+//! The SPF experiment on a real model, SmolLM2-135M-Instruct, by the field's protocol: align it
+//! to refuse harmful requests, fine-tune it on an arithmetic task with a share `p` of harmful
+//! Q→A pairs mixed in, with plain AdamW (SFT), SafeInstr, SPF and SPF + SafeInstr, and report
+//! the harmful score (HS) and the fine-tune accuracy (FA) per method, over seeds.
 //!
 //! ```text
-//! scripts/fetch-assets.sh                                   # once: model and data into assets/
-//! cargo run --release --example smollm2                     # the CPU configuration (~15 min)
+//! scripts/fetch-assets.sh                        # once: model and data into assets/
+//! cargo run --release --example smollm2          # seed 0, p ∈ {0, 0.1}, SFT and SPF (~20 min)
+//! cargo run --release --example smollm2 -- --grid  # 3 seeds, p ∈ {0, 0.05, 0.1, 0.2, 1}, 4 methods
+//! cargo run --release --example smollm2 -- --split validation --seeds 100 --target update
 //! cargo run --release --features cuda --example smollm2 -- --backend cuda --train-layers 30
 //! ```
 //!
-//! On the CPU only the last `--train-layers` blocks train (4 by default); the frozen blocks run
-//! once per sequence. docs/results.md has the table this prints and the command behind it.
+//! Every finished cell is cached under `--out` by its full configuration: an interrupted run
+//! resumes where it stopped (`--no-cache` recomputes). On the CPU only the last
+//! `--train-layers` blocks train (4 by default); the frozen blocks run once per sequence.
+//! docs/results.md has the tables this prints and the commands behind them.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use spf_core::{ProjectionTarget, RefreshPolicy};
 use spf_lab::progress::Progress;
-use spf_llm::smollm::{Assets, SmolConfig, SmolResults};
+use spf_llm::smollm::experiment::MeanStd;
+use spf_llm::smollm::{Assets, EvalSplit, SmolConfig, SmolMethod, SmolResults};
+use spf_subspace::RankPolicy;
 
 #[path = "common/backend.rs"]
 mod backend;
@@ -25,29 +33,80 @@ mod backend;
 use backend::{Backend, run_on};
 
 #[derive(Debug, Parser)]
-#[command(about = "Align SmolLM2-135M, attack it by fine-tuning, compare SFT with SPF")]
+#[command(about = "Align SmolLM2-135M, fine-tune it with harmful data mixed in, compare defences")]
 struct Args {
     /// Which burn backend runs the experiment.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
+    /// The whole grid: seeds 0, 1, 2; p ∈ {0, 0.05, 0.1, 0.2, 1}; SFT, SafeInstr, SPF and
+    /// SPF + SafeInstr (what is not given explicitly).
+    #[arg(long)]
+    grid: bool,
+    /// A smoke configuration: few steps and prompts (minutes; its numbers mean nothing).
+    #[arg(long)]
+    quick: bool,
+    /// Seeds (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
+    /// Harmful shares p of the fine-tuning set (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    shares: Option<Vec<f64>>,
+    /// Methods (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    methods: Option<Vec<Method>>,
+    /// Which held-out prompts to score: `validation` to choose settings, `test` to report.
+    #[arg(long, value_enum, default_value = "test")]
+    split: Split,
+    /// Safety samples SPF estimates from (and SafeInstr mixes in).
+    #[arg(long, default_value_t = 8)]
+    safety_samples: usize,
+    /// What SPF projects.
+    #[arg(long, value_enum, default_value = "gradient")]
+    target: Target,
+    /// Directions per matrix: a number, or `energy` (85% of the safety energy, at most 32).
+    #[arg(long, default_value = "8")]
+    rank: String,
+    /// Steps between re-estimates of the subspace (0: never).
+    #[arg(long, default_value_t = 10)]
+    refresh: usize,
     /// Blocks trained, counted from the top (30 trains the whole model).
     #[arg(long, default_value_t = 4)]
     train_layers: usize,
     /// Alignment steps.
     #[arg(long, default_value_t = 150)]
     align_steps: usize,
-    /// Fine-tuning (attack) steps per method.
+    /// Fine-tuning steps per method.
     #[arg(long, default_value_t = 60)]
     attack_steps: usize,
     /// Threads that generate answers in parallel.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Seed of every shuffle.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Where the results (JSON) and the aligned checkpoint go.
+    /// Where the results (JSON) and the cache go.
     #[arg(long, default_value = "target/spf-runs/smollm2")]
     out: PathBuf,
+    /// Recompute every cell and alignment instead of reading the cache.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Method {
+    Sft,
+    SafeInstr,
+    Spf,
+    SpfSafeInstr,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Split {
+    Validation,
+    Test,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Target {
+    Gradient,
+    Update,
 }
 
 /// Prints each stage's start, every tenth step and its end, with the time since the start.
@@ -86,17 +145,86 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     run_on!(args.backend, run(&args))
 }
 
-fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let assets = Assets::locate()?;
-    let config = SmolConfig::new()
+fn config(args: &Args) -> Result<SmolConfig, Box<dyn std::error::Error>> {
+    let rank = match args.rank.as_str() {
+        "energy" => RankPolicy::Energy {
+            threshold: 0.85,
+            max_rank: 32,
+        },
+        k => RankPolicy::Fixed(
+            k.parse()
+                .map_err(|_| format!("--rank {k}: a number or `energy`"))?,
+        ),
+    };
+    let (seeds, shares, methods) = if args.grid {
+        (
+            vec![0, 1, 2],
+            vec![0.0, 0.05, 0.1, 0.2, 1.0],
+            vec![
+                Method::Sft,
+                Method::SafeInstr,
+                Method::Spf,
+                Method::SpfSafeInstr,
+            ],
+        )
+    } else {
+        (vec![0], vec![0.0, 0.1], vec![Method::Sft, Method::Spf])
+    };
+    let methods = args.methods.clone().unwrap_or(methods);
+    let mut config = SmolConfig::new()
+        .with_seeds(args.seeds.clone().unwrap_or(seeds))
+        .with_harmful_shares(args.shares.clone().unwrap_or(shares))
+        .with_methods(
+            methods
+                .into_iter()
+                .map(|m| match m {
+                    Method::Sft => SmolMethod::Sft,
+                    Method::SafeInstr => SmolMethod::SafeInstr,
+                    Method::Spf => SmolMethod::Spf,
+                    Method::SpfSafeInstr => SmolMethod::SpfSafeInstr,
+                })
+                .collect(),
+        )
+        .with_split(match args.split {
+            Split::Validation => EvalSplit::Validation,
+            Split::Test => EvalSplit::Test,
+        })
+        .with_safety_samples(args.safety_samples)
+        .with_target(match args.target {
+            Target::Gradient => ProjectionTarget::Gradient,
+            Target::Update => ProjectionTarget::Update,
+        })
+        .with_rank(rank)
+        .with_refresh(match args.refresh {
+            0 => RefreshPolicy::Never,
+            n => RefreshPolicy::Every(n),
+        })
         .with_train_layers(args.train_layers)
         .with_align_steps(args.align_steps)
         .with_attack_steps(args.attack_steps)
         .with_threads(args.threads)
-        .with_seed(args.seed)
-        .with_checkpoint_dir(Some(args.out.clone()));
+        .with_cache_dir((!args.no_cache).then(|| args.out.join("cache")));
+    if args.quick {
+        config = config
+            .with_align_steps(30)
+            .with_attack_steps(10)
+            .with_advbench_test(20)
+            .with_advbench_validation(20)
+            .with_harmbench_test(20)
+            .with_arithmetic_eval(20)
+            .with_benign_train(40)
+            .with_benign_eval(10)
+            .with_finetune_samples(40);
+    }
+    Ok(config)
+}
+
+fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let assets = Assets::locate()?;
+    let config = config(args)?;
+    let cells = config.seeds.len() * (1 + config.harmful_shares.len() * config.methods.len()) + 1;
     eprintln!(
-        "spf smollm2 on {backend}: training the last {} blocks; {} align + {} attack steps",
+        "spf smollm2 on {backend}: the last {} blocks train; {} align + {} fine-tuning steps; {cells} models to score",
         config.train_layers, config.align_steps, config.attack_steps
     );
     let mut log = Log {
@@ -112,36 +240,38 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
     std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
     print!("{}", table(&results));
     println!(
-        "\nwall time {:.1} min on {backend} ({} of {} blocks trained); results in {}",
+        "\nwall time {:.1} min on {backend} ({} of {} blocks trained; {} cells from the cache); results in {}",
         results.wall_seconds / 60.0,
         results.train_layers,
         results.layers,
+        results.cached_cells,
         json.display()
     );
     Ok(())
 }
 
 fn table(r: &SmolResults) -> String {
+    let pct = |m: MeanStd| format!("{:.1} ± {:.1}", 100.0 * m.mean, 100.0 * m.std);
     let mut out = format!(
-        "| model | HarmBench refusal ({}) | AdvBench held-out refusal ({}) | benign agreement ({} prompts) | final loss | conflict share | train s |\n|---|---|---|---|---|---|---|\n",
-        r.harmbench_prompts, r.advbench_prompts, r.benign_prompts
+        "\n{:?} split: HS = share of harmful prompts not refused (HarmBench {}, AdvBench {}), FA = exact answers ({} problems), margin = refusal minus compliant log-likelihood per token, agreement with the aligned model ({} benign prompts); mean ± std over seeds, in %\n\n| model | seeds | HS HarmBench | HS AdvBench | FA | margin | benign agreement |\n|---|---|---|---|---|---|---|\n",
+        r.split, r.harmbench_prompts, r.advbench_prompts, r.arithmetic_prompts, r.benign_prompts
     );
-    let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
-    for row in &r.rows {
+    for s in &r.summary {
         out += &format!(
-            "| {} | {:.3} | {:.3} | {} | {} | {} | {:.0} |\n",
-            row.model,
-            row.harmbench_refusal,
-            row.advbench_refusal,
-            opt(row.benign_agreement),
-            opt(row.final_loss),
-            opt(row.conflict_share),
-            row.train_seconds
+            "| {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} |\n",
+            s.model,
+            s.seeds,
+            s.hs_harmbench.map_or("–".into(), pct),
+            pct(s.hs_advbench),
+            pct(s.fa),
+            s.refusal_margin.mean,
+            s.refusal_margin.std,
+            s.benign_agreement.map_or("–".into(), pct),
         );
     }
-    out += "\nFirst HarmBench prompt, first tokens of each answer:\n";
-    for row in &r.rows {
-        out += &format!("- {}: {:?}\n", row.model, row.sample);
-    }
+    out += &format!(
+        "\nAdvBench: {} distinct prompts of {}; {} harmful training pairs left out for asking a held-out prompt; {} held-out prompts dropped as near-duplicates of training prompts.\n",
+        r.advbench_unique.0, r.advbench_unique.1, r.harmful_pairs_dropped, r.eval_overlap_dropped
+    );
     out
 }

@@ -1,0 +1,420 @@
+//! The trained top of the model over its frozen bottom: the frozen blocks run once per
+//! sequence, their outputs are cached, and every training step, generation and score runs only
+//! the top blocks on them. On a CPU that is what makes a run take minutes instead of hours.
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use spf_core::SpfConfig;
+use spf_lab::progress::Progress;
+use spf_lab::training::{BatchOrder, Stepper};
+use spf_subspace::ParamFilter;
+
+use super::experiment::SmolConfig;
+use crate::LlmError;
+use crate::llama::{Llama, PromptBatch};
+
+/// The autodiff backend's inner backend, where the frozen blocks and evaluations run.
+pub(super) type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// A training pair: prompt ids (ChatML) and answer ids (ending with `<|im_end|>` unless cut).
+#[derive(Debug, Clone)]
+pub(super) struct Pair {
+    pub(super) prompt: Vec<u32>,
+    pub(super) answer: Vec<u32>,
+}
+
+/// A pair with the frozen blocks' output `[T, d]` for `prompt ++ answer`.
+#[derive(Debug, Clone)]
+pub(super) struct Prepared<B: Backend> {
+    pub(super) pair: Pair,
+    pub(super) hidden: Tensor<B, 2>,
+}
+
+/// A batch ready for the trained blocks.
+#[derive(Debug, Clone)]
+pub(super) struct TrainBatch<B: Backend> {
+    pub(super) hidden: Tensor<B, 3>,
+    pub(super) rows: Tensor<B, 1, Int>,
+    pub(super) targets: Tensor<B, 1, Int>,
+}
+
+/// Evaluation prompts after the frozen blocks: per chunk, the batch (cache filled for the
+/// frozen blocks) and their output.
+pub(super) struct PromptCache<B: Backend> {
+    pub(super) chunks: Vec<(Vec<usize>, PromptBatch<B>, Tensor<B, 3>)>,
+    pub(super) len: usize,
+}
+
+/// The optimizer a training stage uses.
+pub(super) enum TrainWith<'a, B: Backend> {
+    /// Plain AdamW.
+    Plain,
+    /// AdamW under SPF, its subspace estimated from, and refreshed on, a safety batch.
+    Spf {
+        /// The safety batch: harmful prompts with refusals.
+        safety: Vec<&'a Prepared<B>>,
+        /// SPF's settings (the estimator's target filter is set here).
+        config: SpfConfig,
+    },
+}
+
+/// The matrices SPF protects: every attention and feed-forward weight of the trained blocks.
+pub(super) const PROTECTED: &str = r"blocks\.\d+\.(wq|wk|wv|wo|gate|up|down)\.weight";
+
+/// A training stage's length, learning rate and batch order.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Schedule {
+    pub(super) steps: usize,
+    pub(super) lr: f64,
+    /// Seeds the order in which batches are drawn.
+    pub(super) order_seed: u64,
+}
+
+/// A training stage's outcome.
+pub(super) struct Trained<B: Backend> {
+    /// The trained blocks (with the frozen embedding and norm).
+    pub(super) top: Llama<B>,
+    /// The mean loss of the last 10 steps.
+    pub(super) loss: f64,
+    /// SPF's mean conflict share, for an SPF stage.
+    pub(super) conflict: Option<f64>,
+}
+
+/// What every stage shares: the frozen blocks and the settings.
+pub(super) struct Lab<'a, B: AutodiffBackend> {
+    pub(super) prefix: Llama<Inner<B>>,
+    pub(super) frozen: usize,
+    pub(super) eos: u32,
+    pub(super) device: B::Device,
+    pub(super) config: &'a SmolConfig,
+}
+
+impl<B: AutodiffBackend> Lab<'_, B> {
+    /// The frozen blocks' output on each pair's whole sequence.
+    pub(super) fn prepare(&self, pairs: &[Pair]) -> Vec<Prepared<Inner<B>>> {
+        let mut out = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(16) {
+            let seqs: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|p| [p.prompt.as_slice(), &p.answer].concat())
+                .collect();
+            let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
+            // Right padding: causal attention keeps pads out of the real positions.
+            let ids: Vec<i64> = seqs
+                .iter()
+                .flat_map(|s| {
+                    s.iter()
+                        .copied()
+                        .chain(std::iter::repeat_n(self.eos, longest - s.len()))
+                        .map(i64::from)
+                })
+                .collect();
+            let tokens =
+                Tensor::from_data(TensorData::new(ids, [seqs.len(), longest]), &self.device);
+            let h = self.prefix.forward_layers(
+                self.prefix.embed(tokens),
+                0..self.frozen,
+                0,
+                None,
+                None,
+            );
+            let d = h.dims()[2];
+            for (i, (pair, seq)) in chunk.iter().zip(&seqs).enumerate() {
+                out.push(Prepared {
+                    pair: pair.clone(),
+                    hidden: h
+                        .clone()
+                        .slice([i..i + 1, 0..seq.len()])
+                        .reshape([seq.len(), d]),
+                });
+            }
+        }
+        out
+    }
+
+    /// Stacks prepared pairs into one right-padded batch on the autodiff backend.
+    pub(super) fn batch(&self, items: &[&Prepared<Inner<B>>]) -> TrainBatch<B> {
+        let longest = items.iter().map(|p| p.hidden.dims()[0]).max().unwrap_or(1);
+        let d = items[0].hidden.dims()[1];
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        let hidden: Vec<Tensor<Inner<B>, 3>> = items
+            .iter()
+            .enumerate()
+            .map(|(b, p)| {
+                let t = p.hidden.dims()[0];
+                let start = p.pair.prompt.len() - 1;
+                for (j, &target) in p.pair.answer.iter().enumerate() {
+                    rows.push((b * longest + start + j) as i64);
+                    targets.push(i64::from(target));
+                }
+                let h = p.hidden.clone().unsqueeze_dim::<3>(0);
+                if t < longest {
+                    Tensor::cat(vec![h, Tensor::zeros([1, longest - t, d], &self.device)], 1)
+                } else {
+                    h
+                }
+            })
+            .collect();
+        let n = rows.len();
+        TrainBatch {
+            hidden: Tensor::from_inner(Tensor::cat(hidden, 0)),
+            rows: Tensor::from_data(TensorData::new(rows, [n]), &self.device),
+            targets: Tensor::from_data(TensorData::new(targets, [n]), &self.device),
+        }
+    }
+
+    /// Trains the top blocks `top` on `set` for `schedule.steps` steps of `batch_size` pairs
+    /// (epochs in the order `schedule.order_seed` draws), with plain AdamW or SPF as `with` says.
+    pub(super) fn train(
+        &self,
+        top: Llama<Inner<B>>,
+        set: &[Prepared<Inner<B>>],
+        with: TrainWith<'_, Inner<B>>,
+        schedule: Schedule,
+        name: &str,
+        progress: &mut dyn Progress,
+    ) -> Result<Trained<Inner<B>>, LlmError> {
+        // Parameters loaded on the inner backend do not require gradients, and `from_inner`
+        // keeps that: the blocks must be made trainable, or every step would be a no-op.
+        let mut model = Llama::<B>::from_inner(top);
+        model.blocks = model.blocks.map(&mut Trainable);
+        model.embed = model.embed.set_require_grad(false);
+        model.norm = model.norm.no_grad();
+        let mut stepper = match with {
+            TrainWith::Plain => Stepper::plain(),
+            TrainWith::Spf { safety, config } => {
+                let batch = self.batch(&safety);
+                let estimator = config
+                    .estimator
+                    .clone()
+                    .with_filter(ParamFilter::path_regex(PROTECTED));
+                let config = config.with_estimator(estimator);
+                Stepper::spf(&config, &model, move |m: &Llama<B>| loss(m, &batch))?
+            }
+        };
+        let mut rng = StdRng::seed_from_u64(schedule.order_seed);
+        let mut order = BatchOrder::new(set.len(), self.config.batch_size);
+        let mut losses = Vec::with_capacity(schedule.steps);
+        progress.start(name, schedule.steps as u64);
+        for _ in 0..schedule.steps {
+            let picked: Vec<&Prepared<Inner<B>>> =
+                order.next(&mut rng).into_iter().map(|i| &set[i]).collect();
+            let l = loss(&model, &self.batch(&picked));
+            let value: f64 = l.clone().into_scalar().elem();
+            if !value.is_finite() {
+                return Err(LlmError::Diverged {
+                    stage: name.to_owned(),
+                    loss: value,
+                });
+            }
+            losses.push(value);
+            let grads = GradientsParams::from_grads(l.backward(), &model);
+            if grads.is_empty() {
+                return Err(LlmError::NoGradients {
+                    stage: name.to_owned(),
+                });
+            }
+            model = stepper.step(schedule.lr, model, grads)?;
+            progress.advance(1);
+        }
+        let tail = &losses[losses.len().saturating_sub(10)..];
+        let mean = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
+        progress.finish(&format!("loss {mean:.3}"));
+        Ok(Trained {
+            top: model.valid(),
+            loss: mean,
+            conflict: stepper.summary().map(|s| s.conflict_share),
+        })
+    }
+
+    /// Greedy answers of `model` to `prompts`, in order, `max_new` tokens at most each.
+    pub(super) fn generate(
+        &self,
+        model: &Llama<Inner<B>>,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+    ) -> Vec<Vec<u32>> {
+        let cache = PromptCache {
+            chunks: self
+                .chunks(prompts)
+                .into_iter()
+                .filter_map(|idx| {
+                    let batch: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
+                    let b = PromptBatch::new(&batch, self.eos, model.blocks.len(), &self.device)?;
+                    let h = model.embed(b.tokens.clone());
+                    Some((idx, b, h))
+                })
+                .collect(),
+            len: prompts.len(),
+        };
+        self.run_chunks(model, &cache, max_new, 0)
+    }
+
+    /// The evaluation prompts after the frozen blocks, once for every model.
+    pub(super) fn prompt_cache(&self, prompts: &[Vec<u32>]) -> PromptCache<Inner<B>> {
+        let layers = self.frozen + self.config.train_layers;
+        let chunks = self
+            .chunks(prompts)
+            .into_iter()
+            .filter_map(|idx| {
+                let batch: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
+                let mut b = PromptBatch::new(&batch, self.eos, layers, &self.device)?;
+                let h = self.prefix.forward_layers(
+                    self.prefix.embed(b.tokens.clone()),
+                    0..self.frozen,
+                    0,
+                    Some(&b.valid),
+                    Some(&mut b.cache),
+                );
+                Some((idx, b, h))
+            })
+            .collect();
+        PromptCache {
+            chunks,
+            len: prompts.len(),
+        }
+    }
+
+    /// Greedy answers of the full `model` to cached prompts.
+    pub(super) fn continue_cached(
+        &self,
+        model: &Llama<Inner<B>>,
+        cache: &PromptCache<Inner<B>>,
+        max_new: usize,
+    ) -> Vec<Vec<u32>> {
+        self.run_chunks(model, cache, max_new, self.frozen)
+    }
+
+    /// Runs blocks `from..` of `model` on each chunk's hidden states, then decodes greedily;
+    /// the chunks are shared out over `threads` threads.
+    fn run_chunks(
+        &self,
+        model: &Llama<Inner<B>>,
+        cache: &PromptCache<Inner<B>>,
+        max_new: usize,
+        from: usize,
+    ) -> Vec<Vec<u32>> {
+        let threads = self.config.threads.max(1);
+        let mut out = vec![Vec::new(); cache.len];
+        let results: Vec<Vec<(usize, Vec<u32>)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let model = model.clone();
+                    let chunks: Vec<_> = cache
+                        .chunks
+                        .iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .cloned()
+                        .collect();
+                    s.spawn(move || {
+                        let mut done = Vec::new();
+                        for (idx, mut batch, h) in chunks {
+                            let layers = model.blocks.len();
+                            let h = model.forward_layers(
+                                h,
+                                from..layers,
+                                0,
+                                Some(&batch.valid),
+                                Some(&mut batch.cache),
+                            );
+                            let answers = model.continue_greedy(h, batch, max_new, self.eos);
+                            done.extend(idx.into_iter().zip(answers));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a generation thread panicked"))
+                .collect()
+        });
+        for (i, answer) in results.into_iter().flatten() {
+            out[i] = answer;
+        }
+        out
+    }
+
+    /// Prompt indices in chunks of `eval_batch`, sorted by length so that chunks pad little.
+    fn chunks(&self, prompts: &[Vec<u32>]) -> Vec<Vec<usize>> {
+        let mut idx: Vec<usize> = (0..prompts.len()).collect();
+        idx.sort_by_key(|&i| prompts[i].len());
+        idx.chunks(self.config.eval_batch.max(1))
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    /// The share of the reference answers' tokens that the model with top blocks `top`
+    /// predicts greedily from the same prefix.
+    pub(super) fn agreement(&self, top: &Llama<Inner<B>>, reference: &[Prepared<Inner<B>>]) -> f64 {
+        let (mut hits, mut total) = (0usize, 0usize);
+        for chunk in reference.chunks(16) {
+            let items: Vec<&Prepared<Inner<B>>> = chunk.iter().collect();
+            let batch = self.batch(&items);
+            let h = top.forward_layers(batch.hidden.inner(), 0..top.blocks.len(), 0, None, None);
+            let [b, t, d] = h.dims();
+            let rows = h.reshape([b * t, d]).select(0, batch.rows.inner());
+            let predicted = top.logits(rows).argmax(1).into_data();
+            let targets = batch.targets.inner().into_data();
+            for (p, t) in predicted.iter::<i64>().zip(targets.iter::<i64>()) {
+                hits += usize::from(p == t);
+                total += 1;
+            }
+        }
+        hits as f64 / total.max(1) as f64
+    }
+
+    /// The mean log-probability per answer token of each pair in `items` under the model with
+    /// top blocks `top`, teacher-forced (the margin judge's measure).
+    pub(super) fn answer_logprobs(
+        &self,
+        top: &Llama<Inner<B>>,
+        items: &[Prepared<Inner<B>>],
+    ) -> Vec<f64> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(16) {
+            let refs: Vec<&Prepared<Inner<B>>> = chunk.iter().collect();
+            let batch = self.batch(&refs);
+            let h = top.forward_layers(batch.hidden.inner(), 0..top.blocks.len(), 0, None, None);
+            let [b, t, d] = h.dims();
+            let rows = h.reshape([b * t, d]).select(0, batch.rows.inner());
+            let logp = log_softmax(top.logits(rows), 1)
+                .gather(1, batch.targets.inner().unsqueeze_dim(1))
+                .into_data();
+            let mut values = logp.iter::<f64>();
+            for item in chunk {
+                let n = item.pair.answer.len();
+                let sum: f64 = values.by_ref().take(n).sum();
+                out.push(sum / n.max(1) as f64);
+            }
+        }
+        out
+    }
+}
+
+/// Marks every float parameter as trainable.
+pub(super) struct Trainable;
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Trainable {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.set_require_grad(true)
+    }
+}
+
+/// Mean negative log-likelihood of the batch's answer tokens under the trained blocks.
+pub(super) fn loss<B: Backend>(top: &Llama<B>, batch: &TrainBatch<B>) -> Tensor<B, 1> {
+    let h = top.forward_layers(batch.hidden.clone(), 0..top.blocks.len(), 0, None, None);
+    let [b, t, d] = h.dims();
+    let rows = h.reshape([b * t, d]).select(0, batch.rows.clone());
+    let logp = log_softmax(top.logits(rows), 1);
+    logp.gather(1, batch.targets.clone().unsqueeze_dim(1))
+        .mean()
+        .neg()
+}
