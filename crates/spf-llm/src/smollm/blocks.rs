@@ -351,19 +351,32 @@ impl<B: AutodiffBackend> Lab<'_, B> {
             .collect()
     }
 
+    /// The logits of the model with top blocks `top` at every answer token of `items`
+    /// (teacher-forced, in item order), with the answer tokens themselves.
+    fn answer_logits(
+        &self,
+        top: &Llama<Inner<B>>,
+        items: &[Prepared<Inner<B>>],
+    ) -> (Tensor<Inner<B>, 2>, Tensor<Inner<B>, 1, Int>) {
+        let refs: Vec<&Prepared<Inner<B>>> = items.iter().collect();
+        let batch = self.batch(&refs);
+        let h = top.forward_layers(batch.hidden.inner(), 0..top.blocks.len(), 0, None, None);
+        let [b, t, d] = h.dims();
+        let rows = h.reshape([b * t, d]).select(0, batch.rows.inner());
+        (top.logits(rows), batch.targets.inner())
+    }
+
     /// The share of the reference answers' tokens that the model with top blocks `top`
     /// predicts greedily from the same prefix.
     pub(super) fn agreement(&self, top: &Llama<Inner<B>>, reference: &[Prepared<Inner<B>>]) -> f64 {
         let (mut hits, mut total) = (0usize, 0usize);
         for chunk in reference.chunks(16) {
-            let items: Vec<&Prepared<Inner<B>>> = chunk.iter().collect();
-            let batch = self.batch(&items);
-            let h = top.forward_layers(batch.hidden.inner(), 0..top.blocks.len(), 0, None, None);
-            let [b, t, d] = h.dims();
-            let rows = h.reshape([b * t, d]).select(0, batch.rows.inner());
-            let predicted = top.logits(rows).argmax(1).into_data();
-            let targets = batch.targets.inner().into_data();
-            for (p, t) in predicted.iter::<i64>().zip(targets.iter::<i64>()) {
+            let (logits, targets) = self.answer_logits(top, chunk);
+            let predicted = logits.argmax(1).into_data();
+            for (p, t) in predicted
+                .iter::<i64>()
+                .zip(targets.into_data().iter::<i64>())
+            {
                 hits += usize::from(p == t);
                 total += 1;
             }
@@ -380,13 +393,9 @@ impl<B: AutodiffBackend> Lab<'_, B> {
     ) -> Vec<f64> {
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(16) {
-            let refs: Vec<&Prepared<Inner<B>>> = chunk.iter().collect();
-            let batch = self.batch(&refs);
-            let h = top.forward_layers(batch.hidden.inner(), 0..top.blocks.len(), 0, None, None);
-            let [b, t, d] = h.dims();
-            let rows = h.reshape([b * t, d]).select(0, batch.rows.inner());
-            let logp = log_softmax(top.logits(rows), 1)
-                .gather(1, batch.targets.inner().unsqueeze_dim(1))
+            let (logits, targets) = self.answer_logits(top, chunk);
+            let logp = log_softmax(logits, 1)
+                .gather(1, targets.unsqueeze_dim(1))
                 .into_data();
             let mut values = logp.iter::<f64>();
             for item in chunk {
