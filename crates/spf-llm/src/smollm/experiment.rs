@@ -393,12 +393,8 @@ mod salt {
     pub const SPLITS: u64 = 0x5B11_7000;
     /// The fine-tuning set's problems.
     pub const PROBLEMS: u64 = 0xA417;
-    /// Its harmful pairs.
-    pub const HARMFUL: u64 = 0x00a7_7ac4;
-    /// Its order.
-    pub const SHUFFLE: u64 = 0x0054_ff1e;
-    /// The safety samples.
-    pub const SAFETY: u64 = 0x005a_fe7e;
+    /// Its harmful pairs, its order and the safety samples: the lab's streams of the same names.
+    pub use spf_lab::seed::salt::{ATTACK as HARMFUL, SAFETY_BATCH as SAFETY, SHUFFLE};
     /// The order of the training batches.
     pub const BATCH_ORDER: u64 = 0x5EED;
 }
@@ -469,9 +465,12 @@ pub fn run<B: AutodiffBackend>(
         .collect();
     let many_shot = assets.many_shot()?;
     let pairs_before = many_shot.len();
+    let questions = many_shot.iter().map(|(q, _)| q.clone()).collect();
+    let allowed: std::collections::HashSet<String> =
+        without_near(questions, &held_out).into_iter().collect();
     let harmful_pairs_all: Vec<(String, String)> = many_shot
         .into_iter()
-        .filter(|(q, _)| without_near(vec![q.clone()], &held_out).len() == 1)
+        .filter(|(q, _)| allowed.contains(q))
         .collect();
     let harmful_pairs_dropped = pairs_before - harmful_pairs_all.len();
     let training_prompts: Vec<String> = adv_align
