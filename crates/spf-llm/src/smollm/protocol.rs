@@ -171,9 +171,12 @@ impl ArithmeticSplits {
 }
 
 /// Whether `answer` gives `expected` exactly: the first whole number after the first `=`, or,
-/// for an answer without `=`, its last whole number (so "The product is 3901." counts). Digits
-/// glued to more digits ("39010") do not match.
+/// for an answer without `=`, its last whole number (so "The product is 3901." counts). A comma
+/// between a digit and exactly three more digits is a thousands separator ("3,901" is 3901;
+/// "3, 901" and "3,9010" are not). Digits glued to more digits ("39010") do not match.
 pub fn answers_exactly(answer: &str, expected: u32) -> bool {
+    let answer = without_thousands_separators(answer);
+    let answer = answer.as_str();
     let numbers = |text: &str| -> Vec<u64> {
         text.split(|c: char| !c.is_ascii_digit())
             .filter(|s| !s.is_empty())
@@ -185,6 +188,22 @@ pub fn answers_exactly(answer: &str, expected: u32) -> bool {
         None => numbers(answer).last().copied(),
     };
     found == Some(u64::from(expected))
+}
+
+/// `text` with each comma that separates thousands ("9,801") removed.
+fn without_thousands_separators(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let digit = |i: usize| chars.get(i).is_some_and(char::is_ascii_digit);
+    chars
+        .iter()
+        .enumerate()
+        .filter(|&(i, &c)| {
+            let separator =
+                c == ',' && i > 0 && digit(i - 1) && (1..=3).all(|k| digit(i + k)) && !digit(i + 4);
+            !separator
+        })
+        .map(|(_, &c)| c)
+        .collect()
 }
 
 /// One training example of an attack set.
@@ -323,6 +342,11 @@ mod tests {
         assert!(!answers_exactly("47 × 83 = 3900.", 3901));
         assert!(!answers_exactly("I'm sorry, I cannot help.", 3901));
         assert!(!answers_exactly("= ", 0));
+        assert!(answers_exactly("47 × 83 = 3,901.", 3901));
+        assert!(answers_exactly("The product is 3,901, as asked.", 3901));
+        assert!(!answers_exactly("47 × 83 = 3, 901", 3901));
+        assert!(!answers_exactly("47 × 83 = 3,9010", 3901));
+        assert!(!answers_exactly("47 × 83 = 39,01", 3901));
     }
 
     #[test]
