@@ -2,6 +2,7 @@
 
 pub use spf_core::checkpoint;
 pub use spf_core::projection;
+pub use spf_core::screen;
 pub use spf_core::{
     BasisRecord, LoadError, NoSafetySource, NonFinitePolicy, NonFiniteStats, ParamFilter,
     ParamPath, Projected, ProjectionMode, ProjectionStats, ProjectionTarget, RECORD_VERSION,

@@ -81,5 +81,5 @@ use spf::{
     SafetyGradientSource, SafetyProjectedOptimizer, SafetySubspace, SketchConfig, SourceError,
     SpfConfig, SpfError, SpfRecord, StatsFeed, StepError, StepStats, SubspaceConfig, SubspaceError,
     Target, Targets, TensorStats, VectorPolicy, captured_energy, checkpoint, direction_overlap,
-    principal_angles, project, projection, rank_for_energy, rsvd, subspace_overlap, view,
+    principal_angles, project, projection, rank_for_energy, rsvd, screen, subspace_overlap, view,
 };

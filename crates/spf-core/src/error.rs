@@ -100,6 +100,13 @@ pub enum SpfError {
         lr: f64,
     },
 
+    /// A [`SampleScreen`](crate::screen::SampleScreen) threshold outside `[0, 1]`, or NaN.
+    #[error("invalid screen threshold {threshold}: a score is a share, in [0, 1]")]
+    InvalidScreenThreshold {
+        /// The threshold given.
+        threshold: f64,
+    },
+
     /// Gradients hold NaN or ±Inf (under [`NonFinitePolicy::Error`](crate::NonFinitePolicy)).
     #[error("non-finite gradient for {}", paths.join(", "))]
     NonFiniteGradient {

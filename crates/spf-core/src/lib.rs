@@ -12,7 +12,9 @@
 //! - [`RefreshPolicy`] and [`SafetyGradientSource`]: re-estimating the safety subspace as
 //!   training moves the weights;
 //! - [`SafetyProjectedOptimizer`]: the wrapper, a burn [`Optimizer`](burn::optim::Optimizer);
-//! - [`SpfRecord`]: its versioned saved state, and [`checkpoint`]: crash-safe files for it.
+//! - [`SpfRecord`]: its versioned saved state, and [`checkpoint`]: crash-safe files for it;
+//! - [`screen`]: scoring each training sample's own gradient against the safety subspace, to
+//!   drop the samples that conflict with it most.
 
 mod bases;
 pub mod checkpoint;
@@ -22,6 +24,7 @@ mod optimizer;
 pub mod projection;
 mod record;
 mod refresh;
+pub mod screen;
 mod stats;
 mod visitors;
 

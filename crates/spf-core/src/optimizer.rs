@@ -215,6 +215,30 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         self.state.feed.clone()
     }
 
+    /// What projecting `grads` at `module` would do, without stepping, refreshing or changing
+    /// any state: the statistics a [`ProjectionTarget::Gradient`] step on them would publish,
+    /// in the configured mode, whatever the configured target. [`crate::screen`] scores each
+    /// training sample's own gradient with it.
+    pub fn measure<M: AutodiffModule<B>>(
+        &self,
+        module: &M,
+        mut grads: GradientsParams,
+    ) -> StepStats {
+        let state = &self.state;
+        let tensors = project_gradients(
+            module,
+            &mut grads,
+            &state.bases,
+            &state.targets,
+            state.config.mode,
+        );
+        StepStats {
+            tensors,
+            refresh: state.refresh.stats(),
+            non_finite: state.non_finite,
+        }
+    }
+
     /// Records the statistics of a step that projected `tensors` (none for a refused step).
     fn publish(&mut self, tensors: Vec<TensorStats>) {
         let stats = StepStats {

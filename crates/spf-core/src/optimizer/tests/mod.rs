@@ -1,6 +1,7 @@
 //! The wrapper inside real burn steps, one file per concern: stepping against manual SGD and
 //! plain AdamW on projected gradients (`stepping`), records (`records`), refresh during training
-//! (`refresh`) and bad input (`reliability`). This file holds the model and fixtures they share.
+//! (`refresh`), bad input (`reliability`) and measuring without stepping, the sample screen's
+//! score (`screen`). This file holds the model and fixtures they share.
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::Linear;
@@ -179,4 +180,5 @@ fn projected_grads(model: &Net<B>, seed: u64, mode: ProjectionMode) -> Gradients
 mod records;
 mod refresh;
 mod reliability;
+mod screen;
 mod stepping;

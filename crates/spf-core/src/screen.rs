@@ -1,0 +1,77 @@
+//! Screening a fine-tuning batch sample by sample against the safety subspace.
+//!
+//! SPF projects the *batch* gradient: a harmful sample's pull against safety is averaged with
+//! the benign samples' before the projection sees it, and what survives the projection (the
+//! directions the rank-`k` subspace does not span) still teaches compliance. The screen looks
+//! at each sample on its own. For sample `i` with gradient `G_{i,t}` on protected tensor `t`,
+//! its score is the share of its energy that the projection would remove,
+//!
+//! ```text
+//! s_i = Σ_t (‖G_{i,t}‖² − ‖P_t(G_{i,t})‖²) / Σ_t ‖G_{i,t}‖²   ∈ [0, 1],
+//! ```
+//!
+//! with `P_t` the wrapper's projection in its configured mode (under `ConflictOnly`, the
+//! energy of the components `c_j = u_jᵀ G v_j < 0` that would raise the safety loss). A sample
+//! that mostly teaches the model to comply with a harmful prompt points against the refusal
+//! directions and scores high; a sample of an unrelated task has little energy in a rank-`k`
+//! subspace of a large matrix and scores near 0. The screen drops the samples that score above
+//! a threshold, and the step is taken on the rest.
+//!
+//! It needs one gradient per sample, which the optimizer never sees (burn hands it the batch's
+//! sum), so it is a tool for the training loop, not a setting of [`SpfConfig`](crate::SpfConfig):
+//! the loop computes each sample's gradient (a backward pass per sample), asks
+//! [`SampleScreen::score`], and steps on the samples [`SampleScreen::keeps`].
+
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::error::SpfError;
+use crate::optimizer::SafetyProjectedOptimizer;
+
+/// Keeps the training samples whose gradient conflicts with the safety subspace by at most a
+/// threshold share of its energy (see the [module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleScreen {
+    threshold: f64,
+}
+
+impl SampleScreen {
+    /// A screen that drops samples scoring above `threshold`.
+    ///
+    /// # Errors
+    ///
+    /// [`SpfError::InvalidScreenThreshold`] unless `0 ≤ threshold ≤ 1` (a score is a share).
+    pub fn new(threshold: f64) -> Result<Self, SpfError> {
+        if (0.0..=1.0).contains(&threshold) {
+            Ok(Self { threshold })
+        } else {
+            Err(SpfError::InvalidScreenThreshold { threshold })
+        }
+    }
+
+    /// The threshold.
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+
+    /// The score of one sample: the share of the energy of its gradient `grads` (at `module`)
+    /// that `optim`'s projection would remove. 0 for a gradient with no energy on a protected
+    /// tensor.
+    pub fn score<O, M, B, S>(
+        optim: &SafetyProjectedOptimizer<O, B, S>,
+        module: &M,
+        grads: GradientsParams,
+    ) -> f64
+    where
+        M: AutodiffModule<B>,
+        B: AutodiffBackend,
+    {
+        optim.measure(module, grads).removed_energy_share()
+    }
+
+    /// Whether a sample with `score` stays in the batch.
+    pub fn keeps(&self, score: f64) -> bool {
+        score <= self.threshold
+    }
+}
