@@ -69,6 +69,10 @@ struct Args {
     /// Steps between re-estimates of the subspace (0: never).
     #[arg(long, default_value_t = 10)]
     refresh: usize,
+    /// SPF's sample screen: drop each fine-tuning sample whose own gradient would lose more
+    /// than this share of its energy to the projection (a number in [0, 1]; off by default).
+    #[arg(long)]
+    screen: Option<f64>,
     /// Blocks trained, counted from the top (30 trains the whole model).
     #[arg(long, default_value_t = 4)]
     train_layers: usize,
@@ -199,6 +203,7 @@ fn config(args: &Args) -> Result<SmolConfig, Box<dyn std::error::Error>> {
             0 => RefreshPolicy::Never,
             n => RefreshPolicy::Every(n),
         })
+        .with_screen(args.screen)
         .with_train_layers(args.train_layers)
         .with_align_steps(args.align_steps)
         .with_attack_steps(args.attack_steps)
@@ -268,6 +273,23 @@ fn table(r: &SmolResults) -> String {
             s.refusal_margin.std,
             s.benign_agreement.map_or("–".into(), pct),
         );
+    }
+    for row in &r.rows {
+        if let Some(screen) = &row.screen {
+            let kind = |c: &spf_llm::smollm::experiment::ScreenCounts| {
+                let median = c.quantiles.get(2).map_or("–".into(), |m| format!("{m:.3}"));
+                format!("{} of {} (median score {median})", c.dropped, c.scored)
+            };
+            out += &format!(
+                "\nscreen at {} for {} (seed {}): dropped harmful {}, task {}, refusal {}",
+                screen.threshold,
+                row.model,
+                row.seed.unwrap_or(0),
+                kind(&screen.harmful),
+                kind(&screen.task),
+                kind(&screen.refusal),
+            );
+        }
     }
     out += &format!(
         "\nAdvBench: {} distinct prompts of {}; {} harmful training pairs left out for asking a held-out prompt; {} held-out prompts dropped as near-duplicates of training prompts.\n",

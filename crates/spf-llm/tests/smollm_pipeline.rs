@@ -195,5 +195,47 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
         rows
     };
     assert_eq!(timeless(&resumed), timeless(&results));
+
+    // The sample screen. SFT's cell does not depend on SPF's settings, so it comes from the
+    // cache. At threshold 1 the screen keeps every sample and SPF's model is the unscreened
+    // one; at 0 it drops every sample with any conflicting component.
+    let screened = |threshold| {
+        let config = config
+            .clone()
+            .with_harmful_shares(vec![0.2])
+            .with_methods(vec![SmolMethod::Sft, SmolMethod::Spf])
+            .with_screen(Some(threshold));
+        let results = run(&config, &assets);
+        assert_eq!(results.cached_cells, 3, "base, aligned and SFT");
+        let spf = SmolModel::Attacked {
+            method: SmolMethod::Spf,
+            p: 0.2,
+        };
+        let row = results.rows.into_iter().find(|r| r.model == spf).unwrap();
+        let screen = row
+            .screen
+            .clone()
+            .expect("a screened SPF row says what it dropped");
+        assert_eq!(screen.threshold, threshold);
+        assert_eq!(
+            screen.harmful.scored + screen.task.scored,
+            4 * 2,
+            "every sample"
+        );
+        assert!(screen.harmful.scored > 0 && screen.refusal.scored == 0);
+        for counts in [&screen.harmful, &screen.task] {
+            assert_eq!(counts.quantiles.len(), 5);
+            assert!(counts.quantiles.is_sorted(), "{counts:?}");
+            assert!(counts.quantiles.iter().all(|q| (0.0..=1.0).contains(q)));
+        }
+        (row, screen)
+    };
+    let (kept, screen) = screened(1.0);
+    assert_eq!(screen.harmful.dropped + screen.task.dropped, 0);
+    let unscreened = row(SmolMethod::Spf, 0.2);
+    assert_eq!(kept.final_loss, unscreened.final_loss);
+    assert_eq!(kept.refusal_margin, unscreened.refusal_margin);
+    let (_, screen) = screened(0.0);
+    assert!(screen.harmful.dropped + screen.task.dropped > 0);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,6 +10,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use spf_core::SpfConfig;
+use spf_core::screen::SampleScreen;
 use spf_lab::progress::Progress;
 use spf_lab::training::{BatchOrder, Stepper};
 use spf_subspace::ParamFilter;
@@ -60,7 +61,20 @@ pub(super) enum TrainWith<'a, B: Backend> {
         safety: Vec<&'a Prepared<B>>,
         /// SPF's settings (the estimator's target filter is set here).
         config: SpfConfig,
+        /// Drops each batch's samples that conflict with the subspace (`None`: keeps all).
+        screen: Option<SampleScreen>,
     },
+}
+
+/// One sample the screen scored at one step.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Screened {
+    /// Its index in the training set.
+    pub(super) index: usize,
+    /// Its [`SampleScreen`] score.
+    pub(super) score: f64,
+    /// Whether it stayed in the batch.
+    pub(super) kept: bool,
 }
 
 /// The matrices SPF protects: every attention and feed-forward weight of the trained blocks.
@@ -83,6 +97,8 @@ pub(super) struct Trained<B: Backend> {
     pub(super) loss: f64,
     /// SPF's mean conflict share, for an SPF stage.
     pub(super) conflict: Option<f64>,
+    /// Every sample the screen scored, step by step (empty without a screen).
+    pub(super) screened: Vec<Screened>,
 }
 
 /// What every stage shares: the frozen blocks and the settings.
@@ -186,9 +202,15 @@ impl<B: AutodiffBackend> Lab<'_, B> {
         model.blocks = model.blocks.map(&mut Trainable);
         model.embed = model.embed.set_require_grad(false);
         model.norm = model.norm.no_grad();
+        let mut screen = None;
         let mut stepper = match with {
             TrainWith::Plain => Stepper::plain(),
-            TrainWith::Spf { safety, config } => {
+            TrainWith::Spf {
+                safety,
+                config,
+                screen: sample_screen,
+            } => {
+                screen = sample_screen;
                 let batch = self.batch(&safety);
                 let estimator = config
                     .estimator
@@ -202,9 +224,25 @@ impl<B: AutodiffBackend> Lab<'_, B> {
         let mut order = BatchOrder::new(set.len(), self.config.batch_size);
         let mut losses = Vec::with_capacity(schedule.steps);
         progress.start(name, schedule.steps as u64);
+        let mut screened = Vec::new();
         for _ in 0..schedule.steps {
-            let picked: Vec<&Prepared<Inner<B>>> =
-                order.next(&mut rng).into_iter().map(|i| &set[i]).collect();
+            let mut picked = order.next(&mut rng);
+            if let Some(screen) = screen {
+                picked.retain(|&index| {
+                    let grads = loss(&model, &self.batch(&[&set[index]])).backward();
+                    let grads = GradientsParams::from_grads(grads, &model);
+                    let score = stepper.screen_score(&model, grads).unwrap_or(0.0);
+                    let kept = screen.keeps(score);
+                    screened.push(Screened { index, score, kept });
+                    kept
+                });
+                if picked.is_empty() {
+                    // Every sample conflicted: no step (the model keeps its weights).
+                    progress.advance(1);
+                    continue;
+                }
+            }
+            let picked: Vec<&Prepared<Inner<B>>> = picked.into_iter().map(|i| &set[i]).collect();
             let l = loss(&model, &self.batch(&picked));
             let value: f64 = l.clone().into_scalar().elem();
             if !value.is_finite() {
@@ -230,6 +268,7 @@ impl<B: AutodiffBackend> Lab<'_, B> {
             top: model.valid(),
             loss: mean,
             conflict: stepper.summary().map(|s| s.conflict_share),
+            screened,
         })
     }
 

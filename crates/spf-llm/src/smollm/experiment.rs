@@ -31,12 +31,15 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+use spf_core::screen::SampleScreen;
 use spf_core::{ProjectionMode, ProjectionTarget, RefreshPolicy, SpfConfig, checkpoint};
 use spf_lab::progress::Progress;
 use spf_lab::seed::fnv;
 use spf_subspace::{RankPolicy, SubspaceConfig};
 
-use super::blocks::{Inner, Lab, Pair, Prepared, PromptCache, Schedule, TrainWith, Trained};
+use super::blocks::{
+    Inner, Lab, Pair, Prepared, PromptCache, Schedule, Screened, TrainWith, Trained,
+};
 use super::data::{Assets, REFUSALS, benign_prompts, is_refusal};
 use super::protocol::{
     ArithmeticSplits, EvalSplit, Example, Problem, answers_exactly, dedup, mix, with_refusals,
@@ -131,6 +134,10 @@ pub struct SmolConfig {
     /// When SPF re-estimates the subspace.
     #[config(default = "RefreshPolicy::Every(10)")]
     pub refresh: RefreshPolicy,
+    /// SPF's sample screen: the threshold above which a fine-tuning sample whose own gradient
+    /// conflicts with the safety subspace is dropped from its batch
+    /// ([`spf_core::screen`]); `None` keeps every sample.
+    pub screen: Option<f64>,
     /// Prompts per generation batch.
     #[config(default = 48)]
     pub eval_batch: usize,
@@ -188,7 +195,20 @@ impl SmolConfig {
                 )));
             }
         }
+        self.sample_screen()?;
         Ok(())
+    }
+
+    /// The sample screen SPF runs with, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`LlmError::Config`] for a threshold outside `[0, 1]`.
+    pub fn sample_screen(&self) -> Result<Option<SampleScreen>, LlmError> {
+        self.screen
+            .map(SampleScreen::new)
+            .transpose()
+            .map_err(|e| LlmError::Config(format!("screen: {e}")))
     }
 
     /// SPF's settings: [`SpfConfig`] from the mode, target, rank and refresh here.
@@ -296,6 +316,71 @@ pub struct SmolRow {
     pub train_seconds: f64,
     /// A few harmful and arithmetic answers.
     pub samples: Vec<Sample>,
+    /// What the sample screen scored and dropped (SPF with a screen only).
+    #[serde(default)]
+    pub screen: Option<ScreenSummary>,
+}
+
+/// What the sample screen did over one fine-tuning run, by kind of sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenSummary {
+    /// The threshold.
+    pub threshold: f64,
+    /// The harmful Q→A pairs.
+    pub harmful: ScreenCounts,
+    /// The task problems.
+    pub task: ScreenCounts,
+    /// The refusals SafeInstr mixed in.
+    pub refusal: ScreenCounts,
+}
+
+/// Samples of one kind the screen scored: how many, how many it dropped, and their scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenCounts {
+    /// Samples scored (a sample drawn in two steps counts twice).
+    pub scored: usize,
+    /// Of those, dropped.
+    pub dropped: usize,
+    /// The scores' minimum, 10th, 50th and 90th percentile and maximum (empty when none).
+    pub quantiles: Vec<f64>,
+}
+
+impl ScreenCounts {
+    fn of(scored: &[Screened]) -> Self {
+        let mut scores: Vec<f64> = scored.iter().map(|s| s.score).collect();
+        scores.sort_by(f64::total_cmp);
+        let quantiles = if scores.is_empty() {
+            Vec::new()
+        } else {
+            let at = |q: f64| scores[((scores.len() - 1) as f64 * q).round() as usize];
+            [0.0, 0.1, 0.5, 0.9, 1.0].into_iter().map(at).collect()
+        };
+        Self {
+            scored: scored.len(),
+            dropped: scored.iter().filter(|s| !s.kept).count(),
+            quantiles,
+        }
+    }
+}
+
+impl ScreenSummary {
+    /// Sorts what the screen scored by the kind of each sample in `set`.
+    fn of(threshold: f64, screened: &[Screened], set: &[Example]) -> Self {
+        let of_kind = |kind: fn(&Example) -> bool| {
+            let picked: Vec<Screened> = screened
+                .iter()
+                .filter(|s| kind(&set[s.index]))
+                .copied()
+                .collect();
+            ScreenCounts::of(&picked)
+        };
+        Self {
+            threshold,
+            harmful: of_kind(|e| matches!(e, Example::Harmful(_))),
+            task: of_kind(|e| matches!(e, Example::Task(_))),
+            refusal: of_kind(|e| matches!(e, Example::Refusal(_))),
+        }
+    }
 }
 
 /// Mean and standard deviation (sample, `n − 1`) of one score over seeds.
@@ -400,7 +485,7 @@ mod salt {
 }
 
 /// Bumped when a change to this file changes what a cached cell holds.
-const CACHE_VERSION: u32 = 1;
+const CACHE_VERSION: u32 = 2;
 
 /// The held-out data of one split, after the frozen blocks.
 struct Held<B: burn::tensor::backend::Backend> {
@@ -717,6 +802,7 @@ pub fn run<B: AutodiffBackend>(
                         TrainWith::Spf {
                             safety: ctx.safety_set.iter().collect(),
                             config: config.spf(),
+                            screen: config.sample_screen()?,
                         }
                     } else {
                         TrainWith::Plain
@@ -727,6 +813,7 @@ pub fn run<B: AutodiffBackend>(
                         top,
                         loss,
                         conflict,
+                        screened,
                     } = lab.train(
                         ctx.aligned_top.clone(),
                         &examples,
@@ -742,7 +829,11 @@ pub fn run<B: AutodiffBackend>(
                     let seconds = t.elapsed().as_secs_f64();
                     let scores =
                         lab.score(&top, &held, Some(&ctx.reference), &tok, progress, &name)?;
-                    Ok(scores.row(model, Some(seed), Some(loss), conflict, seconds))
+                    let mut row = scores.row(model, Some(seed), Some(loss), conflict, seconds);
+                    if let (Some(threshold), true) = (config.screen, method.projects()) {
+                        row.screen = Some(ScreenSummary::of(threshold, &screened, &set));
+                    }
+                    Ok(row)
                 })?);
             }
         }
@@ -808,6 +899,7 @@ impl Scores {
             conflict_share,
             train_seconds,
             samples: self.samples,
+            screen: None,
         }
     }
 }
@@ -931,19 +1023,41 @@ struct CellKey {
 }
 
 impl CellKey {
+    /// The key of `model`'s row: the configuration less what cannot change that row (how it
+    /// runs, which other cells the grid holds, and the settings of stages the model did not
+    /// go through), so an SFT cell is shared by every SPF ablation.
     fn new(config: &SmolConfig, model: SmolModel, seed: Option<u64>) -> Self {
+        const RUNTIME: &[&str] = &[
+            "threads",
+            "eval_batch",
+            "cache_dir",
+            "seeds",
+            "harmful_shares",
+            "methods",
+        ];
+        const PROJECTION: &[&str] = &["mode", "target", "rank", "refresh", "screen"];
+        const REFUSAL_DATA: &[&str] = &["safety_samples", "safe_instr_share"];
+        const ATTACK: &[&str] = &["attack_steps", "attack_lr", "finetune_samples"];
+        let unused: Vec<&[&str]> = match model {
+            SmolModel::Base | SmolModel::Aligned => vec![PROJECTION, REFUSAL_DATA, ATTACK],
+            SmolModel::Attacked { method, .. } => {
+                let mut unused = Vec::new();
+                if !method.projects() {
+                    unused.push(PROJECTION);
+                }
+                if !method.projects() && !method.adds_refusals() {
+                    unused.push(REFUSAL_DATA);
+                }
+                unused
+            }
+        };
         let mut value = serde_json::to_value(config).expect("a config serializes");
         if let Some(map) = value.as_object_mut() {
-            for runtime in [
-                "threads",
-                "eval_batch",
-                "cache_dir",
-                "seeds",
-                "harmful_shares",
-                "methods",
-            ] {
-                map.remove(runtime);
+            for field in RUNTIME.iter().chain(unused.into_iter().flatten()) {
+                map.remove(*field);
             }
+            // An option that is off (`None`) is left out, so adding one keeps old cells valid.
+            map.retain(|_, v| !v.is_null());
         }
         Self {
             version: CACHE_VERSION,
