@@ -19,13 +19,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
 use spf_lab::experiment::{self, ExperimentConfig};
-use spf_lab::progress::Progress;
 use spf_lab::{plot, report};
 
 #[path = "common/backend.rs"]
 mod backend;
+#[path = "common/progress.rs"]
+mod progress;
 
 use backend::{Backend, run_on};
 
@@ -51,35 +51,6 @@ struct Args {
     /// Retrain the aligned models instead of loading cached checkpoints.
     #[arg(long)]
     no_cache: bool,
-}
-
-/// One indicatif bar per stage.
-#[derive(Default)]
-struct Bars(Option<ProgressBar>);
-
-impl Progress for Bars {
-    fn start(&mut self, name: &str, total: u64) {
-        let bar = ProgressBar::new(total);
-        let style = ProgressStyle::with_template(
-            "{msg:>24} [{bar:36.cyan/blue}] {pos}/{len} steps ({elapsed}, eta {eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
-        bar.set_style(style.progress_chars("=> "));
-        bar.set_message(name.to_owned());
-        self.0 = Some(bar);
-    }
-
-    fn advance(&mut self, n: u64) {
-        if let Some(bar) = &self.0 {
-            bar.inc(n);
-        }
-    }
-
-    fn finish(&mut self, summary: &str) {
-        if let Some(bar) = self.0.take() {
-            bar.finish_with_message(summary.to_owned());
-        }
-    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -114,9 +85,9 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
         "spf finetune: {name} configuration on {backend}; writing {}",
         dir.display()
     );
-    let mut bars = Bars::default();
+    let mut progress = progress::reporter();
     if args.ablate {
-        let ablations = experiment::ablate::<B>(&config, &device, cache, &mut bars)?;
+        let ablations = experiment::ablate::<B>(&config, &device, cache, progress.as_mut())?;
         let text = report::ablations(&ablations);
         println!("\nablations (seed {}):\n{text}", config.seeds[0]);
         write(
@@ -125,7 +96,7 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
         )?;
         write(&dir.join("ablations.md"), &text)?;
     } else {
-        let results = experiment::run::<B>(&config, backend, &device, cache, &mut bars)?;
+        let results = experiment::run::<B>(&config, backend, &device, cache, progress.as_mut())?;
         let table = report::table(&results);
         let insights = report::insights(&results);
         let leaks = report::leaks(&results);

@@ -17,18 +17,18 @@
 //! docs/results.md has the tables this prints and the commands behind them.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, ValueEnum};
 use spf_core::{ProjectionTarget, RefreshPolicy};
-use spf_lab::progress::Progress;
 use spf_llm::smollm::experiment::MeanStd;
 use spf_llm::smollm::{Assets, EvalSplit, SmolConfig, SmolMethod, SmolResults};
 use spf_subspace::RankPolicy;
 
 #[path = "common/backend.rs"]
 mod backend;
+#[path = "common/progress.rs"]
+mod progress;
 
 use backend::{Backend, run_on};
 
@@ -111,37 +111,6 @@ enum Split {
 enum Target {
     Gradient,
     Update,
-}
-
-/// Prints each stage's start, every tenth step and its end, with the time since the start.
-struct Log {
-    started: Instant,
-    stage: String,
-    done: u64,
-    total: u64,
-}
-
-impl Progress for Log {
-    fn start(&mut self, name: &str, total: u64) {
-        (self.stage, self.done, self.total) = (name.to_owned(), 0, total);
-        eprintln!(
-            "[{:>7.1}s] {name} ...",
-            self.started.elapsed().as_secs_f64()
-        );
-    }
-
-    fn advance(&mut self, n: u64) {
-        self.done += n;
-        if self.total > 1 && self.done.is_multiple_of(10) {
-            let t = self.started.elapsed().as_secs_f64();
-            eprintln!("[{t:>7.1}s]   {} {}/{}", self.stage, self.done, self.total);
-        }
-    }
-
-    fn finish(&mut self, summary: &str) {
-        let t = self.started.elapsed().as_secs_f64();
-        eprintln!("[{t:>7.1}s] {}: {summary}", self.stage);
-    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -232,14 +201,10 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
         "spf smollm2 on {backend}: the last {} blocks train; {} align + {} fine-tuning steps; {cells} models to score",
         config.train_layers, config.align_steps, config.attack_steps
     );
-    let mut log = Log {
-        started: Instant::now(),
-        stage: String::new(),
-        done: 0,
-        total: 0,
-    };
+    let mut progress = progress::reporter();
     let device = B::Device::default();
-    let results = spf_llm::smollm::experiment::run::<B>(&config, &assets, &device, &mut log)?;
+    let results =
+        spf_llm::smollm::experiment::run::<B>(&config, &assets, &device, progress.as_mut())?;
     std::fs::create_dir_all(&args.out)?;
     let json = args.out.join("results.json");
     std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
