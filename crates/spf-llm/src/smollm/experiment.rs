@@ -1195,6 +1195,8 @@ mod tests {
             SmolConfig::new().with_harmful_shares(vec![0.1, 1.5]),
             SmolConfig::new().with_seeds(Vec::new()),
             SmolConfig::new().with_safety_samples(0),
+            SmolConfig::new().with_screen(Some(1.5)),
+            SmolConfig::new().with_screen(Some(f64::NAN)),
         ];
         for config in bad {
             assert!(
@@ -1227,6 +1229,27 @@ mod tests {
         assert_ne!(
             CellKey::new(&base, model, Some(0)).file(),
             CellKey::new(&base, model, Some(1)).file()
+        );
+        assert_ne!(key(&base), key(&base.clone().with_screen(Some(0.5))));
+        // A model's key leaves out the settings of stages it did not go through: SFT's cell
+        // serves every SPF ablation; SafeInstr's depends on the refusal data, not on SPF.
+        let other = |method| {
+            let model = SmolModel::Attacked { method, p: 0.1 };
+            move |c: &SmolConfig| CellKey::new(c, model, Some(0)).file()
+        };
+        let (sft, safe_instr) = (other(SmolMethod::Sft), other(SmolMethod::SafeInstr));
+        let spf_only = base
+            .clone()
+            .with_rank(RankPolicy::Fixed(32))
+            .with_target(ProjectionTarget::Update)
+            .with_screen(Some(0.5));
+        assert_eq!(sft(&base), sft(&spf_only));
+        assert_eq!(sft(&base), sft(&base.clone().with_safety_samples(32)));
+        assert_ne!(sft(&base), sft(&base.clone().with_attack_steps(61)));
+        assert_eq!(safe_instr(&base), safe_instr(&spf_only));
+        assert_ne!(
+            safe_instr(&base),
+            safe_instr(&base.clone().with_safety_samples(32))
         );
     }
 
