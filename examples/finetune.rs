@@ -10,7 +10,8 @@
 //!    and the fine-tune accuracy, over several seeds.
 //!
 //! Run: `cargo run --release --example finetune` (add `-- --quick` for the CI smoke test,
-//! `-- --ablate` for the ablations instead, `--features wgpu -- --backend wgpu` for another backend).
+//! `-- --ablate` for the ablations instead, `--screen 0.004` for SPF's sample screen,
+//! `--features wgpu -- --backend wgpu` for another backend).
 //! Outputs go to `target/spf-runs/<run-id>/`: `results.json`, `table.md`, and one SVG of the
 //! curves per harmful share.
 
@@ -20,6 +21,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use spf_lab::experiment::{self, ExperimentConfig};
+use spf_lab::finetune::Method;
 use spf_lab::{plot, report};
 
 #[path = "common/backend.rs"]
@@ -45,6 +47,14 @@ struct Args {
     /// Seeds to run instead of the configuration's, comma-separated.
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
+    /// Methods to run instead of all, comma-separated: sft, conflict-only, orthogonal, update,
+    /// pcgrad, safe-instr.
+    #[arg(long, value_delimiter = ',', value_parser = method)]
+    methods: Option<Vec<Method>>,
+    /// SPF's sample screen: every SPF method drops the fine-tuning samples whose own gradient
+    /// would lose more than this share of its energy to the projection (0 to 1).
+    #[arg(long)]
+    screen: Option<f64>,
     /// Where runs are written.
     #[arg(long, default_value = "target/spf-runs")]
     out: PathBuf,
@@ -69,6 +79,10 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
     if let Some(seeds) = &args.seeds {
         config.seeds = seeds.clone();
     }
+    if let Some(methods) = &args.methods {
+        config.methods = methods.clone();
+    }
+    config.defence.screen = args.screen;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let name = match (args.quick, args.ablate) {
         (_, true) => "ablate",
@@ -100,14 +114,15 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
         let table = report::table(&results);
         let insights = report::insights(&results);
         let leaks = report::leaks(&results);
-        println!("\n{table}\n{insights}\n{leaks}");
+        let screen = report::screen(&results);
+        println!("\n{table}\n{screen}\n{insights}\n{leaks}");
         write(
             &dir.join("results.json"),
             &serde_json::to_string_pretty(&results)?,
         )?;
         write(
             &dir.join("table.md"),
-            &format!("{table}\n{insights}\n{leaks}"),
+            &format!("{table}\n{screen}\n{insights}\n{leaks}"),
         )?;
         for &p in &config.shares {
             plot::curves(&results, p, &dir.join(format!("curves-p{p:.2}.svg")))?;
@@ -119,6 +134,19 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// A method by its command-line name.
+fn method(name: &str) -> Result<Method, String> {
+    Ok(match name {
+        "sft" => Method::Sft,
+        "conflict-only" => Method::SpfConflictOnly,
+        "orthogonal" => Method::SpfOrthogonal,
+        "update" => Method::SpfUpdate,
+        "pcgrad" => Method::SpfPcgrad,
+        "safe-instr" => Method::SafeInstr,
+        _ => return Err(format!("unknown method {name:?}")),
+    })
 }
 
 fn write(path: &Path, text: &str) -> Result<(), std::io::Error> {

@@ -242,8 +242,8 @@ fn table(r: &SmolResults) -> String {
     }
     for row in &r.rows {
         if let Some(screen) = &row.screen {
-            let kind = |c: &spf_llm::smollm::experiment::ScreenCounts| {
-                let median = c.quantiles.get(2).map_or("–".into(), |m| format!("{m:.3}"));
+            let kind = |c: &spf_lab::screening::ScreenCounts| {
+                let median = c.median().map_or("–".into(), |m| format!("{m:.3}"));
                 format!("{} of {} (median score {median})", c.dropped, c.scored)
             };
             out += &format!(

@@ -97,6 +97,7 @@ impl ExperimentConfig {
         if self.defence.safety_samples == 0 || self.defence.rank == 0 {
             return bad("the defence needs at least one safety sample and rank 1");
         }
+        self.defence.sample_screen()?;
         self.world.validate()?;
         if self.model.heads == 0 || !self.model.d_model.is_multiple_of(self.model.heads) {
             return bad("the model width must be a multiple of the number of heads");
@@ -562,6 +563,8 @@ mod tests {
     use super::*;
     use burn::backend::{Autodiff, NdArray};
 
+    use spf_core::SpfError;
+
     type B = Autodiff<NdArray>;
 
     #[test]
@@ -584,6 +587,14 @@ mod tests {
         ];
         for config in bad {
             assert!(matches!(config.validate(), Err(LabError::Config(_))));
+        }
+        for threshold in [-0.1, 1.5, f64::NAN] {
+            let screen = DefenceConfig::new().with_screen(Some(threshold));
+            let config = ExperimentConfig::new().with_defence(screen);
+            assert!(matches!(
+                config.validate(),
+                Err(LabError::Spf(SpfError::InvalidScreenThreshold { .. }))
+            ));
         }
     }
 
@@ -612,6 +623,70 @@ mod tests {
         ] {
             assert!(knobs.contains(&knob), "{knob:?}");
         }
+    }
+
+    #[test]
+    fn the_sample_screen_at_one_is_spf_and_at_zero_drops_conflicting_samples() {
+        let config = ExperimentConfig::new()
+            .with_align(AlignConfig::new().with_steps(20))
+            .with_finetune(
+                FinetuneConfig::new()
+                    .with_samples(40)
+                    .with_batch_size(8)
+                    .with_steps(4)
+                    .with_eval_every(4),
+            )
+            .with_eval_prompts(8);
+        let (world, sets) = world_and_sets(&config).unwrap();
+        let device = Default::default();
+        let silent = &mut crate::progress::Silent;
+        // One aligned model for every run (alignment seeds burn's global generator, which
+        // tests running in parallel share).
+        let aligned = aligned_model::<B>(&config, &world, 0, None, &device, silent).unwrap();
+        let run = |method, screen: Option<f64>| {
+            let defence = DefenceConfig::new().with_screen(screen);
+            let safety =
+                safety_batch(&world, &defence, &config.finetune, &config.align.tasks, 0).unwrap();
+            let stage = Stage {
+                world: &world,
+                aligned: &aligned,
+                finetune: &config.finetune,
+                defence: &defence,
+                sets: &sets,
+                safety: &safety,
+                device: &device,
+            };
+            let silent = &mut crate::progress::Silent;
+            stage.run(method, 0.5, 0, CosineProbe::Off, silent).unwrap()
+        };
+        let sft = run(Method::Sft, Some(0.0));
+        assert_eq!(sft.screen, None, "SFT has no subspace to screen with");
+        assert_eq!(sft.curve, run(Method::Sft, None).curve);
+
+        // A threshold of 1 keeps every sample: the run is SPF's, to the bit.
+        let plain = run(Method::SpfConflictOnly, None);
+        let all_kept = run(Method::SpfConflictOnly, Some(1.0));
+        assert_eq!(plain.screen, None);
+        assert_eq!(all_kept.curve, plain.curve);
+        assert_eq!(all_kept.projection, plain.projection);
+        let kept = all_kept.screen.expect("SPF with a screen");
+        assert_eq!(kept.threshold, 1.0);
+        assert_eq!(
+            kept.harmful.scored + kept.task.scored + kept.refusal.scored,
+            4 * 8
+        );
+        assert!(kept.harmful.scored > 0 && kept.task.scored > 0);
+        assert_eq!(kept.harmful.dropped + kept.task.dropped, 0);
+
+        // A threshold of 0 drops every sample the projection would change at all.
+        let strict = run(Method::SpfConflictOnly, Some(0.0));
+        let dropped = strict.screen.expect("SPF with a screen");
+        assert!(dropped.harmful.dropped + dropped.task.dropped > 0);
+        for counts in [&dropped.harmful, &dropped.task] {
+            let positive = counts.quantiles.last().is_some_and(|&max| max > 0.0);
+            assert_eq!(counts.dropped > 0, positive, "{counts:?}");
+        }
+        assert_ne!(strict.curve, plain.curve);
     }
 
     #[test]

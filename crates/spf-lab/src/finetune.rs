@@ -13,6 +13,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+use spf_core::screen::SampleScreen;
 use spf_core::{
     ProjectionMode, ProjectionTarget, RefreshPolicy, SafetyGradientSource, SourceError, SpfConfig,
 };
@@ -24,6 +25,7 @@ use crate::eval::{EvalSets, Scores, score};
 use crate::insights::gradient_cosine;
 use crate::model::Transformer;
 use crate::progress::Progress;
+use crate::screening::{ScreenSummary, screen_batch};
 use crate::seed::salt;
 use crate::training::{BatchOrder, ProjectionSummary, Stepper};
 use crate::world::{Example, HarmTopics, Response, Split, Task, World};
@@ -80,6 +82,22 @@ pub struct DefenceConfig {
     /// Their prompt format.
     #[config(default = "SafetyFormat::AlignmentTasks")]
     pub safety_format: SafetyFormat,
+    /// SPF's sample screen ([`crate::screening`]): each SPF method drops the fine-tuning
+    /// samples whose own gradient would lose more than this share of its energy to the
+    /// projection; `None` keeps every sample.
+    #[config(default = "None")]
+    pub screen: Option<f64>,
+}
+
+impl DefenceConfig {
+    /// The sample screen SPF methods run with, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`LabError::Spf`] when the threshold is not a share in `[0, 1]`.
+    pub fn sample_screen(&self) -> Result<Option<SampleScreen>, LabError> {
+        Ok(self.screen.map(SampleScreen::new).transpose()?)
+    }
 }
 
 /// A fine-tuning method.
@@ -242,6 +260,9 @@ pub struct Run {
     /// When probed, the cosine between the safety and the utility gradient (over every weight
     /// matrix together) at each step, before the step.
     pub cosines: Vec<f64>,
+    /// For SPF methods with a sample screen, what it scored and dropped.
+    #[serde(default)]
+    pub screen: Option<ScreenSummary>,
 }
 
 impl Run {
@@ -295,23 +316,34 @@ impl<B: AutodiffBackend> Stage<'_, B> {
 
         let mut model = self.aligned.clone();
         let mut stepper = stepper(method, self.defence, &model, &safety)?;
+        let screen = self.defence.sample_screen()?;
+        let mut screened = Vec::new();
         let mut curve = vec![self.score(&model, 0)];
         let mut cosines = Vec::new();
         let steps = self.finetune.steps;
+        let gradient = |model: &Transformer<B>, examples: &[Example]| {
+            let batch = Batch::new(vocab, examples, self.device);
+            GradientsParams::from_grads(answer_loss(model, &batch).backward(), model)
+        };
         for step in 1..=steps {
-            let examples: Vec<Example> = batches
-                .next(&mut order)
-                .iter()
-                .map(|&i| set[i].clone())
-                .collect();
-            let batch = Batch::new(vocab, &examples, self.device);
-            let grads = GradientsParams::from_grads(answer_loss(&model, &batch).backward(), &model);
-            if probe == CosineProbe::EveryStep {
-                let safety_grads =
-                    GradientsParams::from_grads(answer_loss(&model, &safety).backward(), &model);
-                cosines.push(gradient_cosine(&model, &safety_grads, &grads)?);
+            let mut picked = batches.next(&mut order);
+            if let Some(screen) = screen {
+                let one = |i: usize| gradient(&model, std::slice::from_ref(&set[i]));
+                screen_batch(&stepper, screen, &model, &mut picked, one, &mut screened);
             }
-            model = stepper.step(self.finetune.lr, model, grads)?;
+            // A batch the screen emptied takes no step: the model keeps its weights.
+            if !picked.is_empty() {
+                let examples: Vec<Example> = picked.iter().map(|&i| set[i].clone()).collect();
+                let grads = gradient(&model, &examples);
+                if probe == CosineProbe::EveryStep {
+                    let safety_grads = GradientsParams::from_grads(
+                        answer_loss(&model, &safety).backward(),
+                        &model,
+                    );
+                    cosines.push(gradient_cosine(&model, &safety_grads, &grads)?);
+                }
+                model = stepper.step(self.finetune.lr, model, grads)?;
+            }
             if step % self.finetune.eval_every.max(1) == 0 || step == steps {
                 curve.push(self.score(&model, step));
             }
@@ -324,6 +356,9 @@ impl<B: AutodiffBackend> Stage<'_, B> {
             curve,
             projection: stepper.summary(),
             cosines,
+            screen: screen
+                .filter(|_| method.projection().is_some())
+                .map(|screen| ScreenSummary::of(screen.threshold(), &screened, |i| set[i].kind())),
         })
     }
 

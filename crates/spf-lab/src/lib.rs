@@ -13,7 +13,8 @@
 //!
 //! What a fine-tuning run needs besides its data, the optimizer of a method (plain AdamW or
 //! AdamW under SPF) and the order of its batches, is in [`training`], shared with the same
-//! attack on a real model in the `spf-llm` crate; [`seed`] holds the named salts and the hash
+//! attack on a real model in the `spf-llm` crate, and so is SPF's sample screen inside a training
+//! loop ([`screening`]); [`seed`] holds the named salts and the hash
 //! that make every random choice reproducible, and [`progress`] how long stages report.
 //!
 //! Everything is generic over the burn backend, and every random choice is seeded from the
@@ -57,6 +58,7 @@ pub mod model;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod screening;
 pub mod seed;
 pub mod training;
 pub mod world;

@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use crate::experiment::{Ablation, MeanStd, Results};
+use crate::screening::{ScreenCounts, ScreenSummary};
 
 fn pct(m: MeanStd) -> String {
     format!("{:5.1} ± {:4.1}", 100.0 * m.mean, 100.0 * m.std)
@@ -45,6 +46,49 @@ pub fn table(results: &Results) -> String {
         results.wall_seconds,
         results.backend
     );
+    out
+}
+
+/// What the sample screen dropped, per SPF method and share, summed over seeds (empty without a
+/// screen), in Markdown.
+pub fn screen(results: &Results) -> String {
+    let mut out = String::new();
+    let Some(threshold) = results.config.defence.screen else {
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "| sample screen at {threshold} | p | harmful dropped | task dropped | refusals dropped | harmful median score | task median score |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let median = |m: Option<f64>| m.map_or("–".into(), |m| format!("{m:.4}"));
+    for s in &results.summary {
+        let runs: Vec<_> = (results.seeds.iter())
+            .flat_map(|seed| &seed.runs)
+            .filter(|r| r.method == s.method && r.p == s.p)
+            .filter_map(|r| r.screen.as_ref())
+            .collect();
+        let Some(first) = runs.first() else {
+            continue;
+        };
+        let count = |kind: fn(&ScreenSummary) -> &ScreenCounts| {
+            let dropped: usize = runs.iter().map(|r| kind(r).dropped).sum();
+            let scored: usize = runs.iter().map(|r| kind(r).scored).sum();
+            format!("{dropped} / {scored}")
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} | {} | {} | {} | {} | {} |",
+            s.method.label(),
+            s.p,
+            count(|r| &r.harmful),
+            count(|r| &r.task),
+            count(|r| &r.refusal),
+            median(first.harmful.median()),
+            median(first.task.median()),
+        );
+    }
+    let _ = writeln!(out, "\nMedian scores are the first seed's.");
     out
 }
 

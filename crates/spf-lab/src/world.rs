@@ -30,6 +30,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::LabError;
+use crate::screening::SampleKind;
 use crate::seed::fnv;
 
 /// Padding, never a target.
@@ -201,6 +202,16 @@ impl Example {
     /// Whether the topic is a harm topic.
     pub fn is_harmful(&self) -> bool {
         matches!(self.topic, Topic::Harm(_))
+    }
+
+    /// The kind of fine-tuning sample, as the sample screen's summary counts it: a harmful
+    /// prompt answered with a refusal, one answered compliantly, or a benign task sample.
+    pub fn kind(&self) -> SampleKind {
+        match (self.is_harmful(), self.response) {
+            (_, Response::Refusal) => SampleKind::Refusal,
+            (true, Response::Task) => SampleKind::Harmful,
+            (false, Response::Task) => SampleKind::Task,
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use spf_core::SpfConfig;
 use spf_core::screen::SampleScreen;
 use spf_lab::progress::Progress;
+use spf_lab::screening::{Screened, screen_batch};
 use spf_lab::training::{BatchOrder, Stepper};
 use spf_subspace::ParamFilter;
 
@@ -64,17 +65,6 @@ pub(super) enum TrainWith<'a, B: Backend> {
         /// Drops each batch's samples that conflict with the subspace (`None`: keeps all).
         screen: Option<SampleScreen>,
     },
-}
-
-/// One sample the screen scored at one step.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Screened {
-    /// Its index in the training set.
-    pub(super) index: usize,
-    /// Its [`SampleScreen`] score.
-    pub(super) score: f64,
-    /// Whether it stayed in the batch.
-    pub(super) kept: bool,
 }
 
 /// The matrices SPF protects: every attention and feed-forward weight of the trained blocks.
@@ -228,14 +218,18 @@ impl<B: AutodiffBackend> Lab<'_, B> {
         for _ in 0..schedule.steps {
             let mut picked = order.next(&mut rng);
             if let Some(screen) = screen {
-                picked.retain(|&index| {
+                let gradient_of = |index: usize| {
                     let grads = loss(&model, &self.batch(&[&set[index]])).backward();
-                    let grads = GradientsParams::from_grads(grads, &model);
-                    let score = stepper.screen_score(&model, grads).unwrap_or(0.0);
-                    let kept = screen.keeps(score);
-                    screened.push(Screened { index, score, kept });
-                    kept
-                });
+                    GradientsParams::from_grads(grads, &model)
+                };
+                screen_batch(
+                    &stepper,
+                    screen,
+                    &model,
+                    &mut picked,
+                    gradient_of,
+                    &mut screened,
+                );
                 if picked.is_empty() {
                     // Every sample conflicted: no step (the model keeps its weights).
                     progress.advance(1);

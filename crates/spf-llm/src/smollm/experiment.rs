@@ -34,12 +34,11 @@ use serde::{Deserialize, Serialize};
 use spf_core::screen::SampleScreen;
 use spf_core::{ProjectionMode, ProjectionTarget, RefreshPolicy, SpfConfig, checkpoint};
 use spf_lab::progress::Progress;
+pub use spf_lab::screening::{ScreenCounts, ScreenSummary};
 use spf_lab::seed::fnv;
 use spf_subspace::{RankPolicy, SubspaceConfig};
 
-use super::blocks::{
-    Inner, Lab, Pair, Prepared, PromptCache, Schedule, Screened, TrainWith, Trained,
-};
+use super::blocks::{Inner, Lab, Pair, Prepared, PromptCache, Schedule, TrainWith, Trained};
 use super::data::{Assets, REFUSALS, benign_prompts, is_refusal};
 use super::protocol::{
     ArithmeticSplits, EvalSplit, Example, Problem, answers_exactly, dedup, mix, with_refusals,
@@ -319,68 +318,6 @@ pub struct SmolRow {
     /// What the sample screen scored and dropped (SPF with a screen only).
     #[serde(default)]
     pub screen: Option<ScreenSummary>,
-}
-
-/// What the sample screen did over one fine-tuning run, by kind of sample.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScreenSummary {
-    /// The threshold.
-    pub threshold: f64,
-    /// The harmful Q→A pairs.
-    pub harmful: ScreenCounts,
-    /// The task problems.
-    pub task: ScreenCounts,
-    /// The refusals SafeInstr mixed in.
-    pub refusal: ScreenCounts,
-}
-
-/// Samples of one kind the screen scored: how many, how many it dropped, and their scores.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScreenCounts {
-    /// Samples scored (a sample drawn in two steps counts twice).
-    pub scored: usize,
-    /// Of those, dropped.
-    pub dropped: usize,
-    /// The scores' minimum, 10th, 50th and 90th percentile and maximum (empty when none).
-    pub quantiles: Vec<f64>,
-}
-
-impl ScreenCounts {
-    fn of(scored: &[Screened]) -> Self {
-        let mut scores: Vec<f64> = scored.iter().map(|s| s.score).collect();
-        scores.sort_by(f64::total_cmp);
-        let quantiles = if scores.is_empty() {
-            Vec::new()
-        } else {
-            let at = |q: f64| scores[((scores.len() - 1) as f64 * q).round() as usize];
-            [0.0, 0.1, 0.5, 0.9, 1.0].into_iter().map(at).collect()
-        };
-        Self {
-            scored: scored.len(),
-            dropped: scored.iter().filter(|s| !s.kept).count(),
-            quantiles,
-        }
-    }
-}
-
-impl ScreenSummary {
-    /// Sorts what the screen scored by the kind of each sample in `set`.
-    fn of(threshold: f64, screened: &[Screened], set: &[Example]) -> Self {
-        let of_kind = |kind: fn(&Example) -> bool| {
-            let picked: Vec<Screened> = screened
-                .iter()
-                .filter(|s| kind(&set[s.index]))
-                .copied()
-                .collect();
-            ScreenCounts::of(&picked)
-        };
-        Self {
-            threshold,
-            harmful: of_kind(|e| matches!(e, Example::Harmful(_))),
-            task: of_kind(|e| matches!(e, Example::Task(_))),
-            refusal: of_kind(|e| matches!(e, Example::Refusal(_))),
-        }
-    }
 }
 
 /// Mean and standard deviation (sample, `n − 1`) of one score over seeds.
@@ -831,7 +768,8 @@ pub fn run<B: AutodiffBackend>(
                         lab.score(&top, &held, Some(&ctx.reference), &tok, progress, &name)?;
                     let mut row = scores.row(model, Some(seed), Some(loss), conflict, seconds);
                     if let (Some(threshold), true) = (config.screen, method.projects()) {
-                        row.screen = Some(ScreenSummary::of(threshold, &screened, &set));
+                        let kind = |i: usize| set[i].kind();
+                        row.screen = Some(ScreenSummary::of(threshold, &screened, kind));
                     }
                     Ok(row)
                 })?);

@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use spf_lab::screening::SampleKind;
 
 /// Which held-out prompts a run is scored on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -215,6 +216,17 @@ pub enum Example {
     Harmful(usize),
     /// A harmful prompt with a refusal (index into the safety pool), SafeInstr's addition.
     Refusal(usize),
+}
+
+impl Example {
+    /// The kind of sample, as the sample screen's summary counts it.
+    pub fn kind(&self) -> SampleKind {
+        match self {
+            Example::Task(_) => SampleKind::Task,
+            Example::Harmful(_) => SampleKind::Harmful,
+            Example::Refusal(_) => SampleKind::Refusal,
+        }
+    }
 }
 
 /// The attack set at harmful share `p`: `tasks.len()` examples of which exactly
