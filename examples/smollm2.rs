@@ -67,8 +67,9 @@ struct Args {
     /// Directions per matrix: a number, or `energy` (85% of the safety energy, at most 32).
     #[arg(long, default_value = "8")]
     rank: String,
-    /// Steps between re-estimates of the subspace (0: never).
-    #[arg(long, default_value_t = 10)]
+    /// Steps between re-estimates of the subspace (0: never; every step by default, chosen on
+    /// the validation split: docs/results.md).
+    #[arg(long, default_value_t = 1)]
     refresh: usize,
     /// SPF's sample screen: drop each fine-tuning sample whose own gradient would lose more
     /// than this share of its energy to the projection (a number in [0, 1]; off by default).

@@ -130,8 +130,11 @@ pub struct SmolConfig {
     /// Directions kept per matrix.
     #[config(default = "RankPolicy::Fixed(8)")]
     pub rank: RankPolicy,
-    /// When SPF re-estimates the subspace.
-    #[config(default = "RefreshPolicy::Every(10)")]
+    /// When SPF re-estimates the subspace. Every step: on the validation split it kept more
+    /// refusals than every 10 steps (AdvBench HS 3.3% against 8.3% at p = 0.1, the same FA),
+    /// past the margin docs/results.md fixed in advance, for about 2.5× the training time. The
+    /// lab's ablation found no such gain on its model and keeps `Every(10)`.
+    #[config(default = "RefreshPolicy::Every(1)")]
     pub refresh: RefreshPolicy,
     /// SPF's sample screen: the threshold above which a fine-tuning sample whose own gradient
     /// conflicts with the safety subspace is dropped from its batch
