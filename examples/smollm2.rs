@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! scripts/fetch-assets.sh                        # once: model and data into assets/
-//! cargo run --release --example smollm2          # seed 0, p ∈ {0, 0.1}, SFT and SPF (~20 min)
+//! cargo run --release --example smollm2          # seed 0, p ∈ {0, 0.1}, SFT and SPF (~25 min)
 //! cargo run --release --example smollm2 -- --grid  # 3 seeds, p ∈ {0, 0.05, 0.1, 0.2, 1}, 4 methods
 //! cargo run --release --example smollm2 -- --split validation --seeds 100 --target update
 //! cargo run --release --example smollm2 -- --shares 0.1 --methods spf --screen 0.004
