@@ -42,6 +42,9 @@ pub fn screen_batch<M, B, S>(
     B: AutodiffBackend,
     S: SafetyGradientSource<M, B>,
 {
+    if matches!(stepper, Stepper::Plain(_)) {
+        return;
+    }
     picked.retain(|&index| {
         let Some(score) = stepper.screen_score(model, gradient_of(index)) else {
             return true;
