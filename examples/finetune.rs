@@ -10,7 +10,8 @@
 //!    and the fine-tune accuracy, over several seeds.
 //!
 //! Run: `cargo run --release --example finetune` (add `-- --quick` for the CI smoke test,
-//! `-- --ablate` for the ablations instead, `--screen 0.004` for SPF's sample screen,
+//! `-- --ablate` for the ablations instead, `--screen τ` for SPF's sample screen
+//! (no threshold works on this model: docs/results.md, "The sample screen in the lab"),
 //! `--features wgpu -- --backend wgpu` for another backend).
 //! Outputs go to `target/spf-runs/<run-id>/`: `results.json`, `table.md`, and one SVG of the
 //! curves per harmful share.

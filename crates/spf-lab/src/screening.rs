@@ -42,13 +42,11 @@ pub fn screen_batch<M, B, S>(
     B: AutodiffBackend,
     S: SafetyGradientSource<M, B>,
 {
-    if matches!(stepper, Stepper::Plain(_)) {
+    let Stepper::Spf { optim, .. } = stepper else {
         return;
-    }
+    };
     picked.retain(|&index| {
-        let Some(score) = stepper.screen_score(model, gradient_of(index)) else {
-            return true;
-        };
+        let score = SampleScreen::score(&**optim, model, gradient_of(index));
         let kept = screen.keeps(score);
         log.push(Screened { index, score, kept });
         kept

@@ -9,7 +9,6 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use spf_core::screen::SampleScreen;
 use spf_core::{SafetyGradientSource, SafetyProjectedOptimizer, SpfConfig, SpfError};
 use spf_subspace::SafetySubspace;
 
@@ -85,15 +84,6 @@ where
                 *steps += 1;
                 Ok(model)
             }
-        }
-    }
-
-    /// One sample's [`SampleScreen`] score, its gradient `grads` at `model`: the share of the
-    /// gradient's energy the projection would remove; `None` for plain AdamW (no subspace).
-    pub fn screen_score(&self, model: &M, grads: GradientsParams) -> Option<f64> {
-        match self {
-            Self::Plain(_) => None,
-            Self::Spf { optim, .. } => Some(SampleScreen::score(&**optim, model, grads)),
         }
     }
 
