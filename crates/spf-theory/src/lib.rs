@@ -133,8 +133,21 @@ impl Quadratic {
             center.nrows() * center.ncols(),
             "one eigenvalue per entry of θ"
         );
-        let q = rng.orthonormal(n, n);
-        let scaled = Mat::from_fn(n, n, |i, j| q[(i, j)] * eigenvalues[j]);
+        Self::with_eigenvectors(&rng.orthonormal(n, n), eigenvalues, center)
+    }
+
+    /// `H = Q diag(λ) Qᵀ` for orthonormal eigenvectors `Q: [n, r]` (`vec` of `d_in × d_out`
+    /// matrices, row-major) and their `r` eigenvalues: `H` is zero outside the span of `Q`, so the
+    /// gradient `H vec(θ − c)` always lies in that span.
+    pub fn with_eigenvectors(q: &Mat<f64>, eigenvalues: &[f64], center: Mat<f64>) -> Self {
+        let n = center.nrows() * center.ncols();
+        assert_eq!(q.nrows(), n, "one eigenvector entry per entry of θ");
+        assert_eq!(
+            q.ncols(),
+            eigenvalues.len(),
+            "one eigenvalue per eigenvector"
+        );
+        let scaled = Mat::from_fn(n, q.ncols(), |i, j| q[(i, j)] * eigenvalues[j]);
         let h = scaled * q.transpose();
         let smoothness = eigenvalues.iter().copied().fold(0.0, f64::max);
         Self {
@@ -173,6 +186,8 @@ pub struct Trajectory {
     pub safety: Vec<f64>,
     /// `‖G̃_t‖²`, the applied step direction, `t = 0..T`.
     pub step_energy: Vec<f64>,
+    /// `‖G_t‖² = ‖∇L_u(θ_t)‖²`, the utility gradient before the projection, `t = 0..T`.
+    pub gradient_energy: Vec<f64>,
     /// `‖∇L_s(θ_t)‖`, `t = 0..T`.
     pub safety_grad_norm: Vec<f64>,
     /// `ε_t = ‖G_s − G_s^k‖/‖G_s‖`, the part of the safety gradient outside the rank-`k` basis.
@@ -241,8 +256,10 @@ pub fn fine_tune(
                 .insert_bases([(id, basis.to_device::<F64>(&device))])
                 .unwrap();
         }
+        let g = utility.gradient(&theta);
+        run.gradient_energy.push(g.squared_norm_l2());
         let mut grads = GradientsParams::new();
-        grads.register(id, upload::<F64>(&utility.gradient(&theta), &device));
+        grads.register(id, upload::<F64>(&g, &device));
         module = optim.step(eta, module, grads);
         let next = download(module.w.val().inner());
         let step = (&theta - &next) * faer::Scale(1.0 / eta);
