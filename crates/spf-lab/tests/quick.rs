@@ -33,9 +33,19 @@ fn quick_pipeline_aligns_attacks_and_reports() {
         assert_eq!(run.projection.is_some(), run.method.projection().is_some());
         assert_eq!(!run.cosines.is_empty(), run.method == Method::Sft);
     }
+    // Insight 1 measured on the lab's model: one safety sample's gradient is of lower rank than
+    // a safety batch's, so its top-k directions capture more of its energy at every rank short
+    // of the full one (0.58 against 0.51 at k = 1 in this configuration).
     let insights = &results.seeds[0].insights;
-    assert!(insights.safety_cer.windows(2).all(|w| w[0] <= w[1] + 1e-9));
-    assert!(insights.safety_cer.iter().all(|c| (0.0..=1.0).contains(c)));
+    let ranks = insights.ranks.len();
+    assert!(ranks >= 2, "{insights:?}");
+    for i in 0..ranks - 1 {
+        assert!(
+            insights.safety_cer[i] > insights.safety_batch_cer[i],
+            "k = {}: {insights:?}",
+            insights.ranks[i]
+        );
+    }
 
     // The report names every method, and results survive JSON.
     let table = report::table(&results);
