@@ -191,7 +191,7 @@ pub fn project<B: Backend>(
         side_energy = host[2..].iter().map(|e| s2 * e).collect();
     }
 
-    let plan = Plan::new(mode, &c, sigma, side_energy.into_iter());
+    let plan = Plan::decide(mode, &c, sigma, side_energy.into_iter());
     let stats = plan.stats(&c, sigma, grad_energy);
     let grad = match plan.removal {
         Removal::Nothing => grad,
@@ -265,7 +265,9 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(
+    /// The rule of `mode` applied to the coefficients `c` (and, for the subspace modes, the
+    /// per-direction energies): what to remove, and what is left.
+    fn decide(
         mode: ProjectionMode,
         c: &[f64],
         sigma: &[f64],
@@ -291,7 +293,10 @@ impl Plan {
             }
         };
         match mode {
-            ProjectionMode::ConflictOnly => rank_k(c.iter().map(|&c| c.min(0.0)).collect()),
+            // r_i = c_i where direction i conflicts (c_i < 0), else 0.
+            ProjectionMode::ConflictOnly => {
+                rank_k(c.iter().map(|&c| if c < 0.0 { c } else { 0.0 }).collect())
+            }
             ProjectionMode::Orthogonal => rank_k(c.to_vec()),
             ProjectionMode::Pcgrad => {
                 let dot: f64 = sigma.iter().zip(c).map(|(s, c)| s * c).sum();
