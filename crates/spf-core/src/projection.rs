@@ -545,6 +545,8 @@ mod tests {
                 "{mode:?}"
             );
         }
+        // No energy, no share: 0, not 0/0.
+        assert_eq!(ProjectionStats::default().removed_energy_share(), 0.0);
     }
 
     #[test]

@@ -350,15 +350,18 @@ fn resume_restores_the_last_overlap_error_and_non_finite_counts() {
 
     let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
     let bytes = recorder.record(first.to_record(), ()).unwrap();
-    let mut second = config
-        .init(AdamWConfig::new().init(), &model, [])
-        .unwrap()
-        .with_safety_source(Flaky { good: 0 })
-        .load_record(recorder.load(bytes, &device).unwrap());
-    // A step whose refresh fails again: the counts go on from the saved ones.
-    let g = grads(&m, 5);
-    second.step(1e-2, m, g);
-    let after = &second.last_stats();
+    let resume = |good: usize| {
+        let mut second = config
+            .init(AdamWConfig::new().init(), &model, [])
+            .unwrap()
+            .with_safety_source(Flaky { good })
+            .load_record(recorder.load(bytes.clone(), &device).unwrap());
+        second.step(1e-2, m.clone(), grads(&m, 5));
+        second.last_stats().clone()
+    };
+    // A step whose refresh fails again: the counts go on from the saved ones, and the overlap
+    // is the saved one.
+    let after = resume(0);
     assert_eq!(after.refresh.count, before.refresh.count);
     assert_eq!(after.refresh.failures, before.refresh.failures + 1);
     assert_eq!(after.refresh.last_overlap, before.refresh.last_overlap);
@@ -367,4 +370,9 @@ fn resume_restores_the_last_overlap_error_and_non_finite_counts() {
         after.non_finite.skipped_steps,
         before.non_finite.skipped_steps
     );
+    // A step whose refresh succeeds: the saved error is still the last one.
+    let after = resume(1);
+    assert_eq!(after.refresh.count, before.refresh.count + 1);
+    assert_eq!(after.refresh.failures, before.refresh.failures);
+    assert_eq!(after.refresh.last_error, before.refresh.last_error);
 }

@@ -9,15 +9,20 @@ fn sgd_step_equals_manual_step_on_projected_gradients() {
     let lr = 0.05;
     for mode in ProjectionMode::ALL {
         let model = Net::<B>::new(&device);
-        let mut optim = config(mode)
+        let optim = config(mode)
             .init(SgdConfig::new().init(), &model, bases(&model))
             .unwrap();
+        // A feed taken before the wrapper is moved (as into burn-train's Learner) reports the
+        // copy that steps.
+        let feed = optim.stats_feed();
+        let mut optim = optim.clone();
         let stepped = optim.step(lr, model.clone(), grads(&model, 1));
         assert!(
             optim.last_stats().removed() > 0,
             "{mode:?}: nothing conflicted"
         );
         assert_eq!(optim.last_stats().tensors.len(), 3);
+        assert_eq!(&feed.latest(), optim.last_stats());
 
         // W − lr·P(G) for protected weights, W − lr·G for the rest.
         let expected = grads(&model, 1);
