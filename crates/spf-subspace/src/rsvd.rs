@@ -408,6 +408,32 @@ mod tests {
         assert!(basis.singular_values().iter().all(|s| *s <= 1.0 + 1e-4));
     }
 
+    /// CholeskyQR takes a well-conditioned sketch (the fast path) and refuses one whose
+    /// condition exceeds its limit, which then goes to Householder and still comes out
+    /// orthonormal; a zero column (rank-deficient) is refused too.
+    #[test]
+    fn cholesky_qr_takes_well_conditioned_sketches_and_refuses_the_rest() {
+        let tol = LowRankBasis::<TestBackend>::default_tolerance(64, 8);
+        let well = device(&gaussian(64, 8, 3));
+        let q = cholesky_qr(well.clone()).expect("a Gaussian 64 × 8 sketch is well conditioned");
+        assert!(orthonormality_error(&cholesky_qr(q).unwrap()) <= tol);
+
+        // Column scales from 1 to 1e-5: κ ≈ 1e5, far above the limit (about 360 in f32).
+        let scaled = gaussian(64, 8, 4);
+        let ill = Mat::from_fn(64, 8, |i, j| {
+            scaled[(i, j)] * 10f64.powf(-5.0 * j as f64 / 7.0)
+        });
+        assert!(cholesky_qr(device(&ill)).is_none(), "κ ≈ 1e5 accepted");
+        assert!(orthonormality_error(&orthonormalize(device(&ill))) <= tol);
+
+        let mut deficient = gaussian(64, 8, 5);
+        deficient.col_mut(3).fill(0.0);
+        assert!(
+            cholesky_qr(device(&deficient)).is_none(),
+            "a zero column accepted"
+        );
+    }
+
     #[test]
     fn factors_are_orthonormal_and_sigma_sorted() {
         let a = gaussian(64, 48, 11);
