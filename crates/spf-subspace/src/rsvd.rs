@@ -495,6 +495,67 @@ mod tests {
     }
 
     #[test]
+    fn check_refuses_only_what_cannot_run() {
+        let with = |iterations: usize, tolerance: Option<f64>| {
+            RandomizedSvdConfig::new(2)
+                .with_sketch(SketchConfig::new().with_power_iterations(iterations))
+                .with_rank_tolerance(tolerance)
+                .check()
+        };
+        assert!(with(MAX_POWER_ITERATIONS, None).is_ok());
+        assert!(with(MAX_POWER_ITERATIONS + 1, None).is_err());
+        for fine in [Some(0.0), Some(0.5), None] {
+            assert!(with(2, fine).is_ok(), "{fine:?}");
+        }
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            assert!(with(2, Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    /// The rank tolerance is relative to `σ_1`: at `τ = 0.1`, `σ_2/σ_1 = 0.05` is dropped and
+    /// `0.2` kept, whatever the scale of the matrix.
+    #[test]
+    fn the_rank_tolerance_is_relative_to_the_largest_singular_value() {
+        for (second, rank) in [(5.0, 1), (20.0, 2)] {
+            let a = with_spectrum(30, 20, &[100.0, second], 9);
+            let svd =
+                RandomizedSvd::new(RandomizedSvdConfig::new(2).with_rank_tolerance(Some(0.1)));
+            assert_eq!(
+                svd.compute(&device(&a)).unwrap().rank(),
+                rank,
+                "σ_2 = {second}"
+            );
+        }
+    }
+
+    /// On an `f64` backend the factors are `f64` and exact to `f64` rounding, even after `f32`
+    /// work on the same device type has set burn's shared default dtype to `f32`.
+    #[test]
+    fn an_f64_backend_gets_f64_factors() {
+        use burn::tensor::DType;
+        type F64 = burn::backend::NdArray<f64>;
+        let _f32_first = Tensor::<TestBackend, 1>::zeros([1], &Default::default());
+        let a = with_spectrum(40, 30, &[3.0, 2.0, 1.0], 12);
+        let device64 = Default::default();
+        let input: Tensor<F64, 2> = device_matrix(a.as_ref(), (&device64, DType::F64));
+        assert_eq!(input.dtype(), DType::F64);
+        let basis = RandomizedSvd::new(RandomizedSvdConfig::new(3))
+            .compute(&input)
+            .unwrap();
+        assert_eq!(basis.u().dtype(), DType::F64);
+        assert_eq!(basis.v().dtype(), DType::F64);
+        let u = host_matrix(basis.u().clone());
+        let v = host_matrix(basis.v().clone());
+        let s = basis.singular_values();
+        let us = Mat::from_fn(u.nrows(), u.ncols(), |i, j| u[(i, j)] * s[j]);
+        let err = (&a - us * v.transpose()).norm_l2();
+        assert!(
+            err < 1e-10,
+            "rank-3 reconstruction error {err:e} is not f64 rounding"
+        );
+    }
+
+    #[test]
     fn degenerate_inputs() {
         let svd = RandomizedSvd::new(RandomizedSvdConfig::new(3));
         let zero = Tensor::<TestBackend, 2>::zeros([5, 4], &Default::default());
