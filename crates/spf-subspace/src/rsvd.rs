@@ -334,7 +334,7 @@ mod tests {
     }
 
     /// `‖A − U Σ Vᵀ‖_F`, in `f64` on the host.
-    fn residual(a: &Mat<f64>, basis: &LowRankBasis<TestBackend>) -> f64 {
+    fn residual<B: Backend>(a: &Mat<f64>, basis: &LowRankBasis<B>) -> f64 {
         let u = host_matrix(basis.u().clone());
         let v = host_matrix(basis.v().clone());
         let s = basis.singular_values();
@@ -415,7 +415,7 @@ mod tests {
     fn cholesky_qr_takes_well_conditioned_sketches_and_refuses_the_rest() {
         let tol = LowRankBasis::<TestBackend>::default_tolerance(64, 8);
         let well = device(&gaussian(64, 8, 3));
-        let q = cholesky_qr(well.clone()).expect("a Gaussian 64 × 8 sketch is well conditioned");
+        let q = cholesky_qr(well).expect("a Gaussian 64 × 8 sketch is well conditioned");
         assert!(orthonormality_error(&cholesky_qr(q).unwrap()) <= tol);
 
         // Column scales from 1 to 1e-5: κ ≈ 1e5, far above the limit (about 360 in f32).
@@ -465,11 +465,13 @@ mod tests {
     #[test]
     fn the_sketch_is_the_seeded_standard_normal_stream() {
         let (rows, cols, seed) = (64, 48, 42);
-        let sketch: Vec<f32> =
+        let sketch_of = |seed: u64| -> Vec<f32> {
             gaussian_sketch::<TestBackend>(rows, cols, seed, &Default::default())
                 .into_data()
                 .to_vec()
-                .unwrap();
+                .unwrap()
+        };
+        let sketch = sketch_of(seed);
         let mut rng = StdRng::seed_from_u64(seed);
         let stream: Vec<f32> = (0..rows * cols)
             .map(|_| StandardNormal.sample(&mut rng))
@@ -486,12 +488,7 @@ mod tests {
         assert!(mean.abs() < 5.0 / n.sqrt(), "mean {mean}");
         assert!((var - 1.0).abs() < 5.0 * (2.0 / n).sqrt(), "variance {var}");
 
-        let other: Vec<f32> =
-            gaussian_sketch::<TestBackend>(rows, cols, seed + 1, &Default::default())
-                .into_data()
-                .to_vec()
-                .unwrap();
-        assert_ne!(sketch, other, "the seed selects the stream");
+        assert_ne!(sketch, sketch_of(seed + 1), "the seed selects the stream");
     }
 
     #[test]
@@ -544,11 +541,7 @@ mod tests {
             .unwrap();
         assert_eq!(basis.u().dtype(), DType::F64);
         assert_eq!(basis.v().dtype(), DType::F64);
-        let u = host_matrix(basis.u().clone());
-        let v = host_matrix(basis.v().clone());
-        let s = basis.singular_values();
-        let us = Mat::from_fn(u.nrows(), u.ncols(), |i, j| u[(i, j)] * s[j]);
-        let err = (&a - us * v.transpose()).norm_l2();
+        let err = residual(&a, &basis);
         assert!(
             err < 1e-10,
             "rank-3 reconstruction error {err:e} is not f64 rounding"

@@ -76,6 +76,21 @@ impl Problem {
     }
 }
 
+/// The runs the fixed-step checks share: seed `seed`'s problem (`μ = 0.01`, `θ_0` near `b`),
+/// `η = 1/L_u`, and `steps` steps of SPF in `mode` with an exact rank-`rank` basis. Returns the
+/// problem and `η` beside the trajectory, for the bounds.
+fn spf_run(
+    seed: u64,
+    mode: ProjectionMode,
+    rank: usize,
+    steps: usize,
+) -> (Problem, f64, Trajectory) {
+    let problem = Problem::new(seed, 1e-2, false);
+    let eta = 1.0 / problem.utility.smoothness;
+    let run = problem.run(eta, steps, Method::Spf { mode, rank });
+    (problem, eta, run)
+}
+
 /// Worst normalized observation `observed/bound` over seeds: the check holds when it is ≤ 1.
 fn normalized(name: String, ratios: impl Iterator<Item = f64>) -> Margin {
     Margin {
@@ -100,16 +115,7 @@ fn utility_converges_at_the_sgd_rate() {
         let mut full = 0.0f64;
         let ratios: Vec<f64> = (0..SEEDS)
             .map(|seed| {
-                let problem = Problem::new(seed, 1e-2, false);
-                let eta = 1.0 / problem.utility.smoothness;
-                let run = problem.run(
-                    eta,
-                    steps,
-                    Method::Spf {
-                        mode,
-                        rank: SAFETY_RANK,
-                    },
-                );
+                let (_, eta, run) = spf_run(seed, mode, SAFETY_RANK, steps);
                 let mut applied = 0.0;
                 let mut worst = f64::MIN;
                 for t in 0..steps {
@@ -185,20 +191,11 @@ fn worst_of(name: String, checks: impl Iterator<Item = (f64, f64)>) -> Margin {
 
 #[test]
 fn safety_drift_with_the_exact_subspace_is_second_order() {
-    // ε = 0: the full-rank SVD of the safety gradient, refreshed every step.
+    // ε = 0: the exact rank-2 SVD of the safety gradient, refreshed every step.
     let steps = 200;
     for mode in ProjectionMode::ALL {
         let checks = (0..SEEDS).map(|seed| {
-            let problem = Problem::new(seed, 1e-2, false);
-            let eta = 1.0 / problem.utility.smoothness;
-            let run = problem.run(
-                eta,
-                steps,
-                Method::Spf {
-                    mode,
-                    rank: SAFETY_RANK,
-                },
-            );
+            let (problem, eta, run) = spf_run(seed, mode, SAFETY_RANK, steps);
             assert!(
                 run.epsilon.iter().all(|e| *e <= 1e-12),
                 "the rank-{SAFETY_RANK} basis is exact"
@@ -225,9 +222,7 @@ fn safety_drift_with_a_truncated_subspace_includes_the_leak() {
         let mut leaked = 0.0f64;
         let checks: Vec<(f64, f64)> = (0..SEEDS)
             .map(|seed| {
-                let problem = Problem::new(seed, 1e-2, false);
-                let eta = 1.0 / problem.utility.smoothness;
-                let run = problem.run(eta, steps, Method::Spf { mode, rank: 1 });
+                let (problem, eta, run) = spf_run(seed, mode, 1, steps);
                 leaked = leaked.max(run.epsilon.iter().copied().fold(0.0, f64::max));
                 drift_check(&run, problem.safety.smoothness, eta, true)
             })
