@@ -34,6 +34,27 @@ pub enum NonFinitePolicy {
     SkipStep,
     /// Replace every NaN and ±Inf gradient entry with 0, then step.
     ZeroNonFinite,
+    /// Do not look: NaN and ±Inf reach the projection and the inner optimizer as they would
+    /// without SPF. The probe is one read from the device per step (folded into the statistics'
+    /// read when there is one); with [`StatsPolicy::Off`] this is the policy under which a step
+    /// makes no read at all, which matters on a GPU.
+    Unchecked,
+}
+
+/// Whether each step reads its projection statistics back from the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum StatsPolicy {
+    /// Read the statistics of every projected matrix once per step, in one transfer together
+    /// with the non-finite probe, and publish them in
+    /// [`last_stats`](crate::SafetyProjectedOptimizer::last_stats) and the
+    /// [`StatsFeed`](crate::StatsFeed). A matrix from which nothing is removed is then left
+    /// untouched, bit for bit.
+    #[default]
+    EveryStep,
+    /// Read nothing: the projection runs entirely on the device, and the published statistics
+    /// hold no per-tensor entries (refresh and non-finite counts are still kept). The update is
+    /// the same; a matrix from which nothing is removed gets a zero update subtracted.
+    Off,
 }
 
 /// Configuration of [`SafetyProjectedOptimizer`](crate::SafetyProjectedOptimizer); its
@@ -63,6 +84,9 @@ pub struct SpfConfig {
     /// What a step does with NaN or ±Inf gradients.
     #[config(default = "NonFinitePolicy::Error")]
     pub non_finite: NonFinitePolicy,
+    /// Whether each step reads its projection statistics back from the device.
+    #[config(default = "StatsPolicy::EveryStep")]
+    pub stats: StatsPolicy,
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ mod bases;
 pub mod checkpoint;
 mod config;
 mod error;
+mod host;
+mod kernels;
 mod optimizer;
 pub mod projection;
 mod record;
@@ -32,7 +34,7 @@ mod visitors;
 #[doc(hidden)]
 pub mod testing;
 
-pub use config::{NonFinitePolicy, ProjectionTarget, SpfConfig};
+pub use config::{NonFinitePolicy, ProjectionTarget, SpfConfig, StatsPolicy};
 pub use error::{LoadError, SpfError, StepError};
 pub use optimizer::SafetyProjectedOptimizer;
 pub use projection::{Projected, ProjectionMode, ProjectionStats, project};

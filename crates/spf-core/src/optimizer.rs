@@ -21,14 +21,16 @@ use burn::tensor::backend::AutodiffBackend;
 use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::{Admitted, ProtectedBases, admit};
-use crate::config::{NonFinitePolicy, ProjectionTarget, SpfConfig};
+use crate::config::{NonFinitePolicy, ProjectionTarget, SpfConfig, StatsPolicy};
 use crate::error::{LoadError, SpfError, StepError, panic_message};
+use crate::host;
 use crate::record::{RECORD_VERSION, SpfRecord, basis_records, param_paths, rekeyed, saved_bases};
 use crate::refresh::{NoSafetySource, RefreshState, RefreshStats, SafetyGradientSource};
 use crate::stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};
 use crate::visitors::{
-    non_finite_gradients, place_bases, project_gradients, reduce_gradients,
-    step_then_project_updates, zero_non_finite,
+    Probes, non_finite_among, place_bases, prepare_gradients, prepare_updates, probe_gradients,
+    reduce_gradients, register_projected, replace_updates, restore_gradients, snapshot_updates,
+    zero_non_finite,
 };
 
 /// The targets (re-keyed to the record's ids where they differ) and the admitted bases of
@@ -225,29 +227,25 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         mut grads: GradientsParams,
     ) -> StepStats {
         let state = &self.state;
-        let tensors = project_gradients(
-            module,
-            &mut grads,
-            &state.bases,
-            &state.targets,
-            state.config.mode,
-        );
+        let set = prepare_gradients(module, &mut grads, &state.bases, state.config.mode);
+        let tensors = set.stats(&state.targets, &host::read(set.readouts()));
         StepStats {
             tensors,
             refresh: state.refresh.stats(),
             non_finite: state.non_finite,
+            host_reads: 1,
         }
     }
 
-    /// Records the statistics of a step that projected `tensors` (none for a refused step).
+    /// Records the statistics of a step that projected `tensors` (none for a refused step);
+    /// [`Self::try_step`] adds the count of host reads and publishes them to the feed.
     fn publish(&mut self, tensors: Vec<TensorStats>) {
-        let stats = StepStats {
+        self.state.last_stats = StepStats {
             tensors,
             refresh: self.state.refresh.stats(),
             non_finite: self.state.non_finite,
+            host_reads: 0,
         };
-        self.state.feed.publish(&stats);
-        self.state.last_stats = stats;
     }
 
     /// Restores a record saved by [`Optimizer::to_record`], checking it against the module the
@@ -332,7 +330,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         &mut self,
         lr: LearningRate,
         module: M,
-        mut grads: GradientsParams,
+        grads: GradientsParams,
     ) -> Result<M, StepError<M>>
     where
         M: AutodiffModule<B>,
@@ -347,38 +345,50 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             let error = SpfError::ModuleMismatch;
             return Err(StepError { module, error });
         }
-        let bad = non_finite_gradients(&module, &grads);
-        self.state.non_finite.this_step = bad.len();
-        self.state.non_finite.total += bad.len();
-        if !bad.is_empty() {
-            self.state.refresh.counts.refreshed = false;
-            match self.state.config.non_finite {
-                NonFinitePolicy::Error => {
-                    self.publish(Vec::new());
-                    let paths = bad
-                        .iter()
-                        .map(|id| {
-                            self.state
-                                .targets
-                                .get(id)
-                                .map_or_else(|| id.to_string(), |t| t.path.to_string())
-                        })
-                        .collect();
-                    let error = SpfError::NonFiniteGradient { paths };
-                    return Err(StepError { module, error });
-                }
-                NonFinitePolicy::SkipStep => {
-                    self.state.non_finite.skipped_steps += 1;
-                    self.publish(Vec::new());
-                    return Ok(module);
-                }
-                NonFinitePolicy::ZeroNonFinite => zero_non_finite(&module, &mut grads, &bad),
+        let reads = host::reads();
+        self.state.non_finite.this_step = 0;
+        let result = self.checked_step(lr, module, grads);
+        self.state.last_stats.host_reads = host::reads() - reads;
+        self.state.feed.publish(&self.state.last_stats);
+        result
+    }
+
+    /// [`Self::try_step`] after its checks of the learning rate and the bases: the non-finite
+    /// probe, the refresh, the projection and the inner step, with at most one read from the
+    /// device outside a refresh (see [`StepStats::host_reads`]).
+    fn checked_step<M>(
+        &mut self,
+        lr: LearningRate,
+        module: M,
+        mut grads: GradientsParams,
+    ) -> Result<M, StepError<M>>
+    where
+        M: AutodiffModule<B>,
+        O: Optimizer<M, B>,
+        S: SafetyGradientSource<M, B>,
+    {
+        let config = &self.state.config;
+        let read_stats = config.stats == StatsPolicy::EveryStep;
+        let refresh_due = self.state.refresh.due(self.state.steps);
+        // The probe shares the statistics' read when nothing has to happen in between: no
+        // refresh (which must not run on a step that is refused), and the Gradient target
+        // (whose projection precedes the inner step).
+        let fold = read_stats && !refresh_due && config.target == ProjectionTarget::Gradient;
+        let mut probes = (config.non_finite != NonFinitePolicy::Unchecked)
+            .then(|| probe_gradients(&module, &grads));
+        if !fold && let Some(probes) = probes.take() {
+            let suspects = probes.suspects(&host::read(probes.values()));
+            let bad = non_finite_among(&module, &grads, &suspects);
+            if let Some(done) = self.on_non_finite(bad, &module, &mut grads) {
+                return match done {
+                    Ok(()) => Ok(module),
+                    Err(error) => Err(StepError { module, error }),
+                };
             }
         }
-
         let state = &mut self.state;
         state.refresh.counts.refreshed = false;
-        if state.refresh.due(state.steps) {
+        if refresh_due {
             state.refresh.refresh(
                 &state.config.refresh,
                 &state.config.estimator,
@@ -392,24 +402,68 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         // burn's optimizers panic on state that does not fit the module (a corrupt record, say):
         // hand the module back with an error instead. The clone shares the parameters' storage.
         let before = module.clone();
-        let (state, inner) = (&self.state, &mut self.inner);
+        let (state, inner) = (&mut self.state, &mut self.inner);
         let (bases, targets, mode) = (&state.bases, &*state.targets, state.config.mode);
         let stepped = catch_unwind(AssertUnwindSafe(|| match state.config.target {
             ProjectionTarget::Gradient => {
-                let tensors = project_gradients(&module, &mut grads, bases, targets, mode);
-                (inner.step(lr, module, grads), tensors)
+                let set = prepare_gradients(&module, &mut grads, bases, mode);
+                let mut parts = probes.as_ref().map(Probes::values).unwrap_or_default();
+                let probed = parts.len();
+                if read_stats {
+                    parts.extend(set.readouts());
+                }
+                let host = host::read(parts);
+                let (probe_values, readouts) = host.split_at(probed.min(host.len()));
+                if let Some(probes) = &probes {
+                    let suspects = probes.suspects(probe_values);
+                    if !suspects.is_empty() {
+                        restore_gradients(&module, &mut grads, set);
+                        return Err((module, grads, suspects));
+                    }
+                }
+                let tensors = if read_stats {
+                    set.stats(targets, readouts)
+                } else {
+                    Vec::new()
+                };
+                register_projected(&module, &mut grads, set, &tensors);
+                Ok((inner.step(lr, module, grads), tensors))
             }
             ProjectionTarget::Update => {
-                step_then_project_updates(module, grads, bases, targets, mode, |m, g| {
-                    inner.step(lr, m, g)
-                })
+                let before = snapshot_updates(&module, &grads, bases);
+                let module = inner.step(lr, module, grads);
+                let set = prepare_updates(&module, &before, bases, mode);
+                let tensors = if read_stats {
+                    set.stats(targets, &host::read(set.readouts()))
+                } else {
+                    Vec::new()
+                };
+                Ok((replace_updates(module, before, set, &tensors), tensors))
             }
         }));
         match stepped {
-            Ok((module, tensors)) => {
+            Ok(Ok((module, tensors))) => {
                 self.publish(tensors);
                 self.state.steps += 1;
                 Ok(module)
+            }
+            // The folded probe found suspects: settle them as an unfolded probe would, then
+            // step again with the probe done (only on steps with non-finite gradients).
+            Ok(Err((module, mut grads, suspects))) => {
+                let bad = non_finite_among(&module, &grads, &suspects);
+                if let Some(done) = self.on_non_finite(bad, &module, &mut grads) {
+                    return match done {
+                        Ok(()) => Ok(module),
+                        Err(error) => Err(StepError { module, error }),
+                    };
+                }
+                let policy = std::mem::replace(
+                    &mut self.state.config.non_finite,
+                    NonFinitePolicy::Unchecked,
+                );
+                let result = self.checked_step(lr, module, grads);
+                self.state.config.non_finite = policy;
+                result
             }
             Err(panic) => Err(StepError {
                 module: before,
@@ -417,6 +471,49 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
                     message: panic_message(&*panic).to_owned(),
                 },
             }),
+        }
+    }
+
+    /// Counts the non-finite gradients `bad` and applies the [`NonFinitePolicy`]: `None` to go
+    /// on stepping (on zeroed gradients under `ZeroNonFinite`), or the step's outcome: `Ok` for a
+    /// skipped step, the error under `Error`.
+    fn on_non_finite<M: AutodiffModule<B>>(
+        &mut self,
+        bad: Vec<ParamId>,
+        module: &M,
+        grads: &mut GradientsParams,
+    ) -> Option<Result<(), SpfError>> {
+        self.state.non_finite.this_step = bad.len();
+        self.state.non_finite.total += bad.len();
+        if bad.is_empty() {
+            return None;
+        }
+        self.state.refresh.counts.refreshed = false;
+        match self.state.config.non_finite {
+            NonFinitePolicy::Error => {
+                self.publish(Vec::new());
+                let paths = bad
+                    .iter()
+                    .map(|id| {
+                        self.state
+                            .targets
+                            .get(id)
+                            .map_or_else(|| id.to_string(), |t| t.path.to_string())
+                    })
+                    .collect();
+                Some(Err(SpfError::NonFiniteGradient { paths }))
+            }
+            NonFinitePolicy::SkipStep => {
+                self.state.non_finite.skipped_steps += 1;
+                self.publish(Vec::new());
+                Some(Ok(()))
+            }
+            NonFinitePolicy::ZeroNonFinite => {
+                zero_non_finite(module, grads, &bad);
+                None
+            }
+            // Not probed, so never reached.
+            NonFinitePolicy::Unchecked => None,
         }
     }
 }

@@ -20,23 +20,28 @@
 //! | [`RowSpace`](ProjectionMode::RowSpace) | `G − G V Vᵀ` |
 //! | [`Pcgrad`](ProjectionMode::Pcgrad) | `G − (⟨G,D⟩/‖D‖²) D` if `⟨G,D⟩ < 0`, else `G` |
 //!
-//! The first, second and last are one rank-`k` update `G − U diag(r) Vᵀ` with coefficients `r`
-//! chosen on the host from `c`. When nothing is removed the input tensor is returned untouched,
-//! so "no conflict" means `G̃ = G` bit for bit.
+//! The first, second and last are one rank-`k` update `G − U diag(r) Vᵀ` whose coefficients `r`
+//! the mode's rule takes from `c` on the device (`r = min(c, 0)` for `ConflictOnly`), so a
+//! projection needs no read back to the host: on a GPU, none of them waits for the device. The
+//! update runs in one pass over `G` where the backend allows it (burn-ndarray; see `kernels.rs`).
 //!
 //! # Statistics
 //!
-//! [`ProjectionStats`] is computed in closed form from the coefficients, in `f64` on the host,
-//! which avoids the cancellation of `‖G‖² − ‖G̃‖²` when most of `G` is removed. `‖G‖²` is
-//! accumulated on the device in `f32`; when that overflows or is small enough for underflow to
-//! have lost entries (below `1e-30` per element), it is redone on `G / max|G|`, so gradients of
-//! size `1e-30` or `1e30` keep exact statistics and the common case pays one pass, not three.
+//! [`ProjectionStats`] is computed in closed form from `c` and `r` (or the per-direction
+//! energies), in `f64` on the host, which avoids the cancellation of `‖G‖² − ‖G̃‖²` when most of
+//! `G` is removed. That needs one read of `2k + 1` numbers per matrix; the optimizer reads those
+//! of all matrices in one transfer per step, or none (see [`StatsPolicy`](crate::StatsPolicy)).
+//! When the statistics are read and show that nothing is removed, `G` is returned untouched, so
+//! "no conflict" means `G̃ = G` bit for bit; unread, the (zero) update is applied, and only a
+//! `−0` entry can change (to `+0`).
 
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 use spf_subspace::LowRankBasis;
 
 use crate::error::SpfError;
+use crate::host;
+use crate::kernels::subtract_product;
 
 /// What the projection removes from a gradient; see the [module docs](self) for the formulas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -105,10 +110,11 @@ pub struct Projected<B: Backend> {
     pub stats: ProjectionStats,
 }
 
-/// Projects the 2-D gradient `grad` against `basis` with `mode`.
+/// Projects the 2-D gradient `grad` against `basis` with `mode`, and measures what it did.
 ///
-/// Costs `O(k·d_in·d_out)` on the device and one device-to-host read of `k + 2` (or `2k + 2`)
-/// numbers.
+/// Costs `O(k·d_in·d_out)` on the device and one device-to-host read of `2k + 1` (or `2k + 2`)
+/// numbers, for the statistics; the optimizer's step batches those reads over all matrices, or
+/// skips them (see [`StatsPolicy`](crate::StatsPolicy)).
 ///
 /// # Errors
 ///
@@ -142,74 +148,199 @@ pub fn project<B: Backend>(
     basis: &LowRankBasis<B>,
     mode: ProjectionMode,
 ) -> Result<Projected<B>, SpfError> {
-    let [d_in, d_out] = grad.dims();
-    if [d_in, d_out] != [basis.d_in(), basis.d_out()] {
-        return Err(SpfError::ShapeMismatch {
-            path: None,
-            expected: vec![basis.d_in(), basis.d_out()],
-            found: vec![d_in, d_out],
-        });
-    }
-    let k = basis.rank();
-    let sigma = basis.singular_values();
-
-    // One device pass gathers everything the host needs: c, ‖G‖², and for the subspace modes
-    // the per-direction energies ‖u_iᵀG‖² (or ‖G v_i‖²).
-    let (coefficients, side_product) = match (k, mode) {
-        (0, _) => (None, None),
-        (_, ProjectionMode::RowSpace) => {
-            let gv = grad.clone().matmul(basis.v().clone()); // [d_in, k]
-            let c = (gv.clone() * basis.u().clone()).sum_dim(0).reshape([k]);
-            (Some(c), Some(gv))
-        }
-        _ => {
-            let utg = basis.u().clone().transpose().matmul(grad.clone()); // [k, d_out]
-            let c = (utg.clone() * basis.v().clone().transpose())
-                .sum_dim(1)
-                .reshape([k]);
-            (Some(c), Some(utg))
-        }
-    };
-    let side = side_product
-        .as_ref()
-        .filter(|_| matches!(mode, ProjectionMode::ColumnSpace | ProjectionMode::RowSpace));
-    let mut parts: Vec<_> = coefficients.into_iter().collect();
-    parts.push(energies(&grad, side, mode, None));
-    let host = read_host(parts);
-    let (c, mut grad_energy) = (host[..k].to_vec(), host[k]);
-    let mut side_energy = host[k + 1..].to_vec();
-    if !(grad_energy.is_finite() && grad_energy >= grad.shape().num_elements() as f64 * 1e-30) {
-        // ‖G‖² overflowed or lost its small entries to underflow in `f32`: redo the energies on
-        // G / max|G|, which cannot. Only gradients of extreme magnitude take this second pass.
-        let scale = grad.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
-        let host = read_host(vec![
-            scale.clone(),
-            energies(&grad, side, mode, Some(scale)),
-        ]);
-        let s2 = host[0] * host[0];
-        grad_energy = s2 * host[1];
-        side_energy = host[2..].iter().map(|e| s2 * e).collect();
-    }
-
-    let plan = Plan::decide(mode, &c, sigma, side_energy.into_iter());
-    let stats = plan.stats(&c, sigma, grad_energy);
-    let grad = match plan.removal {
-        Removal::Nothing => grad,
-        Removal::RankK(r) => {
-            // In the gradient's dtype: burn 0.21 resolves a bare device to a default dtype that
-            // is shared by every backend on that device type (the first to use it sets it).
-            let options = (&grad.device(), grad.dtype());
-            let r = Tensor::<B, 2>::from_data(TensorData::new(r, [1, k]), options);
-            grad - (basis.u().clone() * r).matmul(basis.v().clone().transpose())
-        }
-        Removal::LeftSubspace => grad - basis.u().clone().matmul(side_product.expect("k > 0")),
-        Removal::RightSubspace => {
-            grad - side_product
-                .expect("k > 0")
-                .matmul(basis.v().clone().transpose())
-        }
-    };
+    let pending = Pending::new(grad, basis, mode)?;
+    let stats = pending.stats(&host::read(vec![pending.readout()]));
+    let grad = pending.finish(stats.removed == 0);
     Ok(Projected { grad, stats })
+}
+
+/// One projection between its two halves: everything is computed on the device, and nothing has
+/// been read back. The optimizer prepares every matrix of a step, reads all their
+/// [`readout`](Self::readout)s in one transfer (or none), then [`finish`](Self::finish)es each.
+pub(crate) struct Pending<B: Backend> {
+    grad: Tensor<B, 2>,
+    basis: LowRankBasis<B>,
+    mode: ProjectionMode,
+    /// `c`, when `k > 0`.
+    coefficients: Option<Tensor<B, 1>>,
+    /// `UᵀG` (`[k, d_out]`), or `G V` (`[d_in, k]`) for `RowSpace`, when `k > 0`.
+    side: Option<Tensor<B, 2>>,
+    /// `r` of the rank-`k` modes, the rule of the [module docs](self) applied on the device.
+    removal: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Pending<B> {
+    /// The device half of projecting `grad` against `basis`: the coefficients, and the removal
+    /// coefficients that `mode`'s rule takes from them, with no read back to the host.
+    ///
+    /// # Errors
+    ///
+    /// [`SpfError::ShapeMismatch`] when `grad` is not `basis.d_in() × basis.d_out()`.
+    pub(crate) fn new(
+        grad: Tensor<B, 2>,
+        basis: &LowRankBasis<B>,
+        mode: ProjectionMode,
+    ) -> Result<Self, SpfError> {
+        let [d_in, d_out] = grad.dims();
+        if [d_in, d_out] != [basis.d_in(), basis.d_out()] {
+            return Err(SpfError::ShapeMismatch {
+                path: None,
+                expected: vec![basis.d_in(), basis.d_out()],
+                found: vec![d_in, d_out],
+            });
+        }
+        let k = basis.rank();
+        let (coefficients, side) = match (k, mode) {
+            (0, _) => (None, None),
+            (_, ProjectionMode::RowSpace) => {
+                let gv = grad.clone().matmul(basis.v().clone()); // [d_in, k]
+                let c = (gv.clone() * basis.u().clone()).sum_dim(0).reshape([k]);
+                (Some(c), Some(gv))
+            }
+            _ => {
+                let utg = basis.u().clone().transpose().matmul(grad.clone()); // [k, d_out]
+                let c = (utg.clone() * basis.v().clone().transpose())
+                    .sum_dim(1)
+                    .reshape([k]);
+                (Some(c), Some(utg))
+            }
+        };
+        let removal = coefficients
+            .as_ref()
+            .and_then(|c| removal_coefficients(mode, c, basis));
+        Ok(Self {
+            grad,
+            basis: basis.clone(),
+            mode,
+            coefficients,
+            side,
+            removal,
+        })
+    }
+
+    /// The numbers the statistics need, as one device vector: `[c, r, ‖G‖², per-direction
+    /// energies]`, where `r` is there for the rank-`k` modes and the energies `‖u_iᵀG‖²` (or
+    /// `‖G v_i‖²`) for the subspace modes.
+    pub(crate) fn readout(&self) -> Tensor<B, 1> {
+        let mut parts: Vec<_> = self
+            .coefficients
+            .iter()
+            .chain(&self.removal)
+            .cloned()
+            .collect();
+        parts.push(energies(&self.grad, self.subspace_side(), self.mode, None));
+        Tensor::cat(parts, 0)
+    }
+
+    /// The length of [`Self::readout`].
+    pub(crate) fn readout_len(&self) -> usize {
+        let k = self.basis.rank();
+        let r = if self.removal.is_some() { k } else { 0 };
+        let side = if self.subspace_side().is_some() { k } else { 0 };
+        k + r + 1 + side
+    }
+
+    /// The side product when the subspace modes need its per-direction energies.
+    fn subspace_side(&self) -> Option<&Tensor<B, 2>> {
+        self.side.as_ref().filter(|_| {
+            matches!(
+                self.mode,
+                ProjectionMode::ColumnSpace | ProjectionMode::RowSpace
+            )
+        })
+    }
+
+    /// The statistics, from this projection's [`readout`](Self::readout) read back to the host.
+    ///
+    /// `‖G‖²` is summed on the device in the gradient's precision; when that overflowed, or is
+    /// small enough for underflow to have lost entries (below `1e-30` per element), it is redone
+    /// on `G / max|G|` with one more read, so gradients of size `1e-30` or `1e30` keep exact
+    /// statistics and the common case pays one pass, not three.
+    pub(crate) fn stats(&self, readout: &[f64]) -> ProjectionStats {
+        let k = self.basis.rank();
+        let (c, rest) = readout.split_at(k);
+        let (r, rest) = rest.split_at(if self.removal.is_some() { k } else { 0 });
+        let (mut grad_energy, mut side_energy) = (rest[0], rest[1..].to_vec());
+        if !(grad_energy.is_finite()
+            && grad_energy >= self.grad.shape().num_elements() as f64 * 1e-30)
+        {
+            let scale = self.grad.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
+            let scaled = energies(
+                &self.grad,
+                self.subspace_side(),
+                self.mode,
+                Some(scale.clone()),
+            );
+            let host = host::read(vec![scale, scaled]);
+            let s2 = host[0] * host[0];
+            grad_energy = s2 * host[1];
+            side_energy = host[2..].iter().map(|e| s2 * e).collect();
+        }
+        let plan = Plan::from_readout(self.mode, c, r, &side_energy);
+        plan.stats(c, self.basis.singular_values(), grad_energy)
+    }
+
+    /// The input `G`, unprojected.
+    pub(crate) fn into_input(self) -> Tensor<B, 2> {
+        self.grad
+    }
+
+    /// `G̃`: the removal applied on the device, or `G` itself, untouched, when `unchanged` (the
+    /// host has read that nothing is removed).
+    pub(crate) fn finish(self, unchanged: bool) -> Tensor<B, 2> {
+        let Self {
+            grad,
+            basis,
+            side,
+            removal,
+            mode,
+            ..
+        } = self;
+        let Some(side) = side.filter(|_| !unchanged) else {
+            return grad;
+        };
+        match (mode, removal) {
+            (_, Some(r)) => {
+                let k = r.dims()[0];
+                let left = basis.u().clone() * r.reshape([1, k]);
+                subtract_product(grad, left, basis.v().clone().transpose())
+            }
+            (ProjectionMode::RowSpace, None) => {
+                subtract_product(grad, side, basis.v().clone().transpose())
+            }
+            (ProjectionMode::ColumnSpace, None) => subtract_product(grad, basis.u().clone(), side),
+            // A rank-k mode with a zero basis energy (Pcgrad with D = 0) removes nothing.
+            (_, None) => grad,
+        }
+    }
+}
+
+/// `r`, the coefficients of `U diag(r) Vᵀ` that the rank-`k` modes subtract, from `c`, on the
+/// device; `None` for the subspace modes and for `Pcgrad` against `D = 0`.
+fn removal_coefficients<B: Backend>(
+    mode: ProjectionMode,
+    c: &Tensor<B, 1>,
+    basis: &LowRankBasis<B>,
+) -> Option<Tensor<B, 1>> {
+    match mode {
+        // r_i = c_i where direction i conflicts (c_i < 0), else 0.
+        ProjectionMode::ConflictOnly => Some(c.clone().clamp_max(0.0)),
+        ProjectionMode::Orthogonal => Some(c.clone()),
+        ProjectionMode::Pcgrad => {
+            // r = α σ with α = min(⟨G, D⟩, 0) / ‖D‖², ⟨G, D⟩ = Σ σ_i c_i.
+            let d_energy = basis.energy();
+            if d_energy == 0.0 {
+                return None;
+            }
+            let sigma = basis.sigma();
+            let alpha = (c.clone() * sigma.clone())
+                .sum()
+                .clamp_max(0.0)
+                .div_scalar(d_energy);
+            Some(sigma.clone() * alpha)
+        }
+        ProjectionMode::ColumnSpace | ProjectionMode::RowSpace => None,
+    }
 }
 
 /// `[‖G/s‖², ‖side_i/s‖²…]` as one device vector, where `side` is `UᵀG` (`[k, d_out]`,
@@ -238,26 +369,9 @@ fn energies<B: Backend>(
     Tensor::cat(vec![total, by_direction.reshape([k])], 0)
 }
 
-/// Reads the concatenation of `parts` back to the host in one transfer.
-fn read_host<B: Backend>(parts: Vec<Tensor<B, 1>>) -> Vec<f64> {
-    Tensor::cat(parts, 0).into_data().iter::<f64>().collect()
-}
-
-/// What to subtract from `G`, decided on the host.
-enum Removal {
-    Nothing,
-    /// `U diag(r) Vᵀ`.
-    RankK(Vec<f64>),
-    /// `U UᵀG`.
-    LeftSubspace,
-    /// `G V Vᵀ`.
-    RightSubspace,
-}
-
-/// The host-side decision of one projection: what to remove, and the closed-form quantities the
-/// statistics need.
+/// What a projection removed, read off its readout: the closed-form quantities the statistics
+/// need.
 struct Plan {
-    removal: Removal,
     /// Coefficients after projection, `c̃_i`.
     after: Vec<f64>,
     removed: usize,
@@ -265,68 +379,26 @@ struct Plan {
 }
 
 impl Plan {
-    /// The rule of `mode` applied to the coefficients `c` (and, for the subspace modes, the
-    /// per-direction energies): what to remove, and what is left.
-    fn decide(
-        mode: ProjectionMode,
-        c: &[f64],
-        sigma: &[f64],
-        side_energy: impl Iterator<Item = f64>,
-    ) -> Self {
-        let k = c.len();
-        let nothing = || Self {
-            removal: Removal::Nothing,
-            after: c.to_vec(),
-            removed: 0,
-            removed_energy: 0.0,
-        };
-        let rank_k = |r: Vec<f64>| {
-            let removed = r.iter().filter(|x| **x != 0.0).count();
-            if removed == 0 {
-                return nothing();
-            }
-            Self {
-                after: c.iter().zip(&r).map(|(c, r)| c - r).collect(),
-                removed_energy: r.iter().map(|x| x * x).sum(),
-                removal: Removal::RankK(r.clone()),
-                removed,
-            }
-        };
+    /// What the device's removal `r` (rank-`k` modes) or the per-direction energies (subspace
+    /// modes) amount to.
+    fn from_readout(mode: ProjectionMode, c: &[f64], r: &[f64], side_energy: &[f64]) -> Self {
         match mode {
-            // r_i = c_i where direction i conflicts (c_i < 0), else 0.
-            ProjectionMode::ConflictOnly => {
-                rank_k(c.iter().map(|&c| if c < 0.0 { c } else { 0.0 }).collect())
-            }
-            ProjectionMode::Orthogonal => rank_k(c.to_vec()),
-            ProjectionMode::Pcgrad => {
-                let dot: f64 = sigma.iter().zip(c).map(|(s, c)| s * c).sum();
-                let d_energy: f64 = sigma.iter().map(|s| s * s).sum();
-                if dot >= 0.0 || d_energy == 0.0 {
-                    return nothing();
-                }
-                let alpha = dot / d_energy;
+            ProjectionMode::ColumnSpace | ProjectionMode::RowSpace => Self {
+                after: vec![0.0; c.len()],
+                removed: side_energy.iter().filter(|e| **e > 0.0).count(),
+                removed_energy: side_energy.iter().sum(),
+            },
+            _ => {
+                let nonzero = r.iter().filter(|x| **x != 0.0).count();
                 Self {
-                    removal: Removal::RankK(sigma.iter().map(|s| alpha * s).collect()),
-                    after: c.iter().zip(sigma).map(|(c, s)| c - alpha * s).collect(),
-                    removed: 1,
-                    removed_energy: dot * dot / d_energy,
-                }
-            }
-            ProjectionMode::ColumnSpace | ProjectionMode::RowSpace => {
-                let side: Vec<f64> = side_energy.collect();
-                let removed = side.iter().filter(|e| **e > 0.0).count();
-                if removed == 0 {
-                    return nothing();
-                }
-                Self {
-                    removal: if mode == ProjectionMode::ColumnSpace {
-                        Removal::LeftSubspace
+                    after: c.iter().zip(r).map(|(c, r)| c - r).collect(),
+                    // Pcgrad removes the one direction D, whatever its rank.
+                    removed: if mode == ProjectionMode::Pcgrad {
+                        nonzero.min(1)
                     } else {
-                        Removal::RightSubspace
+                        nonzero
                     },
-                    after: vec![0.0; k],
-                    removed,
-                    removed_energy: side.iter().sum(),
+                    removed_energy: r.iter().map(|x| x * x).sum(),
                 }
             }
         }

@@ -34,6 +34,14 @@ pub struct StepStats {
     pub refresh: RefreshStats,
     /// Non-finite gradients seen, this step and in total.
     pub non_finite: NonFiniteStats,
+    /// Reads from the device to the host that the step made outside a refresh (each one a
+    /// synchronisation on a GPU): the non-finite probe and the statistics share one, and a step
+    /// under [`StatsPolicy::Off`](crate::StatsPolicy::Off) and
+    /// [`NonFinitePolicy::Unchecked`](crate::NonFinitePolicy::Unchecked) makes none. Extra reads
+    /// come only with non-finite gradients, gradients of extreme size (see
+    /// [`project`](crate::project)), or the `Update` target with both checks on (the probe
+    /// precedes the inner step, the statistics follow it).
+    pub host_reads: usize,
 }
 
 /// Non-finite gradients met by [`NonFinitePolicy`](crate::NonFinitePolicy).

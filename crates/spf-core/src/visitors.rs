@@ -16,22 +16,65 @@ use spf_subspace::view::{from_2d, into_2d};
 use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::ProtectedBases;
-use crate::projection::{ProjectionMode, ProjectionStats, project};
+use crate::host;
+use crate::projection::{Pending, ProjectionMode, ProjectionStats};
 use crate::stats::TensorStats;
 
 /// The bases of a wrapper over the autodiff backend `B`.
 type Bases<B> = ProtectedBases<<B as AutodiffBackend>::InnerBackend>;
 
-/// Projects, in place, every gradient in `grads` that has a basis.
-struct GradientProjection<'a, B: AutodiffBackend> {
-    grads: &'a mut GradientsParams,
-    bases: &'a Bases<B>,
-    targets: &'a Targets,
-    mode: ProjectionMode,
-    stats: Vec<TensorStats>,
+/// Projections started on the device, one per protected gradient or update, in module order,
+/// waiting for the host's read (if any) to be finished.
+pub(crate) struct PendingSet<B: Backend> {
+    entries: Vec<(ParamId, Pending<B>)>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
+impl<B: Backend> PendingSet<B> {
+    /// Every entry's readout, in order, for one read.
+    pub(crate) fn readouts(&self) -> Vec<Tensor<B, 1>> {
+        self.entries.iter().map(|(_, p)| p.readout()).collect()
+    }
+
+    /// Each entry's statistics, from the host copy of [`Self::readouts`].
+    pub(crate) fn stats(&self, targets: &Targets, host: &[f64]) -> Vec<TensorStats> {
+        let mut rest = host;
+        self.entries
+            .iter()
+            .map(|(id, pending)| {
+                let (own, tail) = rest.split_at(pending.readout_len());
+                rest = tail;
+                tensor_stats(targets, *id, pending.stats(own))
+            })
+            .collect()
+    }
+
+    /// The finished projections, by parameter; those whose statistics say nothing was removed
+    /// come back untouched.
+    fn finish(self, stats: &[TensorStats]) -> HashMap<ParamId, Tensor<B, 2>> {
+        let unchanged = |i: usize| stats.get(i).is_some_and(|t| t.stats.removed == 0);
+        self.entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, (id, pending))| (id, pending.finish(unchanged(i))))
+            .collect()
+    }
+
+    /// The inputs, unprojected, by parameter.
+    fn into_inputs(self) -> HashMap<ParamId, Tensor<B, 2>> {
+        let entries = self.entries.into_iter();
+        entries.map(|(id, p)| (id, p.into_input())).collect()
+    }
+}
+
+/// Takes every gradient that has a basis out of `grads` and starts its projection.
+struct GradientPreparation<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    bases: &'a Bases<B>,
+    mode: ProjectionMode,
+    pending: Vec<(ParamId, Pending<B::InnerBackend>)>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradientPreparation<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let Some(basis) = self.bases.get(&param.id) else {
             return;
@@ -39,13 +82,25 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
         let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
             return;
         };
-        let dims = grad.dims();
         let basis = on_device(basis, &grad.device());
-        let projected = project(into_2d(grad), &basis, mode_for::<D>(self.mode))
+        let pending = Pending::new(into_2d(grad), &basis, mode_for::<D>(self.mode))
             .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
-        self.grads.register(param.id, from_2d(projected.grad, dims));
-        self.stats
-            .push(tensor_stats(self.targets, param.id, projected.stats));
+        self.pending.push((param.id, pending));
+    }
+}
+
+/// Puts 2-D gradients back into `grads` in their parameters' shapes.
+struct GradientRegistration<'a, B: Backend> {
+    grads: &'a mut GradientsParams,
+    by_param: HashMap<ParamId, Tensor<B, 2>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradientRegistration<'_, B::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = self.by_param.remove(&param.id) {
+            let dims = param.val().dims();
+            self.grads.register(param.id, from_2d(grad, dims));
+        }
     }
 }
 
@@ -102,37 +157,48 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UpdateSnapshot<'_, B> {
     }
 }
 
-/// Replaces each snapshotted parameter's update `ΔW = W_new − W_old` by `−P(−ΔW)`: the update is
-/// projected as the descent step `−ηG̃` it stands for, with `G = −ΔW`.
-struct UpdateProjection<'a, B: AutodiffBackend> {
-    before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+/// Starts the projection of each snapshotted parameter's descent `G = W_old − W_new`: the update
+/// `ΔW = W_new − W_old` is projected as the descent step `−ηG̃` it stands for.
+struct UpdatePreparation<'a, B: AutodiffBackend> {
+    before: &'a HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
     bases: &'a Bases<B>,
-    targets: &'a Targets,
     mode: ProjectionMode,
-    stats: Vec<TensorStats>,
+    pending: Vec<(ParamId, Pending<B::InnerBackend>)>,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for UpdateProjection<'_, B> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (Some(before), Some(basis)) =
-            (self.before.remove(&param.id), self.bases.get(&param.id))
+impl<B: AutodiffBackend> ModuleVisitor<B> for UpdatePreparation<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let (Some(before), Some(basis)) = (self.before.get(&param.id), self.bases.get(&param.id))
         else {
+            return;
+        };
+        let after = into_2d(param.val().inner());
+        let descent = before.clone().to_device(&after.device()) - after;
+        let basis = on_device(basis, &descent.device());
+        let pending = Pending::new(descent, &basis, mode_for::<D>(self.mode))
+            .unwrap_or_else(|err| panic!("update of parameter {} does not fit: {err}", param.id));
+        self.pending.push((param.id, pending));
+    }
+}
+
+/// Sets each listed parameter to `W_old − G̃`.
+struct UpdateReplacement<B: AutodiffBackend> {
+    before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+    projected: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for UpdateReplacement<B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (Some(before), Some(projected)) = (
+            self.before.remove(&param.id),
+            self.projected.remove(&param.id),
+        ) else {
             return param;
         };
         let (id, tensor, mapper) = param.consume();
-        let after = tensor.clone().inner();
-        let dims = after.dims();
-        let before = before.to_device(&after.device());
-        let descent = before.clone() - into_2d(after);
-        let basis = on_device(basis, &descent.device());
-        let projected = project(descent, &basis, mode_for::<D>(self.mode))
-            .unwrap_or_else(|err| panic!("update of parameter {id} does not fit: {err}"));
-        self.stats
-            .push(tensor_stats(self.targets, id, projected.stats));
-        if projected.stats.removed == 0 {
-            return Param::from_mapped_value(id, tensor, mapper);
-        }
-        let mut value = Tensor::from_inner(from_2d(before - projected.grad, dims));
+        let dims = tensor.dims();
+        let before = before.to_device(&projected.device());
+        let mut value = Tensor::from_inner(from_2d(before - projected, dims));
         if tensor.is_require_grad() {
             value = value.require_grad();
         }
@@ -216,58 +282,96 @@ fn tensor_stats(targets: &Targets, param: ParamId, stats: ProjectionStats) -> Te
     TensorStats { param, path, stats }
 }
 
-/// Projects, in place, the gradient of every parameter of `module` that has a basis; returns
-/// what the projection did to each.
-pub(crate) fn project_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
+/// Takes the gradient of every parameter of `module` that has a basis out of `grads` and starts
+/// its projection.
+pub(crate) fn prepare_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
     module: &M,
     grads: &mut GradientsParams,
     bases: &Bases<B>,
-    targets: &Targets,
     mode: ProjectionMode,
-) -> Vec<TensorStats> {
-    let mut pass = GradientProjection::<B> {
+) -> PendingSet<B::InnerBackend> {
+    let mut pass = GradientPreparation::<B> {
         grads,
         bases,
-        targets,
         mode,
-        stats: Vec::new(),
+        pending: Vec::new(),
     };
     module.visit(&mut pass);
-    pass.stats
+    PendingSet {
+        entries: pass.pending,
+    }
 }
 
-/// Lets `inner_step` step on the raw gradients, then replaces the update of every parameter
-/// that has a basis and a gradient by its projection; returns the module and what the projection
-/// did to each update.
-pub(crate) fn step_then_project_updates<M, B, F>(
-    module: M,
-    grads: GradientsParams,
+/// Finishes every projection of `set` and registers the projected gradients in `grads`;
+/// `stats`, when read, lets those from which nothing is removed through untouched.
+pub(crate) fn register_projected<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    grads: &mut GradientsParams,
+    set: PendingSet<B::InnerBackend>,
+    stats: &[TensorStats],
+) {
+    let by_param = set.finish(stats);
+    module.visit(&mut GradientRegistration { grads, by_param });
+}
+
+/// Puts the gradients of `set` back into `grads`, unprojected.
+pub(crate) fn restore_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    grads: &mut GradientsParams,
+    set: PendingSet<B::InnerBackend>,
+) {
+    let by_param = set.into_inputs();
+    module.visit(&mut GradientRegistration { grads, by_param });
+}
+
+/// `W_old` (as its 2-D view) of every parameter of `module` that has a basis and a gradient,
+/// taken before the inner optimizer steps.
+pub(crate) fn snapshot_updates<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    grads: &GradientsParams,
     bases: &Bases<B>,
-    targets: &Targets,
-    mode: ProjectionMode,
-    inner_step: F,
-) -> (M, Vec<TensorStats>)
-where
-    M: AutodiffModule<B>,
-    B: AutodiffBackend,
-    F: FnOnce(M, GradientsParams) -> M,
-{
+) -> HashMap<ParamId, Tensor<B::InnerBackend, 2>> {
     let mut snapshot = UpdateSnapshot::<B> {
-        grads: &grads,
+        grads,
         bases,
         before: HashMap::new(),
     };
     module.visit(&mut snapshot);
-    let before = snapshot.before;
-    let module = inner_step(module, grads);
-    let mut pass = UpdateProjection::<B> {
+    snapshot.before
+}
+
+/// Starts the projection of the update of every parameter snapshotted in `before`.
+pub(crate) fn prepare_updates<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    before: &HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+    bases: &Bases<B>,
+    mode: ProjectionMode,
+) -> PendingSet<B::InnerBackend> {
+    let mut pass = UpdatePreparation::<B> {
         before,
         bases,
-        targets,
         mode,
-        stats: Vec::new(),
+        pending: Vec::new(),
     };
-    (module.map(&mut pass), pass.stats)
+    module.visit(&mut pass);
+    PendingSet {
+        entries: pass.pending,
+    }
+}
+
+/// Finishes every projection of `set` and sets each parameter to `W_old − G̃`; `stats`, when
+/// read, leaves those from which nothing is removed as the inner optimizer made them.
+pub(crate) fn replace_updates<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: M,
+    before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+    set: PendingSet<B::InnerBackend>,
+    stats: &[TensorStats],
+) -> M {
+    let mut projected = set.finish(stats);
+    for t in stats.iter().filter(|t| t.stats.removed == 0) {
+        projected.remove(&t.param);
+    }
+    module.map(&mut UpdateReplacement::<B> { before, projected })
 }
 
 /// Moves every basis onto its parameter's device; returns how many of `module`'s parameters
@@ -281,34 +385,64 @@ pub(crate) fn place_bases<M: AutodiffModule<B>, B: AutodiffBackend>(
     placement.found
 }
 
-/// The parameters whose gradient holds NaN or ±Inf: one device read of every gradient's sum,
-/// and a second, exact one of those whose sum is not finite.
-pub(crate) fn non_finite_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
+/// The fast probe of every gradient of `module`, on the device: see [`NonFiniteProbe`].
+pub(crate) struct Probes<B: Backend> {
+    ids: Vec<ParamId>,
+    sums: Vec<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Probes<B> {
+    /// The probe values, one per gradient, for one read.
+    pub(crate) fn values(&self) -> Vec<Tensor<B, 1>> {
+        self.sums.clone()
+    }
+
+    /// The parameters whose probe value (as read back, in order) is not finite.
+    pub(crate) fn suspects(&self, read: &[f64]) -> Vec<ParamId> {
+        let read = read.iter();
+        let flagged = self.ids.iter().zip(read).filter(|(_, v)| !v.is_finite());
+        flagged.map(|(id, _)| *id).collect()
+    }
+}
+
+/// Sums every gradient of `module` in `grads`, on the device; nothing is read.
+pub(crate) fn probe_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
     module: &M,
     grads: &GradientsParams,
-) -> Vec<ParamId> {
-    let probe = |only: Option<&[ParamId]>| {
-        let mut probe = NonFiniteProbe::<B> {
-            grads,
-            only,
-            probes: Vec::new(),
-        };
-        module.visit(&mut probe);
-        if probe.probes.is_empty() {
-            return Vec::new();
-        }
-        let (ids, probes): (Vec<ParamId>, Vec<_>) = probe.probes.into_iter().unzip();
-        let values = Tensor::cat(probes, 0).into_data();
-        ids.into_iter()
-            .zip(values.iter::<f64>())
-            .filter_map(|(id, probe)| (!probe.is_finite()).then_some(id))
-            .collect::<Vec<_>>()
+) -> Probes<B::InnerBackend> {
+    let mut probe = NonFiniteProbe::<B> {
+        grads,
+        only: None,
+        probes: Vec::new(),
     };
-    let suspects = probe(None);
+    module.visit(&mut probe);
+    let (ids, sums) = probe.probes.into_iter().unzip();
+    Probes { ids, sums }
+}
+
+/// Of the `suspects` (gradients whose fast probe was not finite), those that hold NaN or ±Inf:
+/// one exact probe of each, read back together.
+pub(crate) fn non_finite_among<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    grads: &GradientsParams,
+    suspects: &[ParamId],
+) -> Vec<ParamId> {
     if suspects.is_empty() {
-        return suspects;
+        return Vec::new();
     }
-    probe(Some(&suspects))
+    let mut probe = NonFiniteProbe::<B> {
+        grads,
+        only: Some(suspects),
+        probes: Vec::new(),
+    };
+    module.visit(&mut probe);
+    let (ids, probes): (Vec<ParamId>, Vec<_>) = probe.probes.into_iter().unzip();
+    let values = host::read(probes);
+    let exact = Probes::<B::InnerBackend> {
+        ids,
+        sums: Vec::new(),
+    };
+    exact.suspects(&values)
 }
 
 /// Replaces the NaN and ±Inf entries of the gradients of `ids` with 0.

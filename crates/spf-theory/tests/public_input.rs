@@ -19,7 +19,7 @@ use burn::tensor::{Tensor, TensorData};
 use proptest::prelude::*;
 use spf_core::{
     NonFinitePolicy, ParamFilter, ProjectionMode, ProjectionTarget, RankPolicy, RefreshPolicy,
-    SpfConfig, SubspaceConfig, VectorPolicy, project,
+    SpfConfig, StatsPolicy, SubspaceConfig, VectorPolicy, project,
 };
 use spf_subspace::{
     LowRankBasis, RandomizedSvd, RandomizedSvdConfig, SafetySubspace, SketchConfig,
@@ -121,11 +121,13 @@ fn spf_config() -> impl Strategy<Value = SpfConfig> {
         prop_oneof![
             Just(NonFinitePolicy::Error),
             Just(NonFinitePolicy::SkipStep),
-            Just(NonFinitePolicy::ZeroNonFinite)
+            Just(NonFinitePolicy::ZeroNonFinite),
+            Just(NonFinitePolicy::Unchecked)
         ],
+        prop_oneof![Just(StatsPolicy::EveryStep), Just(StatsPolicy::Off)],
     )
         .prop_map(
-            |(mode, target, refresh, (filter, rank, sketch, vectors), non_finite)| {
+            |(mode, target, refresh, (filter, rank, sketch, vectors), non_finite, stats)| {
                 let vector_policy = if vectors {
                     VectorPolicy::Pcgrad
                 } else {
@@ -136,6 +138,7 @@ fn spf_config() -> impl Strategy<Value = SpfConfig> {
                     .with_target(target)
                     .with_refresh(refresh)
                     .with_non_finite(non_finite)
+                    .with_stats(stats)
                     .with_estimator(
                         SubspaceConfig::new()
                             .with_filter(filter)

@@ -1,6 +1,6 @@
 //! The wrapper inside real burn steps, one file per concern: stepping against manual SGD and
 //! plain AdamW on projected gradients (`stepping`), records (`records`), refresh during training
-//! (`refresh`), bad input (`reliability`) and measuring without stepping, the sample screen's
+//! (`refresh`), reads from the device (`host_reads`), bad input (`reliability`) and measuring without stepping, the sample screen's
 //! score (`screen`). This file holds the model and fixtures they share.
 
 use burn::module::{Module, Param, ParamId};
@@ -179,6 +179,7 @@ fn projected_grads(model: &Net<B>, seed: u64, mode: ProjectionMode) -> Gradients
 
 mod records;
 mod refresh;
+mod host_reads;
 mod reliability;
 mod screen;
 mod stepping;
