@@ -7,8 +7,8 @@ pub use spf_core::{
     BasisRecord, LoadError, NoSafetySource, NonFinitePolicy, NonFiniteStats, ParamFilter,
     ParamPath, Projected, ProjectionMode, ProjectionStats, ProjectionTarget, RECORD_VERSION,
     RankPolicy, RefreshPolicy, RefreshStats, SafetyGradientSource, SafetyProjectedOptimizer,
-    SourceError, SpfConfig, SpfError, SpfRecord, StatsFeed, StepError, StepStats, SubspaceConfig,
-    TensorStats, VectorPolicy, project,
+    SourceError, SpfConfig, SpfError, SpfRecord, StatsFeed, StatsPolicy, StepError, StepStats,
+    SubspaceConfig, TensorStats, VectorPolicy, project, project_without_stats,
 };
 pub use spf_subspace::{
     LowRankBasis, MAX_POWER_ITERATIONS, RandomizedSvd, RandomizedSvdConfig, SafetySubspace,

@@ -37,7 +37,7 @@ pub mod testing;
 pub use config::{NonFinitePolicy, ProjectionTarget, SpfConfig, StatsPolicy};
 pub use error::{LoadError, SpfError, StepError};
 pub use optimizer::SafetyProjectedOptimizer;
-pub use projection::{Projected, ProjectionMode, ProjectionStats, project};
+pub use projection::{Projected, ProjectionMode, ProjectionStats, project, project_without_stats};
 pub use record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};
 pub use refresh::{NoSafetySource, RefreshPolicy, RefreshStats, SafetyGradientSource, SourceError};
 pub use spf_subspace::{ParamFilter, RankPolicy, SubspaceConfig, VectorPolicy};

@@ -29,8 +29,7 @@ use crate::refresh::{NoSafetySource, RefreshState, RefreshStats, SafetyGradientS
 use crate::stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};
 use crate::visitors::{
     Probes, non_finite_among, place_bases, prepare_gradients, prepare_updates, probe_gradients,
-    reduce_gradients, register_projected, replace_updates, restore_gradients, snapshot_updates,
-    zero_non_finite,
+    project_gradients, reduce_gradients, replace_updates, snapshot_updates, zero_non_finite,
 };
 
 /// The targets (re-keyed to the record's ids where they differ) and the admitted bases of
@@ -370,10 +369,17 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         let config = &self.state.config;
         let read_stats = config.stats == StatsPolicy::EveryStep;
         let refresh_due = self.state.refresh.due(self.state.steps);
-        // The probe shares the statistics' read when nothing has to happen in between: no
-        // refresh (which must not run on a step that is refused), and the Gradient target
-        // (whose projection precedes the inner step).
-        let fold = read_stats && !refresh_due && config.target == ProjectionTarget::Gradient;
+        // The probe shares the statistics' read, after the projection, when nothing has to
+        // happen in between: no refresh (which must not run on a refused step), the Gradient
+        // target (whose projection precedes the inner step), and a policy that needs only to
+        // know (`ZeroNonFinite` needs the raw gradients, which the projection overwrites).
+        let fold = read_stats
+            && !refresh_due
+            && config.target == ProjectionTarget::Gradient
+            && matches!(
+                config.non_finite,
+                NonFinitePolicy::Error | NonFinitePolicy::SkipStep
+            );
         let mut probes = (config.non_finite != NonFinitePolicy::Unchecked)
             .then(|| probe_gradients(&module, &grads));
         if !fold && let Some(probes) = probes.take() {
@@ -386,6 +392,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
                 };
             }
         }
+
         let state = &mut self.state;
         state.refresh.counts.refreshed = false;
         if refresh_due {
@@ -399,37 +406,39 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
                 state.steps,
             );
         }
+        let (bases, mode) = (&state.bases, state.config.mode);
+        let tensors = match state.config.target {
+            ProjectionTarget::Gradient => {
+                let set = project_gradients(&module, &mut grads, bases, mode, read_stats);
+                let mut parts = probes.as_ref().map(Probes::values).unwrap_or_default();
+                let probed = parts.len();
+                parts.extend(set.readouts());
+                let host = host::read(parts);
+                let (probe_values, readouts) = host.split_at(probed);
+                if let Some(probes) = &probes {
+                    // The exact probe sees the projected gradients: a projection that turned
+                    // finite entries near f32::MAX into ±Inf refuses the step, as it should.
+                    let suspects = probes.suspects(probe_values);
+                    let bad = non_finite_among(&module, &grads, &suspects);
+                    if let Some(done) = self.on_non_finite(bad, &module, &mut grads) {
+                        return match done {
+                            Ok(()) => Ok(module),
+                            Err(error) => Err(StepError { module, error }),
+                        };
+                    }
+                }
+                Some(set.stats(&self.state.targets, readouts))
+            }
+            ProjectionTarget::Update => None,
+        };
         // burn's optimizers panic on state that does not fit the module (a corrupt record, say):
         // hand the module back with an error instead. The clone shares the parameters' storage.
         let before = module.clone();
-        let (state, inner) = (&mut self.state, &mut self.inner);
+        let (state, inner) = (&self.state, &mut self.inner);
         let (bases, targets, mode) = (&state.bases, &*state.targets, state.config.mode);
-        let stepped = catch_unwind(AssertUnwindSafe(|| match state.config.target {
-            ProjectionTarget::Gradient => {
-                let set = prepare_gradients(&module, &mut grads, bases, mode);
-                let mut parts = probes.as_ref().map(Probes::values).unwrap_or_default();
-                let probed = parts.len();
-                if read_stats {
-                    parts.extend(set.readouts());
-                }
-                let host = host::read(parts);
-                let (probe_values, readouts) = host.split_at(probed.min(host.len()));
-                if let Some(probes) = &probes {
-                    let suspects = probes.suspects(probe_values);
-                    if !suspects.is_empty() {
-                        restore_gradients(&module, &mut grads, set);
-                        return Err((module, grads, suspects));
-                    }
-                }
-                let tensors = if read_stats {
-                    set.stats(targets, readouts)
-                } else {
-                    Vec::new()
-                };
-                register_projected(&module, &mut grads, set, &tensors);
-                Ok((inner.step(lr, module, grads), tensors))
-            }
-            ProjectionTarget::Update => {
+        let stepped = catch_unwind(AssertUnwindSafe(|| match tensors {
+            Some(tensors) => (inner.step(lr, module, grads), tensors),
+            None => {
                 let before = snapshot_updates(&module, &grads, bases);
                 let module = inner.step(lr, module, grads);
                 let set = prepare_updates(&module, &before, bases, mode);
@@ -438,32 +447,14 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
                 } else {
                     Vec::new()
                 };
-                Ok((replace_updates(module, before, set, &tensors), tensors))
+                (replace_updates(module, before, set, &tensors), tensors)
             }
         }));
         match stepped {
-            Ok(Ok((module, tensors))) => {
+            Ok((module, tensors)) => {
                 self.publish(tensors);
                 self.state.steps += 1;
                 Ok(module)
-            }
-            // The folded probe found suspects: settle them as an unfolded probe would, then
-            // step again with the probe done (only on steps with non-finite gradients).
-            Ok(Err((module, mut grads, suspects))) => {
-                let bad = non_finite_among(&module, &grads, &suspects);
-                if let Some(done) = self.on_non_finite(bad, &module, &mut grads) {
-                    return match done {
-                        Ok(()) => Ok(module),
-                        Err(error) => Err(StepError { module, error }),
-                    };
-                }
-                let policy = std::mem::replace(
-                    &mut self.state.config.non_finite,
-                    NonFinitePolicy::Unchecked,
-                );
-                let result = self.checked_step(lr, module, grads);
-                self.state.config.non_finite = policy;
-                result
             }
             Err(panic) => Err(StepError {
                 module: before,

@@ -154,6 +154,21 @@ pub fn project<B: Backend>(
     Ok(Projected { grad, stats })
 }
 
+/// `G̃` alone: [`project`] without its statistics, so nothing is read back from the device (on a
+/// GPU, nothing waits for it). When nothing is removed the (zero) update is still applied, so `G̃`
+/// equals `G` as numbers, not necessarily bit for bit (a `−0` entry may become `+0`).
+///
+/// # Errors
+///
+/// [`SpfError::ShapeMismatch`] when `grad` is not `basis.d_in() × basis.d_out()`.
+pub fn project_without_stats<B: Backend>(
+    grad: Tensor<B, 2>,
+    basis: &LowRankBasis<B>,
+    mode: ProjectionMode,
+) -> Result<Tensor<B, 2>, SpfError> {
+    Ok(Pending::new(grad, basis, mode)?.finish(false))
+}
+
 /// One projection between its two halves: everything is computed on the device, and nothing has
 /// been read back. The optimizer prepares every matrix of a step, reads all their
 /// [`readout`](Self::readout)s in one transfer (or none), then [`finish`](Self::finish)es each.
@@ -234,10 +249,7 @@ impl<B: Backend> Pending<B> {
 
     /// The length of [`Self::readout`].
     pub(crate) fn readout_len(&self) -> usize {
-        let k = self.basis.rank();
-        let r = if self.removal.is_some() { k } else { 0 };
-        let side = if self.subspace_side().is_some() { k } else { 0 };
-        k + r + 1 + side
+        self.layout().len()
     }
 
     /// The side product when the subspace modes need its per-direction energies.
@@ -257,13 +269,9 @@ impl<B: Backend> Pending<B> {
     /// on `G / max|G|` with one more read, so gradients of size `1e-30` or `1e30` keep exact
     /// statistics and the common case pays one pass, not three.
     pub(crate) fn stats(&self, readout: &[f64]) -> ProjectionStats {
-        let k = self.basis.rank();
-        let (c, rest) = readout.split_at(k);
-        let (r, rest) = rest.split_at(if self.removal.is_some() { k } else { 0 });
-        let (mut grad_energy, mut side_energy) = (rest[0], rest[1..].to_vec());
-        if !(grad_energy.is_finite()
-            && grad_energy >= self.grad.shape().num_elements() as f64 * 1e-30)
-        {
+        let read = self.layout().split(readout);
+        let (mut grad_energy, mut side_energy) = (read.grad_energy, read.side_energy.to_vec());
+        if !plausible(grad_energy, &self.grad) {
             let scale = self.grad.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
             let scaled = energies(
                 &self.grad,
@@ -276,13 +284,36 @@ impl<B: Backend> Pending<B> {
             grad_energy = s2 * host[1];
             side_energy = host[2..].iter().map(|e| s2 * e).collect();
         }
-        let plan = Plan::from_readout(self.mode, c, r, &side_energy);
-        plan.stats(c, self.basis.singular_values(), grad_energy)
+        let plan = Plan::from_readout(self.mode, read.c, read.r, &side_energy);
+        plan.stats(read.c, self.basis.singular_values(), grad_energy)
     }
 
-    /// The input `G`, unprojected.
-    pub(crate) fn into_input(self) -> Tensor<B, 2> {
-        self.grad
+    /// Where each number sits in [`Self::readout`].
+    fn layout(&self) -> Layout {
+        Layout {
+            mode: self.mode,
+            k: self.basis.rank(),
+            has_removal: self.removal.is_some(),
+        }
+    }
+
+    /// `G̃` now, with the removal always applied, and (when `measure`) what its statistics need
+    /// later: the readout, computed from `G` before the removal overwrites it, and `G̃` itself.
+    /// No read: the optimizer reads every matrix's readout in one transfer after the last.
+    pub(crate) fn finish_measured(self, measure: bool) -> (Tensor<B, 2>, Option<Measured<B>>) {
+        let measured = measure.then(|| Measured {
+            layout: self.layout(),
+            readout: self.readout(),
+            side: self.subspace_side().cloned(),
+            sigma: self.basis.singular_values().to_vec(),
+            projected: None,
+        });
+        let projected = self.finish(false);
+        let measured = measured.map(|m| Measured {
+            projected: Some(projected.clone()),
+            ..m
+        });
+        (projected, measured)
     }
 
     /// `G̃`: the removal applied on the device, or `G` itself, untouched, when `unchanged` (the
@@ -340,6 +371,115 @@ fn removal_coefficients<B: Backend>(
             Some(sigma.clone() * alpha)
         }
         ProjectionMode::ColumnSpace | ProjectionMode::RowSpace => None,
+    }
+}
+
+/// Where the numbers of a readout sit: `[c, r, ‖G‖², per-direction energies]`.
+#[derive(Clone, Copy)]
+struct Layout {
+    mode: ProjectionMode,
+    k: usize,
+    has_removal: bool,
+}
+
+/// A readout read back to the host, in parts.
+struct Read<'a> {
+    c: &'a [f64],
+    r: &'a [f64],
+    grad_energy: f64,
+    side_energy: &'a [f64],
+}
+
+impl Layout {
+    fn subspace(self) -> bool {
+        self.k > 0
+            && matches!(
+                self.mode,
+                ProjectionMode::ColumnSpace | ProjectionMode::RowSpace
+            )
+    }
+
+    fn len(self) -> usize {
+        let r = if self.has_removal { self.k } else { 0 };
+        let side = if self.subspace() { self.k } else { 0 };
+        self.k + r + 1 + side
+    }
+
+    fn split(self, readout: &[f64]) -> Read<'_> {
+        let (c, rest) = readout.split_at(self.k);
+        let (r, rest) = rest.split_at(if self.has_removal { self.k } else { 0 });
+        Read {
+            c,
+            r,
+            grad_energy: rest[0],
+            side_energy: &rest[1..],
+        }
+    }
+}
+
+/// Whether `‖G‖²`, summed in `f32`, can be trusted: finite, and not so small that underflow may
+/// have lost entries.
+fn plausible<B: Backend>(energy: f64, grad: &Tensor<B, 2>) -> bool {
+    energy.is_finite() && energy >= grad.shape().num_elements() as f64 * 1e-30
+}
+
+/// A finished projection whose statistics wait for the host's read of its readout.
+pub(crate) struct Measured<B: Backend> {
+    layout: Layout,
+    readout: Tensor<B, 1>,
+    /// `UᵀG` or `G V`, for the subspace modes' energies at extreme magnitudes.
+    side: Option<Tensor<B, 2>>,
+    sigma: Vec<f64>,
+    /// `G̃`, for `‖G‖²` at extreme magnitudes.
+    projected: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Measured<B> {
+    /// The numbers to read, computed from `G` before the removal.
+    pub(crate) fn readout(&self) -> Tensor<B, 1> {
+        self.readout.clone()
+    }
+
+    /// The length of [`Self::readout`].
+    pub(crate) fn readout_len(&self) -> usize {
+        self.layout.len()
+    }
+
+    /// The statistics, from the readout read back to the host.
+    ///
+    /// `G` itself is gone (the removal ran in its buffer), so when `‖G‖²` overflowed or
+    /// underflowed in `f32` it is rebuilt, with one more read, as `‖G̃‖² + removed energy`, both
+    /// computed on scaled copies: exact, since what is removed is orthogonal to what is kept (for
+    /// `ConflictOnly` and `Orthogonal` each `r_i` is `0` or `c_i`; `Pcgrad` removes the
+    /// component along `D`; the subspace modes an orthogonal projection).
+    pub(crate) fn stats(&self, readout: &[f64]) -> ProjectionStats {
+        let read = self.layout.split(readout);
+        let mode = self.layout.mode;
+        let projected = self.projected.as_ref().expect("kept for the statistics");
+        let mut side_energy = read.side_energy.to_vec();
+        let mut grad_energy = read.grad_energy;
+        let unreliable = |e: f64| !e.is_finite();
+        if !plausible(grad_energy, projected) || side_energy.iter().copied().any(unreliable) {
+            let scale = |t: &Tensor<B, 2>| t.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
+            let s = scale(projected);
+            let mut parts = vec![s.clone(), energies(projected, None, mode, Some(s))];
+            if let Some(side) = &self.side {
+                let s = scale(side);
+                parts.push(s.clone());
+                // The per-direction energies of the side product alone (its first entry is the
+                // side's total energy, not needed).
+                parts.push(energies(side, Some(side), mode, Some(s)).slice([1..]));
+            }
+            let host = host::read(parts);
+            if self.side.is_some() {
+                let s2 = host[2] * host[2];
+                side_energy = host[3..].iter().map(|e| s2 * e).collect();
+            }
+            let plan = Plan::from_readout(mode, read.c, read.r, &side_energy);
+            grad_energy = host[0] * host[0] * host[1] + plan.removed_energy;
+        }
+        let plan = Plan::from_readout(mode, read.c, read.r, &side_energy);
+        plan.stats(read.c, &self.sigma, grad_energy)
     }
 }
 

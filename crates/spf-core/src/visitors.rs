@@ -17,7 +17,7 @@ use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::ProtectedBases;
 use crate::host;
-use crate::projection::{Pending, ProjectionMode, ProjectionStats};
+use crate::projection::{Measured, Pending, ProjectionMode, ProjectionStats};
 use crate::stats::TensorStats;
 
 /// The bases of a wrapper over the autodiff backend `B`.
@@ -58,11 +58,60 @@ impl<B: Backend> PendingSet<B> {
             .map(|(i, (id, pending))| (id, pending.finish(unchanged(i))))
             .collect()
     }
+}
 
-    /// The inputs, unprojected, by parameter.
-    fn into_inputs(self) -> HashMap<ParamId, Tensor<B, 2>> {
-        let entries = self.entries.into_iter();
-        entries.map(|(id, p)| (id, p.into_input())).collect()
+/// Projections finished on the device, one per protected gradient in module order, whose
+/// statistics wait for one read of all their readouts.
+pub(crate) struct MeasuredSet<B: Backend> {
+    entries: Vec<(ParamId, Measured<B>)>,
+}
+
+impl<B: Backend> MeasuredSet<B> {
+    /// Every entry's readout, in order, for one read.
+    pub(crate) fn readouts(&self) -> Vec<Tensor<B, 1>> {
+        self.entries.iter().map(|(_, m)| m.readout()).collect()
+    }
+
+    /// Each entry's statistics, from the host copy of [`Self::readouts`].
+    pub(crate) fn stats(&self, targets: &Targets, host: &[f64]) -> Vec<TensorStats> {
+        let mut rest = host;
+        self.entries
+            .iter()
+            .map(|(id, measured)| {
+                let (own, tail) = rest.split_at(measured.readout_len());
+                rest = tail;
+                tensor_stats(targets, *id, measured.stats(own))
+            })
+            .collect()
+    }
+}
+
+/// Projects, in place, every gradient in `grads` that has a basis, one after the other (each
+/// gradient is read and written while it is still in the CPU's caches), keeping what their
+/// statistics need when `measure`.
+struct GradientProjection<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    bases: &'a Bases<B>,
+    mode: ProjectionMode,
+    measure: bool,
+    measured: Vec<(ParamId, Measured<B::InnerBackend>)>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(basis) = self.bases.get(&param.id) else {
+            return;
+        };
+        let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
+            return;
+        };
+        let dims = grad.dims();
+        let basis = on_device(basis, &grad.device());
+        let pending = Pending::new(into_2d(grad), &basis, mode_for::<D>(self.mode))
+            .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
+        let (projected, measured) = pending.finish_measured(self.measure);
+        self.grads.register(param.id, from_2d(projected, dims));
+        self.measured.extend(measured.map(|m| (param.id, m)));
     }
 }
 
@@ -86,21 +135,6 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientPreparation<'_, B> {
         let pending = Pending::new(into_2d(grad), &basis, mode_for::<D>(self.mode))
             .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
         self.pending.push((param.id, pending));
-    }
-}
-
-/// Puts 2-D gradients back into `grads` in their parameters' shapes.
-struct GradientRegistration<'a, B: Backend> {
-    grads: &'a mut GradientsParams,
-    by_param: HashMap<ParamId, Tensor<B, 2>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradientRegistration<'_, B::InnerBackend> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(grad) = self.by_param.remove(&param.id) {
-            let dims = param.val().dims();
-            self.grads.register(param.id, from_2d(grad, dims));
-        }
     }
 }
 
@@ -302,26 +336,26 @@ pub(crate) fn prepare_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
     }
 }
 
-/// Finishes every projection of `set` and registers the projected gradients in `grads`;
-/// `stats`, when read, lets those from which nothing is removed through untouched.
-pub(crate) fn register_projected<M: AutodiffModule<B>, B: AutodiffBackend>(
+/// Projects, in place, the gradient of every parameter of `module` that has a basis; with
+/// `measure`, keeps what their statistics need for one read.
+pub(crate) fn project_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
     module: &M,
     grads: &mut GradientsParams,
-    set: PendingSet<B::InnerBackend>,
-    stats: &[TensorStats],
-) {
-    let by_param = set.finish(stats);
-    module.visit(&mut GradientRegistration { grads, by_param });
-}
-
-/// Puts the gradients of `set` back into `grads`, unprojected.
-pub(crate) fn restore_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
-    module: &M,
-    grads: &mut GradientsParams,
-    set: PendingSet<B::InnerBackend>,
-) {
-    let by_param = set.into_inputs();
-    module.visit(&mut GradientRegistration { grads, by_param });
+    bases: &Bases<B>,
+    mode: ProjectionMode,
+    measure: bool,
+) -> MeasuredSet<B::InnerBackend> {
+    let mut pass = GradientProjection::<B> {
+        grads,
+        bases,
+        mode,
+        measure,
+        measured: Vec::new(),
+    };
+    module.visit(&mut pass);
+    MeasuredSet {
+        entries: pass.measured,
+    }
 }
 
 /// `W_old` (as its 2-D view) of every parameter of `module` that has a basis and a gradient,

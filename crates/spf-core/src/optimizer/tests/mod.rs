@@ -177,9 +177,9 @@ fn projected_grads(model: &Net<B>, seed: u64, mode: ProjectionMode) -> Gradients
     grads
 }
 
+mod host_reads;
 mod records;
 mod refresh;
-mod host_reads;
 mod reliability;
 mod screen;
 mod stepping;
