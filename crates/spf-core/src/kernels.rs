@@ -1,17 +1,23 @@
-//! `G − A B` in one pass over `G`, where the backend allows it.
+//! The projection's two matrix products, without the copies burn's generic operations make
+//! on the CPU backend.
 //!
-//! The projection's removal is a rank-`k` product subtracted from the gradient. With burn's
-//! tensor operations that is a matrix product written to a new `d_in × d_out` buffer and a
-//! subtraction that reads it back: two passes over memory the size of `G` and an allocation.
-//! On burn-ndarray (feature `ndarray`) [`subtract_product`] instead runs one general matrix
-//! product with `β = 1` into `G`'s own buffer, `G ← G − A B`, which reads and writes `G` once;
-//! when the buffer is shared (another handle on it is alive), ndarray copies it first, as burn
-//! would. Every other backend takes the generic path, so this crate stays generic and a user's
-//! backend needs nothing from it.
+//! The removal is a rank-`k` product subtracted from the gradient. With burn's tensor
+//! operations that is a matrix product written to a new `d_in × d_out` buffer and a subtraction
+//! that reads it back: two passes over memory the size of `G` and an allocation. On burn-ndarray
+//! (feature `ndarray`) [`subtract_product`] instead runs one general matrix product with `β = 1`
+//! into `G`'s own buffer, `G ← G − A B`, which reads and writes `G` once; when the buffer is
+//! shared (another handle on it is alive), ndarray copies it first, as burn would.
 //!
-//! The backend is recognised at run time, by downcasting burn's tensor primitive to
-//! burn-ndarray's: Rust has no specialisation, and a trait bound for a faster kernel would have
-//! to appear on every generic signature of the wrapper and of the code that uses it.
+//! The coefficients need `UᵀG` (or `G V`). burn-ndarray 0.21's `matmul` reshapes both operands
+//! to a batch of one, and its `reshape` copies, so each product wrote a whole copy of `G` before
+//! reading it: [`product`] hands the operands' own arrays to the same matrix product.
+//!
+//! Both give the generic path's results bit for bit (the same products, in the same order; a
+//! test holds them to it). Every other backend takes the generic path, so this crate stays
+//! generic and a user's backend needs nothing from it. The backend is recognised at run time, by
+//! downcasting burn's tensor primitive to burn-ndarray's: Rust has no specialisation, and a trait
+//! bound for a faster kernel would have to appear on every generic signature of the wrapper and
+//! of the code that uses it.
 
 use burn::tensor::{Tensor, backend::Backend};
 
@@ -22,11 +28,30 @@ pub(crate) fn subtract_product<B: Backend>(
     b: Tensor<B, 2>,
 ) -> Tensor<B, 2> {
     #[cfg(feature = "ndarray")]
-    let (g, a, b) = match ndarray::subtract_product(g, a, b) {
+    let (a, b, g) = match ndarray::gemm(a, b, Some(g)) {
         Ok(result) => return result,
-        Err(inputs) => inputs,
+        Err((a, b, g)) => (a, b, g.expect("given")),
     };
     g - a.matmul(b)
+}
+
+/// `a·b`.
+pub(crate) fn product<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "ndarray")]
+    let (a, b) = match ndarray::gemm(a, b, None) {
+        Ok(result) => return result,
+        Err((a, b, _)) => (a, b),
+    };
+    a.matmul(b)
+}
+
+/// `‖g‖²`, as a one-element tensor.
+pub(crate) fn squared_norm<B: Backend>(g: &Tensor<B, 2>) -> Tensor<B, 1> {
+    #[cfg(feature = "ndarray")]
+    if let Some(energy) = ndarray::squared_norm(g) {
+        return energy;
+    }
+    g.clone().square().sum()
 }
 
 #[cfg(feature = "ndarray")]
@@ -35,48 +60,105 @@ mod ndarray {
 
     use burn::backend::ndarray::{NdArrayTensor, SharedArray};
     use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
-    use ndarray::LinalgScalar;
     use ndarray::linalg::general_mat_mul;
-    use ndarray::{Ix2, IxDyn};
+    use ndarray::{Array2, Ix2, IxDyn, LinalgScalar};
 
-    type Inputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>);
+    type Inputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 2>>);
 
-    /// `g − a·b` in place on burn-ndarray's `f32` or `f64` tensors; the inputs back, untouched,
-    /// on any other backend or dtype.
-    pub(super) fn subtract_product<B: Backend>(
-        g: Tensor<B, 2>,
+    /// `c − a·b` in `c`'s buffer, or `a·b` when there is no `c`, on burn-ndarray's `f32` or
+    /// `f64` tensors; the inputs back, untouched, on any other backend or dtype.
+    pub(super) fn gemm<B: Backend>(
         a: Tensor<B, 2>,
         b: Tensor<B, 2>,
+        c: Option<Tensor<B, 2>>,
     ) -> Result<Tensor<B, 2>, Inputs<B>> {
-        let (g, a, b) = match (unwrap(g), unwrap(a), unwrap(b)) {
-            (Ok(g), Ok(a), Ok(b)) => (g, a, b),
-            (g, a, b) => return Err((rewrap(g), rewrap(a), rewrap(b))),
+        let (a, b) = match (unwrap(a), unwrap(b)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (a, b) => return Err((rewrap(a), rewrap(b), c)),
         };
-        let result = match (g, a, b) {
-            (NdArrayTensor::F32(g), NdArrayTensor::F32(a), NdArrayTensor::F32(b)) => {
-                NdArrayTensor::from(fused(g.into_shared(), &a.into_shared(), &b.into_shared()))
+        let c = match c.map(unwrap) {
+            None => None,
+            Some(Ok(c)) => Some(c),
+            Some(Err(c)) => return Err((wrap(a), wrap(b), Some(c))),
+        };
+        let result = match (a, b, c) {
+            (NdArrayTensor::F32(a), NdArrayTensor::F32(b), None) => {
+                NdArrayTensor::from(fused(&a.into_shared(), &b.into_shared(), None))
             }
-            (NdArrayTensor::F64(g), NdArrayTensor::F64(a), NdArrayTensor::F64(b)) => {
-                NdArrayTensor::from(fused(g.into_shared(), &a.into_shared(), &b.into_shared()))
+            (NdArrayTensor::F32(a), NdArrayTensor::F32(b), Some(NdArrayTensor::F32(c))) => {
+                let (a, b) = (a.into_shared(), b.into_shared());
+                NdArrayTensor::from(fused(&a, &b, Some(c.into_shared())))
             }
-            (g, a, b) => return Err((wrap(g), wrap(a), wrap(b))),
+            (NdArrayTensor::F64(a), NdArrayTensor::F64(b), None) => {
+                NdArrayTensor::from(fused(&a.into_shared(), &b.into_shared(), None))
+            }
+            (NdArrayTensor::F64(a), NdArrayTensor::F64(b), Some(NdArrayTensor::F64(c))) => {
+                let (a, b) = (a.into_shared(), b.into_shared());
+                NdArrayTensor::from(fused(&a, &b, Some(c.into_shared())))
+            }
+            (a, b, c) => return Err((wrap(a), wrap(b), c.map(wrap))),
         };
         Ok(wrap(result))
     }
 
-    /// `g ← g − a·b` through one general matrix product into `g`'s buffer.
+    /// `‖g‖²` in one read of `g`, with no squared copy, on burn-ndarray's `f32` or `f64` tensors;
+    /// `None` on any other backend or dtype.
+    pub(super) fn squared_norm<B: Backend>(g: &Tensor<B, 2>) -> Option<Tensor<B, 1>> {
+        let sum = match unwrap(g.clone()).ok()? {
+            NdArrayTensor::F32(g) => NdArrayTensor::from(sum_of_squares(&g.into_shared())),
+            NdArrayTensor::F64(g) => NdArrayTensor::from(sum_of_squares(&g.into_shared())),
+            _ => return None,
+        };
+        Some(wrap(sum))
+    }
+
+    /// `Σ x²` over `a`, as a one-element array, summed in eight lanes (which the compiler
+    /// vectorises) when `a` is contiguous.
+    fn sum_of_squares<E: LinalgScalar>(a: &SharedArray<E>) -> SharedArray<E> {
+        let total = match a.as_slice_memory_order() {
+            Some(values) => {
+                let mut lanes = [E::zero(); 8];
+                let mut chunks = values.chunks_exact(8);
+                for chunk in &mut chunks {
+                    for (lane, x) in lanes.iter_mut().zip(chunk) {
+                        *lane = *lane + *x * *x;
+                    }
+                }
+                let tail = chunks
+                    .remainder()
+                    .iter()
+                    .fold(E::zero(), |s, x| s + *x * *x);
+                lanes.iter().fold(tail, |s, lane| s + *lane)
+            }
+            None => a.iter().fold(E::zero(), |s, x| s + *x * *x),
+        };
+        ndarray::arr1(&[total]).into_shared().into_dyn()
+    }
+
+    /// `c ← c − a·b` through one general matrix product into `c`'s buffer, or `a·b` into a new
+    /// one.
     fn fused<E: LinalgScalar + std::ops::Neg<Output = E>>(
-        g: SharedArray<E>,
         a: &SharedArray<E>,
         b: &SharedArray<E>,
+        c: Option<SharedArray<E>>,
     ) -> SharedArray<E> {
         // Tensors of rank 2 have 2-D arrays; the conversions cannot fail.
         let as_2d = "a rank-2 tensor holds a 2-D array";
-        let mut g = g.into_dimensionality::<Ix2>().expect(as_2d);
         let a = a.view().into_dimensionality::<Ix2>().expect(as_2d);
         let b = b.view().into_dimensionality::<Ix2>().expect(as_2d);
-        general_mat_mul(-E::one(), &a, &b, E::one(), &mut g);
-        g.into_dimensionality::<IxDyn>()
+        let out = match c {
+            Some(c) => {
+                let mut c = c.into_dimensionality::<Ix2>().expect(as_2d);
+                general_mat_mul(-E::one(), &a, &b, E::one(), &mut c);
+                c
+            }
+            None => {
+                let mut c = Array2::zeros((a.nrows(), b.ncols()));
+                general_mat_mul(E::one(), &a, &b, E::zero(), &mut c);
+                c.into_shared()
+            }
+        };
+        out.into_dimensionality::<IxDyn>()
             .expect("any array is n-dimensional")
     }
 
@@ -99,11 +181,11 @@ mod ndarray {
     }
 
     /// The tensor of backend `B` that `t` is; only called on primitives [`unwrap`] took from `B`.
-    fn wrap<B: Backend>(t: NdArrayTensor) -> Tensor<B, 2> {
+    fn wrap<B: Backend, const D: usize>(t: NdArrayTensor) -> Tensor<B, D> {
         from_any(Box::new(t))
     }
 
-    fn from_any<B: Backend>(boxed: Box<dyn Any>) -> Tensor<B, 2> {
+    fn from_any<B: Backend, const D: usize>(boxed: Box<dyn Any>) -> Tensor<B, D> {
         let primitive = boxed
             .downcast::<B::FloatTensorPrimitive>()
             .expect("the primitive came from this backend");
@@ -131,6 +213,38 @@ mod tests {
             // Bit for bit on ndarray: the same product, subtracted once, so the one-pass removal
             // changes no result. Other backends take the generic path itself.
             assert_eq!(got, generic.into_data(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn the_product_is_the_generic_matmul() {
+        for seed in 0..4 {
+            let [g, a, _] = inputs(seed);
+            // Both operand layouts the projection uses: Uᵀ G (a transposed view on the left) and
+            // G V.
+            let left = a.clone().transpose();
+            let generic = left.clone().matmul(g.clone()).into_data();
+            assert_eq!(product(left, g.clone()).into_data(), generic, "seed {seed}");
+            let v = inputs(seed + 10)[1].clone().slice([0..23, 0..5]);
+            let generic = g.clone().matmul(v.clone()).into_data();
+            assert_eq!(product(g, v).into_data(), generic, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn the_squared_norm_is_the_sum_of_squares() {
+        for seed in 0..4 {
+            let [g, _, _] = inputs(seed);
+            let generic: f32 = g.clone().square().sum().into_scalar();
+            let got: f32 = squared_norm(&g).into_scalar();
+            // Summed in another order: equal to rounding.
+            assert!(
+                (got - generic).abs() <= 1e-5 * generic,
+                "{got} vs {generic}"
+            );
+            // A transposed view is summed through its strides.
+            let t: f32 = squared_norm(&g.transpose()).into_scalar();
+            assert!((t - generic).abs() <= 1e-5 * generic, "{t} vs {generic}");
         }
     }
 

@@ -41,7 +41,7 @@ use spf_subspace::LowRankBasis;
 
 use crate::error::SpfError;
 use crate::host;
-use crate::kernels::subtract_product;
+use crate::kernels::{product, squared_norm, subtract_product};
 
 /// What the projection removes from a gradient; see the [module docs](self) for the formulas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -208,12 +208,12 @@ impl<B: Backend> Pending<B> {
         let (coefficients, side) = match (k, mode) {
             (0, _) => (None, None),
             (_, ProjectionMode::RowSpace) => {
-                let gv = grad.clone().matmul(basis.v().clone()); // [d_in, k]
+                let gv = product(grad.clone(), basis.v().clone()); // [d_in, k]
                 let c = (gv.clone() * basis.u().clone()).sum_dim(0).reshape([k]);
                 (Some(c), Some(gv))
             }
             _ => {
-                let utg = basis.u().clone().transpose().matmul(grad.clone()); // [k, d_out]
+                let utg = product(basis.u().clone().transpose(), grad.clone()); // [k, d_out]
                 let c = (utg.clone() * basis.v().clone().transpose())
                     .sum_dim(1)
                     .reshape([k]);
@@ -496,7 +496,10 @@ fn energies<B: Backend>(
         Some(s) => t.clone().div(s.clone().unsqueeze()),
         None => t.clone(),
     };
-    let total = scaled(grad).square().sum();
+    let total = match &scale {
+        Some(_) => scaled(grad).square().sum(),
+        None => squared_norm(grad),
+    };
     let Some(side) = side else {
         return total;
     };

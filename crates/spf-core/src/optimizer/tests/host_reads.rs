@@ -189,12 +189,24 @@ fn statistics_read_after_the_step_are_exact_at_extreme_magnitudes() {
                 let (got, want) = (got.stats, want.stats);
                 let context = format!("{mode:?} scale {scale:e}");
                 let ratio = got.grad_energy / (want.grad_energy * f64::from(scale).powi(2));
-                assert!((ratio - 1.0).abs() < 1e-4, "{context}: energy ratio {ratio}");
+                assert!(
+                    (ratio - 1.0).abs() < 1e-4,
+                    "{context}: energy ratio {ratio}"
+                );
                 let share = got.removed_energy_share() - want.removed_energy_share();
                 assert!(share.abs() < 1e-4, "{context}: share {share}");
-                assert!((got.cosine_before - want.cosine_before).abs() < 1e-4, "{context}");
-                assert!((got.cosine_after - want.cosine_after).abs() < 1e-3, "{context}");
-                assert_eq!((got.conflicting, got.removed), (want.conflicting, want.removed));
+                assert!(
+                    (got.cosine_before - want.cosine_before).abs() < 1e-4,
+                    "{context}"
+                );
+                assert!(
+                    (got.cosine_after - want.cosine_after).abs() < 1e-3,
+                    "{context}"
+                );
+                assert_eq!(
+                    (got.conflicting, got.removed),
+                    (want.conflicting, want.removed)
+                );
             }
         }
     }
