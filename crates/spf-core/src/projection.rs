@@ -30,10 +30,11 @@
 //! [`ProjectionStats`] is computed in closed form from `c` and `r` (or the per-direction
 //! energies), in `f64` on the host, which avoids the cancellation of `‖G‖² − ‖G̃‖²` when most of
 //! `G` is removed. That needs one read of `2k + 1` numbers per matrix; the optimizer reads those
-//! of all matrices in one transfer per step, or none (see [`StatsPolicy`](crate::StatsPolicy)).
-//! When the statistics are read and show that nothing is removed, `G` is returned untouched, so
-//! "no conflict" means `G̃ = G` bit for bit; unread, the (zero) update is applied, and only a
-//! `−0` entry can change (to `+0`).
+//! of all matrices in one transfer per step, after their removals, or none (see
+//! [`StatsPolicy`](crate::StatsPolicy)). [`project`] reads before it removes: when nothing is
+//! removed it returns `G` untouched, so "no conflict" means `G̃ = G` bit for bit. The optimizer's
+//! step (and [`project_without_stats`]) applies the removal whatever it is, so there a zero
+//! update leaves `G̃ = G` as numbers: only a `−0` entry can change (to `+0`).
 
 use burn::tensor::{Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
@@ -169,9 +170,11 @@ pub fn project_without_stats<B: Backend>(
     Ok(Pending::new(grad, basis, mode)?.finish(false))
 }
 
-/// One projection between its two halves: everything is computed on the device, and nothing has
-/// been read back. The optimizer prepares every matrix of a step, reads all their
-/// [`readout`](Self::readout)s in one transfer (or none), then [`finish`](Self::finish)es each.
+/// One projection before anything is read back: everything so far is computed on the device.
+/// [`project`] reads its [`readout`](Self::readout), then [`finish`](Self::finish)es it (leaving
+/// `G` untouched when nothing is removed); the optimizer's step
+/// [`finish_measured`](Self::finish_measured)es each gradient at once, while it is still in the
+/// caches, and reads all their readouts in one transfer after the last (or none).
 pub(crate) struct Pending<B: Backend> {
     grad: Tensor<B, 2>,
     basis: LowRankBasis<B>,
@@ -233,25 +236,6 @@ impl<B: Backend> Pending<B> {
         })
     }
 
-    /// The numbers the statistics need, as one device vector: `[c, r, ‖G‖², per-direction
-    /// energies]`, where `r` is there for the rank-`k` modes and the energies `‖u_iᵀG‖²` (or
-    /// `‖G v_i‖²`) for the subspace modes.
-    pub(crate) fn readout(&self) -> Tensor<B, 1> {
-        let mut parts: Vec<_> = self
-            .coefficients
-            .iter()
-            .chain(&self.removal)
-            .cloned()
-            .collect();
-        parts.push(energies(&self.grad, self.subspace_side(), self.mode, None));
-        Tensor::cat(parts, 0)
-    }
-
-    /// The length of [`Self::readout`].
-    pub(crate) fn readout_len(&self) -> usize {
-        self.layout().len()
-    }
-
     /// The side product when the subspace modes need its per-direction energies.
     fn subspace_side(&self) -> Option<&Tensor<B, 2>> {
         self.side.as_ref().filter(|_| {
@@ -260,32 +244,6 @@ impl<B: Backend> Pending<B> {
                 ProjectionMode::ColumnSpace | ProjectionMode::RowSpace
             )
         })
-    }
-
-    /// The statistics, from this projection's [`readout`](Self::readout) read back to the host.
-    ///
-    /// `‖G‖²` is summed on the device in the gradient's precision; when that overflowed, or is
-    /// small enough for underflow to have lost entries (below `1e-30` per element), it is redone
-    /// on `G / max|G|` with one more read, so gradients of size `1e-30` or `1e30` keep exact
-    /// statistics and the common case pays one pass, not three.
-    pub(crate) fn stats(&self, readout: &[f64]) -> ProjectionStats {
-        let read = self.layout().split(readout);
-        let (mut grad_energy, mut side_energy) = (read.grad_energy, read.side_energy.to_vec());
-        if !plausible(grad_energy, &self.grad) {
-            let scale = self.grad.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
-            let scaled = energies(
-                &self.grad,
-                self.subspace_side(),
-                self.mode,
-                Some(scale.clone()),
-            );
-            let host = host::read(vec![scale, scaled]);
-            let s2 = host[0] * host[0];
-            grad_energy = s2 * host[1];
-            side_energy = host[2..].iter().map(|e| s2 * e).collect();
-        }
-        let plan = Plan::from_readout(self.mode, read.c, read.r, &side_energy);
-        plan.stats(read.c, self.basis.singular_values(), grad_energy)
     }
 
     /// Where each number sits in [`Self::readout`].
@@ -434,14 +392,73 @@ pub(crate) struct Measured<B: Backend> {
     projected: Option<Tensor<B, 2>>,
 }
 
-impl<B: Backend> Measured<B> {
+
+/// A projection whose statistics come from a readout, read back to the host (for many
+/// projections at once, by the optimizer).
+pub(crate) trait Readout<B: Backend> {
+    /// The numbers the statistics need, as one device vector.
+    fn readout(&self) -> Tensor<B, 1>;
+    /// The length of [`Self::readout`].
+    fn readout_len(&self) -> usize;
+    /// The statistics, from the readout read back to the host.
+    fn stats(&self, readout: &[f64]) -> ProjectionStats;
+}
+
+impl<B: Backend> Readout<B> for Pending<B> {
+    /// The numbers the statistics need, as one device vector: `[c, r, ‖G‖², per-direction
+    /// energies]`, where `r` is there for the rank-`k` modes and the energies `‖u_iᵀG‖²` (or
+    /// `‖G v_i‖²`) for the subspace modes.
+    fn readout(&self) -> Tensor<B, 1> {
+        let mut parts: Vec<_> = self
+            .coefficients
+            .iter()
+            .chain(&self.removal)
+            .cloned()
+            .collect();
+        parts.push(energies(&self.grad, self.subspace_side(), self.mode, None));
+        Tensor::cat(parts, 0)
+    }
+
+    /// The length of [`Self::readout`].
+    fn readout_len(&self) -> usize {
+        self.layout().len()
+    }
+
+    /// The statistics, from this projection's [`readout`](Self::readout) read back to the host.
+    ///
+    /// `‖G‖²` is summed on the device in the gradient's precision; when that overflowed, or is
+    /// small enough for underflow to have lost entries (below `1e-30` per element), it is redone
+    /// on `G / max|G|` with one more read, so gradients of size `1e-30` or `1e30` keep exact
+    /// statistics and the common case pays one pass, not three.
+    fn stats(&self, readout: &[f64]) -> ProjectionStats {
+        let read = self.layout().split(readout);
+        let (mut grad_energy, mut side_energy) = (read.grad_energy, read.side_energy.to_vec());
+        if !plausible(grad_energy, &self.grad) {
+            let scale = self.grad.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
+            let scaled = energies(
+                &self.grad,
+                self.subspace_side(),
+                self.mode,
+                Some(scale.clone()),
+            );
+            let host = host::read(vec![scale, scaled]);
+            let s2 = host[0] * host[0];
+            grad_energy = s2 * host[1];
+            side_energy = host[2..].iter().map(|e| s2 * e).collect();
+        }
+        let plan = Plan::from_readout(self.mode, read.c, read.r, &side_energy);
+        plan.stats(read.c, self.basis.singular_values(), grad_energy)
+    }
+}
+
+impl<B: Backend> Readout<B> for Measured<B> {
     /// The numbers to read, computed from `G` before the removal.
-    pub(crate) fn readout(&self) -> Tensor<B, 1> {
+    fn readout(&self) -> Tensor<B, 1> {
         self.readout.clone()
     }
 
     /// The length of [`Self::readout`].
-    pub(crate) fn readout_len(&self) -> usize {
+    fn readout_len(&self) -> usize {
         self.layout.len()
     }
 
@@ -452,7 +469,7 @@ impl<B: Backend> Measured<B> {
     /// computed on scaled copies: exact, since what is removed is orthogonal to what is kept (for
     /// `ConflictOnly` and `Orthogonal` each `r_i` is `0` or `c_i`; `Pcgrad` removes the
     /// component along `D`; the subspace modes an orthogonal projection).
-    pub(crate) fn stats(&self, readout: &[f64]) -> ProjectionStats {
+    fn stats(&self, readout: &[f64]) -> ProjectionStats {
         let read = self.layout.split(readout);
         let mode = self.layout.mode;
         let projected = self.projected.as_ref().expect("kept for the statistics");
@@ -480,8 +497,7 @@ impl<B: Backend> Measured<B> {
         }
         let plan = Plan::from_readout(mode, read.c, read.r, &side_energy);
         plan.stats(read.c, &self.sigma, grad_energy)
-    }
-}
+    }}
 
 /// `[‖G/s‖², ‖side_i/s‖²…]` as one device vector, where `side` is `UᵀG` (`[k, d_out]`,
 /// energies by row) for `ColumnSpace` and `G V` (`[d_in, k]`, by column) for `RowSpace`, and `s`

@@ -17,37 +17,53 @@ use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::ProtectedBases;
 use crate::host;
-use crate::projection::{Measured, Pending, ProjectionMode, ProjectionStats};
+use crate::projection::{Measured, Pending, ProjectionMode, ProjectionStats, Readout};
 use crate::stats::TensorStats;
 
 /// The bases of a wrapper over the autodiff backend `B`.
 type Bases<B> = ProtectedBases<<B as AutodiffBackend>::InnerBackend>;
 
-/// Projections started on the device, one per protected gradient or update, in module order,
-/// waiting for the host's read (if any) to be finished.
-pub(crate) struct PendingSet<B: Backend> {
-    entries: Vec<(ParamId, Pending<B>)>,
+/// Projections of one step, one per protected gradient or update, in module order, whose
+/// statistics wait for one read of all their readouts.
+pub(crate) struct ProjectionSet<P> {
+    entries: Vec<(ParamId, P)>,
 }
 
-impl<B: Backend> PendingSet<B> {
+/// Projections started on the device, not finished: the `Update` target's, which are finished
+/// after the read (leaving untouched the parameters from which nothing is removed), and
+/// [`SafetyProjectedOptimizer::measure`](crate::SafetyProjectedOptimizer::measure)'s.
+pub(crate) type PendingSet<B> = ProjectionSet<Pending<B>>;
+
+/// Projections finished on the device: the `Gradient` target's.
+pub(crate) type MeasuredSet<B> = ProjectionSet<Measured<B>>;
+
+impl<P> ProjectionSet<P> {
     /// Every entry's readout, in order, for one read.
-    pub(crate) fn readouts(&self) -> Vec<Tensor<B, 1>> {
+    pub(crate) fn readouts<B: Backend>(&self) -> Vec<Tensor<B, 1>>
+    where
+        P: Readout<B>,
+    {
         self.entries.iter().map(|(_, p)| p.readout()).collect()
     }
 
     /// Each entry's statistics, from the host copy of [`Self::readouts`].
-    pub(crate) fn stats(&self, targets: &Targets, host: &[f64]) -> Vec<TensorStats> {
+    pub(crate) fn stats<B: Backend>(&self, targets: &Targets, host: &[f64]) -> Vec<TensorStats>
+    where
+        P: Readout<B>,
+    {
         let mut rest = host;
         self.entries
             .iter()
-            .map(|(id, pending)| {
-                let (own, tail) = rest.split_at(pending.readout_len());
+            .map(|(id, projection)| {
+                let (own, tail) = rest.split_at(projection.readout_len());
                 rest = tail;
-                tensor_stats(targets, *id, pending.stats(own))
+                tensor_stats(targets, *id, projection.stats(own))
             })
             .collect()
     }
+}
 
+impl<B: Backend> PendingSet<B> {
     /// The finished projections, by parameter; those whose statistics say nothing was removed
     /// come back untouched.
     fn finish(self, stats: &[TensorStats]) -> HashMap<ParamId, Tensor<B, 2>> {
@@ -56,32 +72,6 @@ impl<B: Backend> PendingSet<B> {
             .into_iter()
             .enumerate()
             .map(|(i, (id, pending))| (id, pending.finish(unchanged(i))))
-            .collect()
-    }
-}
-
-/// Projections finished on the device, one per protected gradient in module order, whose
-/// statistics wait for one read of all their readouts.
-pub(crate) struct MeasuredSet<B: Backend> {
-    entries: Vec<(ParamId, Measured<B>)>,
-}
-
-impl<B: Backend> MeasuredSet<B> {
-    /// Every entry's readout, in order, for one read.
-    pub(crate) fn readouts(&self) -> Vec<Tensor<B, 1>> {
-        self.entries.iter().map(|(_, m)| m.readout()).collect()
-    }
-
-    /// Each entry's statistics, from the host copy of [`Self::readouts`].
-    pub(crate) fn stats(&self, targets: &Targets, host: &[f64]) -> Vec<TensorStats> {
-        let mut rest = host;
-        self.entries
-            .iter()
-            .map(|(id, measured)| {
-                let (own, tail) = rest.split_at(measured.readout_len());
-                rest = tail;
-                tensor_stats(targets, *id, measured.stats(own))
-            })
             .collect()
     }
 }

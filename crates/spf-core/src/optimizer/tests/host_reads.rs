@@ -4,15 +4,6 @@
 use super::*;
 use crate::{NonFinitePolicy, ProjectionTarget, StatsPolicy};
 
-fn wrapper(
-    config: SpfConfig,
-    model: &Net<B>,
-) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B> + use<>, B> {
-    config
-        .init(AdamWConfig::new().init::<B, Net<B>>(), model, bases(model))
-        .unwrap()
-}
-
 #[test]
 fn a_step_reads_from_the_device_once_or_not_at_all() {
     use NonFinitePolicy::{Error, Unchecked};
@@ -38,7 +29,7 @@ fn a_step_reads_from_the_device_once_or_not_at_all() {
                 .with_stats(stats)
                 .with_non_finite(probe)
                 .with_target(target);
-            let mut optim = wrapper(config, &model);
+            let mut optim = adamw(config, &model);
             let feed = optim.stats_feed();
             let mut m = model.clone();
             for seed in 0..3 {
@@ -62,7 +53,7 @@ fn reading_the_statistics_or_not_takes_the_same_step() {
         for mode in ProjectionMode::ALL {
             let run = |stats: StatsPolicy| {
                 let config = config(mode).with_target(target).with_stats(stats);
-                train(&mut wrapper(config, &model), model.clone(), 0..4)
+                train(&mut adamw(config, &model), model.clone(), 0..4)
             };
             let (read, unread) = (run(StatsPolicy::EveryStep), run(StatsPolicy::Off));
             let context = format!("{target:?} {mode:?}");
@@ -91,7 +82,7 @@ fn the_probe_acts_the_same_inside_the_statistics_read_or_alone() {
                 let config = config(ProjectionMode::ConflictOnly)
                     .with_non_finite(policy)
                     .with_stats(stats);
-                let mut optim = wrapper(config, &model);
+                let mut optim = adamw(config, &model);
                 let mut g = grads(&model, 1);
                 let w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
                 let w = w

@@ -90,6 +90,16 @@ fn config(mode: ProjectionMode) -> SpfConfig {
     SpfConfig::new().with_mode(mode).with_estimator(estimator())
 }
 
+/// AdamW wrapped with `config` around the fixture bases.
+fn adamw(
+    config: SpfConfig,
+    model: &Net<B>,
+) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B> + use<>, B> {
+    config
+        .init(AdamWConfig::new().init::<B, Net<B>>(), model, bases(model))
+        .unwrap()
+}
+
 /// Every float parameter of the model on the host, as 2-D views, by id.
 fn params(model: &Net<B>) -> Vec<(ParamId, Mat<f64>)> {
     let linear = |l: &Linear<B>| {

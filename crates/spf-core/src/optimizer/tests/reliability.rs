@@ -14,16 +14,6 @@ fn poisoned_grads(model: &Net<B>, seed: u64, value: f32) -> GradientsParams {
     g
 }
 
-/// AdamW wrapped with `config` around the fixture bases.
-fn adamw(
-    config: SpfConfig,
-    model: &Net<B>,
-) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B> + use<>, B> {
-    config
-        .init(AdamWConfig::new().init::<B, Net<B>>(), model, bases(model))
-        .unwrap()
-}
-
 fn wrapper(
     policy: NonFinitePolicy,
     model: &Net<B>,
