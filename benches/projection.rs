@@ -7,7 +7,9 @@
 //! projects the same buffers over and over (after the first pass nothing conflicts, though it
 //! still pays for the update), each iteration here projects a fresh copy made outside the timer,
 //! so every removal is real. `project` also computes its statistics, which the reference does
-//! not. The `part/…` rows time the tensor operations `project` is made of, over the same set.
+//! not; the `…, no statistics` rows (`project_without_stats`) leave them out, as the reference does.
+//! The `part/…` rows time tensor operations `project` is made of, over the same set; the removal
+//! part is the generic two-pass form that burn-ndarray's one-pass kernel replaces.
 //!
 //! Run: `cargo bench --bench projection`, or `bench/compare.sh` for both sides back to back.
 
@@ -18,22 +20,26 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use burn::backend::{Autodiff, NdArray};
 use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::Tensor;
-use common::{GradientSet, Group, Matrices, random_bases};
+use common::{B, GradientSet, Group, Inner, Matrices, random_bases};
 use criterion::{Criterion, criterion_group, criterion_main};
-use spf::{LowRankBasis, ProjectionMode, project};
-
-type B = Autodiff<NdArray>;
-type Inner = NdArray;
+use spf::{LowRankBasis, ProjectionMode, project, project_without_stats};
 
 const K: usize = 8;
 
-/// The reference's CPU shapes, `(out, in)`, for two layers.
+/// The reference's shapes, `(out, in)`: on a CPU two layers of width 512 and MLP width 1376;
+/// `SPF_BENCH_SHAPES=d,f,layers` sets others (bench/gpu.sh: the reference's CUDA shapes).
 fn reference_shapes() -> Vec<[usize; 2]> {
-    let (d, f) = (512, 1376);
-    (0..2)
+    let given = std::env::var("SPF_BENCH_SHAPES").unwrap_or_else(|_| "512,1376,2".into());
+    let numbers: Vec<usize> = given
+        .split(',')
+        .map(|n| n.trim().parse().expect("SPF_BENCH_SHAPES is d,f,layers"))
+        .collect();
+    let [d, f, layers] = numbers[..] else {
+        panic!("SPF_BENCH_SHAPES is d,f,layers, got {given}");
+    };
+    (0..layers)
         .flat_map(|_| [[d, d], [d, d], [d, d], [d, d], [f, d], [f, d], [d, f]])
         .collect()
 }
@@ -75,6 +81,13 @@ fn benches(c: &mut Criterion) {
                 std::hint::black_box(out);
             }
         });
+        // As the reference: no statistics, so no read back from the device either.
+        group.bench(&format!("{label}, no statistics"), fresh, |gs| {
+            for (g, basis) in gs.into_iter().zip(&bases) {
+                let out = project_without_stats(g, basis, mode).expect("shapes fit");
+                std::hint::black_box(out);
+            }
+        });
     }
     // The parts of `project`, each over the whole set, to show where its time goes.
     group.bench("part/read: sum(G)", fresh, |gs| {
@@ -100,7 +113,7 @@ fn benches(c: &mut Criterion) {
             std::hint::black_box(basis.u().clone().transpose().matmul(g));
         }
     });
-    group.bench("part/removal: G - U R V^T", fresh, |gs| {
+    group.bench("part/removal, two passes: G - (U R V^T)", fresh, |gs| {
         for (g, basis) in gs.into_iter().zip(&bases) {
             let product = basis.u().clone().matmul(basis.v().clone().transpose());
             std::hint::black_box(g - product);

@@ -8,8 +8,16 @@
 //! fresh copy of one fixed set of standard-normal gradients against random orthonormal bases, so
 //! about half of all directions conflict. The copy is made outside the timer.
 //!
+//! Beside the sweep, the rows of docs/performance.md's targets: `ConflictOnly`, `Gradient`,
+//! `k = 8` with the statistics read (the default) and with no read at all (`StatsPolicy::Off`,
+//! `NonFinitePolicy::Unchecked`), and plain AdamW stepping while a clone of the module is held,
+//! as the wrapper holds one to hand the module back if the inner step panics: that shows what
+//! the extra reference costs AdamW's in-place updates.
+//!
 //! Run: `cargo bench --bench step`. After criterion's output, each group prints a table of
-//! medians and their ratio to the plain AdamW step of the same run.
+//! medians and their ratio to the plain AdamW step of the same run. The backend is burn-ndarray
+//! as the workspace builds it: `--features ndarray-fast` turns on its SIMD and multi-threading
+//! (burn's defaults).
 
 #![allow(missing_docs)]
 
@@ -17,16 +25,13 @@ mod common;
 
 use std::time::Duration;
 
-use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, Optimizer};
-use common::{GradientSet, Group, Matrices, llama_block, random_bases};
+use common::{B, GradientSet, Group, Matrices, llama_block, random_bases};
 use criterion::{Criterion, criterion_group, criterion_main};
-use spf::{ProjectionMode, ProjectionTarget, SpfConfig};
+use spf::{NonFinitePolicy, ProjectionMode, ProjectionTarget, SpfConfig, StatsPolicy};
 use spf_lab::model::TransformerConfig;
 use spf_lab::world::{World, WorldConfig};
-
-type B = Autodiff<NdArray>;
 
 const LR: f64 = 1e-4;
 
@@ -48,6 +53,48 @@ where
             model = Some(optim.step(LR, model.take().expect("returned"), g));
         },
     );
+
+    let mut optim = AdamWConfig::new().init::<B, M>();
+    let mut model = Some(module.clone());
+    group.bench(
+        "adamw, module clone held",
+        || grads.fresh(),
+        |g| {
+            let module = model.take().expect("returned");
+            let held = module.clone();
+            model = Some(optim.step(LR, module, g));
+            drop(held);
+        },
+    );
+
+    let bases = random_bases::<B, M>(&module, 8, 7, &device);
+    for (label, stats, non_finite) in [
+        (
+            "spf/k8/ConflictOnly, read",
+            StatsPolicy::EveryStep,
+            NonFinitePolicy::Error,
+        ),
+        (
+            "spf/k8/ConflictOnly, no read",
+            StatsPolicy::Off,
+            NonFinitePolicy::Unchecked,
+        ),
+    ] {
+        let config = SpfConfig::new()
+            .with_stats(stats)
+            .with_non_finite(non_finite);
+        let mut optim = config
+            .init(AdamWConfig::new().init::<B, M>(), &module, bases.clone())
+            .expect("bases fit the module");
+        let mut model = Some(module.clone());
+        group.bench(
+            label,
+            || grads.fresh(),
+            |g| {
+                model = Some(optim.step(LR, model.take().expect("returned"), g));
+            },
+        );
+    }
 
     for k in [4, 8, 16] {
         let bases = random_bases::<B, M>(&module, k, 7, &device);

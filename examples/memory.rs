@@ -23,7 +23,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use clap::Parser;
-use spf::{RankPolicy, RefreshPolicy, SafetySubspace, SpfConfig, SubspaceConfig};
+use spf::{RankPolicy, RefreshPolicy, SafetySubspace, SpfConfig, StatsPolicy, SubspaceConfig};
 
 type B = Autodiff<NdArray>;
 
@@ -32,6 +32,9 @@ struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// The peak of live bytes since it was last reset: what one optimizer step adds on top of what
+/// was live when it began is its transient.
+static WATERMARK: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the counters only observe.
 unsafe impl GlobalAlloc for Counting {
@@ -41,6 +44,7 @@ unsafe impl GlobalAlloc for Counting {
         if !ptr.is_null() {
             let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
             PEAK.fetch_max(live, Ordering::Relaxed);
+            WATERMARK.fetch_max(live, Ordering::Relaxed);
         }
         ptr
     }
@@ -76,6 +80,9 @@ struct Args {
     /// Re-estimate the bases every this many steps (0: never).
     #[arg(long, default_value_t = 0)]
     refresh: usize,
+    /// Read no statistics (`StatsPolicy::Off`): the projection's transient without `‖G‖²`.
+    #[arg(long)]
+    no_stats: bool,
     /// Rank of each basis.
     #[arg(long, default_value_t = 8)]
     rank: usize,
@@ -133,19 +140,32 @@ fn batch(rows: usize, d: usize, device: &burn::tensor::Device<B>) -> (Tensor<B, 
     )
 }
 
+/// Trains for `args.steps` steps; prints the transient heap of the optimizer steps (the peak of
+/// live bytes inside `step` above those live when it began): the median step's, which a refresh
+/// every few steps does not move, and the largest.
 fn train<O: Optimizer<Block<B>, B>>(
     mut model: Block<B>,
     optim: &mut O,
     args: &Args,
     device: &burn::tensor::Device<B>,
 ) -> Block<B> {
+    let mut transients = Vec::new();
     for _ in 0..args.steps {
         let grads = GradientsParams::from_grads(
             loss(&model, &batch(args.batch, 512, device)).backward(),
             &model,
         );
+        let before = LIVE.load(Ordering::Relaxed);
+        WATERMARK.store(before, Ordering::Relaxed);
         model = optim.step(1e-4, model, grads);
+        transients.push(WATERMARK.load(Ordering::Relaxed) - before);
     }
+    transients.sort_unstable();
+    println!(
+        "step transient: median {:.2} MiB, largest {:.2} MiB",
+        mib(transients[transients.len() / 2]),
+        mib(transients.last().copied().unwrap_or(0))
+    );
     model
 }
 
@@ -172,8 +192,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         0 => RefreshPolicy::Never,
         n => RefreshPolicy::Every(n),
     };
+    let stats = if args.no_stats {
+        StatsPolicy::Off
+    } else {
+        StatsPolicy::EveryStep
+    };
     let mut optim = SpfConfig::new()
         .with_refresh(refresh)
+        .with_stats(stats)
         .with_estimator(estimator)
         .init(adamw, &model, subspace)?
         .with_safety_source(move |m: &Block<B>| loss(m, &safety));

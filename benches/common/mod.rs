@@ -22,6 +22,38 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution as _, StandardNormal};
 use spf::{LowRankBasis, Targets, VectorPolicy};
 
+/// The backend the step and projection benches run on: burn-ndarray, or the GPU backend of
+/// feature `cuda` (first) or `wgpu`, for bench/gpu.sh.
+#[cfg(feature = "cuda")]
+pub type Inner = burn::backend::Cuda;
+/// The backend the step and projection benches run on (feature `wgpu`).
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+pub type Inner = burn::backend::Wgpu;
+/// The backend the step and projection benches run on.
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+pub type Inner = burn::backend::NdArray;
+/// [`Inner`] with autodiff, as the optimizers take it.
+pub type B = burn::backend::Autodiff<Inner>;
+
+/// The name of [`Inner`], for the tables.
+pub fn backend_name() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else if cfg!(feature = "wgpu") {
+        "wgpu"
+    } else if cfg!(feature = "ndarray-fast") {
+        "ndarray-fast"
+    } else {
+        "ndarray"
+    }
+}
+
+/// Waits until the device has run everything queued: GPU backends return before their kernels
+/// finish, so each timed iteration ends here. A no-op on ndarray.
+pub fn sync() {
+    Inner::sync(&Default::default()).expect("the device runs");
+}
+
 /// A criterion group whose benchmarks also keep their per-iteration times, so that it can print
 /// them as ratios against one of them, all timed in the same run.
 pub struct Group<'c> {
@@ -63,8 +95,10 @@ impl<'c> Group<'c> {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let input = setup();
+                    sync();
                     let start = Instant::now();
                     routine(input);
+                    sync();
                     total += start.elapsed();
                 }
                 let per_iter = total.as_secs_f64() / iters.max(1) as f64;
@@ -100,8 +134,10 @@ impl<'c> Group<'c> {
         };
         let per = if units == 1 { "iteration" } else { "step" };
         println!(
-            "\n{}: median time per {per} over {} samples, ratio to `{baseline}`\n",
-            self.name, self.samples
+            "\n{} on {}: median time per {per} over {} samples, ratio to `{baseline}`\n",
+            self.name,
+            backend_name(),
+            self.samples
         );
         println!("| benchmark | median | ratio |");
         println!("|---|---|---|");
