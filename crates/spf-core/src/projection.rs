@@ -392,7 +392,6 @@ pub(crate) struct Measured<B: Backend> {
     projected: Option<Tensor<B, 2>>,
 }
 
-
 /// A projection whose statistics come from a readout, read back to the host (for many
 /// projections at once, by the optimizer).
 pub(crate) trait Readout<B: Backend> {
@@ -497,7 +496,8 @@ impl<B: Backend> Readout<B> for Measured<B> {
         }
         let plan = Plan::from_readout(mode, read.c, read.r, &side_energy);
         plan.stats(read.c, &self.sigma, grad_energy)
-    }}
+    }
+}
 
 /// `[‖G/s‖², ‖side_i/s‖²…]` as one device vector, where `side` is `UᵀG` (`[k, d_out]`,
 /// energies by row) for `ColumnSpace` and `G V` (`[d_in, k]`, by column) for `RowSpace`, and `s`
