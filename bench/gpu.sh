@@ -6,11 +6,12 @@
 #   bench/gpu.sh wgpu    any Vulkan (or Metal, DX12) adapter; on Mesa's lavapipe, a CPU driver,
 #                        only to check that everything runs: its times mean nothing
 #
-# The projection runs on the reference's CUDA shapes (four Llama-7B-shaped layers, 4096 × 11008,
-# k = 8) with cuda, and on SPF_BENCH_SHAPES=d,f,layers when that is set (bench/gpu.sh wgpu on
-# lavapipe: SPF_BENCH_SHAPES=128,344,1). The step bench runs its own sets (the lab transformer
-# and one block of width 512). Every iteration ends with a device sync, so the times are the
-# device's. PyTorch uses the card when it sees one (CUDA), else the CPU; the table says which.
+# The projection and the reference run on the same shapes: the reference's CUDA shapes (four
+# Llama-7B-shaped layers, 4096 × 11008, k = 8) with cuda, or SPF_BENCH_SHAPES=d,f,layers when
+# that is set (bench/gpu.sh wgpu on lavapipe: SPF_BENCH_SHAPES=128,344,1). The step bench runs
+# its own sets (the lab transformer and one block of width 512). Every iteration ends with a
+# device sync, so the times are the device's. PyTorch uses the card when it sees one (CUDA),
+# else the CPU; the table says which.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +48,7 @@ print(f"| Rust, burn {backend} | {backend} | {p['adamw'][0][0]:.2f} ms | "
 print(f"| PyTorch {t['torch']} | {t['device']} | {t['adamw_ms']:.2f} ms | "
       f"{t['conflict_only_ms']:.2f} ms | {t['hard_left_ms']:.2f} ms |")
 print(f"\nRust / PyTorch conflict-only: {p['conflict_only, no statistics'][0][0] / t['conflict_only_ms']:.2f}x "
-      f"(PyTorch on {t['device']})\n")
+      f"(PyTorch on {t['device']}; shapes d, f, layers = {t['shapes']})\n")
 print("| step bench row | lab transformer | block 512 |")
 print("|---|---|---|")
 for name, runs in s.items():
