@@ -21,6 +21,13 @@ pub enum ProjectionTarget {
 }
 
 /// What a step does when a gradient holds NaN or ±Inf.
+///
+/// The probe sums each gradient on the device; a sum that is not finite is re-checked exactly
+/// (finite entries near `f32::MAX` can overflow a sum). Under `Error` and `SkipStep`, with the
+/// statistics read and no refresh due, the probe shares the statistics' read after the
+/// projection, so the exact re-check sees the *projected* gradient: a finite gradient whose
+/// projection overflowed to ±Inf is refused too (the step would have applied it). Otherwise the
+/// probe reads before anything else happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum NonFinitePolicy {
     /// [`SafetyProjectedOptimizer::try_step`](crate::SafetyProjectedOptimizer::try_step) returns

@@ -107,7 +107,9 @@ pub enum SpfError {
         threshold: f64,
     },
 
-    /// Gradients hold NaN or ±Inf (under [`NonFinitePolicy::Error`](crate::NonFinitePolicy)).
+    /// Gradients hold NaN or ±Inf (under [`NonFinitePolicy::Error`](crate::NonFinitePolicy)),
+    /// or, when the probe shares the statistics' read, their projections do (see
+    /// [`NonFinitePolicy`](crate::NonFinitePolicy)).
     #[error("non-finite gradient for {}", paths.join(", "))]
     NonFiniteGradient {
         /// Module paths of the parameters whose gradients are not finite.
