@@ -1,4 +1,5 @@
-//! The `--quick` pipeline of the finetune example, end to end on ndarray.
+//! The `--quick` pipeline of the finetune example, end to end on ndarray (at one of its two
+//! harmful shares).
 
 use burn::backend::{Autodiff, NdArray};
 use spf_lab::experiment::{ExperimentConfig, Results, run};
@@ -6,12 +7,25 @@ use spf_lab::finetune::Method;
 use spf_lab::progress::Silent;
 use spf_lab::report;
 
+/// Where this test leaves the aligned model it trains, in the layout of the finetune example's
+/// `--out`: CI then runs `finetune --quick --out` on it, which loads the model instead of
+/// aligning a second time (and so exercises loading a checkpoint another process wrote).
+const OUT: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/finetune-quick");
+
 #[test]
 fn quick_pipeline_aligns_attacks_and_reports() {
-    let config = ExperimentConfig::quick();
+    // The quick configuration at one harmful share: CI's run of the example covers both.
+    let config = ExperimentConfig::quick().with_shares(vec![0.1]);
     let device = Default::default();
-    let results = run::<Autodiff<NdArray>>(&config, "ndarray", &device, None, &mut Silent)
+    // Always align afresh: a model cached by an earlier build would hide a change to alignment.
+    let cache = std::path::Path::new(OUT).join("cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let results = run::<Autodiff<NdArray>>(&config, "ndarray", &device, Some(&cache), &mut Silent)
         .expect("the quick pipeline runs");
+    assert!(
+        std::fs::read_dir(&cache).is_ok_and(|mut d| d.next().is_some()),
+        "the aligned model is cached for the example"
+    );
 
     // The aligned model refuses held-out harmful prompts, on seen and unseen harm topics.
     let aligned = results.seeds[0].aligned;
