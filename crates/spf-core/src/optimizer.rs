@@ -353,8 +353,8 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     }
 
     /// [`Self::try_step`] after its checks of the learning rate and the bases: the non-finite
-    /// probe, the refresh, the projection and the inner step, with at most one read from the
-    /// device outside a refresh (see [`StepStats::host_reads`]).
+    /// probe, the refresh, the projection and the inner step, with one read from the device
+    /// outside a refresh under the default settings (see [`StepStats::host_reads`]).
     fn checked_step<M>(
         &mut self,
         lr: LearningRate,
