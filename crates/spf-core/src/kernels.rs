@@ -1,5 +1,5 @@
-//! The projection's two matrix products, without the copies burn's generic operations make
-//! on the CPU backend.
+//! The projection's two matrix products and `‖G‖²`, without the copies burn's generic operations
+//! make on the CPU backend.
 //!
 //! The removal is a rank-`k` product subtracted from the gradient. With burn's tensor
 //! operations that is a matrix product written to a new `d_in × d_out` buffer and a subtraction
@@ -12,8 +12,11 @@
 //! to a batch of one, and its `reshape` copies, so each product wrote a whole copy of `G` before
 //! reading it: [`product`] hands the operands' own arrays to the same matrix product.
 //!
-//! Both give the generic path's results bit for bit (the same products, in the same order; a
-//! test holds them to it). Every other backend takes the generic path, so this crate stays
+//! `‖G‖²` squared `G` into a copy and summed it; [`squared_norm`] sums the squares in one read.
+//!
+//! The two products give the generic path's results bit for bit (the same products, in the same
+//! order; a test holds them to it); the norm sums in another order, equal to rounding, and only
+//! the statistics read it. Every other backend takes the generic path, so this crate stays
 //! generic and a user's backend needs nothing from it. The backend is recognised at run time, by
 //! downcasting burn's tensor primitive to burn-ndarray's: Rust has no specialisation, and a trait
 //! bound for a faster kernel would have to appear on every generic signature of the wrapper and
