@@ -9,7 +9,8 @@
 //! `target/spf-runs/learner`. `-- --epochs 4 --resume 3` continues that run from its epoch-3
 //! checkpoint: burn-train reloads the model, the wrapper (inner AdamW state, bases, step counter
 //! and refresh state) and the scheduler, and the fourth epoch is the one an uninterrupted
-//! four-epoch run takes (`tests/learner.rs` checks it bit for bit).
+//! four-epoch run takes (`tests/learner.rs` checks it bit for bit). `--devices N` trains on N
+//! replicas under burn-train's multi-device strategy.
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Device, Distribution, Tensor, TensorData, activation::tanh};
 use burn::train::metric::LossMetric;
 use burn::train::{
-    InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep,
+    ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, RegressionOutput,
+    SupervisedTraining, TrainOutput, TrainStep,
 };
 use spf_core::{RankPolicy, RefreshPolicy, SpfConfig, StepStats, SubspaceConfig};
 use spf_train::{SpfMetric, SpfStatistic};
@@ -157,8 +159,16 @@ pub struct Outcome {
 }
 
 /// Trains `epochs` epochs into `dir`, from scratch or, with `resume`, from the checkpoint of
-/// that epoch in `dir`.
-pub fn run(dir: &Path, epochs: usize, resume: Option<usize>) -> Result<Outcome, Box<dyn Error>> {
+/// that epoch in `dir`, on `devices` replicas: more than one runs burn-train's multi-device
+/// strategy (`ExecutionStrategy::MultiDevice` with the optimization sharded, which calls the
+/// wrapper's `step_multi` on the devices' gradients), with the CPU device repeated, as burn's
+/// ndarray backend has one.
+pub fn run(
+    dir: &Path,
+    epochs: usize,
+    resume: Option<usize>,
+    devices: usize,
+) -> Result<Outcome, Box<dyn Error>> {
     let device = Default::default();
     let train = task(SAMPLES, 1, 10, &device);
     let valid = task(SAMPLES / 4, 1, 11, &device);
@@ -189,6 +199,11 @@ pub fn run(dir: &Path, epochs: usize, resume: Option<usize>) -> Result<Outcome, 
     if let Some(epoch) = resume {
         training = training.checkpoint(epoch);
     }
+    if devices > 1 {
+        let devices = vec![device; devices];
+        let strategy = ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimSharded);
+        training = training.with_training_strategy(strategy.into());
+    }
     let result = training.launch(Learner::new(model, optim, LR));
     Ok(Outcome {
         model: result.model,
@@ -198,13 +213,15 @@ pub fn run(dir: &Path, epochs: usize, resume: Option<usize>) -> Result<Outcome, 
 
 fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
-    let (mut epochs, mut resume, mut dir) = (3, None, PathBuf::from("target/spf-runs/learner"));
+    let (mut epochs, mut resume, mut devices) = (3, None, 1);
+    let mut dir = PathBuf::from("target/spf-runs/learner");
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--epochs" => epochs = value()?.parse()?,
             "--resume" => resume = Some(value()?.parse()?),
             "--out" => dir = value()?.into(),
+            "--devices" => devices = value()?.parse()?,
             _ => return Err(format!("unknown argument {flag}").into()),
         }
     }
@@ -212,7 +229,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         // A fresh run: burn-train appends to the logs of an old one.
         std::fs::remove_dir_all(&dir)?;
     }
-    let outcome = run(&dir, epochs, resume)?;
+    let outcome = run(&dir, epochs, resume, devices)?;
     let stats = &outcome.stats;
     println!(
         "last step: {:.1}% of safety directions conflicting, {:.3}% of gradient energy removed, \
