@@ -12,10 +12,12 @@
 //! Run: `cargo run --release --example finetune` (add `-- --quick` for the CI smoke test,
 //! `-- --ablate` for the ablations instead, `--screen τ` for SPF's sample screen
 //! (no threshold works on this model: docs/results.md, "The sample screen in the lab"),
-//! `--features wgpu -- --backend wgpu` for another backend).
+//! `--features wgpu -- --backend wgpu` for another backend, `--devices N` to fine-tune
+//! data-parallel on N replicas as well and compare).
 //! Outputs go to `target/spf-runs/<run-id>/`: `results.json`, `table.md`, and one SVG of the
 //! curves per harmful share.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -62,6 +64,12 @@ struct Args {
     /// Retrain the aligned models instead of loading cached checkpoints.
     #[arg(long)]
     no_cache: bool,
+    /// Fine-tune data-parallel on this many replicas (burn-collective: each replica steps on
+    /// its shard of every batch, gradients averaged), after the same runs on one, and print
+    /// both tables and the speed-up. The replicas take the backend's first N devices when it
+    /// has that many, otherwise share the one (the CPU's cores, on ndarray).
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -85,10 +93,12 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
     }
     config.defence.screen = args.screen;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let name = match (args.quick, args.ablate) {
-        (_, true) => "ablate",
-        (true, false) => "quick",
-        (false, false) => "default",
+    let name = match (args.quick, args.ablate, args.devices > 1) {
+        (_, true, _) => "ablate",
+        (true, false, false) => "quick",
+        (false, false, false) => "default",
+        (true, false, true) => "quick-replicas",
+        (false, false, true) => "replicas",
     };
     let backend_name = format!("{:?}", args.backend).to_lowercase();
     let dir = args.out.join(format!("{name}-{backend_name}-{stamp}"));
@@ -110,6 +120,29 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
             &serde_json::to_string_pretty(&ablations)?,
         )?;
         write(&dir.join("ablations.md"), &text)?;
+    } else if args.devices > 1 {
+        let devices = spf_lab::replicas::replica_devices::<B>(args.devices, &device);
+        println!("replicas on {devices:?}");
+        let mut tables = String::new();
+        let mut all = Vec::new();
+        for replicas in [1, args.devices] {
+            config.replicas = replicas;
+            let results =
+                experiment::run::<B>(&config, backend, &device, cache, progress.as_mut())?;
+            let _ = writeln!(
+                tables,
+                "\n{replicas} replica(s):\n\n{}",
+                report::table(&results)
+            );
+            write(
+                &dir.join(format!("results-{replicas}.json")),
+                &serde_json::to_string_pretty(&results)?,
+            )?;
+            all.push(results);
+        }
+        let speedup = report::speedup(&all[0], &all[1]);
+        println!("{tables}\n{speedup}");
+        write(&dir.join("table.md"), &format!("{tables}\n{speedup}"))?;
     } else {
         let results = experiment::run::<B>(&config, backend, &device, cache, progress.as_mut())?;
         let table = report::table(&results);

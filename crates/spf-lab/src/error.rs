@@ -42,6 +42,9 @@ pub enum LabError {
         /// Draws made.
         draws: usize,
     },
+    /// burn-collective failed to register a replica or to all-reduce its gradients.
+    #[error("burn-collective: {0}")]
+    Collective(String),
     /// The configuration asks for something the lab cannot do.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -22,6 +22,7 @@ use crate::finetune::{
 use crate::insights::{Insights, measure};
 use crate::model::{Transformer, TransformerConfig};
 use crate::progress::Progress;
+use crate::replicas::replica_devices;
 use crate::seed::{fnv, salt};
 use crate::world::{HarmTopics, Response, Split, World, WorldConfig};
 
@@ -61,6 +62,10 @@ pub struct ExperimentConfig {
     /// The ranks at which the insights are measured.
     #[config(default = "vec![1, 2, 4, 8, 16]")]
     pub insight_ranks: Vec<usize>,
+    /// Data-parallel replicas of each fine-tuning run (burn-collective; see
+    /// [`crate::replicas`]); 1 is the single-device run.
+    #[config(default = 1)]
+    pub replicas: usize,
 }
 
 impl ExperimentConfig {
@@ -93,6 +98,12 @@ impl ExperimentConfig {
         }
         if self.align.tasks.is_empty() || self.align.batch_size == 0 {
             return bad("alignment needs at least one task and a non-empty batch");
+        }
+        if self.replicas == 0 || !self.finetune.batch_size.is_multiple_of(self.replicas) {
+            return bad("the batch size must be a positive multiple of the replicas");
+        }
+        if self.replicas > 1 && self.defence.screen.is_some() {
+            return bad("the sample screen cannot run on replicas");
         }
         if self.defence.safety_samples == 0 || self.defence.rank == 0 {
             return bad("the defence needs at least one safety sample and rank 1");
@@ -237,6 +248,7 @@ pub fn run<B: AutodiffBackend>(
 ) -> Result<Results, LabError> {
     let started = Instant::now();
     let (world, sets) = world_and_sets(config)?;
+    let devices = replica_devices::<B>(config.replicas, device);
     let mut seeds = Vec::new();
     for &seed in &config.seeds {
         let aligned = aligned_model::<B>(config, &world, seed, cache, device, progress)?;
@@ -263,12 +275,16 @@ pub fn run<B: AutodiffBackend>(
         let mut runs = Vec::new();
         for &p in &config.shares {
             for &method in &config.methods {
-                let probe = if method == Method::Sft {
-                    CosineProbe::EveryStep
+                runs.push(if config.replicas > 1 {
+                    stage.run_replicated(method, p, seed, &devices, progress)?
                 } else {
-                    CosineProbe::Off
-                };
-                runs.push(stage.run(method, p, seed, probe, progress)?);
+                    let probe = if method == Method::Sft {
+                        CosineProbe::EveryStep
+                    } else {
+                        CosineProbe::Off
+                    };
+                    stage.run(method, p, seed, probe, progress)?
+                });
             }
         }
         progress.finish(&format!("seed {seed} done"));

@@ -6,6 +6,8 @@
 //! learning rate and the same number of steps; only the optimizer (or, for the data baseline,
 //! 10% of the set) differs.
 
+use std::time::Instant;
+
 use burn::config::Config;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
@@ -263,6 +265,10 @@ pub struct Run {
     /// For SPF methods with a sample screen, what it scored and dropped.
     #[serde(default)]
     pub screen: Option<ScreenSummary>,
+    /// Wall time of the steps, in seconds, without the scoring of the curve and the cosine
+    /// probe (0 in results written before it was measured).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 impl Run {
@@ -321,6 +327,8 @@ impl<B: AutodiffBackend> Stage<'_, B> {
         let mut curve = vec![self.score(&model, 0)];
         let mut cosines = Vec::new();
         let steps = self.finetune.steps;
+        // The steps' wall time leaves out what only measures: the scoring and the probe.
+        let (started, mut measuring) = (Instant::now(), 0.0);
         let gradient = |model: &Transformer<B>, examples: &[Example]| {
             let batch = Batch::new(vocab, examples, self.device);
             GradientsParams::from_grads(answer_loss(model, &batch).backward(), model)
@@ -336,19 +344,24 @@ impl<B: AutodiffBackend> Stage<'_, B> {
                 let examples: Vec<Example> = picked.iter().map(|&i| set[i].clone()).collect();
                 let grads = gradient(&model, &examples);
                 if probe == CosineProbe::EveryStep {
+                    let at = Instant::now();
                     let safety_grads = GradientsParams::from_grads(
                         answer_loss(&model, &safety).backward(),
                         &model,
                     );
                     cosines.push(gradient_cosine(&model, &safety_grads, &grads)?);
+                    measuring += at.elapsed().as_secs_f64();
                 }
                 model = stepper.step(self.finetune.lr, model, grads)?;
             }
             if step % self.finetune.eval_every.max(1) == 0 || step == steps {
+                let at = Instant::now();
                 curve.push(self.score(&model, step));
+                measuring += at.elapsed().as_secs_f64();
             }
             progress.advance(1);
         }
+        let seconds = started.elapsed().as_secs_f64() - measuring;
         Ok(Run {
             method,
             p,
@@ -359,17 +372,18 @@ impl<B: AutodiffBackend> Stage<'_, B> {
             screen: screen
                 .filter(|_| method.projection().is_some())
                 .map(|screen| ScreenSummary::of(screen.threshold(), &screened, |i| set[i].kind())),
+            seconds,
         })
     }
 
-    fn score(&self, model: &Transformer<B>, step: usize) -> Scores {
+    pub(crate) fn score(&self, model: &Transformer<B>, step: usize) -> Scores {
         score(model, self.world, self.sets, self.safety, step, self.device)
     }
 }
 
 /// The safety loss on the defence's safety batch, as the wrapper's refresh source.
 #[derive(Clone)]
-struct SafetySource<B: AutodiffBackend>(Batch<B>);
+pub(crate) struct SafetySource<B: AutodiffBackend>(Batch<B>);
 
 impl<B: AutodiffBackend> SafetyGradientSource<Transformer<B>, B> for SafetySource<B> {
     fn safety_gradients(
@@ -383,7 +397,7 @@ impl<B: AutodiffBackend> SafetyGradientSource<Transformer<B>, B> for SafetySourc
 
 /// The optimizer of `method`: plain AdamW, or AdamW under SPF with the defence's settings, its
 /// bases estimated at `aligned` from the safety batch.
-fn stepper<B: AutodiffBackend>(
+pub(crate) fn stepper<B: AutodiffBackend>(
     method: Method,
     defence: &DefenceConfig,
     aligned: &Transformer<B>,

@@ -57,6 +57,7 @@ pub mod insights;
 pub mod model;
 pub mod plot;
 pub mod progress;
+pub mod replicas;
 pub mod report;
 pub mod screening;
 pub mod seed;

@@ -198,3 +198,35 @@ pub fn leaks(results: &Results) -> String {
     }
     out
 }
+
+/// Per method, the wall time of its fine-tuning steps (without the scoring, summed over shares
+/// and seeds) in `one` and in `many`, and the speed-up `one / many`, in Markdown: the same
+/// experiment run on one replica and on several.
+pub fn speedup(one: &Results, many: &Results) -> String {
+    let seconds = |results: &Results, method| -> f64 {
+        results
+            .seeds
+            .iter()
+            .flat_map(|s| &s.runs)
+            .filter(|r| r.method == method)
+            .map(|r| r.seconds)
+            .sum()
+    };
+    let (n1, n2) = (one.config.replicas, many.config.replicas);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| method | steps on {n1} replica(s) (s) | steps on {n2} replicas (s) | speed-up |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|");
+    for &method in &one.config.methods {
+        let (a, b) = (seconds(one, method), seconds(many, method));
+        let _ = writeln!(
+            out,
+            "| {} | {a:.1} | {b:.1} | {:.2}× |",
+            method.label(),
+            a / b
+        );
+    }
+    out
+}

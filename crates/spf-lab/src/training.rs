@@ -2,6 +2,7 @@
 //! optimizer of a method, plain AdamW or AdamW wrapped by SPF ([`Stepper`]), the order of the
 //! batches ([`BatchOrder`]), and what the projection did over a run ([`ProjectionSummary`]).
 
+use burn::collective::{PeerId, ReduceOperation};
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
@@ -85,6 +86,25 @@ where
                 Ok(model)
             }
         }
+    }
+
+    /// One data-parallel step of replica `peer`: averages `grads` with every other replica's
+    /// through burn-collective's all-reduce, then steps on the average as [`Self::step`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`LabError::Collective`] when the all-reduce fails; otherwise as [`Self::step`].
+    pub fn step_averaged(
+        &mut self,
+        peer: PeerId,
+        lr: f64,
+        model: M,
+        grads: GradientsParams,
+    ) -> Result<M, LabError> {
+        let grads = grads
+            .all_reduce::<B::InnerBackend>(peer, ReduceOperation::Mean)
+            .map_err(|err| LabError::Collective(format!("{err:?}")))?;
+        self.step(lr, model, grads)
     }
 
     /// What the projection did over the steps so far (means over steps), or `None` for plain
