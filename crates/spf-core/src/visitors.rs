@@ -205,7 +205,10 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UpdatePreparation<'_, B> {
     }
 }
 
-/// Sets each listed parameter to `W_old − G̃`.
+/// Sets each listed parameter to `W_old − G̃`, keeping what marks the parameter: whether it
+/// requires a gradient and, under burn's `distributed` feature (burn-train's DDP), its mark as
+/// distributed, which burn's optimizers renew at each step and without which the next backward
+/// pass would stop synchronizing its gradient.
 struct UpdateReplacement<B: AutodiffBackend> {
     before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
     projected: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
@@ -225,6 +228,12 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateReplacement<B> {
         let mut value = Tensor::from_inner(from_2d(before - projected, dims));
         if tensor.is_require_grad() {
             value = value.require_grad();
+        }
+        #[cfg(feature = "distributed")]
+        if tensor.is_distributed() {
+            value = value.set_distributed(
+                burn::tensor::backend::distributed::DistributedParamId::from(id.val()),
+            );
         }
         Param::from_mapped_value(id, value, mapper)
     }

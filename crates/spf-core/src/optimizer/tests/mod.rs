@@ -187,6 +187,8 @@ fn projected_grads(model: &Net<B>, seed: u64, mode: ProjectionMode) -> Gradients
     grads
 }
 
+#[cfg(feature = "distributed")]
+mod distributed;
 mod host_reads;
 mod records;
 mod refresh;
