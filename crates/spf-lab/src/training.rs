@@ -2,7 +2,7 @@
 //! optimizer of a method, plain AdamW or AdamW wrapped by SPF ([`Stepper`]), the order of the
 //! batches ([`BatchOrder`]), and what the projection did over a run ([`ProjectionSummary`]).
 
-use burn::collective::{PeerId, ReduceOperation};
+use burn::collective::PeerId;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
@@ -12,6 +12,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use spf_core::{SafetyGradientSource, SafetyProjectedOptimizer, SpfConfig, SpfError};
 use spf_subspace::SafetySubspace;
+use spf_train::collective::all_reduce_mean;
 
 use crate::error::LabError;
 
@@ -89,7 +90,9 @@ where
     }
 
     /// One data-parallel step of replica `peer`: averages `grads` with every other replica's
-    /// through burn-collective's all-reduce, then steps on the average as [`Self::step`] does.
+    /// through burn-collective's all-reduce ([`spf_train::collective::all_reduce_mean`]: one
+    /// operation per step, parameters paired by their place in the module), then steps on the
+    /// average as [`Self::step`] does.
     ///
     /// # Errors
     ///
@@ -101,9 +104,7 @@ where
         model: M,
         grads: GradientsParams,
     ) -> Result<M, LabError> {
-        let grads = grads
-            .all_reduce::<B::InnerBackend>(peer, ReduceOperation::Mean)
-            .map_err(|err| LabError::Collective(format!("{err:?}")))?;
+        let grads = all_reduce_mean(peer, &model, grads).map_err(LabError::Collective)?;
         self.step(lr, model, grads)
     }
 

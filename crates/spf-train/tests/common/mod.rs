@@ -1,0 +1,234 @@
+//! What the data-parallel tests share: a small regression MLP, its batches and safety batch, the
+//! wrapper every replica builds, snapshots of a run, the single-replica run on the merged
+//! batches, and the comparison against it.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, Optimizer};
+use burn::optim::{Sgd, SgdConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor, TensorData, activation::tanh};
+use spf_core::{
+    ProjectionTarget, RankPolicy, RefreshPolicy, SafetyGradientSource, SafetyProjectedOptimizer,
+    SourceError, SpfConfig, SubspaceConfig,
+};
+
+pub type Inner = NdArray;
+pub type B = Autodiff<Inner>;
+
+pub const SHARD: usize = 8;
+pub const REPLICAS: usize = 2;
+pub const STEPS: usize = 7;
+pub const LR: f64 = 1e-2;
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    fc1: Linear<B>,
+    fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.fc2.forward(tanh(self.fc1.forward(x)))
+    }
+
+    pub fn loss(&self, (x, y): &(TensorData, TensorData), device: &B::Device) -> Tensor<B, 1> {
+        let x = Tensor::from_data(x.clone(), device);
+        let y = Tensor::from_data(y.clone(), device);
+        (self.forward(x) - y).square().mean()
+    }
+}
+
+/// `n` samples of a random regression, drawn with `seed`.
+pub fn samples(n: usize, seed: u64) -> (TensorData, TensorData) {
+    let device = Default::default();
+    Inner::seed(&device, seed);
+    let x = Tensor::<Inner, 2>::random([n, 6], Distribution::Normal(0.0, 1.0), &device);
+    let y = Tensor::<Inner, 2>::random([n, 4], Distribution::Normal(0.0, 1.0), &device);
+    (x.into_data(), y.into_data())
+}
+
+/// Rows `from..to` of a batch.
+pub fn rows((x, y): &(TensorData, TensorData), from: usize, to: usize) -> (TensorData, TensorData) {
+    let pick = |t: &TensorData| {
+        Tensor::<Inner, 2>::from_data(t.clone(), &Default::default())
+            .slice([from..to])
+            .into_data()
+    };
+    (pick(x), pick(y))
+}
+
+/// The safety loss on a fixed four-sample batch: every replica holds the same one.
+#[derive(Clone)]
+pub struct Safety(pub (TensorData, TensorData));
+
+impl SafetyGradientSource<Mlp<B>, B> for Safety {
+    fn safety_gradients(&mut self, module: &Mlp<B>) -> Result<GradientsParams, SourceError> {
+        let loss = module.loss(&self.0, &Default::default());
+        Ok(GradientsParams::from_grads(loss.backward(), module))
+    }
+}
+
+pub type Spf = SafetyProjectedOptimizer<OptimizerAdaptor<Sgd<Inner>, Mlp<B>, B>, B, Safety>;
+
+/// The wrapper every replica (and the single-device run) builds: SGD with momentum under SPF,
+/// the Update target, rank 2, bases estimated at the first step and every 3 steps. SGD rather
+/// than Adam because its step scales with the gradient: a sum where the average belongs (a
+/// learning rate off by the number of replicas) shows, where Adam's normalization would hide it.
+pub fn optimizer(model: &Mlp<B>, safety: &Safety) -> Spf {
+    SpfConfig::new()
+        .with_target(ProjectionTarget::Update)
+        .with_refresh(RefreshPolicy::Every(3))
+        .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(2)))
+        .init(
+            SgdConfig::new()
+                .with_momentum(Some(MomentumConfig::new()))
+                .init(),
+            model,
+            [],
+        )
+        .unwrap()
+        .with_safety_source(safety.clone())
+}
+
+/// Every parameter's values and every basis's factors (`U`, `Σ`, `V`) after one step, by the
+/// parameter's place in the module (parameter ids are drawn afresh in each process).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    pub params: Vec<Vec<f32>>,
+    pub bases: BTreeMap<usize, [Vec<f32>; 3]>,
+    pub refreshes: usize,
+}
+
+struct Collect<'a>(&'a mut Vec<(ParamId, Vec<f32>)>);
+
+impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let values = param.val().into_data().to_vec().unwrap();
+        self.0.push((param.id, values));
+    }
+}
+
+fn values<const D: usize>(t: &Tensor<Inner, D>) -> Vec<f32> {
+    t.clone().into_data().to_vec().unwrap()
+}
+
+pub fn snapshot(model: &Mlp<B>, optim: &Spf) -> Snapshot {
+    let mut params = Vec::new();
+    model.visit(&mut Collect(&mut params));
+    let place = |id: &ParamId| params.iter().position(|(p, _)| p == id).unwrap();
+    let bases = optim
+        .bases()
+        .iter()
+        .map(|(id, b)| (place(id), [values(b.u()), values(b.sigma()), values(b.v())]))
+        .collect();
+    Snapshot {
+        params: params.into_iter().map(|(_, values)| values).collect(),
+        bases,
+        refreshes: optim.last_stats().refresh.count,
+    }
+}
+
+/// The batches of every step: `REPLICAS * SHARD` samples each.
+pub fn batches() -> Vec<(TensorData, TensorData)> {
+    (0..STEPS as u64)
+        .map(|step| samples(REPLICAS * SHARD, step))
+        .collect()
+}
+
+/// One replica on the merged batches, steps `0..STEPS`.
+pub fn single(start: &Mlp<B>, safety: &Safety) -> Vec<Snapshot> {
+    let (mut model, mut optim) = (start.clone(), optimizer(start, safety));
+    batches()
+        .iter()
+        .map(|batch| {
+            let grads = GradientsParams::from_grads(
+                model.loss(batch, &Default::default()).backward(),
+                &model,
+            );
+            model = optim.step(LR, model.clone(), grads);
+            snapshot(&model, &optim)
+        })
+        .collect()
+}
+
+/// The model every run starts from.
+pub fn first_model() -> Mlp<B> {
+    let device = Default::default();
+    B::seed(&device, 7);
+    let model = Mlp {
+        fc1: LinearConfig::new(6, 16).init(&device),
+        fc2: LinearConfig::new(16, 4).init(&device),
+    };
+    // burn initializes parameters lazily, at first use: a clone taken before that would draw
+    // its own values. Reading them fixes them for every clone.
+    model.visit(&mut Collect(&mut Vec::new()));
+    model
+}
+
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Asserts that `other`, a data-parallel run, took the steps of `one`, the single replica on the
+/// merged batches: every weight within 1e-5, every basis (`UΣVᵀ`, as singular vectors are defined
+/// up to sign) within 1e-3 and its singular values within 1e-4 of the largest, the same refreshes.
+/// The difference is the order of the sums: the mean of the shards' means is the merged mean in
+/// exact arithmetic.
+pub fn assert_same_steps(one: &[Snapshot], other: &[Snapshot], what: &str) {
+    assert_eq!(one.len(), other.len(), "{what}: steps");
+    for (step, (a, b)) in one.iter().zip(other).enumerate() {
+        assert_eq!(a.refreshes, b.refreshes, "{what}, step {step}: refreshes");
+        for (i, (x, y)) in a.params.iter().zip(&b.params).enumerate() {
+            let d = max_difference(x, y);
+            assert!(
+                d < 1e-5,
+                "{what}, step {step}: parameter {i} differs by {d}"
+            );
+        }
+        let keys = |s: &Snapshot| s.bases.keys().copied().collect::<Vec<_>>();
+        assert_eq!(
+            keys(a),
+            keys(b),
+            "{what}, step {step}: protected parameters"
+        );
+        for (i, [u, sigma, v]) in &a.bases {
+            let [u2, sigma2, v2] = &b.bases[i];
+            let d = max_difference(sigma, sigma2) / sigma[0];
+            assert!(
+                d < 1e-4,
+                "{what}, step {step}: singular values of {i} differ by {d}"
+            );
+            let outer = |u: &[f32], v: &[f32]| -> Vec<f32> {
+                let (k, m, n) = (sigma.len(), u.len() / sigma.len(), v.len() / sigma.len());
+                (0..m * n)
+                    .map(|ij| {
+                        (0..k)
+                            .map(|r| u[(ij / n) * k + r] * v[(ij % n) * k + r])
+                            .sum()
+                    })
+                    .collect()
+            };
+            let d = max_difference(&outer(u, v), &outer(u2, v2));
+            assert!(d < 1e-3, "{what}, step {step}: basis of {i} differs by {d}");
+        }
+    }
+}
