@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 
 pub use spf_core::checkpoint;
+#[cfg(feature = "collective")]
+pub use spf_core::collective;
 pub use spf_core::projection;
 pub use spf_core::screen;
 pub use spf_core::{

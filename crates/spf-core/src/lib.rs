@@ -14,10 +14,14 @@
 //! - [`SafetyProjectedOptimizer`]: the wrapper, a burn [`Optimizer`](burn::optim::Optimizer);
 //! - [`SpfRecord`]: its versioned saved state, and [`checkpoint`]: crash-safe files for it;
 //! - [`screen`]: scoring each training sample's own gradient against the safety subspace, to
-//!   drop the samples that conflict with it most.
+//!   drop the samples that conflict with it most;
+//! - `collective` (feature `collective`): the wrapper under data parallelism on burn's collective
+//!   engine, across devices and nodes.
 
 mod bases;
 pub mod checkpoint;
+#[cfg(feature = "collective")]
+pub mod collective;
 mod config;
 mod error;
 mod host;

@@ -10,9 +10,9 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+use spf_core::collective::all_reduce_mean;
 use spf_core::{SafetyGradientSource, SafetyProjectedOptimizer, SpfConfig, SpfError};
 use spf_subspace::SafetySubspace;
-use spf_train::collective::all_reduce_mean;
 
 use crate::error::LabError;
 
@@ -90,7 +90,7 @@ where
     }
 
     /// One data-parallel step of replica `peer`: averages `grads` with every other replica's
-    /// through burn-collective's all-reduce ([`spf_train::collective::all_reduce_mean`]: one
+    /// through burn-collective's all-reduce ([`spf_core::collective::all_reduce_mean`]: one
     /// operation per step, parameters paired by their place in the module), then steps on the
     /// average as [`Self::step`] does.
     ///

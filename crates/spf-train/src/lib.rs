@@ -24,11 +24,6 @@
 //! # Ok::<(), spf_core::SpfError>(())
 //! ```
 
-//!
-//! [`collective`] steps the wrapper under data parallelism on burn's collective engine.
-
-#[cfg(feature = "collective")]
-pub mod collective;
 mod metric;
 
 pub use metric::{SpfMetric, SpfStatistic};

@@ -6,6 +6,10 @@
 //! The nodes are this test binary started again, running the ignored test `node`, so that each
 //! has burn-collective's one state per process to itself, as a node on another machine would.
 
+// Written for burn-ndarray, which burn's `distributed` feature excludes; the WGPU runs would
+// repeat them on ndarray.
+#![cfg(not(any(feature = "test-wgpu", feature = "distributed")))]
+
 mod common;
 
 use std::net::TcpListener;
@@ -17,7 +21,7 @@ use std::time::{Duration, Instant};
 use burn::collective::{CollectiveConfig, PeerId, finish_collective, register};
 use burn::optim::GradientsParams;
 use burn_communication::Address;
-use spf_train::collective;
+use spf_core::collective;
 
 use common::*;
 

@@ -60,7 +60,7 @@ pub fn samples(n: usize, seed: u64) -> (TensorData, TensorData) {
 pub fn rows((x, y): &(TensorData, TensorData), from: usize, to: usize) -> (TensorData, TensorData) {
     let pick = |t: &TensorData| {
         Tensor::<Inner, 2>::from_data(t.clone(), &Default::default())
-            .slice([from..to])
+            .slice(from..to)
             .into_data()
     };
     (pick(x), pick(y))

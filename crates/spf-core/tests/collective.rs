@@ -1,11 +1,15 @@
 //! Data parallelism on burn's collective engine: two replicas, each on a shard of `b` samples,
-//! stepping through `spf_train::collective::step`, take the steps one replica takes on the
+//! stepping through `spf_core::collective::step`, take the steps one replica takes on the
 //! merged batches of `2b`, through refreshes of the bases; the replicas agree bit for bit; and a
 //! run resumed from one replica's checkpoint ends where an uninterrupted one does, bit for bit.
 //!
 //! The replicas are two peers on burn-ndarray's one CPU device (burn-collective keys peers by id,
 //! not device, as its own tests do): the all-reduce and everything the wrapper does are the same
 //! on two devices, only slower here.
+
+// Written for burn-ndarray, which burn's `distributed` feature excludes; the WGPU runs would
+// repeat them on ndarray.
+#![cfg(not(any(feature = "test-wgpu", feature = "distributed")))]
 
 mod common;
 
@@ -15,7 +19,7 @@ use burn::collective::{CollectiveConfig, PeerId, finish_collective, register, re
 use burn::module::Module;
 use burn::optim::{GradientsParams, Optimizer};
 use spf_core::checkpoint;
-use spf_train::collective;
+use spf_core::collective;
 
 use common::*;
 

@@ -6,7 +6,7 @@
 //! The projection needs no communication of its own. Every replica holds the same weights (they
 //! started equal and took the same steps), so a refresh computes the same safety gradient from
 //! the same safety batch, draws the same sketches (the `t`-th refresh is seeded by `t`), and
-//! estimates the same bases; the policy, [`RefreshPolicy::Adaptive`](spf_core::RefreshPolicy)
+//! estimates the same bases; the policy, [`RefreshPolicy::Adaptive`](crate::RefreshPolicy::Adaptive)
 //! included, decides from those identical numbers, so every replica refreshes at the same step.
 //! The projection of an identical average with identical bases is identical. What this asks of
 //! the caller: build every replica's wrapper from the same configuration and give each the same
@@ -35,7 +35,7 @@
 //!             for step in 0..100 {
 //!                 let loss = model.forward(shard(peer, step)).powi_scalar(2).mean();
 //!                 let grads = GradientsParams::from_grads(loss.backward(), &model);
-//!                 model = spf_train::collective::step(&mut optim, PeerId::from(peer), 1e-3, model, grads)
+//!                 model = spf_core::collective::step(&mut optim, PeerId::from(peer), 1e-3, model, grads)
 //!                     .map_err(|e| e.to_string())?;
 //!             }
 //!             Ok(())
@@ -57,12 +57,14 @@
 //! `tests/nodes.rs` does the same with two processes over loopback, through burn-collective's
 //! orchestrator.
 
+use crate::error::SpfError;
+use crate::optimizer::SafetyProjectedOptimizer;
+use crate::refresh::SafetyGradientSource;
 use burn::collective::{PeerId, ReduceOperation, all_reduce};
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, LearningRate, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorPrimitive};
-use spf_core::{SafetyGradientSource, SafetyProjectedOptimizer, SpfError};
 
 /// Why a replica's step did not happen, with the module handed back untouched.
 #[derive(Debug, thiserror::Error)]
