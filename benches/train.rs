@@ -6,8 +6,13 @@
 //! every iteration holds the same number of refreshes: 50, 5 or 1. The batches are built once,
 //! outside the timer; the safety batch is the lab's default one (8 refusals).
 //!
+//! A second group splits one refresh into its two parts, the safety loss's backward pass and the
+//! estimation of the bases from its gradients (rank 8, the lab's default): under data
+//! parallelism every replica runs both, and sharding the estimation across replicas could save
+//! at most the second part (docs/guide.md, "Several devices").
+//!
 //! Run: `cargo bench --bench train`. After criterion's output it prints the time per training
-//! step and its ratio to plain AdamW's.
+//! step and its ratio to plain AdamW's, then the two parts of a refresh.
 
 #![allow(missing_docs)]
 
@@ -102,6 +107,19 @@ fn benches(c: &mut Criterion) {
         );
     }
     group.finish_per(STEPS, "adamw");
+
+    let mut group = Group::new(
+        c,
+        "refresh_parts_lab_transformer",
+        10,
+        Duration::from_secs(4),
+    );
+    let gradients = || GradientsParams::from_grads(answer_loss(&model, &safety).backward(), &model);
+    group.bench("safety backward", || (), |()| drop(gradients()));
+    group.bench("estimate (rank 8)", gradients, |grads| {
+        drop(SafetySubspace::estimate(&model, &grads, &estimator).expect("finite gradients"));
+    });
+    group.finish("safety backward");
 }
 
 criterion_group!(train_step, benches);
