@@ -21,7 +21,10 @@
 //! # use spf_core::SpfConfig;
 //! # type B = Autodiff<NdArray>;
 //! # fn shard(peer: usize, step: usize) -> Tensor<B, 2> { unimplemented!() }
-//! # let model: Linear<B> = LinearConfig::new(8, 8).init(&Default::default());
+//! # let model: Linear<B> = LinearConfig::new(8, 8).with_bias(false).init(&Default::default());
+//! // burn initializes parameters lazily, and a clone taken before that draws its own values:
+//! // fix them (read them, or load the model from a file) before cloning it for the replicas.
+//! let _ = model.weight.val();
 //! let replicas = 2;
 //! let config = CollectiveConfig::default().with_num_devices(replicas);
 //! std::thread::scope(|scope| {
@@ -35,7 +38,8 @@
 //!             for step in 0..100 {
 //!                 let loss = model.forward(shard(peer, step)).powi_scalar(2).mean();
 //!                 let grads = GradientsParams::from_grads(loss.backward(), &model);
-//!                 model = spf_core::collective::step(&mut optim, PeerId::from(peer), 1e-3, model, grads)
+//!                 let id = PeerId::from(peer);
+//!                 model = spf_core::collective::step(&mut optim, id, 1e-3, model, grads)
 //!                     .map_err(|e| e.to_string())?;
 //!             }
 //!             Ok(())

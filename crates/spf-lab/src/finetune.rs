@@ -354,11 +354,7 @@ impl<B: AutodiffBackend> Stage<'_, B> {
                 }
                 model = stepper.step(self.finetune.lr, model, grads)?;
             }
-            if step % self.finetune.eval_every.max(1) == 0 || step == steps {
-                let at = Instant::now();
-                curve.push(self.score(&model, step));
-                measuring += at.elapsed().as_secs_f64();
-            }
+            measuring += self.score_if_due(&model, step, &mut curve);
             progress.advance(1);
         }
         let seconds = started.elapsed().as_secs_f64() - measuring;
@@ -374,6 +370,22 @@ impl<B: AutodiffBackend> Stage<'_, B> {
                 .map(|screen| ScreenSummary::of(screen.threshold(), &screened, |i| set[i].kind())),
             seconds,
         })
+    }
+
+    /// Scores `model` into `curve` when the schedule says so (every `eval_every` steps, and
+    /// after the last); returns the seconds that took.
+    pub(crate) fn score_if_due(
+        &self,
+        model: &Transformer<B>,
+        step: usize,
+        curve: &mut Vec<Scores>,
+    ) -> f64 {
+        if !step.is_multiple_of(self.finetune.eval_every.max(1)) && step != self.finetune.steps {
+            return 0.0;
+        }
+        let at = Instant::now();
+        curve.push(self.score(model, step));
+        at.elapsed().as_secs_f64()
     }
 
     pub(crate) fn score(&self, model: &Transformer<B>, step: usize) -> Scores {

@@ -170,11 +170,7 @@ impl<B: AutodiffBackend> Stage<'_, B> {
             let grads = GradientsParams::from_grads(answer_loss(&model, &batch).backward(), &model);
             model = stepper.step_averaged(id, self.finetune.lr, model, grads)?;
             if let Some(progress) = progress.as_deref_mut() {
-                if step % self.finetune.eval_every.max(1) == 0 || step == steps {
-                    let at = Instant::now();
-                    curve.push(self.score(&model, step));
-                    scoring += at.elapsed().as_secs_f64();
-                }
+                scoring += self.score_if_due(&model, step, &mut curve);
                 progress.advance(1);
             }
         }
