@@ -37,18 +37,27 @@ fn fresh_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Two epochs on `devices` devices into `<name>-whole`, and the same interrupted after epoch 1
+/// and resumed from its checkpoint in `<name>-split`: both outcomes, and the whole run's
+/// directory. The two must end with the same parameters.
+fn whole_and_resumed(
+    name: &str,
+    devices: usize,
+) -> (learner::Outcome, learner::Outcome, std::path::PathBuf) {
+    let whole = fresh_dir(&format!("{name}-whole"));
+    let a = learner::run(&whole, 2, None, devices).unwrap();
+    let split = fresh_dir(&format!("{name}-split"));
+    learner::run(&split, 1, None, devices).unwrap();
+    assert!(split.join("checkpoint/optim-1.mpk").exists());
+    let b = learner::run(&split, 2, Some(1), devices).unwrap();
+    assert_eq!(parameters(&a.model), parameters(&b.model));
+    (a, b, whole)
+}
+
 #[test]
 fn metrics_are_logged_and_a_resumed_run_matches_an_uninterrupted_one() {
     let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-    let whole = fresh_dir("learner-whole");
-    let a = learner::run(&whole, 2, None, 1).unwrap();
-
-    let split = fresh_dir("learner-split");
-    learner::run(&split, 1, None, 1).unwrap();
-    assert!(split.join("checkpoint/optim-1.mpk").exists());
-    let b = learner::run(&split, 2, Some(1), 1).unwrap();
-
-    assert_eq!(parameters(&a.model), parameters(&b.model));
+    let (a, b, whole) = whole_and_resumed("learner", 1);
     // Each run draws its own parameter ids; compare by path.
     let by_path = |o: &learner::Outcome| -> Vec<_> {
         o.stats
@@ -84,12 +93,7 @@ fn metrics_are_logged_and_a_resumed_run_matches_an_uninterrupted_one() {
 #[test]
 fn the_multi_device_strategy_trains_refreshes_and_resumes_exactly() {
     let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-    let whole = fresh_dir("learner-multi-whole");
-    let a = learner::run(&whole, 2, None, 2).unwrap();
-    let split = fresh_dir("learner-multi-split");
-    learner::run(&split, 1, None, 2).unwrap();
-    let b = learner::run(&split, 2, Some(1), 2).unwrap();
-    assert_eq!(parameters(&a.model), parameters(&b.model));
+    let (a, b, _) = whole_and_resumed("learner-multi", 2);
     assert_eq!(a.stats.refresh.count, b.stats.refresh.count);
     // Each device takes half of the data: 16 steps of 2 × 32 samples in 2 epochs (a single
     // device takes 32), so the bases are estimated at steps 0, 5, 10 and 15.
