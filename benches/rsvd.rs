@@ -8,13 +8,14 @@
 #![allow(missing_docs)]
 
 use burn::backend::NdArray;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use criterion::{Criterion, criterion_group, criterion_main};
 use faer::Mat;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 use spf::{RandomizedSvd, RandomizedSvdConfig, subspace_overlap};
+use spf_core::testing::upload;
 
 const RANK: usize = 32;
 const K: usize = 8;
@@ -38,14 +39,9 @@ fn test_matrix(m: usize, n: usize) -> Mat<f32> {
     signal + noise * faer::Scale(scale)
 }
 
+/// `m` on the CPU backend (an `f32` matrix is exact there).
 fn to_tensor(m: &Mat<f32>) -> Tensor<NdArray, 2> {
-    let values: Vec<f32> = (0..m.nrows())
-        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
-        .collect();
-    Tensor::from_data(
-        TensorData::new(values, [m.nrows(), m.ncols()]),
-        &Default::default(),
-    )
+    upload(m, &Default::default())
 }
 
 fn bench_shape(c: &mut Criterion, m: usize, n: usize) {
@@ -56,7 +52,7 @@ fn bench_shape(c: &mut Criterion, m: usize, n: usize) {
     let exact = host.thin_svd().expect("faer's SVD converges");
     let exact_u = to_tensor(&exact.U().get(.., ..K).to_owned());
     let estimate = svd.compute(&device).expect("finite input");
-    let overlap = subspace_overlap(estimate.u(), &exact_u);
+    let overlap = subspace_overlap(estimate.u(), &exact_u).expect("both factors have m rows");
     println!(
         "rsvd {m}x{n} k={K}: overlap of top-{K} subspaces with faer's exact SVD = {overlap:.6}"
     );

@@ -112,7 +112,7 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
     );
     let mut progress = progress::reporter();
     if args.ablate {
-        let ablations = experiment::ablate::<B>(&config, &device, cache, progress.as_mut())?;
+        let ablations = spf_lab::ablation::ablate::<B>(&config, &device, cache, progress.as_mut())?;
         let text = report::ablations(&ablations);
         println!("\nablations (seed {}):\n{text}", config.seeds[0]);
         write(

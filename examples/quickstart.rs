@@ -9,12 +9,12 @@
 //! Run: `cargo run --release --example quickstart`
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Device, Distribution, Tensor, activation::tanh};
 use spf::{ProjectionTarget, RankPolicy, RefreshPolicy, SpfConfig, SubspaceConfig, VectorPolicy};
+// A three-layer tanh MLP, the one the tests train too; SPF wraps the optimizer of any module.
+use spf_core::testing::Mlp;
 
 type Inner = NdArray;
 type B = Autodiff<Inner>;
@@ -27,28 +27,6 @@ const ALIGN_STEPS: usize = 600;
 const FINETUNE_STEPS: usize = 300;
 const PRINT_EVERY: usize = 30;
 const LR: f64 = 3e-3;
-
-#[derive(Module, Debug)]
-struct Mlp<B: Backend> {
-    fc1: Linear<B>,
-    fc2: Linear<B>,
-    fc3: Linear<B>,
-}
-
-impl<B: Backend> Mlp<B> {
-    fn new(device: &B::Device) -> Self {
-        Self {
-            fc1: LinearConfig::new(INPUT, WIDTH).init(device),
-            fc2: LinearConfig::new(WIDTH, WIDTH).init(device),
-            fc3: LinearConfig::new(WIDTH, OUTPUT).init(device),
-        }
-    }
-
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.fc3
-            .forward(tanh(self.fc2.forward(tanh(self.fc1.forward(x)))))
-    }
-}
 
 /// A regression task `y = tanh(x T)` for a fixed random teacher `T`.
 struct Task {
@@ -119,7 +97,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let safety = (safety_x, safety_y);
 
     // Stage 1: align on task B plus the safety examples.
-    let mut model = Mlp::<B>::new(&device);
+    let mut model = Mlp::<B>::new(&[INPUT, WIDTH, WIDTH, OUTPUT], &device);
     let mut optim = AdamWConfig::new().init::<B, Mlp<B>>();
     for _ in 0..ALIGN_STEPS {
         let loss = mse(&model, &task_b.batch(64, &device)) + mse(&model, &safety);

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, ValueEnum};
 use spf_core::{ProjectionTarget, RefreshPolicy};
-use spf_llm::smollm::experiment::MeanStd;
+use spf_llm::smollm::MeanStd;
 use spf_llm::smollm::{Assets, EvalSplit, SmolConfig, SmolMethod, SmolResults};
 use spf_subspace::RankPolicy;
 
@@ -243,7 +243,7 @@ fn table(r: &SmolResults) -> String {
     }
     for row in &r.rows {
         if let Some(screen) = &row.screen {
-            let kind = |c: &spf_lab::screening::ScreenCounts| {
+            let kind = |c: &spf_harness::screening::ScreenCounts| {
                 let median = c.median().map_or("–".into(), |m| format!("{m:.3}"));
                 format!("{} of {} (median score {median})", c.dropped, c.scored)
             };

@@ -1,7 +1,10 @@
-//! Any bytes handed to the record loader give an error or a wrapper whose next step succeeds or
-//! returns an error, never a panic or an abort: random byte strings, and mutations (flips,
-//! truncations, insertions, splices) of a real checkpoint of a wrapped AdamW. 1 000 cases by
-//! default, 10 000 under `--ignored`.
+//! Any bytes handed to the record loader give a typed error or a wrapper that works, never a
+//! panic or an abort: random byte strings, and mutations (flips, truncations, insertions,
+//! splices) of a real checkpoint of a wrapped AdamW. What each input must give is asserted: random
+//! bytes and a checkpoint cut short are refused with [`SpfError::Checkpoint`]; a mutated file
+//! that loads gives a wrapper whose next step succeeds with finite weights or is refused with an
+//! error, and whose own record saves and loads again. The counts of loaded and refused inputs
+//! are printed, and both must occur. 1 000 cases by default, 10 000 under `--ignored`.
 
 use std::path::PathBuf;
 
@@ -16,7 +19,7 @@ use spf::{ProjectionTarget, RefreshPolicy, SafetySubspace, SpfConfig, SpfError};
 #[path = "common/mutate.rs"]
 mod mutate;
 
-use mutate::fuzz;
+use mutate::{Case, fuzz};
 
 type B = Autodiff<NdArray>;
 
@@ -55,21 +58,35 @@ fn valid_checkpoint(model: &Linear<B>, dir: &std::path::Path) -> Vec<u8> {
     std::fs::read(file).unwrap()
 }
 
-/// Loads `bytes` as a checkpoint into a fresh wrapper for `model`; any panic fails the test.
+/// Loads `bytes` as a checkpoint into a fresh wrapper for `model`; any panic fails the test. A
+/// record that loads must give a wrapper that steps to finite weights or refuses the step with
+/// an error, and whose record saves and loads again.
 fn load(model: &Linear<B>, bytes: &[u8], path: &std::path::Path) -> Result<(), SpfError> {
     std::fs::write(path.with_extension("mpk"), bytes).unwrap();
     let record = checkpoint::load(path, &Default::default())?;
-    let optim = config()
+    let mut optim = config()
         .init(AdamWConfig::new().init::<B, Linear<B>>(), model, [])?
         .try_load_record::<Linear<B>>(record)
         .map_err(|refused| refused.error)?;
-    // A record that loads must give a wrapper that steps, or refuses the step with an error.
     let loss = model
         .forward(Tensor::<B, 2>::ones([1, 4], &Default::default()))
         .sum();
     let grads = GradientsParams::from_grads(loss.backward(), model);
-    let mut optim = optim;
-    let _ = optim.try_step(1e-3, model.clone(), grads);
+    if let Ok(stepped) = optim.try_step(1e-3, model.clone(), grads) {
+        let weights: Vec<f32> = stepped.weight.val().into_data().to_vec().unwrap();
+        assert!(
+            weights.iter().all(|w| w.is_finite()),
+            "a loaded record stepped to non-finite weights"
+        );
+    }
+    let again = checkpoint::save_atomic(optim.to_record(), path.with_file_name("again"))
+        .expect("a loaded record saves");
+    let reloaded = checkpoint::load(again, &Default::default()).expect("and loads again");
+    config()
+        .init(AdamWConfig::new().init::<B, Linear<B>>(), model, [])?
+        .try_load_record::<Linear<B>>(reloaded)
+        .map_err(|refused| refused.error)
+        .expect("into a fresh wrapper");
     Ok(())
 }
 
@@ -103,8 +120,16 @@ fn run(cases: u32, name: &str) {
         "the unmutated checkpoint loads"
     );
     let (loaded, refused) = (std::cell::Cell::new(0usize), std::cell::Cell::new(0usize));
-    fuzz(cases, &fixture.valid, &[b""], |bytes| {
-        match load(&fixture.model, &bytes, &path) {
+    fuzz(cases, &fixture.valid, &[b""], |case| {
+        let outcome = load(&fixture.model, case.bytes(), &path);
+        let must_refuse = matches!(case, Case::Random(_)) || case.truncated(&fixture.valid);
+        if must_refuse {
+            assert!(
+                matches!(outcome, Err(SpfError::Checkpoint { .. })),
+                "random or truncated bytes must be refused as a bad checkpoint, got {outcome:?}"
+            );
+        }
+        match outcome {
             Ok(()) => loaded.set(loaded.get() + 1),
             Err(_) => refused.set(refused.get() + 1),
         }
@@ -113,6 +138,12 @@ fn run(cases: u32, name: &str) {
     println!(
         "record fuzz: {} cases, {loaded} loaded, {refused} refused with an error",
         loaded + refused
+    );
+    // Both outcomes occur: flips inside the numbers give records that load, and most mutations
+    // break the format. A fuzzer whose every input is refused (or accepted) tests nothing.
+    assert!(
+        loaded > 0 && refused > 0,
+        "{loaded} loaded, {refused} refused"
     );
 }
 

@@ -12,14 +12,14 @@ use std::process::Command;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::{Tensor, TensorData, activation::tanh, backend::Backend};
+use burn::tensor::{Device, Tensor, TensorData};
 use spf::checkpoint;
 use spf::{
     ProjectionMode, ProjectionTarget, RankPolicy, RefreshPolicy, SafetyGradientSource,
     SafetyProjectedOptimizer, SafetySubspace, SpfConfig, SubspaceConfig,
 };
+use spf_core::testing::Mlp;
 
 type B = Autodiff<NdArray>;
 
@@ -28,25 +28,9 @@ const WIDTH: usize = 64;
 const ENV_DIR: &str = "SPF_RESUME_DIR";
 const ENV_POLICY: &str = "SPF_RESUME_POLICY";
 
-#[derive(Module, Debug)]
-struct Mlp<B: Backend> {
-    fc1: Linear<B>,
-    fc2: Linear<B>,
-}
-
-impl<B: Backend> Mlp<B> {
-    fn new(device: &B::Device) -> Self {
-        let model = Self {
-            fc1: LinearConfig::new(WIDTH, WIDTH).init(device),
-            fc2: LinearConfig::new(WIDTH, 2).init(device),
-        };
-        // Initialize eagerly, so that clones share their weights.
-        model.clone().load_record(model.into_record())
-    }
-
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.fc2.forward(tanh(self.fc1.forward(x)))
-    }
+/// The tests' MLP, its weights drawn now so that clones share them.
+fn mlp(device: &Device<B>) -> Mlp<B> {
+    Mlp::new(&[WIDTH, WIDTH, 2], device).materialized()
 }
 
 fn wave(rows: usize, cols: usize, phase: f32) -> Tensor<B, 2> {
@@ -134,7 +118,8 @@ where
 }
 
 fn weights(model: &Mlp<B>) -> Vec<Vec<f32>> {
-    [&model.fc1, &model.fc2]
+    model
+        .layers
         .iter()
         .flat_map(|l| [l.weight.val(), l.bias.as_ref().unwrap().val().unsqueeze()])
         .map(|t: Tensor<B, 2>| t.into_data().to_vec().unwrap())
@@ -161,15 +146,15 @@ fn policy_named(name: &str) -> RefreshPolicy {
 /// run that drew its sketches from the wrong refresh counter would not match.
 #[test]
 fn the_first_layers_basis_depends_on_the_sketch_seed() {
-    let model = Mlp::<B>::new(&Default::default());
+    let model = mlp(&Default::default());
     let grads = GradientsParams::from_grads(safety_loss(&model).backward(), &model);
     let estimate = |seed| {
         let mut estimator = config(RefreshPolicy::Never).estimator;
         estimator.sketch.seed = seed;
         let subspace = SafetySubspace::estimate(&model, &grads, &estimator).unwrap();
         let basis = subspace
-            .get(&model.fc1.weight.id)
-            .expect("fc1 is protected");
+            .get(&model.layers[0].weight.id)
+            .expect("the first layer is protected");
         basis.u().clone().into_data().to_vec::<f32>().unwrap()
     };
     assert_eq!(estimate(0), estimate(0));
@@ -187,7 +172,7 @@ fn training_resumed_in_a_fresh_process_matches_uninterrupted_training() {
         return resume_in_this_process();
     }
     for (name, policy) in policies() {
-        let model = Mlp::<B>::new(&Default::default());
+        let model = mlp(&Default::default());
         let mut straight = optimizer(&model, policy);
         let expected = train(model.clone(), &mut straight, 2 * HALF);
 
@@ -248,7 +233,7 @@ fn resume_in_this_process() {
     let dir = Path::new(&dir);
     let device = Default::default();
     let record = checkpoint::load(dir.join("model"), &device).unwrap();
-    let model = Mlp::<B>::new(&device).load_record(record);
+    let model = mlp(&device).load_record(record);
     let record = checkpoint::load(dir.join("optim"), &device).unwrap();
     let mut optim = optimizer(&model, policy_named(&name))
         .try_load_record::<Mlp<B>>(record)

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use spf_lab::progress::Progress;
+use spf_harness::progress::Progress;
 
 /// Bars on a terminal, lines otherwise (judged on standard error, where both go).
 pub fn reporter() -> Box<dyn Progress> {

@@ -52,10 +52,34 @@ pub fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
     proptest::collection::vec(one, 1..6)
 }
 
+/// One fuzz input: random bytes behind a prefix, or a mutation of the valid file.
+#[derive(Debug)]
+pub enum Case {
+    /// Random bytes (behind one of the prefixes).
+    Random(Vec<u8>),
+    /// The valid file after some mutations (proptest reports which, for a failing case).
+    Mutated(Vec<u8>),
+}
+
+impl Case {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Case::Random(bytes) | Case::Mutated(bytes) => bytes,
+        }
+    }
+
+    /// Whether the valid file was only cut short (its bytes are a strict prefix of it).
+    pub fn truncated(&self, valid: &[u8]) -> bool {
+        let bytes = self.bytes();
+        bytes.len() < valid.len() && valid.starts_with(bytes)
+    }
+}
+
 /// Runs `cases` proptest cases through `check`: random byte strings (each behind one of
 /// `prefixes`, so that a valid header can lead into random bytes) and mutations of `valid`.
-/// A panic in `check` fails the test.
-pub fn fuzz(cases: u32, valid: &[u8], prefixes: &[&[u8]], check: impl FnMut(Vec<u8>)) {
+/// A panic in `check` (a loader's, or an assertion's on what the input must give) fails the
+/// test.
+pub fn fuzz(cases: u32, valid: &[u8], prefixes: &[&[u8]], check: impl FnMut(Case)) {
     let config = ProptestConfig {
         cases,
         failure_persistence: None,
@@ -75,13 +99,13 @@ pub fn fuzz(cases: u32, valid: &[u8], prefixes: &[&[u8]], check: impl FnMut(Vec<
     ];
     let check = std::cell::RefCell::new(check);
     proptest::test_runner::TestRunner::new(config)
-        .run(&strategy, |(random, muts)| {
-            let bytes = if muts.is_empty() {
-                random
+        .run(&strategy, |(random, mutations)| {
+            let case = if mutations.is_empty() {
+                Case::Random(random)
             } else {
-                mutate(valid.to_vec(), &muts)
+                Case::Mutated(mutate(valid.to_vec(), &mutations))
             };
-            (check.borrow_mut())(bytes);
+            (check.borrow_mut())(case);
             Ok(())
         })
         .unwrap();

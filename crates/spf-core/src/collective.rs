@@ -68,19 +68,43 @@ use burn::collective::{PeerId, ReduceOperation, all_reduce};
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, LearningRate, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData, TensorPrimitive};
+
+/// Why the gradients could not be averaged across replicas.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AllReduceError {
+    /// burn-collective failed (a peer that never registered, replicas whose modules differ in
+    /// size, a lost node).
+    #[error("burn-collective: {0}")]
+    Collective(String),
+    /// The gradients are not all of one float type, so they cannot travel as one tensor.
+    #[error("gradient of parameter {param} is {found:?}, the others {expected:?}")]
+    MixedDtypes {
+        /// The parameter whose gradient differs.
+        param: String,
+        /// The type of the gradients before it.
+        expected: DType,
+        /// Its type.
+        found: DType,
+    },
+    /// Gradients of parameters that the module does not have: they would never be averaged.
+    #[error("{count} gradient(s) belong to no parameter of the module")]
+    ForeignGradients {
+        /// How many.
+        count: usize,
+    },
+}
 
 /// Why a replica's step did not happen, with the module handed back untouched.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaStepError<M> {
-    /// burn-collective's all-reduce failed (a peer that never registered, gradients that
-    /// differ in size between replicas, a lost node): no step was taken.
-    #[error("all-reduce of the gradients failed: {message}")]
+    /// The gradients could not be averaged ([`AllReduceError`]): no step was taken.
+    #[error("all-reduce of the gradients failed: {error}")]
     AllReduce {
         /// The module as it was passed in.
         module: M,
-        /// burn-collective's error, as it describes itself.
-        message: String,
+        /// Why.
+        error: AllReduceError,
     },
     /// The wrapper refused the step on the averaged gradients.
     #[error("SPF step refused: {error}")]
@@ -127,7 +151,7 @@ where
 {
     let grads = match all_reduce_mean(peer, &module, grads) {
         Ok(grads) => grads,
-        Err(message) => return Err(ReplicaStepError::AllReduce { module, message }),
+        Err(error) => return Err(ReplicaStepError::AllReduce { module, error }),
     };
     optim
         .try_step(lr, module, grads)
@@ -138,19 +162,30 @@ where
 }
 
 /// Replaces `grads` by their mean over every replica, through one burn-collective all-reduce:
-/// the gradients of `module`'s parameters, in the order the module lists them, flattened into
-/// one tensor on the gradients' backend (the autodiff backend's inner one), averaged, and cut
-/// back into their shapes. Every replica must call it, with the same module structure, at the
-/// same step; `peer` must have been registered (`burn::collective::register`) on that backend.
+/// the gradient of every float parameter of `module`, in the order the module lists them,
+/// flattened into one tensor on the gradients' backend (the autodiff backend's inner one), with
+/// one more number per parameter that says whether this replica has its gradient, averaged, and
+/// cut back into the parameters' shapes. Every replica must call it, with the same module
+/// structure, at the same step; `peer` must have been registered (`burn::collective::register`)
+/// on that backend.
+///
+/// A replica without a parameter's gradient (a branch its shard never took, an expert no token
+/// of it was routed to) adds zeros in its place: the parameter's gradient is the mean over the
+/// replicas with 0 for those without, and every replica gets it; a parameter that no replica
+/// has a gradient for gets none. So every replica sends the same number of values, pairs the
+/// same parameters, and takes part in the all-reduce even with no gradient at all.
 ///
 /// # Errors
 ///
-/// burn-collective's error, as it describes itself.
+/// [`AllReduceError::MixedDtypes`] when the gradients are not of one float type,
+/// [`AllReduceError::ForeignGradients`] when `grads` holds gradients of parameters `module`
+/// does not have (both checked before any communication, so every replica of the same module
+/// refuses alike), and [`AllReduceError::Collective`] with burn-collective's error.
 pub fn all_reduce_mean<M, B>(
     peer: PeerId,
     module: &M,
     mut grads: GradientsParams,
-) -> Result<GradientsParams, String>
+) -> Result<GradientsParams, AllReduceError>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
@@ -158,66 +193,152 @@ where
     let mut flatten = Flatten::<B> {
         grads: &mut grads,
         parts: Vec::new(),
-        shapes: Vec::new(),
+        params: Vec::new(),
+        dtype: None,
+        mixed: None,
     };
     module.visit(&mut flatten);
-    let Flatten { parts, shapes, .. } = flatten;
-    if parts.is_empty() {
+    let Flatten {
+        parts,
+        params,
+        dtype,
+        mixed,
+        ..
+    } = flatten;
+    if let Some(error) = mixed {
+        return Err(error);
+    }
+    if !grads.is_empty() {
+        return Err(AllReduceError::ForeignGradients { count: grads.len() });
+    }
+    if params.is_empty() {
         return Ok(grads);
     }
-    let flat = Tensor::cat(parts, 0).into_primitive().tensor();
+    // The zeros of missing gradients, and the presence flags, in the gradients' type.
+    let device = parts.iter().find_map(|p| p.as_ref().map(Tensor::device));
+    let options = |device: &burn::tensor::Device<B::InnerBackend>| match dtype {
+        Some(dtype) => TensorCreationOptions::from((device, dtype)),
+        None => TensorCreationOptions::from(device),
+    };
+    let device = device.unwrap_or_else(|| params[0].device.clone());
+    let present: Vec<f32> = parts
+        .iter()
+        .map(|p| if p.is_some() { 1.0 } else { 0.0 })
+        .collect();
+    let mut pieces: Vec<Tensor<B::InnerBackend, 1>> = parts
+        .into_iter()
+        .zip(&params)
+        .map(|(part, param)| part.unwrap_or_else(|| Tensor::zeros([param.len()], options(&device))))
+        .collect();
+    let flags = present.len();
+    pieces.push(Tensor::from_data(
+        TensorData::new(present, [flags]),
+        options(&device),
+    ));
+    let flat = Tensor::cat(pieces, 0).into_primitive().tensor();
     let mean = all_reduce::<B::InnerBackend>(peer, flat, ReduceOperation::Mean)
-        .map_err(|err| format!("{err:?}"))?;
+        .map_err(|err| AllReduceError::Collective(format!("{err:?}")))?;
+    let mean: Tensor<B::InnerBackend, 1> = Tensor::from_primitive(TensorPrimitive::Float(mean));
+    let total = mean.dims()[0];
+    let had: Vec<f64> = mean
+        .clone()
+        .slice(total - flags..total)
+        .into_data()
+        .iter::<f64>()
+        .collect();
     let mut restore = Restore::<B> {
         grads: &mut grads,
-        flat: Tensor::from_primitive(TensorPrimitive::Float(mean)),
-        shapes: shapes.into_iter(),
+        flat: mean,
+        params: params.into_iter().zip(had).collect::<Vec<_>>().into_iter(),
         at: 0,
     };
     module.visit(&mut restore);
     Ok(grads)
 }
 
-/// Takes each parameter's gradient out of the set, flattened, in the module's order.
+/// A float parameter of the module, as [`Flatten`] met it.
+struct Flat<D> {
+    id: ParamId,
+    dims: Vec<usize>,
+    device: D,
+}
+
+impl<D> Flat<D> {
+    fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+/// Takes each parameter's gradient out of the set, flattened, in the module's order (`None` for
+/// a parameter without one), and checks that they share one float type.
 struct Flatten<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
-    parts: Vec<Tensor<B::InnerBackend, 1>>,
-    shapes: Vec<(ParamId, Vec<usize>)>,
+    parts: Vec<Option<Tensor<B::InnerBackend, 1>>>,
+    params: Vec<Flat<burn::tensor::Device<B::InnerBackend>>>,
+    dtype: Option<DType>,
+    mixed: Option<AllReduceError>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            let dims = grad.dims().to_vec();
-            self.parts
-                .push(grad.reshape([dims.iter().product::<usize>()]));
-            self.shapes.push((param.id, dims));
-        }
+        let dims = param.lazy_shape().to_vec();
+        let grad = self.grads.remove::<B::InnerBackend, D>(param.id);
+        let part = grad.map(|grad| {
+            let found = grad.dtype();
+            match self.dtype {
+                None => self.dtype = Some(found),
+                Some(expected) if expected != found && self.mixed.is_none() => {
+                    self.mixed = Some(AllReduceError::MixedDtypes {
+                        param: param.id.to_string(),
+                        expected,
+                        found,
+                    });
+                }
+                Some(_) => {}
+            }
+            grad.reshape([dims.iter().product::<usize>()])
+        });
+        let device = match &part {
+            Some(part) => part.device(),
+            None => param.lazy_device(),
+        };
+        self.parts.push(part);
+        self.params.push(Flat {
+            id: param.id,
+            dims,
+            device,
+        });
     }
 }
 
-/// Cuts the averaged tensor back into the gradients [`Flatten`] took, in the same order.
+/// Cuts the averaged tensor back into the parameters' gradients, in the order [`Flatten`] met
+/// them, registering those that some replica had.
 struct Restore<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     flat: Tensor<B::InnerBackend, 1>,
-    shapes: std::vec::IntoIter<(ParamId, Vec<usize>)>,
+    params: std::vec::IntoIter<(Flat<burn::tensor::Device<B::InnerBackend>>, f64)>,
     at: usize,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let Some((id, dims)) = self.shapes.as_slice().first().cloned() else {
+        let Some((flat, had)) = self.params.next() else {
             return;
         };
-        if id != param.id {
-            return;
-        }
-        self.shapes.next();
-        let len: usize = dims.iter().product();
+        debug_assert_eq!(
+            flat.id, param.id,
+            "the module lists its parameters in one order"
+        );
+        let len = flat.len();
         let part = self.flat.clone().slice(self.at..self.at + len);
         self.at += len;
-        let dims: [usize; D] = dims.try_into().expect("taken from a rank-D gradient");
-        self.grads
-            .register::<<B as AutodiffBackend>::InnerBackend, D>(id, part.reshape(dims));
+        if had > 0.0 {
+            let dims: [usize; D] = flat
+                .dims
+                .try_into()
+                .expect("the dims of a rank-D parameter");
+            self.grads
+                .register::<<B as AutodiffBackend>::InnerBackend, D>(flat.id, part.reshape(dims));
+        }
     }
 }

@@ -26,11 +26,13 @@ mod config;
 mod error;
 mod host;
 mod kernels;
+mod non_finite;
 mod optimizer;
 pub mod projection;
 mod record;
 mod refresh;
 pub mod screen;
+mod state;
 mod stats;
 mod visitors;
 

@@ -13,45 +13,25 @@
 //! Parameters without a basis, and those without a gradient, pass through bit for bit.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::optim::{GradientsParams, LearningRate, MultiGradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use spf_subspace::{LowRankBasis, Targets};
+use spf_subspace::LowRankBasis;
 
-use crate::bases::{Admitted, ProtectedBases, admit};
+use crate::bases::admit;
 use crate::config::{NonFinitePolicy, ProjectionTarget, SpfConfig, StatsPolicy};
 use crate::error::{LoadError, SpfError, StepError, panic_message};
 use crate::host;
-use crate::record::{RECORD_VERSION, SpfRecord, basis_records, param_paths, rekeyed, saved_bases};
-use crate::refresh::{NoSafetySource, RefreshState, RefreshStats, SafetyGradientSource};
-use crate::stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};
+use crate::non_finite::ended;
+use crate::record::SpfRecord;
+use crate::refresh::{NoSafetySource, SafetyGradientSource};
+use crate::state::State;
+use crate::stats::{StatsFeed, StepStats};
 use crate::visitors::{
-    Probes, non_finite_among, place_bases, prepare_gradients, prepare_updates, probe_gradients,
-    project_gradients, reduce_gradients, replace_updates, snapshot_updates, zero_non_finite,
+    Probes, check_gradient_shapes, place_bases, prepare_gradients, prepare_updates,
+    probe_gradients, project_gradients, reduce_gradients, replace_updates, snapshot_updates,
 };
-
-/// The targets (re-keyed to the record's ids where they differ) and the admitted bases of
-/// `record`, checked against the wrapper's `state`; nothing is changed.
-fn checked_record<B: AutodiffBackend, R: burn::record::Record<B>>(
-    state: &State<B>,
-    record: &SpfRecord<R, B>,
-) -> Result<(Arc<Targets>, Admitted<B::InnerBackend>), SpfError> {
-    if record.version != RECORD_VERSION {
-        return Err(SpfError::UnsupportedRecordVersion {
-            found: record.version,
-            supported: RECORD_VERSION,
-        });
-    }
-    let targets = match rekeyed(&state.targets, &record.params)? {
-        Some(targets) => Arc::new(targets),
-        None => state.targets.clone(),
-    };
-    let max_rank = state.config.estimator.rank.max_rank();
-    let bases = saved_bases::<B>(&record.bases, &targets, max_rank)?;
-    Ok((targets, bases))
-}
 
 /// A basis on the backend the gradients live on.
 type InnerBasis<B> = LowRankBasis<<B as AutodiffBackend>::InnerBackend>;
@@ -98,19 +78,6 @@ pub struct SafetyProjectedOptimizer<O, B: AutodiffBackend, S = NoSafetySource> {
     state: State<B>,
 }
 
-/// Everything the wrapper holds besides the inner optimizer and the safety source.
-#[derive(Clone)]
-struct State<B: AutodiffBackend> {
-    config: SpfConfig,
-    targets: Arc<Targets>,
-    bases: ProtectedBases<B::InnerBackend>,
-    steps: usize,
-    refresh: RefreshState,
-    non_finite: NonFiniteStats,
-    last_stats: StepStats,
-    feed: StatsFeed,
-}
-
 impl SpfConfig {
     /// Wraps `inner` so that every step is projected against `bases`, one per targeted parameter
     /// of `module`. Targeted parameters without a basis, and all other parameters, pass through
@@ -131,28 +98,10 @@ impl SpfConfig {
         B: AutodiffBackend,
         M: AutodiffModule<B>,
     {
-        let estimator = &self.estimator;
-        let targets = Targets::of(module, &estimator.filter, estimator.vector_policy)?;
-        let bases = admit(&targets, estimator.rank.max_rank(), bases)?;
-        let mut refresh = RefreshState::new(&self.refresh);
-        if !bases.is_empty() {
-            refresh = refresh.estimated_at(0);
-        }
-        let mut protected = ProtectedBases::default();
-        protected.extend(bases);
         Ok(SafetyProjectedOptimizer {
             inner,
             source: NoSafetySource,
-            state: State {
-                config: self.clone(),
-                targets: Arc::new(targets),
-                bases: protected,
-                steps: 0,
-                refresh,
-                non_finite: NonFiniteStats::default(),
-                last_stats: StepStats::default(),
-                feed: StatsFeed::default(),
-            },
+            state: State::new(self, module, bases)?,
         })
     }
 }
@@ -220,31 +169,26 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     /// any state: the statistics a [`ProjectionTarget::Gradient`] step on them would publish,
     /// in the configured mode, whatever the configured target. [`crate::screen`] scores each
     /// training sample's own gradient with it.
+    ///
+    /// # Errors
+    ///
+    /// [`SpfError::ShapeMismatch`] naming the first parameter whose gradient in `grads` does not
+    /// have the parameter's shape.
     pub fn measure<M: AutodiffModule<B>>(
         &self,
         module: &M,
         mut grads: GradientsParams,
-    ) -> StepStats {
+    ) -> Result<StepStats, SpfError> {
         let state = &self.state;
-        let set = prepare_gradients(module, &mut grads, &state.bases, state.config.mode);
+        check_gradient_shapes(module, &grads, &state.targets)?;
+        let set = prepare_gradients(module, &mut grads, &state.bases, state.config.mode)?;
         let tensors = set.stats(&state.targets, &host::read(set.readouts()));
-        StepStats {
+        Ok(StepStats {
             tensors,
             refresh: state.refresh.stats(),
             non_finite: state.non_finite,
             host_reads: 1,
-        }
-    }
-
-    /// Records the statistics of a step that projected `tensors` (none for a refused step);
-    /// [`Self::try_step`] adds the count of host reads and publishes them to the feed.
-    fn publish(&mut self, tensors: Vec<TensorStats>) {
-        self.state.last_stats = StepStats {
-            tensors,
-            refresh: self.state.refresh.stats(),
-            non_finite: self.state.non_finite,
-            host_reads: 0,
-        };
+        })
     }
 
     /// Restores a record saved by [`Optimizer::to_record`], checking it against the module the
@@ -279,52 +223,34 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         O: Optimizer<M, B>,
     {
         // Everything is checked before anything changes, so a refused record loses nothing.
-        let (targets, bases) = match checked_record(&self.state, &record) {
-            Ok(checked) => checked,
-            Err(error) => {
-                return Err(LoadError {
-                    optimizer: Box::new(self),
-                    error,
-                });
+        match self.state.restore(record) {
+            Ok(inner) => {
+                self.inner = self.inner.load_record(inner);
+                Ok(self)
             }
-        };
-        let state = &mut self.state;
-        state.targets = targets;
-        state.bases.replace(bases);
-        state.steps = record.steps;
-        state.refresh = RefreshState {
-            counts: RefreshStats {
-                count: record.refreshes,
-                failures: record.refresh_failures,
-                last_overlap: record.refresh_last_overlap,
-                last_error: record.refresh_last_error,
-                period: state.config.refresh.resumed_period(record.refresh_period),
-                ..RefreshStats::default()
-            },
-            since: record.refresh_since,
-        };
-        state.non_finite = NonFiniteStats {
-            this_step: 0,
-            total: record.non_finite_total,
-            skipped_steps: record.skipped_steps,
-        };
-        self.inner = self.inner.load_record(record.inner);
-        Ok(self)
+            Err(error) => Err(LoadError {
+                optimizer: Box::new(self),
+                error,
+            }),
+        }
     }
 
     /// [`Optimizer::step`] that reports what it refuses instead of panicking: an invalid learning
-    /// rate, and non-finite gradients under [`NonFinitePolicy::Error`]. The module comes back
-    /// untouched in the error, and neither the bases nor the inner optimizer have changed (the
+    /// rate, a gradient that does not have its parameter's shape, and non-finite gradients under
+    /// [`NonFinitePolicy::Error`]. The module comes back untouched in the error. These are found
+    /// before anything changes: neither the bases nor the inner optimizer have changed (the
     /// non-finite counts in [`Self::last_stats`] have).
     ///
     /// # Errors
     ///
     /// [`SpfError::InvalidLearningRate`] for a NaN, infinite or negative `lr`;
     /// [`SpfError::ModuleMismatch`] when the wrapper has bases but the module none of their
-    /// parameters; [`SpfError::NonFiniteGradient`] as above; [`SpfError::StepPanicked`] when the
-    /// inner optimizer panics (on state that does not fit the module, from a corrupt record for
-    /// example): the module comes back as it was, but the inner optimizer's state may be
-    /// incomplete, so reload it before stepping again.
+    /// parameters; [`SpfError::ShapeMismatch`] naming the first parameter whose gradient is not
+    /// of its shape; [`SpfError::NonFiniteGradient`] as above; [`SpfError::StepPanicked`] when
+    /// the inner optimizer panics (on state that does not fit the module, from a corrupt record
+    /// for example): the module comes back as it was, but the inner optimizer's state may be
+    /// incomplete, so reload it before stepping again, and a refresh that was due has already
+    /// run, so the bases are the refreshed ones.
     pub fn try_step<M>(
         &mut self,
         lr: LearningRate,
@@ -342,6 +268,9 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         }
         if !self.state.bases.is_empty() && place_bases(&module, &mut self.state.bases) == 0 {
             let error = SpfError::ModuleMismatch;
+            return Err(StepError { module, error });
+        }
+        if let Err(error) = check_gradient_shapes(&module, &grads, &self.state.targets) {
             return Err(StepError { module, error });
         }
         let reads = host::reads();
@@ -383,13 +312,12 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         let mut probes = (config.non_finite != NonFinitePolicy::Unchecked)
             .then(|| probe_gradients(&module, &grads));
         if !fold && let Some(probes) = probes.take() {
-            let suspects = probes.suspects(&host::read(probes.values()));
-            let bad = non_finite_among(&module, &grads, &suspects);
-            if let Some(done) = self.on_non_finite(bad, &module, &mut grads) {
-                return match done {
-                    Ok(()) => Ok(module),
-                    Err(error) => Err(StepError { module, error }),
-                };
+            let values = host::read(probes.values());
+            if let Some(done) = self
+                .state
+                .on_non_finite(&probes, &values, &module, &mut grads)
+            {
+                return ended(done, module);
             }
         }
 
@@ -409,23 +337,23 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         let (bases, mode) = (&state.bases, state.config.mode);
         let tensors = match state.config.target {
             ProjectionTarget::Gradient => {
-                let set = project_gradients(&module, &mut grads, bases, mode, read_stats);
+                let set = match project_gradients(&module, &mut grads, bases, mode, read_stats) {
+                    Ok(set) => set,
+                    Err(error) => return Err(StepError { module, error }),
+                };
                 let mut parts = probes.as_ref().map(Probes::values).unwrap_or_default();
                 let probed = parts.len();
                 parts.extend(set.readouts());
                 let host = host::read(parts);
                 let (probe_values, readouts) = host.split_at(probed);
-                if let Some(probes) = &probes {
-                    // The exact probe sees the projected gradients: a projection that turned
-                    // finite entries near f32::MAX into ±Inf refuses the step, as it should.
-                    let suspects = probes.suspects(probe_values);
-                    let bad = non_finite_among(&module, &grads, &suspects);
-                    if let Some(done) = self.on_non_finite(bad, &module, &mut grads) {
-                        return match done {
-                            Ok(()) => Ok(module),
-                            Err(error) => Err(StepError { module, error }),
-                        };
-                    }
+                // The exact probe sees the projected gradients: a projection that turned finite
+                // entries near f32::MAX into ±Inf refuses the step, as it should.
+                if let Some(probes) = &probes
+                    && let Some(done) =
+                        self.state
+                            .on_non_finite(probes, probe_values, &module, &mut grads)
+                {
+                    return ended(done, module);
                 }
                 Some(set.stats(&self.state.targets, readouts))
             }
@@ -437,74 +365,35 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         let (state, inner) = (&self.state, &mut self.inner);
         let (bases, targets, mode) = (&state.bases, &*state.targets, state.config.mode);
         let stepped = catch_unwind(AssertUnwindSafe(|| match tensors {
-            Some(tensors) => (inner.step(lr, module, grads), tensors),
+            Some(tensors) => Ok((inner.step(lr, module, grads), tensors)),
             None => {
                 let before = snapshot_updates(&module, &grads, bases);
                 let module = inner.step(lr, module, grads);
-                let set = prepare_updates(&module, &before, bases, mode);
+                let set = prepare_updates(&module, &before, bases, mode)?;
                 let tensors = if read_stats {
                     set.stats(targets, &host::read(set.readouts()))
                 } else {
                     Vec::new()
                 };
-                (replace_updates(module, before, set, &tensors), tensors)
+                Ok((replace_updates(module, before, set, &tensors), tensors))
             }
         }));
         match stepped {
-            Ok((module, tensors)) => {
-                self.publish(tensors);
+            Ok(Ok((module, tensors))) => {
+                self.state.publish(tensors);
                 self.state.steps += 1;
                 Ok(module)
             }
+            Ok(Err(error)) => Err(StepError {
+                module: before,
+                error,
+            }),
             Err(panic) => Err(StepError {
                 module: before,
                 error: SpfError::StepPanicked {
                     message: panic_message(&*panic).to_owned(),
                 },
             }),
-        }
-    }
-
-    /// Counts the non-finite gradients `bad` and applies the [`NonFinitePolicy`]: `None` to go
-    /// on stepping (on zeroed gradients under `ZeroNonFinite`), or the step's outcome: `Ok` for a
-    /// skipped step, the error under `Error`.
-    fn on_non_finite<M: AutodiffModule<B>>(
-        &mut self,
-        bad: Vec<ParamId>,
-        module: &M,
-        grads: &mut GradientsParams,
-    ) -> Option<Result<(), SpfError>> {
-        self.state.non_finite.this_step = bad.len();
-        self.state.non_finite.total += bad.len();
-        if bad.is_empty() {
-            return None;
-        }
-        self.state.refresh.counts.refreshed = false;
-        match self.state.config.non_finite {
-            NonFinitePolicy::Error => {
-                self.publish(Vec::new());
-                let paths = bad
-                    .iter()
-                    .map(|id| {
-                        self.state
-                            .targets
-                            .get(id)
-                            .map_or_else(|| id.to_string(), |t| t.path.to_string())
-                    })
-                    .collect();
-                Some(Err(SpfError::NonFiniteGradient { paths }))
-            }
-            NonFinitePolicy::SkipStep => {
-                self.state.non_finite.skipped_steps += 1;
-                self.publish(Vec::new());
-                Some(Ok(()))
-            }
-            NonFinitePolicy::ZeroNonFinite => {
-                zero_non_finite(module, grads, &bad);
-                None
-            }
-            // Not probed, so never reached.
-            NonFinitePolicy::Unchecked => None,
         }
     }
 }
@@ -540,22 +429,7 @@ where
     }
 
     fn to_record(&self) -> Self::Record {
-        let state = &self.state;
-        SpfRecord {
-            version: RECORD_VERSION,
-            inner: self.inner.to_record(),
-            params: param_paths(&state.targets),
-            steps: state.steps,
-            bases: basis_records::<B>(&state.bases),
-            refreshes: state.refresh.counts.count,
-            refresh_failures: state.refresh.counts.failures,
-            refresh_since: state.refresh.since,
-            refresh_period: state.refresh.counts.period,
-            refresh_last_overlap: state.refresh.counts.last_overlap,
-            refresh_last_error: state.refresh.counts.last_error.clone(),
-            non_finite_total: state.non_finite.total,
-            skipped_steps: state.non_finite.skipped_steps,
-        }
+        self.state.to_record(self.inner.to_record())
     }
 
     /// # Panics

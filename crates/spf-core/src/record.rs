@@ -1,7 +1,8 @@
-//! [`SpfRecord`]: the wrapper's saved state, versioned, and how its parts are written from and
-//! checked back into the wrapper's state.
+//! [`SpfRecord`]: the wrapper's saved state, versioned, and the conversion of the wrapper's
+//! state to it and back (checked before anything changes).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use burn::module::ParamId;
 use burn::record::Record;
@@ -11,6 +12,9 @@ use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::{Admitted, ProtectedBases, admit};
 use crate::error::SpfError;
+use crate::refresh::{RefreshState, RefreshStats};
+use crate::state::State;
+use crate::stats::NonFiniteStats;
 
 /// The record format this build writes and reads.
 ///
@@ -80,8 +84,82 @@ pub struct ParamPath {
     pub path: String,
 }
 
+impl<B: AutodiffBackend> State<B> {
+    /// The record of this state, holding the inner optimizer's record `inner`.
+    pub(crate) fn to_record<R: Record<B>>(&self, inner: R) -> SpfRecord<R, B> {
+        SpfRecord {
+            version: RECORD_VERSION,
+            inner,
+            params: param_paths(&self.targets),
+            steps: self.steps,
+            bases: basis_records::<B>(&self.bases),
+            refreshes: self.refresh.counts.count,
+            refresh_failures: self.refresh.counts.failures,
+            refresh_since: self.refresh.since,
+            refresh_period: self.refresh.counts.period,
+            refresh_last_overlap: self.refresh.counts.last_overlap,
+            refresh_last_error: self.refresh.counts.last_error.clone(),
+            non_finite_total: self.non_finite.total,
+            skipped_steps: self.non_finite.skipped_steps,
+        }
+    }
+
+    /// Restores `record` into this state and returns the inner optimizer's record. The refresh
+    /// period follows this state's own policy (see
+    /// [`RefreshPolicy::resumed_period`](crate::RefreshPolicy)).
+    ///
+    /// # Errors
+    ///
+    /// As [`SafetyProjectedOptimizer::try_load_record`](crate::SafetyProjectedOptimizer::try_load_record);
+    /// everything is checked before anything changes, so on error the state is as it was.
+    pub(crate) fn restore<R: Record<B>>(&mut self, record: SpfRecord<R, B>) -> Result<R, SpfError> {
+        let (targets, bases) = self.checked(&record)?;
+        self.targets = targets;
+        self.bases.replace(bases);
+        self.steps = record.steps;
+        self.refresh = RefreshState {
+            counts: RefreshStats {
+                count: record.refreshes,
+                failures: record.refresh_failures,
+                last_overlap: record.refresh_last_overlap,
+                last_error: record.refresh_last_error,
+                period: self.config.refresh.resumed_period(record.refresh_period),
+                ..RefreshStats::default()
+            },
+            since: record.refresh_since,
+        };
+        self.non_finite = NonFiniteStats {
+            this_step: 0,
+            total: record.non_finite_total,
+            skipped_steps: record.skipped_steps,
+        };
+        Ok(record.inner)
+    }
+
+    /// The targets (re-keyed to the record's ids where they differ) and the admitted bases of
+    /// `record`, checked against this state; nothing is changed.
+    fn checked<R: Record<B>>(
+        &self,
+        record: &SpfRecord<R, B>,
+    ) -> Result<(Arc<Targets>, Admitted<B::InnerBackend>), SpfError> {
+        if record.version != RECORD_VERSION {
+            return Err(SpfError::UnsupportedRecordVersion {
+                found: record.version,
+                supported: RECORD_VERSION,
+            });
+        }
+        let targets = match rekeyed(&self.targets, &record.params)? {
+            Some(targets) => Arc::new(targets),
+            None => self.targets.clone(),
+        };
+        let max_rank = self.config.estimator.rank.max_rank();
+        let bases = saved_bases::<B>(&record.bases, &targets, max_rank)?;
+        Ok((targets, bases))
+    }
+}
+
 /// Every basis as a record, sorted by parameter id.
-pub(crate) fn basis_records<B: AutodiffBackend>(
+fn basis_records<B: AutodiffBackend>(
     bases: &ProtectedBases<B::InnerBackend>,
 ) -> Vec<BasisRecord<B>> {
     let mut records: Vec<_> = bases
@@ -101,7 +179,7 @@ pub(crate) fn basis_records<B: AutodiffBackend>(
 }
 
 /// Every parameter of `targets` with its path, sorted by id.
-pub(crate) fn param_paths(targets: &Targets) -> Vec<ParamPath> {
+fn param_paths(targets: &Targets) -> Vec<ParamPath> {
     let mut params: Vec<_> = targets
         .iter()
         .map(|(id, target)| ParamPath {
@@ -119,7 +197,7 @@ pub(crate) fn param_paths(targets: &Targets) -> Vec<ParamPath> {
 ///
 /// [`SpfError::InvalidBasis`] for factors that do not form a basis, and the errors of
 /// [`admit`](crate::bases::admit).
-pub(crate) fn saved_bases<B: AutodiffBackend>(
+fn saved_bases<B: AutodiffBackend>(
     saved: &[BasisRecord<B>],
     targets: &Targets,
     max_rank: usize,
@@ -143,7 +221,7 @@ pub(crate) fn saved_bases<B: AutodiffBackend>(
 /// # Errors
 ///
 /// [`SpfError::RecordMismatch`] when the paths are not the same on both sides.
-pub(crate) fn rekeyed(targets: &Targets, saved: &[ParamPath]) -> Result<Option<Targets>, SpfError> {
+fn rekeyed(targets: &Targets, saved: &[ParamPath]) -> Result<Option<Targets>, SpfError> {
     let agree = saved.iter().all(|p| {
         targets
             .get(&ParamId::from(p.param))

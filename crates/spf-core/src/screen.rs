@@ -58,16 +58,20 @@ impl SampleScreen {
     /// The score of one sample: the share of the energy of its gradient `grads` (at `module`)
     /// that `optim`'s projection would remove. 0 for a gradient with no energy on a protected
     /// tensor.
+    ///
+    /// # Errors
+    ///
+    /// As [`SafetyProjectedOptimizer::measure`]: a gradient that is not of its parameter's shape.
     pub fn score<O, M, B, S>(
         optim: &SafetyProjectedOptimizer<O, B, S>,
         module: &M,
         grads: GradientsParams,
-    ) -> f64
+    ) -> Result<f64, SpfError>
     where
         M: AutodiffModule<B>,
         B: AutodiffBackend,
     {
-        optim.measure(module, grads).removed_energy_share()
+        Ok(optim.measure(module, grads)?.removed_energy_share())
     }
 
     /// Whether a sample with `score` stays in the batch.

@@ -1,11 +1,15 @@
-//! Test fixtures shared by this crate's unit tests and by `spf-theory` (the `testing` feature):
-//! the backend the tests run on, seeded Gaussian matrices and bases on the host (`f64`, faer),
+//! Test fixtures shared by this crate's tests, `spf-theory`, `spf-train`'s Learner example and
+//! the facade's examples, tests and benches (the `testing` feature): the backend the tests run
+//! on, the small MLP they train, seeded Gaussian matrices and bases on the host (`f64`, faer),
 //! moving matrices between host and device, and an `f64` reference of every projection mode
 //! written straight from the formulas of the SPF method note. Not part of the library's API.
 
 #![allow(missing_docs)]
 
 use burn::backend::Autodiff;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::tanh;
 use burn::tensor::{DType, Element, Tensor, TensorData, backend::Backend};
 use faer::Mat;
 use rand::rngs::StdRng;
@@ -24,6 +28,41 @@ pub type TestBackend = burn::backend::NdArray;
 pub type TestBackend = burn::backend::Wgpu;
 /// Its autodiff counterpart.
 pub type TestAutodiffBackend = Autodiff<TestBackend>;
+
+/// A multilayer perceptron with `tanh` between its layers: the small model of the quickstart,
+/// the Learner example and the data-parallel and resume tests. Any burn module works with SPF;
+/// this one is written once so that every example and test means the same model by it.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// The linear layers, input first.
+    pub layers: Vec<Linear<B>>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Layers of widths `widths = [input, hidden…, output]`, initialized by burn's defaults.
+    pub fn new(widths: &[usize], device: &B::Device) -> Self {
+        let layers = widths
+            .windows(2)
+            .map(|w| LinearConfig::new(w[0], w[1]).init(device))
+            .collect();
+        Self { layers }
+    }
+
+    /// The same model with its weights drawn now. burn initializes parameters lazily, at first
+    /// use, so a clone taken before that would draw values of its own.
+    pub fn materialized(self) -> Self {
+        self.clone().load_record(self.into_record())
+    }
+
+    /// `layer_n(tanh(… tanh(layer_1(x))))`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let last = self.layers.len().saturating_sub(1);
+        self.layers.iter().enumerate().fold(x, |h, (i, layer)| {
+            let h = layer.forward(h);
+            if i < last { tanh(h) } else { h }
+        })
+    }
+}
 
 /// A seeded source of Gaussian matrices.
 pub struct Gaussian(StdRng);
@@ -182,9 +221,9 @@ fn float_options<B: Backend>(device: &B::Device) -> (&B::Device, DType) {
 }
 
 /// `m` on the device, in the backend's float type.
-pub fn upload<B: Backend>(m: &Mat<f64>, device: &B::Device) -> Tensor<B, 2> {
+pub fn upload<B: Backend>(m: &Mat<impl Copy + Into<f64>>, device: &B::Device) -> Tensor<B, 2> {
     let values: Vec<f64> = (0..m.nrows())
-        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
+        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)].into()))
         .collect();
     Tensor::from_data(
         TensorData::new(values, [m.nrows(), m.ncols()]),
@@ -199,30 +238,7 @@ pub fn download<B: Backend>(t: Tensor<B, 2>) -> Mat<f64> {
     Mat::from_fn(rows, cols, |i, j| values[i * cols + j])
 }
 
-/// `G̃` from the formulas of the SPF method note, in `f64`.
+/// `G̃` from the formulas of the SPF method note, in `f64` ([`ProjectionMode`]'s reference).
 pub fn reference_projection(g: &Mat<f64>, b: &HostBasis, mode: ProjectionMode) -> Mat<f64> {
-    let k = b.rank();
-    let c = b.coefficients(g);
-    let rank_k = |r: &dyn Fn(usize) -> f64| {
-        let mut out = g.clone();
-        for i in 0..k {
-            out -= r(i) * b.direction(i);
-        }
-        out
-    };
-    match mode {
-        ProjectionMode::ConflictOnly => rank_k(&|i| c[i].min(0.0)),
-        ProjectionMode::Orthogonal => rank_k(&|i| c[i]),
-        ProjectionMode::ColumnSpace => g - &b.u * (b.u.transpose() * g),
-        ProjectionMode::RowSpace => g - (g * &b.v) * b.v.transpose(),
-        ProjectionMode::Pcgrad => {
-            let dot: f64 = (0..k).map(|i| b.sigma[i] * c[i]).sum();
-            let d_energy: f64 = b.sigma.iter().map(|s| s * s).sum();
-            if dot < 0.0 {
-                rank_k(&|i| dot / d_energy * b.sigma[i])
-            } else {
-                g.clone()
-            }
-        }
-    }
+    mode.reference(g, (&b.u, &b.sigma, &b.v))
 }

@@ -16,6 +16,7 @@ use spf_subspace::view::{from_2d, into_2d};
 use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::ProtectedBases;
+use crate::error::SpfError;
 use crate::host;
 use crate::projection::{Measured, Pending, ProjectionMode, ProjectionStats, Readout};
 use crate::stats::TensorStats;
@@ -76,15 +77,46 @@ impl<B: Backend> PendingSet<B> {
     }
 }
 
-/// Projects, in place, every gradient in `grads` that has a basis, one after the other (each
-/// gradient is read and written while it is still in the CPU's caches), keeping what their
-/// statistics need when `measure`.
+/// What a gradient pass does with each projection it starts.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Keeps it pending, the gradient taken out of `grads` (for a measurement).
+    Keep,
+    /// Finishes it at once, while the gradient is still in the CPU's caches, and registers `G̃`
+    /// back; with `measure`, keeps what its statistics need.
+    Finish { measure: bool },
+}
+
+/// Takes every gradient in `grads` that has a basis and starts its projection, one after the
+/// other, then does with it what `then` says.
 struct GradientProjection<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     bases: &'a Bases<B>,
     mode: ProjectionMode,
-    measure: bool,
+    then: Then,
+    pending: Vec<(ParamId, Pending<B::InnerBackend>)>,
     measured: Vec<(ParamId, Measured<B::InnerBackend>)>,
+    /// The first gradient that did not fit its basis (none after [`check_gradient_shapes`]).
+    error: Option<SpfError>,
+}
+
+impl<'a, B: AutodiffBackend> GradientProjection<'a, B> {
+    fn new(
+        grads: &'a mut GradientsParams,
+        bases: &'a Bases<B>,
+        mode: ProjectionMode,
+        then: Then,
+    ) -> Self {
+        Self {
+            grads,
+            bases,
+            mode,
+            then,
+            pending: Vec::new(),
+            measured: Vec::new(),
+            error: None,
+        }
+    }
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
@@ -97,34 +129,48 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
         };
         let dims = grad.dims();
         let basis = on_device(basis, &grad.device());
-        let pending = Pending::new(into_2d(grad), &basis, mode_for::<D>(self.mode))
-            .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
-        let (projected, measured) = pending.finish_measured(self.measure);
-        self.grads.register(param.id, from_2d(projected, dims));
-        self.measured.extend(measured.map(|m| (param.id, m)));
+        let pending = match Pending::new(into_2d(grad), &basis, mode_for::<D>(self.mode)) {
+            Ok(pending) => pending,
+            Err(error) => {
+                self.error.get_or_insert(error);
+                return;
+            }
+        };
+        match self.then {
+            Then::Keep => self.pending.push((param.id, pending)),
+            Then::Finish { measure } => {
+                let (projected, measured) = pending.finish_measured(measure);
+                let projected = from_2d(projected, dims).expect("the 2-D view of this gradient");
+                self.grads.register(param.id, projected);
+                self.measured.extend(measured.map(|m| (param.id, m)));
+            }
+        }
     }
 }
 
-/// Takes every gradient that has a basis out of `grads` and starts its projection.
-struct GradientPreparation<'a, B: AutodiffBackend> {
-    grads: &'a mut GradientsParams,
-    bases: &'a Bases<B>,
-    mode: ProjectionMode,
-    pending: Vec<(ParamId, Pending<B::InnerBackend>)>,
+/// Finds the first gradient whose shape is not its parameter's.
+struct GradientShapes<'a> {
+    grads: &'a GradientsParams,
+    targets: &'a Targets,
+    mismatch: Option<SpfError>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradientPreparation<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradientShapes<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let Some(basis) = self.bases.get(&param.id) else {
+        if self.mismatch.is_some() {
+            return;
+        }
+        let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) else {
             return;
         };
-        let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
-            return;
-        };
-        let basis = on_device(basis, &grad.device());
-        let pending = Pending::new(into_2d(grad), &basis, mode_for::<D>(self.mode))
-            .unwrap_or_else(|err| panic!("gradient of parameter {} does not fit: {err}", param.id));
-        self.pending.push((param.id, pending));
+        let (expected, found) = (param.lazy_shape().to_vec(), grad.dims().to_vec());
+        if expected != found {
+            self.mismatch = Some(SpfError::ShapeMismatch {
+                path: Some(path_of(self.targets, param.id).to_string()),
+                expected,
+                found,
+            });
+        }
     }
 }
 
@@ -188,6 +234,8 @@ struct UpdatePreparation<'a, B: AutodiffBackend> {
     bases: &'a Bases<B>,
     mode: ProjectionMode,
     pending: Vec<(ParamId, Pending<B::InnerBackend>)>,
+    /// The first update that did not fit its basis (none after [`check_gradient_shapes`]).
+    error: Option<SpfError>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for UpdatePreparation<'_, B> {
@@ -199,9 +247,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UpdatePreparation<'_, B> {
         let after = into_2d(param.val().inner());
         let descent = before.clone().to_device(&after.device()) - after;
         let basis = on_device(basis, &descent.device());
-        let pending = Pending::new(descent, &basis, mode_for::<D>(self.mode))
-            .unwrap_or_else(|err| panic!("update of parameter {} does not fit: {err}", param.id));
-        self.pending.push((param.id, pending));
+        match Pending::new(descent, &basis, mode_for::<D>(self.mode)) {
+            Ok(pending) => self.pending.push((param.id, pending)),
+            Err(error) => {
+                self.error.get_or_insert(error);
+            }
+        }
     }
 }
 
@@ -225,7 +276,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateReplacement<B> {
         let (id, tensor, mapper) = param.consume();
         let dims = tensor.dims();
         let before = before.to_device(&projected.device());
-        let mut value = Tensor::from_inner(from_2d(before - projected, dims));
+        let after = from_2d(before - projected, dims).expect("the 2-D view of this parameter");
+        let mut value = Tensor::from_inner(after);
         if tensor.is_require_grad() {
             value = value.require_grad();
         }
@@ -307,12 +359,39 @@ fn mode_for<const D: usize>(matrix_mode: ProjectionMode) -> ProjectionMode {
     }
 }
 
-fn tensor_stats(targets: &Targets, param: ParamId, stats: ProjectionStats) -> TensorStats {
-    let path = targets
+/// The module path of `param`, or its id for a parameter the targets do not know.
+fn path_of(targets: &Targets, param: ParamId) -> std::sync::Arc<str> {
+    targets
         .get(&param)
         .map(|target| target.path.clone())
-        .unwrap_or_else(|| param.to_string().into());
+        .unwrap_or_else(|| param.to_string().into())
+}
+
+fn tensor_stats(targets: &Targets, param: ParamId, stats: ProjectionStats) -> TensorStats {
+    let path = path_of(targets, param);
     TensorStats { param, path, stats }
+}
+
+/// Checks that every gradient in `grads` has its parameter's shape, before a step changes
+/// anything: a gradient of another shape would otherwise reach the projection, or the inner
+/// optimizer, and panic there.
+///
+/// # Errors
+///
+/// [`SpfError::ShapeMismatch`] naming the first parameter (in module order) whose gradient does
+/// not have its shape.
+pub(crate) fn check_gradient_shapes<M: AutodiffModule<B>, B: AutodiffBackend>(
+    module: &M,
+    grads: &GradientsParams,
+    targets: &Targets,
+) -> Result<(), SpfError> {
+    let mut check = GradientShapes {
+        grads,
+        targets,
+        mismatch: None,
+    };
+    module.visit(&mut check);
+    check.mismatch.map_or(Ok(()), Err)
 }
 
 /// Takes the gradient of every parameter of `module` that has a basis out of `grads` and starts
@@ -322,16 +401,14 @@ pub(crate) fn prepare_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
     grads: &mut GradientsParams,
     bases: &Bases<B>,
     mode: ProjectionMode,
-) -> PendingSet<B::InnerBackend> {
-    let mut pass = GradientPreparation::<B> {
-        grads,
-        bases,
-        mode,
-        pending: Vec::new(),
-    };
+) -> Result<PendingSet<B::InnerBackend>, SpfError> {
+    let mut pass = GradientProjection::<B>::new(grads, bases, mode, Then::Keep);
     module.visit(&mut pass);
-    PendingSet {
-        entries: pass.pending,
+    match pass.error {
+        Some(error) => Err(error),
+        None => Ok(PendingSet {
+            entries: pass.pending,
+        }),
     }
 }
 
@@ -343,17 +420,14 @@ pub(crate) fn project_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
     bases: &Bases<B>,
     mode: ProjectionMode,
     measure: bool,
-) -> MeasuredSet<B::InnerBackend> {
-    let mut pass = GradientProjection::<B> {
-        grads,
-        bases,
-        mode,
-        measure,
-        measured: Vec::new(),
-    };
+) -> Result<MeasuredSet<B::InnerBackend>, SpfError> {
+    let mut pass = GradientProjection::<B>::new(grads, bases, mode, Then::Finish { measure });
     module.visit(&mut pass);
-    MeasuredSet {
-        entries: pass.measured,
+    match pass.error {
+        Some(error) => Err(error),
+        None => Ok(MeasuredSet {
+            entries: pass.measured,
+        }),
     }
 }
 
@@ -379,16 +453,20 @@ pub(crate) fn prepare_updates<M: AutodiffModule<B>, B: AutodiffBackend>(
     before: &HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
     bases: &Bases<B>,
     mode: ProjectionMode,
-) -> PendingSet<B::InnerBackend> {
+) -> Result<PendingSet<B::InnerBackend>, SpfError> {
     let mut pass = UpdatePreparation::<B> {
         before,
         bases,
         mode,
         pending: Vec::new(),
+        error: None,
     };
     module.visit(&mut pass);
-    PendingSet {
-        entries: pass.pending,
+    match pass.error {
+        Some(error) => Err(error),
+        None => Ok(PendingSet {
+            entries: pass.pending,
+        }),
     }
 }
 

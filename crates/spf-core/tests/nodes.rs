@@ -33,6 +33,8 @@ struct Role {
     orchestrator: u16,
     data: u16,
     trace: PathBuf,
+    /// `steps` (train on the shards) or `uneven` (all-reduce the uneven gradients).
+    case: String,
 }
 
 impl Role {
@@ -43,6 +45,7 @@ impl Role {
             orchestrator: var("SPF_ORCHESTRATOR_PORT")?.parse().ok()?,
             data: var("SPF_DATA_PORT")?.parse().ok()?,
             trace: var("SPF_TRACE")?.into(),
+            case: var("SPF_CASE")?,
         })
     }
 }
@@ -75,13 +78,28 @@ fn node() {
         .with_node_address(address(role.data))
         .with_data_service_port(role.data);
     let (device, id) = (Default::default(), PeerId::from(0));
+    if role.case == "uneven" {
+        let model = square_model();
+        let results: Vec<_> = UNEVEN
+            .iter()
+            .map(|(_, has)| {
+                let grads = uneven_grads(&model, has[role.node], role.node);
+                register::<Inner>(id, device, config.clone()).unwrap();
+                let mean = collective::all_reduce_mean(id, &model, grads).unwrap();
+                finish_collective::<Inner>(id).unwrap();
+                uneven_values(&model, &mean)
+            })
+            .collect();
+        std::fs::write(&role.trace, serde_json::to_string(&results).unwrap()).unwrap();
+        return;
+    }
     let first = first_model();
     let safety = Safety(samples(4, 99));
     let (mut model, mut optim) = (first.clone(), optimizer(&first, &safety));
     let mut trace = Vec::new();
     for batch in batches() {
         let shard = rows(&batch, role.node * SHARD, (role.node + 1) * SHARD);
-        let grads = GradientsParams::from_grads(model.loss(&shard, &device).backward(), &model);
+        let grads = GradientsParams::from_grads(loss(&model, &shard, &device).backward(), &model);
         register::<Inner>(id, device, config.clone()).unwrap();
         model = collective::step(&mut optim, id, LR, model, grads).unwrap();
         finish_collective::<Inner>(id).unwrap();
@@ -104,9 +122,9 @@ fn wait(mut child: Child, deadline: Instant) -> Result<(), String> {
     }
 }
 
-#[test]
-fn two_nodes_step_as_one_replica_on_the_merged_batch() {
-    let dir = fresh_dir("nodes");
+/// Starts an orchestrator and the nodes on `case`, waits for them, and returns each node's trace.
+fn nodes(name: &str, case: &str) -> Vec<String> {
+    let dir = fresh_dir(name);
     let orchestrator = free_port();
     // The orchestrator lives in this process, on a runtime of its own, for as long as the test.
     std::thread::spawn(move || {
@@ -122,23 +140,47 @@ fn two_nodes_step_as_one_replica_on_the_merged_batch() {
                 .env("SPF_ORCHESTRATOR_PORT", orchestrator.to_string())
                 .env("SPF_DATA_PORT", free_port().to_string())
                 .env("SPF_TRACE", &trace)
+                .env("SPF_CASE", case)
                 .spawn()
                 .unwrap();
             (child, trace)
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
-    let traces: Vec<Vec<Snapshot>> = nodes
+    nodes
         .into_iter()
         .enumerate()
         .map(|(node, (child, trace))| {
             wait(child, deadline).unwrap_or_else(|e| panic!("node {node}: {e}"));
-            serde_json::from_str(&std::fs::read_to_string(trace).unwrap()).unwrap()
+            std::fs::read_to_string(trace).unwrap()
         })
+        .collect()
+}
+
+#[test]
+fn two_nodes_step_as_one_replica_on_the_merged_batch() {
+    let traces: Vec<Vec<Snapshot>> = nodes("nodes", "steps")
+        .iter()
+        .map(|trace| serde_json::from_str(trace).unwrap())
         .collect();
 
     assert!(traces[0] == traces[1], "the nodes differ");
     assert_eq!(traces[0].last().unwrap().refreshes, 3);
     let one = single(&first_model(), &Safety(samples(4, 99)));
     assert_same_steps(&one, &traces[0], "two nodes");
+}
+
+/// Uneven gradients across nodes, each with its own parameter ids: averaged by the parameters'
+/// place in the module, missing ones as zeros, and a node with no gradient still takes part
+/// (the nodes used to hang, fail or average the wrong parameters; see `tests/collective.rs`).
+#[test]
+fn two_nodes_average_uneven_gradients_by_parameter() {
+    let expected: Vec<_> = UNEVEN
+        .iter()
+        .map(|(_, has)| uneven_expected(*has))
+        .collect();
+    for (node, trace) in nodes("nodes-uneven", "uneven").iter().enumerate() {
+        let results: Vec<Vec<Option<Vec<f32>>>> = serde_json::from_str(trace).unwrap();
+        assert_eq!(results, expected, "node {node}");
+    }
 }

@@ -10,9 +10,9 @@ use rand::{Rng, SeedableRng};
 use crate::batch::{Batch, answer_loss};
 use crate::error::LabError;
 use crate::model::{Transformer, TransformerConfig};
-use crate::progress::Progress;
-use crate::seed::salt;
 use crate::world::{HarmTopics, Response, Split, Task, World};
+use spf_harness::progress::Progress;
+use spf_harness::seed::salt;
 
 /// Stage 1's schedule and data mix.
 #[derive(Config, Debug, PartialEq)]

@@ -34,18 +34,19 @@ pub enum LabError {
     /// A configuration could not be serialized (to key a cache, or to save with results).
     #[error("serializing the configuration: {0}")]
     Serialize(#[from] serde_json::Error),
-    /// A sampler found no prompt of the split it was asked for.
-    #[error("no {split:?} prompt of the asked task and topics turned up in {draws} draws")]
-    EmptySplit {
-        /// The split.
-        split: crate::world::Split,
-        /// Draws made.
-        draws: usize,
-    },
+    /// The synthetic world refused its configuration or ran out of prompts of a split.
+    #[error("world: {0}")]
+    World(#[from] crate::world::WorldError),
     /// burn-collective failed to register a replica or to all-reduce its gradients.
     #[error("burn-collective: {0}")]
     Collective(String),
     /// The configuration asks for something the lab cannot do.
     #[error("invalid configuration: {0}")]
     Config(String),
+}
+
+impl From<spf_harness::settings::InvalidSetting> for LabError {
+    fn from(invalid: spf_harness::settings::InvalidSetting) -> Self {
+        Self::Config(invalid.0)
+    }
 }

@@ -10,21 +10,22 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-use spf_core::{RefreshPolicy, checkpoint};
+use spf_core::checkpoint;
 
 use crate::align::{AlignConfig, align};
 use crate::batch::Batch;
 use crate::error::LabError;
 use crate::eval::{EvalSets, Scores, score};
 use crate::finetune::{
-    CosineProbe, DefenceConfig, FinetuneConfig, Method, Run, SafetyFormat, Stage, safety_batch,
+    CosineProbe, DefenceConfig, FinetuneConfig, Method, Run, Stage, safety_batch,
 };
 use crate::insights::{Insights, measure};
 use crate::model::{Transformer, TransformerConfig};
-use crate::progress::Progress;
 use crate::replicas::replica_devices;
-use crate::seed::{fnv, salt};
 use crate::world::{HarmTopics, Response, Split, World, WorldConfig};
+use spf_harness::progress::Progress;
+use spf_harness::seed::{fnv, salt};
+use spf_harness::settings;
 
 /// Every setting of an experiment; saved with its results.
 #[derive(Config, Debug, PartialEq)]
@@ -87,26 +88,20 @@ impl ExperimentConfig {
     /// [`LabError::Config`] naming the setting.
     pub fn validate(&self) -> Result<(), LabError> {
         let bad = |what: &str| Err(LabError::Config(what.to_owned()));
-        if self.seeds.is_empty() || self.methods.is_empty() || self.shares.is_empty() {
-            return bad("seeds, methods and shares must each have at least one entry");
-        }
-        if self.shares.iter().any(|p| !(0.0..=1.0).contains(p)) {
-            return bad("every harmful share must lie in [0, 1]");
-        }
-        if self.finetune.samples == 0 || self.finetune.batch_size == 0 {
-            return bad("the fine-tuning set and its batches must be non-empty");
-        }
-        if self.align.tasks.is_empty() || self.align.batch_size == 0 {
-            return bad("alignment needs at least one task and a non-empty batch");
-        }
+        settings::grid(self.seeds.len(), self.methods.len(), &self.shares)?;
+        settings::at_least_one(&[
+            ("the fine-tuning set", self.finetune.samples),
+            ("the fine-tuning batch", self.finetune.batch_size),
+            ("the alignment tasks", self.align.tasks.len()),
+            ("the alignment batch", self.align.batch_size),
+            ("the defence's safety samples", self.defence.safety_samples),
+            ("the defence's rank", self.defence.rank),
+        ])?;
         if self.replicas == 0 || !self.finetune.batch_size.is_multiple_of(self.replicas) {
             return bad("the batch size must be a positive multiple of the replicas");
         }
         if self.replicas > 1 && self.defence.screen.is_some() {
             return bad("the sample screen cannot run on replicas");
-        }
-        if self.defence.safety_samples == 0 || self.defence.rank == 0 {
-            return bad("the defence needs at least one safety sample and rank 1");
         }
         self.defence.sample_screen()?;
         self.world.validate()?;
@@ -304,7 +299,7 @@ pub fn run<B: AutodiffBackend>(
 }
 
 /// The world of a valid `config`, and its held-out sets.
-fn world_and_sets(config: &ExperimentConfig) -> Result<(World, EvalSets), LabError> {
+pub(crate) fn world_and_sets(config: &ExperimentConfig) -> Result<(World, EvalSets), LabError> {
     config.validate()?;
     let world = World::new(config.world.clone())?;
     let sets = EvalSets::new(
@@ -409,171 +404,6 @@ pub fn summarise(
     }
 }
 
-/// The setting an ablation varies, one at a time around the default defence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Knob {
-    /// Samples in the safety batch.
-    SafetyBatch,
-    /// The safety batch's prompt format.
-    SafetyFormat,
-    /// The refresh policy.
-    Refresh,
-    /// Directions per matrix.
-    Rank,
-    /// Gradient or update projection.
-    Target,
-    /// No defence: the SFT reference row.
-    None,
-}
-
-impl Knob {
-    /// Its name in tables.
-    pub fn label(self) -> &'static str {
-        match self {
-            Knob::SafetyBatch => "safety batch",
-            Knob::SafetyFormat => "safety format",
-            Knob::Refresh => "refresh",
-            Knob::Rank => "rank",
-            Knob::Target => "target",
-            Knob::None => "none (SFT)",
-        }
-    }
-}
-
-/// One cell of the ablation grid: the knob it varies, and the defence and method it gives.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AblationCell {
-    /// The knob.
-    pub knob: Knob,
-    /// The defence with the knob set.
-    pub defence: DefenceConfig,
-    /// The method run.
-    pub method: Method,
-}
-
-impl AblationCell {
-    /// The knob's value in this cell, in words.
-    pub fn value(&self) -> String {
-        match self.knob {
-            Knob::SafetyBatch => self.defence.safety_samples.to_string(),
-            Knob::SafetyFormat => format!("{:?}", self.defence.safety_format),
-            Knob::Refresh => format!("{:?}", self.defence.refresh),
-            Knob::Rank => self.defence.rank.to_string(),
-            Knob::Target => self
-                .method
-                .projection()
-                .map_or(String::new(), |(_, t)| format!("{t:?}")),
-            Knob::None => "-".into(),
-        }
-    }
-}
-
-/// One ablation: a cell of the grid and its run at each share.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Ablation {
-    /// What was varied.
-    pub cell: AblationCell,
-    /// The run at each share.
-    pub runs: Vec<Run>,
-}
-
-/// The ablation grid around `base`: one knob at a time.
-pub fn ablation_grid(base: &DefenceConfig) -> Vec<AblationCell> {
-    let mut grid = Vec::new();
-    let mut add = |knob, defence, method| {
-        grid.push(AblationCell {
-            knob,
-            defence,
-            method,
-        });
-    };
-    for n in [1, 8, 32] {
-        add(
-            Knob::SafetyBatch,
-            base.clone().with_safety_samples(n),
-            Method::SpfConflictOnly,
-        );
-    }
-    for format in [SafetyFormat::AlignmentTasks, SafetyFormat::FinetuneTask] {
-        add(
-            Knob::SafetyFormat,
-            base.clone().with_safety_format(format),
-            Method::SpfConflictOnly,
-        );
-    }
-    for refresh in [
-        RefreshPolicy::Every(1),
-        RefreshPolicy::Every(10),
-        RefreshPolicy::Never,
-    ] {
-        add(
-            Knob::Refresh,
-            base.clone().with_refresh(refresh),
-            Method::SpfConflictOnly,
-        );
-    }
-    for k in [4, 8, 16] {
-        add(
-            Knob::Rank,
-            base.clone().with_rank(k),
-            Method::SpfConflictOnly,
-        );
-    }
-    for method in [Method::SpfConflictOnly, Method::SpfUpdate] {
-        add(Knob::Target, base.clone(), method);
-    }
-    add(Knob::None, base.clone(), Method::Sft);
-    grid
-}
-
-/// Runs the ablation grid of `config.defence` on the first seed at shares 0 and 0.1.
-///
-/// # Errors
-///
-/// As [`run`].
-pub fn ablate<B: AutodiffBackend>(
-    config: &ExperimentConfig,
-    device: &B::Device,
-    cache: Option<&Path>,
-    progress: &mut dyn Progress,
-) -> Result<Vec<Ablation>, LabError> {
-    let (world, sets) = world_and_sets(config)?;
-    let seed = config.seeds[0];
-    let aligned = aligned_model::<B>(config, &world, seed, cache, device, progress)?;
-    let grid = ablation_grid(&config.defence);
-    let shares = [0.0, 0.1];
-    progress.start(
-        "ablations",
-        (grid.len() * shares.len() * config.finetune.steps) as u64,
-    );
-    let mut out = Vec::new();
-    for cell in grid {
-        let safety = safety_batch(
-            &world,
-            &cell.defence,
-            &config.finetune,
-            &config.align.tasks,
-            seed,
-        )?;
-        let stage = Stage {
-            world: &world,
-            aligned: &aligned,
-            finetune: &config.finetune,
-            defence: &cell.defence,
-            sets: &sets,
-            safety: &safety,
-            device,
-        };
-        let runs = shares
-            .iter()
-            .map(|&p| stage.run(cell.method, p, seed, CosineProbe::Off, progress))
-            .collect::<Result<_, _>>()?;
-        out.push(Ablation { cell, runs });
-    }
-    progress.finish("ablations done");
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -615,33 +445,6 @@ mod tests {
     }
 
     #[test]
-    fn the_ablation_grid_moves_one_knob_at_a_time() {
-        let base = DefenceConfig::new();
-        let grid = ablation_grid(&base);
-        for cell in &grid {
-            let defence = &cell.defence;
-            let changed = [
-                defence.safety_samples != base.safety_samples,
-                defence.safety_format != base.safety_format,
-                defence.refresh != base.refresh,
-                defence.rank != base.rank,
-                cell.method != Method::SpfConflictOnly,
-            ];
-            assert!(changed.iter().filter(|&&c| c).count() <= 1, "{cell:?}");
-        }
-        let knobs: std::collections::HashSet<_> = grid.iter().map(|cell| cell.knob).collect();
-        for knob in [
-            Knob::SafetyBatch,
-            Knob::SafetyFormat,
-            Knob::Refresh,
-            Knob::Rank,
-            Knob::Target,
-        ] {
-            assert!(knobs.contains(&knob), "{knob:?}");
-        }
-    }
-
-    #[test]
     fn the_sample_screen_at_one_is_spf_and_at_zero_drops_conflicting_samples() {
         let config = ExperimentConfig::new()
             .with_align(AlignConfig::new().with_steps(20))
@@ -655,7 +458,7 @@ mod tests {
             .with_eval_prompts(8);
         let (world, sets) = world_and_sets(&config).unwrap();
         let device = Default::default();
-        let silent = &mut crate::progress::Silent;
+        let silent = &mut spf_harness::progress::Silent;
         // One aligned model for every run (alignment seeds burn's global generator, which
         // tests running in parallel share).
         let aligned = aligned_model::<B>(&config, &world, 0, None, &device, silent).unwrap();
@@ -672,7 +475,7 @@ mod tests {
                 safety: &safety,
                 device: &device,
             };
-            let silent = &mut crate::progress::Silent;
+            let silent = &mut spf_harness::progress::Silent;
             stage.run(method, 0.5, 0, CosineProbe::Off, silent).unwrap()
         };
         let sft = run(Method::Sft, Some(0.0));
@@ -711,7 +514,7 @@ mod tests {
         let config = ExperimentConfig::new().with_align(AlignConfig::new().with_steps(3));
         let world = World::new(config.world.clone()).unwrap();
         let device = Default::default();
-        let silent = &mut crate::progress::Silent;
+        let silent = &mut spf_harness::progress::Silent;
         let trained = aligned_model::<B>(&config, &world, 4, Some(&dir), &device, silent).unwrap();
         let loaded = aligned_model::<B>(&config, &world, 4, Some(&dir), &device, silent).unwrap();
         let other = aligned_model::<B>(&config, &world, 5, Some(&dir), &device, silent).unwrap();

@@ -26,11 +26,11 @@ use crate::error::LabError;
 use crate::eval::{EvalSets, Scores, score};
 use crate::insights::gradient_cosine;
 use crate::model::Transformer;
-use crate::progress::Progress;
-use crate::screening::{ScreenSummary, screen_batch};
-use crate::seed::salt;
-use crate::training::{BatchOrder, ProjectionSummary, Stepper};
 use crate::world::{Example, HarmTopics, Response, Split, Task, World};
+use spf_harness::progress::Progress;
+use spf_harness::screening::{RunScreen, SampleKind, ScreenSummary};
+use spf_harness::seed::salt;
+use spf_harness::training::{BatchOrder, ProjectionSummary, Stepper};
 
 /// Stage 2's data and schedule, shared by every method.
 #[derive(Config, Debug, PartialEq)]
@@ -84,7 +84,7 @@ pub struct DefenceConfig {
     /// Their prompt format.
     #[config(default = "SafetyFormat::AlignmentTasks")]
     pub safety_format: SafetyFormat,
-    /// SPF's sample screen ([`crate::screening`]): each SPF method drops the fine-tuning
+    /// SPF's sample screen ([`spf_harness::screening`]): each SPF method drops the fine-tuning
     /// samples whose own gradient would lose more than this share of its energy to the
     /// projection; `None` keeps every sample.
     #[config(default = "None")]
@@ -160,7 +160,7 @@ impl Method {
 ///
 /// # Errors
 ///
-/// [`LabError::EmptySplit`] when the world's training split has no prompt of a kind asked for.
+/// [`WorldError::EmptySplit`](crate::world::WorldError::EmptySplit) when the world's training split has no prompt of a kind asked for.
 pub fn finetune_set(
     world: &World,
     config: &FinetuneConfig,
@@ -223,17 +223,16 @@ pub fn safety_batch(
         SafetyFormat::FinetuneTask => vec![finetune.task],
     };
     let mut rng = StdRng::seed_from_u64(seed ^ salt::SAFETY_BATCH);
-    (0..defence.safety_samples)
-        .map(|_| {
-            world.harmful(
-                &mut rng,
-                &tasks,
-                HarmTopics::Seen,
-                Split::Train,
-                Response::Refusal,
-            )
-        })
-        .collect()
+    let batch = (0..defence.safety_samples).map(|_| {
+        world.harmful(
+            &mut rng,
+            &tasks,
+            HarmTopics::Seen,
+            Split::Train,
+            Response::Refusal,
+        )
+    });
+    Ok(batch.collect::<Result<_, _>>()?)
 }
 
 /// Whether a run measures the cosine between the safety and the utility gradient (an extra
@@ -322,8 +321,11 @@ impl<B: AutodiffBackend> Stage<'_, B> {
 
         let mut model = self.aligned.clone();
         let mut stepper = stepper(method, self.defence, &model, &safety)?;
-        let screen = self.defence.sample_screen()?;
-        let mut screened = Vec::new();
+        // The defence's own refusals are never screened (the lab's SPF sets hold none).
+        let mut screen = self
+            .defence
+            .sample_screen()?
+            .map(|screen| RunScreen::new(screen, |i: usize| set[i].kind() == SampleKind::Refusal));
         let mut curve = vec![self.score(&model, 0)];
         let mut cosines = Vec::new();
         let steps = self.finetune.steps;
@@ -335,9 +337,9 @@ impl<B: AutodiffBackend> Stage<'_, B> {
         };
         for step in 1..=steps {
             let mut picked = batches.next(&mut order);
-            if let Some(screen) = screen {
+            if let Some(screen) = &mut screen {
                 let one = |i: usize| gradient(&model, std::slice::from_ref(&set[i]));
-                screen_batch(&stepper, screen, &model, &mut picked, one, &mut screened);
+                screen.batch(&stepper, &model, &mut picked, one)?;
             }
             // A batch the screen emptied takes no step: the model keeps its weights.
             if !picked.is_empty() {
@@ -367,7 +369,9 @@ impl<B: AutodiffBackend> Stage<'_, B> {
             cosines,
             screen: screen
                 .filter(|_| method.projection().is_some())
-                .map(|screen| ScreenSummary::of(screen.threshold(), &screened, |i| set[i].kind())),
+                .map(|screen| {
+                    ScreenSummary::of(screen.threshold(), screen.log(), |i| set[i].kind())
+                }),
             seconds,
         })
     }

@@ -125,8 +125,8 @@ pub fn measure<B: AutodiffBackend>(
                 captured_energy(&head(bb.singular_values()), eb) / count;
             insights.utility_cer[i] += captured_energy(&head(bu.singular_values()), eu) / count;
             let (t1, tb) = (b1.clone().truncate(k), bb.clone().truncate(k));
-            insights.overlap_left[i] += subspace_overlap(t1.u(), tb.u()) / count;
-            insights.overlap_right[i] += subspace_overlap(t1.v(), tb.v()) / count;
+            insights.overlap_left[i] += subspace_overlap(t1.u(), tb.u())? / count;
+            insights.overlap_right[i] += subspace_overlap(t1.v(), tb.v())? / count;
         }
     }
     Ok(insights)

@@ -11,11 +11,10 @@
 //! grid over seeds and summarises it; [`report`] and [`plot`] turn the results into tables and
 //! SVG curves.
 //!
-//! What a fine-tuning run needs besides its data, the optimizer of a method (plain AdamW or
-//! AdamW under SPF) and the order of its batches, is in [`training`], shared with the same
-//! attack on a real model in the `spf-llm` crate, and so is SPF's sample screen inside a training
-//! loop ([`screening`]); [`seed`] holds the named salts and the hash
-//! that make every random choice reproducible, and [`progress`] how long stages report.
+//! What a fine-tuning run needs besides its data (the optimizer of a method, plain AdamW or
+//! AdamW under SPF, the order of its batches, SPF's sample screen inside a training loop, the
+//! named seed salts and progress reports) is the shared harness, [`spf_harness`], which the same
+//! attack on a real model (the `spf-llm` crate) uses too.
 //!
 //! Everything is generic over the burn backend, and every random choice is seeded from the
 //! configuration, so CPU, WGPU and CUDA runs can be compared. `examples/finetune.rs` in the
@@ -25,7 +24,8 @@
 //! use burn::backend::{Autodiff, NdArray};
 //! use spf_lab::experiment::ExperimentConfig;
 //! use spf_lab::finetune::{FinetuneConfig, Method};
-//! use spf_lab::{align::AlignConfig, progress::Silent};
+//! use spf_harness::progress::Silent;
+//! use spf_lab::align::AlignConfig;
 //!
 //! // A tiny grid: two methods, one share, a few steps.
 //! let config = ExperimentConfig::new()
@@ -46,6 +46,7 @@
 //! # Ok::<(), spf_lab::LabError>(())
 //! ```
 
+pub mod ablation;
 pub mod align;
 pub mod batch;
 pub mod decode;
@@ -56,12 +57,8 @@ pub mod finetune;
 pub mod insights;
 pub mod model;
 pub mod plot;
-pub mod progress;
 pub mod replicas;
 pub mod report;
-pub mod screening;
-pub mod seed;
-pub mod training;
 pub mod world;
 
 pub use error::LabError;

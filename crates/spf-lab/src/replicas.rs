@@ -1,7 +1,8 @@
 //! Stage 2 data-parallel on several replicas, on burn's collective engine (`burn-collective`):
 //! each replica holds a copy of the model and its own optimizer, computes the gradient of its
 //! shard of every batch, and steps on the average of all replicas' gradients
-//! ([`Stepper::step_averaged`](crate::training::Stepper::step_averaged)).
+//! ([`spf_core::collective::all_reduce_mean`]: one operation per step, parameters paired by
+//! their place in the module, then the method's [`Stepper`](spf_harness::training::Stepper)).
 //!
 //! With equal shards, the average of the shards' mean losses is the batch's mean loss up to how
 //! the answer tokens are weighted ([`answer_loss`] averages over a batch's answer tokens, and
@@ -19,15 +20,16 @@ use burn::tensor::backend::Device as _;
 use burn::tensor::backend::{AutodiffBackend, Backend, DeviceId, DeviceOps};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use spf_core::collective::all_reduce_mean;
 
 use crate::batch::{Batch, answer_loss};
 use crate::error::LabError;
 use crate::eval::Scores;
 use crate::finetune::{Method, Run, Stage, finetune_set, stepper};
-use crate::progress::Progress;
-use crate::seed::salt;
-use crate::training::{BatchOrder, ProjectionSummary};
 use crate::world::Example;
+use spf_harness::progress::Progress;
+use spf_harness::seed::salt;
+use spf_harness::training::{BatchOrder, ProjectionSummary};
 
 /// `n` devices for `n` replicas: the backend's first `n` devices of `device`'s kind when it has
 /// that many (CUDA, Vulkan), otherwise `device` itself `n` times (burn-ndarray has one device:
@@ -168,7 +170,9 @@ impl<B: AutodiffBackend> Stage<'_, B> {
                 .collect();
             let batch = Batch::new(vocab, &examples, device);
             let grads = GradientsParams::from_grads(answer_loss(&model, &batch).backward(), &model);
-            model = stepper.step_averaged(id, self.finetune.lr, model, grads)?;
+            let grads = all_reduce_mean(id, &model, grads)
+                .map_err(|e| LabError::Collective(e.to_string()))?;
+            model = stepper.step(self.finetune.lr, model, grads)?;
             if let Some(progress) = progress.as_deref_mut() {
                 scoring += self.score_if_due(&model, step, &mut curve);
                 progress.advance(1);

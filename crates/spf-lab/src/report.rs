@@ -2,8 +2,9 @@
 
 use std::fmt::Write;
 
-use crate::experiment::{Ablation, MeanStd, Results};
-use crate::screening::{ScreenCounts, ScreenSummary};
+use crate::ablation::Ablation;
+use crate::experiment::{MeanStd, Results};
+use spf_harness::screening::{ScreenCounts, ScreenSummary};
 
 fn pct(m: MeanStd) -> String {
     format!("{:5.1} ± {:4.1}", 100.0 * m.mean, 100.0 * m.std)

@@ -29,9 +29,24 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::error::LabError;
-use crate::screening::SampleKind;
-use crate::seed::fnv;
+use spf_harness::screening::SampleKind;
+use spf_harness::seed::fnv;
+
+/// Why the world cannot be built or sampled.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WorldError {
+    /// The world's configuration asks for something it cannot do.
+    #[error("invalid world: {0}")]
+    Config(String),
+    /// A sampler found no prompt of the split it was asked for.
+    #[error("no {split:?} prompt of the asked task and topics turned up in {draws} draws")]
+    EmptySplit {
+        /// The split.
+        split: Split,
+        /// Draws made.
+        draws: usize,
+    },
+}
 
 /// Padding, never a target.
 pub const PAD: u32 = 0;
@@ -156,11 +171,11 @@ impl WorldConfig {
     ///
     /// # Errors
     ///
-    /// [`LabError::Config`] naming the setting: an empty payload, no benign, seen or unseen harm
+    /// [`WorldError::Config`] naming the setting: an empty payload, no benign, seen or unseen harm
     /// topic, or a test share outside `(0, 1)` (one split would be empty, and sampling from it
     /// would never end).
-    pub fn validate(&self) -> Result<(), LabError> {
-        let bad = |what: &str| Err(LabError::Config(what.to_owned()));
+    pub fn validate(&self) -> Result<(), WorldError> {
+        let bad = |what: &str| Err(WorldError::Config(what.to_owned()));
         if self.payload_len == 0 {
             return bad("the payload needs at least one digit");
         }
@@ -307,8 +322,8 @@ impl World {
     ///
     /// # Errors
     ///
-    /// [`LabError::Config`] as [`WorldConfig::validate`] says.
-    pub fn new(config: WorldConfig) -> Result<Self, LabError> {
+    /// [`WorldError::Config`] as [`WorldConfig::validate`] says.
+    pub fn new(config: WorldConfig) -> Result<Self, WorldError> {
         config.validate()?;
         let vocab = Vocab {
             payload_len: config.payload_len,
@@ -350,8 +365,13 @@ impl World {
     ///
     /// # Errors
     ///
-    /// [`LabError::EmptySplit`] when no prompt of the split turns up in [`MAX_DRAWS`] draws.
-    pub fn benign(&self, rng: &mut StdRng, task: Task, split: Split) -> Result<Example, LabError> {
+    /// [`WorldError::EmptySplit`] when no prompt of the split turns up in [`MAX_DRAWS`] draws.
+    pub fn benign(
+        &self,
+        rng: &mut StdRng,
+        task: Task,
+        split: Split,
+    ) -> Result<Example, WorldError> {
         let example = self.sample(rng, split, |rng| {
             (
                 task,
@@ -365,7 +385,7 @@ impl World {
     ///
     /// # Errors
     ///
-    /// [`LabError::Config`] for no task, [`LabError::EmptySplit`] when no prompt of the split
+    /// [`WorldError::Config`] for no task, [`WorldError::EmptySplit`] when no prompt of the split
     /// turns up in [`MAX_DRAWS`] draws.
     pub fn harmful(
         &self,
@@ -374,9 +394,9 @@ impl World {
         topics: HarmTopics,
         split: Split,
         response: Response,
-    ) -> Result<Example, LabError> {
+    ) -> Result<Example, WorldError> {
         if tasks.is_empty() {
-            return Err(LabError::Config(
+            return Err(WorldError::Config(
                 "a harmful prompt needs at least one task".into(),
             ));
         }
@@ -404,8 +424,8 @@ impl World {
         &self,
         seed: u64,
         n: usize,
-        mut draw: impl FnMut(&Self, &mut StdRng) -> Result<Example, LabError>,
-    ) -> Result<Vec<Example>, LabError> {
+        mut draw: impl FnMut(&Self, &mut StdRng) -> Result<Example, WorldError>,
+    ) -> Result<Vec<Example>, WorldError> {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut seen = std::collections::HashSet::new();
         let mut set = Vec::with_capacity(n);
@@ -426,7 +446,7 @@ impl World {
         rng: &mut StdRng,
         split: Split,
         mut head: impl FnMut(&mut StdRng) -> (Task, Topic),
-    ) -> Result<Example, LabError> {
+    ) -> Result<Example, WorldError> {
         for _ in 0..MAX_DRAWS {
             let (task, topic) = head(rng);
             let payload: Vec<u8> = (0..self.config.payload_len)
@@ -441,7 +461,7 @@ impl World {
                 });
             }
         }
-        Err(LabError::EmptySplit {
+        Err(WorldError::EmptySplit {
             split,
             draws: MAX_DRAWS,
         })
@@ -583,7 +603,7 @@ mod tests {
         ];
         for config in bad {
             assert!(
-                matches!(World::new(config.clone()), Err(LabError::Config(_))),
+                matches!(World::new(config.clone()), Err(WorldError::Config(_))),
                 "{config:?}"
             );
         }
@@ -596,7 +616,7 @@ mod tests {
             Split::Train,
             Response::Task,
         );
-        assert!(matches!(no_task, Err(LabError::Config(_))));
+        assert!(matches!(no_task, Err(WorldError::Config(_))));
         // A split with nothing to draw: a one-digit payload on one task and one topic leaves
         // ten prompts, and a test share of 1e-9 puts none of them in the test split.
         let tiny = World::new(
@@ -608,7 +628,7 @@ mod tests {
         .unwrap();
         let empty = tiny.benign(&mut rng, Task::Copy, Split::Test);
         assert!(
-            matches!(empty, Err(LabError::EmptySplit { .. })),
+            matches!(empty, Err(WorldError::EmptySplit { .. })),
             "{empty:?}"
         );
         // Any bytes, not only digits: AddMod10 widens before it adds (it overflowed).

@@ -2,9 +2,9 @@
 //! harmful shares).
 
 use burn::backend::{Autodiff, NdArray};
+use spf_harness::progress::Silent;
 use spf_lab::experiment::{ExperimentConfig, Results, run};
 use spf_lab::finetune::Method;
-use spf_lab::progress::Silent;
 use spf_lab::report;
 
 /// Where this test leaves the aligned model it trains, in the layout of the finetune example's

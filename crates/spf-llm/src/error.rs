@@ -14,16 +14,15 @@ pub enum LlmError {
     /// The experiment's data could not be read.
     #[error("data: {0}")]
     Data(#[from] crate::smollm::DataError),
-    /// A step of the shared training loop failed (the optimizer wrapper refused it, or a
-    /// checkpoint could not be written).
-    #[error("{0}")]
-    Training(#[from] spf_lab::LabError),
-    /// The optimizer wrapper refused a configuration.
+    /// The optimizer wrapper refused a configuration or a step.
     #[error("SPF: {0}")]
     Spf(#[from] spf_core::SpfError),
     /// Estimating a safety subspace failed.
     #[error("subspace estimation: {0}")]
     Subspace(#[from] spf_subspace::SubspaceError),
+    /// An aligned checkpoint could not be written ([`spf_core::checkpoint`] says why).
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[source] spf_core::SpfError),
     /// A directory for the outputs could not be made.
     #[error("writing {path}: {source}")]
     Io {
@@ -50,4 +49,10 @@ pub enum LlmError {
     /// The configuration asks for something the experiment cannot do.
     #[error("invalid configuration: {0}")]
     Config(String),
+}
+
+impl From<spf_harness::settings::InvalidSetting> for LlmError {
+    fn from(invalid: spf_harness::settings::InvalidSetting) -> Self {
+        Self::Config(invalid.0)
+    }
 }

@@ -7,9 +7,10 @@
 //! - [`smollm`]: the experiment: align the model to refuse AdvBench's harmful requests, attack the
 //!   alignment by fine-tuning with and without SPF, and judge refusals on HarmBench.
 //!
-//! The fine-tuning loop's optimizer (plain AdamW or AdamW under SPF), its batch order and its
-//! progress reports are the evaluation lab's ([`spf_lab::training`], [`spf_lab::progress`]), so
-//! the synthetic and the real experiment step the same way. The model and data are fetched by
+//! The fine-tuning loop's optimizer (plain AdamW or AdamW under SPF), its batch order, its
+//! sample screen and its progress reports are the shared harness's ([`spf_harness::training`],
+//! [`spf_harness::screening`], [`spf_harness::progress`]), so the synthetic lab and the real
+//! experiment step the same way. The model and data are fetched by
 //! `scripts/fetch-assets.sh`; `examples/smollm2.rs` in the root package is the command-line
 //! front end, and docs/smollm2.md says what is loaded and how it is tested.
 //!

@@ -3,7 +3,10 @@
 //! count and value readers), and mutations (flips, truncations, insertions, splices) of a
 //! small valid Llama GGUF with a tokenizer. A file that parses has every tensor dequantized and
 //! the model config, tokenizer and model built from it; a model that loads runs a forward pass.
-//! 1 000 cases by default, 10 000 under `--ignored`.
+//! What each input must give is asserted: random bytes without the GGUF magic are refused, and a
+//! file cut short is refused or, cut only in its trailing padding, parses to the same tensors.
+//! The counts are printed, and refused and parsed inputs must both occur. 1 000 cases by
+//! default, 10 000 under `--ignored`.
 
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor};
@@ -15,7 +18,7 @@ use spf_llm::llama::{Llama, LlamaConfig, tiny_gguf};
 #[path = "../../../tests/common/mutate.rs"]
 mod mutate;
 
-use mutate::fuzz;
+use mutate::{Case, fuzz};
 
 fn tiny() -> Vec<u8> {
     let config = LlamaConfig {
@@ -40,9 +43,43 @@ struct Tally {
     model: usize,
 }
 
-/// Runs every loader on `bytes`; any panic fails the test.
-fn load(bytes: Vec<u8>, tally: &mut Tally) {
-    let Ok(gguf) = Gguf::parse(bytes) else {
+/// A tensor's name and its shape and values, or why they could not be read.
+type Dequantized = (String, Result<(Vec<usize>, Vec<f32>), String>);
+
+/// Every tensor of a parsed file, dequantized.
+fn tensors(gguf: &Gguf) -> Vec<Dequantized> {
+    gguf.tensors
+        .iter()
+        .map(|t| {
+            let values = gguf.tensor_f32(&t.name).map_err(|e| e.to_string());
+            (t.name.clone(), values)
+        })
+        .collect()
+}
+
+/// Runs every loader on `case`, asserting what it must give; any panic fails the test.
+fn check(case: Case, valid: &[u8], tally: &mut Tally) {
+    let random_without_magic = matches!(&case, Case::Random(b) if !b.starts_with(b"GGUF"));
+    let truncated = case.truncated(valid);
+    let parsed = Gguf::parse(case.bytes().to_vec());
+    assert!(
+        !(random_without_magic && parsed.is_ok()),
+        "random bytes without the magic parsed"
+    );
+    if truncated && let Ok(gguf) = &parsed {
+        let original = Gguf::parse(valid.to_vec()).expect("the valid file parses");
+        assert_eq!(
+            tensors(gguf),
+            tensors(&original),
+            "a truncated file that parses holds the same tensors"
+        );
+    }
+    load(parsed, tally);
+}
+
+/// Runs every loader on a parse's outcome; any panic fails the test.
+fn load(parsed: Result<Gguf, spf_llm::gguf::GgufError>, tally: &mut Tally) {
+    let Ok(gguf) = parsed else {
         tally.refused += 1;
         return;
     };
@@ -70,15 +107,15 @@ fn load(bytes: Vec<u8>, tally: &mut Tally) {
 fn run(cases: u32) {
     let valid = tiny();
     let mut tally = Tally::default();
-    load(valid.clone(), &mut tally);
+    load(Gguf::parse(valid.clone()), &mut tally);
     assert_eq!(
         (tally.tokenizer, tally.model),
         (1, 1),
         "the unmutated file loads"
     );
     let tally = std::cell::RefCell::new(Tally::default());
-    fuzz(cases, &valid, &[b"", b"GGUF\x03\0\0\0"], |bytes| {
-        load(bytes, &mut tally.borrow_mut())
+    fuzz(cases, &valid, &[b"", b"GGUF\x03\0\0\0"], |case| {
+        check(case, &valid, &mut tally.borrow_mut())
     });
     let t = tally.into_inner();
     println!(
@@ -89,6 +126,7 @@ fn run(cases: u32) {
         t.tokenizer,
         t.model
     );
+    assert!(t.refused > 0 && t.parsed > 0, "{t:?}");
 }
 
 #[test]

@@ -38,19 +38,28 @@ pub fn rank_for_energy(
 }
 
 /// `‖U₁ᵀ U₂‖_F² / min(k₁, k₂)` for orthonormal `U₁: [d, k₁]`, `U₂: [d, k₂]`: 1 when one subspace
-/// contains the other, 0 when they are orthogonal, and 0 when either is empty.
+/// contains the other, 0 when they are orthogonal, and 0 when either is empty (no direction, or
+/// `d = 0`: no dimension to hold one).
 ///
-/// # Panics
+/// # Errors
 ///
-/// If the factors have different numbers of rows.
-pub fn subspace_overlap<B: Backend>(u1: &Tensor<B, 2>, u2: &Tensor<B, 2>) -> f64 {
-    let k = u1.dims()[1].min(u2.dims()[1]);
-    if k == 0 {
-        return 0.0;
+/// [`SubspaceError::RowMismatch`] when the factors have different numbers of rows.
+pub fn subspace_overlap<B: Backend>(
+    u1: &Tensor<B, 2>,
+    u2: &Tensor<B, 2>,
+) -> Result<f64, SubspaceError> {
+    let ([left, k1], [right, k2]) = (u1.dims(), u2.dims());
+    if left != right {
+        return Err(SubspaceError::RowMismatch { left, right });
+    }
+    let k = k1.min(k2);
+    // burn-ndarray's matmul divides by an inner dimension of 0.
+    if k == 0 || left == 0 {
+        return Ok(0.0);
     }
     let cross = u1.clone().transpose().matmul(u2.clone());
     let energy: f64 = cross.square().sum().into_data().iter::<f64>().sum();
-    energy / k as f64
+    Ok(energy / k as f64)
 }
 
 /// The overlap of two bases' direction sets `{u_i v_iᵀ}` under the Frobenius inner product:
@@ -148,10 +157,16 @@ mod tests {
         let e3 = columns(&[&[0.0], &[0.0], &[1.0]]);
         let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
 
-        assert!(close(subspace_overlap(&e12, &e12), 1.0));
-        assert!(close(subspace_overlap(&e1, &e12), 1.0), "contained");
-        assert!(close(subspace_overlap(&e1, &e3), 0.0), "orthogonal");
-        assert!(close(subspace_overlap(&e1, &diagonal), 0.5));
+        assert!(close(subspace_overlap(&e12, &e12).unwrap(), 1.0));
+        assert!(
+            close(subspace_overlap(&e1, &e12).unwrap(), 1.0),
+            "contained"
+        );
+        assert!(
+            close(subspace_overlap(&e1, &e3).unwrap(), 0.0),
+            "orthogonal"
+        );
+        assert!(close(subspace_overlap(&e1, &diagonal).unwrap(), 0.5));
 
         let angles = principal_angles(&e1, &diagonal).unwrap();
         assert_eq!(angles.len(), 1);

@@ -118,4 +118,14 @@ pub enum SubspaceError {
         /// What is wrong.
         reason: String,
     },
+
+    /// A matrix is not the 2-D view of the shape it is to be returned to
+    /// ([`view::from_2d`](crate::view::from_2d)).
+    #[error("a {view:?} matrix is not the 2-D view of shape {dims:?}")]
+    ViewMismatch {
+        /// The matrix's shape.
+        view: Vec<usize>,
+        /// The shape asked for.
+        dims: Vec<usize>,
+    },
 }

@@ -161,17 +161,33 @@ pub fn default_rank_tolerance(m: usize, n: usize) -> f64 {
 
 /// `Ω: [rows, cols]` with i.i.d. standard normal entries from a generator seeded with `seed`,
 /// created with `options` (a device, or a device and a dtype).
+///
+/// # Errors
+///
+/// [`SubspaceError::InvalidSketch`] when `rows × cols` entries do not fit in memory (the count
+/// overflows, or the allocation is refused).
 pub fn gaussian_sketch<B: Backend>(
     rows: usize,
     cols: usize,
     seed: u64,
     options: impl Into<TensorCreationOptions<B>>,
-) -> Tensor<B, 2> {
+) -> Result<Tensor<B, 2>, SubspaceError> {
+    let too_large = || SubspaceError::InvalidSketch {
+        reason: format!("a {rows} × {cols} sketch does not fit in memory"),
+    };
+    // A dimension past isize::MAX is no shape a backend can index, even with no entries.
+    if rows.max(cols) > isize::MAX as usize {
+        return Err(too_large());
+    }
+    let len = rows.checked_mul(cols).ok_or_else(too_large)?;
+    let mut values: Vec<f32> = Vec::new();
+    values.try_reserve_exact(len).map_err(|_| too_large())?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let values: Vec<f32> = (0..rows * cols)
-        .map(|_| StandardNormal.sample(&mut rng))
-        .collect();
-    Tensor::from_data(TensorData::new(values, [rows, cols]), options)
+    values.extend((0..len).map(|_| -> f32 { StandardNormal.sample(&mut rng) }));
+    Ok(Tensor::from_data(
+        TensorData::new(values, [rows, cols]),
+        options,
+    ))
 }
 
 /// An orthonormal basis `Q: [m, l]` of the range of `A Ω` after `power_iterations` rounds,
@@ -182,35 +198,53 @@ pub fn gaussian_sketch<B: Backend>(
 /// [`SubspaceError::NonFinite`] (factor `"input"`) when `A` holds NaN or ±Inf. It is detected
 /// on the sketch `A Ω`, which is non-finite exactly then (or if the product overflows `f32`),
 /// at the cost of one reduction over `m × l` numbers instead of `m × n`.
+/// [`SubspaceError::InvalidSketch`] for an empty matrix or sketch (`m`, `n` or `l` zero), or
+/// one [`gaussian_sketch`] cannot draw.
 pub fn range_finder<B: Backend>(
     a: &Tensor<B, 2>,
     l: usize,
     power_iterations: usize,
     seed: u64,
 ) -> Result<Tensor<B, 2>, SubspaceError> {
-    let [_, n] = a.dims();
-    let omega = gaussian_sketch(n, l, seed, like(a));
+    let [m, n] = a.dims();
+    if m == 0 || n == 0 || l == 0 {
+        return Err(SubspaceError::InvalidSketch {
+            reason: format!("the range of a {m} × {n} matrix by a sketch of {l} columns is empty"),
+        });
+    }
+    let omega = gaussian_sketch(n, l, seed, like(a))?;
     let sketch = a.clone().matmul(omega);
     let probe: f64 = sketch.clone().sum().into_scalar().elem();
     if !probe.is_finite() {
         return Err(SubspaceError::NonFinite { factor: "input" });
     }
-    let mut q = orthonormalize(sketch);
+    let mut q = orthonormalize(sketch)?;
     for _ in 0..power_iterations {
         // Aᵀ Q as (Qᵀ A)ᵀ: transposing the small factor is much cheaper than multiplying by a
         // transposed A (28 ms against 3 ms for 2048² on ndarray, measured).
-        let z = orthonormalize(q.transpose().matmul(a.clone()).transpose());
-        q = orthonormalize(a.clone().matmul(z));
+        let z = orthonormalize(q.transpose().matmul(a.clone()).transpose())?;
+        q = orthonormalize(a.clone().matmul(z))?;
     }
     Ok(q)
 }
 
 /// Orthonormal columns spanning those of `y: [m, l]` (`m ≥ l`): CholeskyQR2, or a host
 /// Householder QR when the sketch is rank-deficient or too ill-conditioned for it.
-pub fn orthonormalize<B: Backend>(y: Tensor<B, 2>) -> Tensor<B, 2> {
-    cholesky_qr(y.clone())
+///
+/// # Errors
+///
+/// [`SubspaceError::InvalidSketch`] when `y` has no row or no column: there is nothing to
+/// orthonormalize.
+pub fn orthonormalize<B: Backend>(y: Tensor<B, 2>) -> Result<Tensor<B, 2>, SubspaceError> {
+    let [m, l] = y.dims();
+    if m == 0 || l == 0 {
+        return Err(SubspaceError::InvalidSketch {
+            reason: format!("a {m} × {l} matrix has no columns to orthonormalize"),
+        });
+    }
+    Ok(cholesky_qr(y.clone())
         .and_then(cholesky_qr)
-        .unwrap_or_else(|| householder_qr(y))
+        .unwrap_or_else(|| householder_qr(y)))
 }
 
 /// The largest `κ(Y)`, as estimated from the Cholesky diagonal, that one CholeskyQR pass accepts.
@@ -250,7 +284,9 @@ fn householder_qr<B: Backend>(y: Tensor<B, 2>) -> Tensor<B, 2> {
 ///
 /// # Errors
 ///
-/// [`SubspaceError::SvdFailed`] if faer's SVD does not converge.
+/// [`SubspaceError::RowMismatch`] when `q` and `a` have different numbers of rows, and
+/// [`SubspaceError::SvdFailed`] if faer's SVD does not converge. An empty `a` or `q` gives the
+/// empty basis.
 pub fn truncated_svd<B: Backend>(
     a: &Tensor<B, 2>,
     q: Tensor<B, 2>,
@@ -258,7 +294,18 @@ pub fn truncated_svd<B: Backend>(
     rank_tolerance: f64,
 ) -> Result<LowRankBasis<B>, SubspaceError> {
     let [m, n] = a.dims();
+    let [rows, l] = q.dims();
+    if rows != m {
+        return Err(SubspaceError::RowMismatch {
+            left: rows,
+            right: m,
+        });
+    }
     let device = a.device();
+    // No direction to find, and burn-ndarray's matmul divides by an inner dimension of 0.
+    if m == 0 || n == 0 || l == 0 || k == 0 {
+        return Ok(LowRankBasis::empty(m, n, &device));
+    }
     let b = host_matrix(q.clone().transpose().matmul(a.clone()));
     let svd = b.thin_svd().map_err(|err| SubspaceError::SvdFailed {
         message: format!("{err:?}"),
@@ -357,7 +404,7 @@ mod tests {
                 .compute(&device(&a))
                 .unwrap();
             assert_eq!(basis.rank(), r, "{m}x{n}: truncated to the numerical rank");
-            let overlap = subspace_overlap(basis.u(), &exact_left(&a, r));
+            let overlap = subspace_overlap(basis.u(), &exact_left(&a, r)).unwrap();
             assert!(overlap >= 0.999, "{m}x{n} r={r}: overlap {overlap}");
             // f32 storage of A, Q and the factors: O(ε·(m + n + l)) relative error.
             let tol = 4.0 * (m + n + k + 8) as f64 * f64::from(f32::EPSILON) * a.norm_l2();
@@ -379,7 +426,7 @@ mod tests {
         let basis = RandomizedSvd::new(RandomizedSvdConfig::new(k))
             .compute(&device(&a))
             .unwrap();
-        let overlap = subspace_overlap(basis.u(), &exact_left(&a, k));
+        let overlap = subspace_overlap(basis.u(), &exact_left(&a, k)).unwrap();
         assert!(overlap >= 0.99, "overlap {overlap}");
         let exact = a.thin_svd().unwrap();
         let exact_s = exact.S().column_vector();
@@ -424,7 +471,7 @@ mod tests {
             scaled[(i, j)] * 10f64.powf(-5.0 * j as f64 / 7.0)
         });
         assert!(cholesky_qr(device(&ill)).is_none(), "κ ≈ 1e5 accepted");
-        assert!(orthonormality_error(&orthonormalize(device(&ill))) <= tol);
+        assert!(orthonormality_error(&orthonormalize(device(&ill)).unwrap()) <= tol);
 
         let mut deficient = gaussian(64, 8, 5);
         deficient.col_mut(3).fill(0.0);
@@ -467,6 +514,7 @@ mod tests {
         let (rows, cols, seed) = (64, 48, 42);
         let sketch_of = |seed: u64| -> Vec<f32> {
             gaussian_sketch::<TestBackend>(rows, cols, seed, &Default::default())
+                .unwrap()
                 .into_data()
                 .to_vec()
                 .unwrap()
@@ -579,7 +627,7 @@ mod tests {
         // Columns 3 and 4 repeat columns 0 and 1: CholeskyQR must give way to Householder.
         let base = gaussian(20, 3, 8);
         let y = Mat::from_fn(20, 5, |i, j| base[(i, j % 3)]);
-        let q = orthonormalize(device(&y));
+        let q = orthonormalize(device(&y)).unwrap();
         assert!(orthonormality_error(&q) <= LowRankBasis::<TestBackend>::default_tolerance(20, 5));
         // Q spans Y: ‖Y − QQᵀY‖ is rounding only.
         let qh = host_matrix(q);
@@ -587,6 +635,32 @@ mod tests {
         assert!(
             residual <= 64.0 * f64::from(f32::EPSILON) * y.norm_l2(),
             "{residual:e}"
+        );
+    }
+
+    /// The public steps refuse what they cannot compute with a typed error: a sketch without a
+    /// column, one too large to count, and a range basis of another matrix. Each used to panic
+    /// (a division by zero in the sketch product, an overflowed `rows × cols`, a mismatched
+    /// product).
+    #[test]
+    fn the_steps_refuse_an_empty_sketch_an_uncountable_one_and_a_foreign_range() {
+        let device = Default::default();
+        let a = Tensor::<TestBackend, 2>::ones([4, 3], &device);
+        let invalid = |r: Result<Tensor<TestBackend, 2>, SubspaceError>| {
+            matches!(r, Err(SubspaceError::InvalidSketch { .. }))
+        };
+        assert!(invalid(range_finder(&a, 0, 1, 7)));
+        assert!(invalid(gaussian_sketch::<TestBackend>(
+            usize::MAX,
+            2,
+            7,
+            &device
+        )));
+        let q = range_finder(&a, 2, 0, 7).unwrap();
+        let other = Tensor::<TestBackend, 2>::ones([5, 3], &device);
+        assert_eq!(
+            truncated_svd(&other, q, 2, 1e-6).err(),
+            Some(SubspaceError::RowMismatch { left: 4, right: 5 })
         );
     }
 }

@@ -293,14 +293,16 @@ mod tests {
             Tensor::<TestBackend, 1>::from_floats(values.as_slice(), &device).reshape([2, 3, 4]);
         let flat = into_2d(t3.clone());
         assert_eq!(flat.dims(), [2, 12]);
-        from_2d(flat, [2, 3, 4])
+        from_2d(flat.clone(), [2, 3, 4])
+            .unwrap()
             .into_data()
             .assert_eq(&t3.into_data(), true);
 
         let t2 = Tensor::<TestBackend, 1>::from_floats(values.as_slice(), &device).reshape([4, 6]);
         let same = into_2d(t2.clone());
         assert_eq!(same.dims(), [4, 6]);
-        from_2d(same, [4, 6])
+        from_2d(same.clone(), [4, 6])
+            .unwrap()
             .into_data()
             .assert_eq(&t2.into_data(), true);
 
@@ -308,7 +310,15 @@ mod tests {
         let column = into_2d(t1.clone());
         assert_eq!(column.dims(), [24, 1]);
         from_2d(column, [24])
+            .unwrap()
             .into_data()
             .assert_eq(&t1.into_data(), true);
+
+        // A matrix is returned only to the shape it is the view of: `[4, 6]` is not the view of
+        // `[6, 4]` (it used to come back unchanged), nor `[2, 12]` the view of `[2, 3, 5]`.
+        let mismatch =
+            |r: Result<_, SubspaceError>| matches!(r, Err(SubspaceError::ViewMismatch { .. }));
+        assert!(mismatch(from_2d(same, [6, 4]).map(drop)));
+        assert!(mismatch(from_2d(flat, [2, 3, 5]).map(drop)));
     }
 }

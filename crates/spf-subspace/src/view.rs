@@ -4,6 +4,8 @@
 
 use burn::tensor::{Tensor, backend::Backend};
 
+use crate::SubspaceError;
+
 /// The 2-D view of a parameter of shape `dims`: `[dim0, rest]`, or `[n, 1]` for a vector.
 pub fn view_2d(dims: &[usize]) -> [usize; 2] {
     match dims {
@@ -27,10 +29,25 @@ pub fn into_2d<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 2> {
 
 /// The inverse of [`into_2d`]: `t` back in the shape `dims` of its parameter, without a copy for a
 /// matrix.
-pub fn from_2d<B: Backend, const D: usize>(t: Tensor<B, 2>, dims: [usize; D]) -> Tensor<B, D> {
-    if D == 2 {
+///
+/// # Errors
+///
+/// [`SubspaceError::ViewMismatch`] when `t` is not the 2-D view of `dims` (it used to be
+/// returned unchanged for any `dims` of rank 2, and to panic in burn's reshape otherwise).
+pub fn from_2d<B: Backend, const D: usize>(
+    t: Tensor<B, 2>,
+    dims: [usize; D],
+) -> Result<Tensor<B, D>, SubspaceError> {
+    let found = t.dims();
+    if view_2d(&dims) != found {
+        return Err(SubspaceError::ViewMismatch {
+            view: found.to_vec(),
+            dims: dims.to_vec(),
+        });
+    }
+    Ok(if D == 2 {
         Tensor::from_primitive(t.into_primitive())
     } else {
         t.reshape(dims)
-    }
+    })
 }

@@ -6,10 +6,15 @@
 //! `from_vector`; every field of `RandomizedSvdConfig` (and so `SketchConfig`) with an arbitrary
 //! matrix; every field of `SpfConfig` and its `SubspaceConfig` (modes, targets, refresh policies,
 //! regex filters, rank policies, non-finite policies) through `SpfConfig::init`,
-//! `SafetySubspace::estimate`, `try_step` with an arbitrary learning rate and gradients, and a
-//! refresh; `project` with a gradient of any shape; and the diagnostics `rank_for_energy`,
-//! `captured_energy` and `principal_angles`. Dimensions stay small (at most 5) so that the
-//! properties run fast; values, counts and settings are the whole range of their types.
+//! `SafetySubspace::estimate`, `try_step`, `measure` and `SampleScreen::score` with an arbitrary
+//! learning rate and gradients (of the parameter's shape or any other), and a refresh;
+//! `project` and `project_without_stats` with a gradient of any shape; the randomized SVD's
+//! public steps (`gaussian_sketch`, `range_finder`, `orthonormalize`, `truncated_svd`) on any
+//! matrix, sketch width and range basis; the 2-D view (`view_2d`, `into_2d`, `from_2d` to any
+//! shape); and the diagnostics `rank_for_energy`, `captured_energy`, `subspace_overlap`,
+//! `direction_overlap` and `principal_angles`. Dimensions stay small (at most 5, or a count that
+//! overflows) so that the properties run fast; values, counts and settings are the whole range
+//! of their types.
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Param;
@@ -17,13 +22,16 @@ use burn::nn::Linear;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Tensor, TensorData};
 use proptest::prelude::*;
+use spf_core::screen::SampleScreen;
 use spf_core::{
     NonFinitePolicy, ParamFilter, ProjectionMode, ProjectionTarget, RankPolicy, RefreshPolicy,
-    SpfConfig, StatsPolicy, SubspaceConfig, VectorPolicy, project,
+    SpfConfig, StatsPolicy, SubspaceConfig, VectorPolicy, project, project_without_stats,
 };
+use spf_subspace::rsvd::{gaussian_sketch, orthonormalize, range_finder, truncated_svd};
+use spf_subspace::view::{from_2d, into_2d, view_2d};
 use spf_subspace::{
     LowRankBasis, RandomizedSvd, RandomizedSvdConfig, SafetySubspace, SketchConfig,
-    captured_energy, principal_angles, rank_for_energy,
+    captured_energy, direction_overlap, principal_angles, rank_for_energy, subspace_overlap,
 };
 
 type Inner = NdArray;
@@ -206,6 +214,7 @@ proptest! {
         x in proptest::collection::vec(value(), 3),
         lr in prop_oneof![Just(1e-2), any::<f64>()],
         basis in (matrix(), proptest::collection::vec(value(), 0..=3), matrix()),
+        other in matrix(),
     ) {
         let model = layer(&weights, &bias);
         let g = grads(&model, &x);
@@ -227,11 +236,23 @@ proptest! {
         let mut model = model;
         for _ in 0..2 {
             let g = grads(&model, &x);
+            let _ = optim.measure(&model, grads(&model, &x));
+            let _ = SampleScreen::score(&optim, &model, grads(&model, &x));
             model = match optim.try_step(lr, model, g) {
                 Ok(model) => model,
                 Err(refused) => refused.module,
             };
         }
+        // A gradient of any shape for the weight: measured, screened and stepped on.
+        let misshaped = || {
+            let mut g = grads(&model, &x);
+            let _: Option<Tensor<Inner, 2>> = g.remove(model.weight.id);
+            g.register(model.weight.id, tensor2::<Inner>(&other));
+            g
+        };
+        let _ = optim.measure(&model, misshaped());
+        let _ = SampleScreen::score(&optim, &model, misshaped());
+        let _ = optim.try_step(lr, model.clone(), misshaped());
     }
 
     #[test]
@@ -248,7 +269,42 @@ proptest! {
             f64::MAX,
         ) {
             let _ = project(tensor2::<Inner>(&grad), &basis, mode);
+            let _ = project_without_stats(tensor2::<Inner>(&grad), &basis, mode);
+            let _ = direction_overlap(&basis, &basis);
         }
+    }
+
+    #[test]
+    fn the_randomized_svd_steps_return_a_matrix_or_an_error(
+        a in matrix(),
+        q in matrix(),
+        l in prop_oneof![0usize..6, any::<usize>()],
+        k in prop_oneof![0usize..6, any::<usize>()],
+        power_iterations in 0usize..3,
+        seed in any::<u64>(),
+        tolerance in any::<f64>(),
+        rows in prop_oneof![0usize..6, (usize::MAX / 2)..=usize::MAX],
+        cols in 0usize..6,
+    ) {
+        let a = tensor2::<Inner>(&a);
+        let l = l.min(8);
+        let _ = gaussian_sketch::<Inner>(rows, cols, seed, &Default::default());
+        let _ = range_finder(&a, l, power_iterations, seed);
+        let _ = orthonormalize(tensor2::<Inner>(&q));
+        let _ = truncated_svd(&a, tensor2::<Inner>(&q), k, tolerance);
+    }
+
+    #[test]
+    fn the_2d_view_returns_a_tensor_or_an_error(
+        m in matrix(),
+        dims in proptest::collection::vec(0usize..6, 3),
+    ) {
+        let t = tensor2::<Inner>(&m);
+        let _ = view_2d(&dims);
+        let flat = into_2d(t.clone());
+        let _ = from_2d(flat.clone(), [dims[0], dims[1], dims[2]]);
+        let _ = from_2d(flat.clone(), [dims[0], dims[1]]);
+        let _ = from_2d(flat, [dims[0]]);
     }
 
     #[test]
@@ -263,5 +319,7 @@ proptest! {
         let _ = rank_for_energy(&sigma, total, threshold, max_rank);
         let _ = captured_energy(&sigma, total);
         let _ = principal_angles(&tensor2::<Inner>(&u1), &tensor2::<Inner>(&u2));
+        let _ = subspace_overlap(&tensor2::<Inner>(&u1), &tensor2::<Inner>(&u2));
+        let _ = SampleScreen::new(threshold);
     }
 }

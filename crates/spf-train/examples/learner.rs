@@ -21,7 +21,6 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::data::dataset::InMemDataset;
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::AdamWConfig;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -31,6 +30,7 @@ use burn::train::{
     ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, RegressionOutput,
     SupervisedTraining, TrainOutput, TrainStep,
 };
+use spf_core::testing::Mlp;
 use spf_core::{RankPolicy, RefreshPolicy, SpfConfig, StepStats, SubspaceConfig};
 use spf_train::{SpfMetric, SpfStatistic};
 
@@ -43,26 +43,22 @@ const SAMPLES: usize = 512;
 const BATCH: usize = 32;
 const LR: f64 = 3e-3;
 
-/// A three-layer MLP.
+/// A three-layer tanh MLP as burn-train's regression model (the MLP is the one the tests share;
+/// burn-train's step traits are implemented here, on this crate's own type).
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
-    fc1: Linear<B>,
-    fc2: Linear<B>,
-    fc3: Linear<B>,
+pub struct Regressor<B: Backend> {
+    mlp: Mlp<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: Backend> Regressor<B> {
     fn new(device: &B::Device) -> Self {
         Self {
-            fc1: LinearConfig::new(INPUT, WIDTH).init(device),
-            fc2: LinearConfig::new(WIDTH, WIDTH).init(device),
-            fc3: LinearConfig::new(WIDTH, OUTPUT).init(device),
+            mlp: Mlp::new(&[INPUT, WIDTH, WIDTH, OUTPUT], device),
         }
     }
 
     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.fc3
-            .forward(tanh(self.fc2.forward(tanh(self.fc1.forward(x)))))
+        self.mlp.forward(x)
     }
 
     fn regression(&self, batch: Pairs<B>) -> RegressionOutput<B> {
@@ -76,7 +72,7 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-impl<B: AutodiffBackend> TrainStep for Mlp<B> {
+impl<B: AutodiffBackend> TrainStep for Regressor<B> {
     type Input = Pairs<B>;
     type Output = RegressionOutput<B>;
 
@@ -86,7 +82,7 @@ impl<B: AutodiffBackend> TrainStep for Mlp<B> {
     }
 }
 
-impl<B: Backend> InferenceStep for Mlp<B> {
+impl<B: Backend> InferenceStep for Regressor<B> {
     type Input = Pairs<B>;
     type Output = RegressionOutput<B>;
 
@@ -153,7 +149,7 @@ fn loader<B: Backend>(items: Vec<Sample>) -> Arc<dyn DataLoader<B, Pairs<B>>> {
 /// What a run leaves behind.
 pub struct Outcome {
     /// The trained model.
-    pub model: Mlp<NdArray>,
+    pub model: Regressor<NdArray>,
     /// The wrapper's statistics after its last step.
     pub stats: StepStats,
 }
@@ -176,12 +172,12 @@ pub fn run(
     let safety = PairBatcher.batch(task(4, 2, 12, &device), &device);
 
     B::seed(&device, 0);
-    let model = Mlp::<B>::new(&device);
+    let model = Regressor::<B>::new(&device);
     let optim = SpfConfig::new()
         .with_refresh(RefreshPolicy::Every(5))
         .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(4)))
         .init(AdamWConfig::new().init(), &model, [])?
-        .with_safety_source(move |m: &Mlp<B>| m.regression(safety.clone()).loss);
+        .with_safety_source(move |m: &Regressor<B>| m.regression(safety.clone()).loss);
     let feed = optim.stats_feed();
 
     let mut training = SupervisedTraining::new(dir, loader::<B>(train), loader::<NdArray>(valid))

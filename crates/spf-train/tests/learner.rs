@@ -10,7 +10,7 @@ use std::path::Path;
 
 use burn::module::Module;
 
-fn parameters(model: &learner::Mlp<burn::backend::NdArray>) -> Vec<burn::tensor::TensorData> {
+fn parameters(model: &learner::Regressor<burn::backend::NdArray>) -> Vec<burn::tensor::TensorData> {
     let mut all = Vec::new();
     model.visit(&mut Collect(&mut all));
     all

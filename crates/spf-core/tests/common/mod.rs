@@ -1,4 +1,4 @@
-//! What the data-parallel tests share: a small regression MLP, its batches and safety batch, the
+//! What the data-parallel tests share: the regression loss of the tests' MLP, its batches and safety batch, the
 //! wrapper every replica builds, snapshots of a run, the single-replica run on the merged
 //! batches, and the comparison against it.
 
@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, Optimizer};
 use burn::optim::{Sgd, SgdConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor, TensorData, activation::tanh};
+use burn::tensor::{Distribution, Tensor, TensorData};
+pub use spf_core::testing::Mlp;
 use spf_core::{
     ProjectionTarget, RankPolicy, RefreshPolicy, SafetyGradientSource, SafetyProjectedOptimizer,
     SourceError, SpfConfig, SubspaceConfig,
@@ -29,22 +29,15 @@ pub const REPLICAS: usize = 2;
 pub const STEPS: usize = 7;
 pub const LR: f64 = 1e-2;
 
-#[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
-    fc1: Linear<B>,
-    fc2: Linear<B>,
-}
-
-impl<B: Backend> Mlp<B> {
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.fc2.forward(tanh(self.fc1.forward(x)))
-    }
-
-    pub fn loss(&self, (x, y): &(TensorData, TensorData), device: &B::Device) -> Tensor<B, 1> {
-        let x = Tensor::from_data(x.clone(), device);
-        let y = Tensor::from_data(y.clone(), device);
-        (self.forward(x) - y).square().mean()
-    }
+/// The regression loss of `model` on `batch`.
+pub fn loss<B: Backend>(
+    model: &Mlp<B>,
+    (x, y): &(TensorData, TensorData),
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let x = Tensor::from_data(x.clone(), device);
+    let y = Tensor::from_data(y.clone(), device);
+    (model.forward(x) - y).square().mean()
 }
 
 /// `n` samples of a random regression, drawn with `seed`.
@@ -72,7 +65,7 @@ pub struct Safety(pub (TensorData, TensorData));
 
 impl SafetyGradientSource<Mlp<B>, B> for Safety {
     fn safety_gradients(&mut self, module: &Mlp<B>) -> Result<GradientsParams, SourceError> {
-        let loss = module.loss(&self.0, &Default::default());
+        let loss = loss(module, &self.0, &Default::default());
         Ok(GradientsParams::from_grads(loss.backward(), module))
     }
 }
@@ -151,7 +144,7 @@ pub fn single(start: &Mlp<B>, safety: &Safety) -> Vec<Snapshot> {
         .iter()
         .map(|batch| {
             let grads = GradientsParams::from_grads(
-                model.loss(batch, &Default::default()).backward(),
+                loss(&model, batch, &Default::default()).backward(),
                 &model,
             );
             model = optim.step(LR, model.clone(), grads);
@@ -164,14 +157,8 @@ pub fn single(start: &Mlp<B>, safety: &Safety) -> Vec<Snapshot> {
 pub fn first_model() -> Mlp<B> {
     let device = Default::default();
     B::seed(&device, 7);
-    let model = Mlp {
-        fc1: LinearConfig::new(6, 16).init(&device),
-        fc2: LinearConfig::new(16, 4).init(&device),
-    };
-    // burn initializes parameters lazily, at first use: a clone taken before that would draw
-    // its own values. Reading them fixes them for every clone.
-    model.visit(&mut Collect(&mut Vec::new()));
-    model
+    // Drawn now: a clone taken before burn's lazy initialization would draw its own values.
+    Mlp::new(&[6, 16, 4], &device).materialized()
 }
 
 fn max_difference(a: &[f32], b: &[f32]) -> f32 {
@@ -231,4 +218,73 @@ pub fn assert_same_steps(one: &[Snapshot], other: &[Snapshot], what: &str) {
             assert!(d < 1e-3, "{what}, step {step}: basis of {i} differs by {d}");
         }
     }
+}
+
+/// A model with two parameters of each size: `layers.0.weight` and `layers.1.weight` are both
+/// 4 × 4, `layers.0.bias` and `layers.1.bias` both of length 4.
+pub fn square_model() -> Mlp<B> {
+    Mlp::new(&[4, 4, 4], &Default::default()).materialized()
+}
+
+/// The uneven gradients the data-parallel tests all-reduce: per scenario, which of the square
+/// model's four parameters (module order: weight, bias, weight, bias) each of two replicas has a
+/// gradient for.
+pub const UNEVEN: [(&str, [[bool; 4]; 2]); 3] = [
+    // Each replica misses a different parameter of the same size (a branch, an expert).
+    (
+        "swapped",
+        [[true, false, false, false], [false, false, true, false]],
+    ),
+    // One replica misses gradients the other has.
+    ("one missing", [[true; 4], [true, false, true, false]]),
+    // One replica has no gradient at all.
+    ("one empty", [[false; 4], [true; 4]]),
+];
+
+/// Replica `peer`'s gradients: `peer + 1` in every entry of each parameter it `has`.
+pub fn uneven_grads(model: &Mlp<B>, has: [bool; 4], peer: usize) -> GradientsParams {
+    let device = Default::default();
+    let value = (peer + 1) as f32;
+    let mut grads = GradientsParams::new();
+    for (layer, (weight, bias)) in model.layers.iter().zip([(0, 1), (2, 3)]) {
+        if has[weight] {
+            grads.register(
+                layer.weight.id,
+                Tensor::<Inner, 2>::full([4, 4], value, &device),
+            );
+        }
+        if has[bias]
+            && let Some(b) = &layer.bias
+        {
+            grads.register(b.id, Tensor::<Inner, 1>::full([4], value, &device));
+        }
+    }
+    grads
+}
+
+/// The square model's gradients in `grads`, in module order: `None` for a parameter without
+/// one, else its entries.
+pub fn uneven_values(model: &Mlp<B>, grads: &GradientsParams) -> Vec<Option<Vec<f32>>> {
+    let mut out = Vec::new();
+    for layer in &model.layers {
+        out.push(grads.get::<Inner, 2>(layer.weight.id).map(|g| values(&g)));
+        let bias = layer.bias.as_ref().expect("a bias");
+        out.push(grads.get::<Inner, 1>(bias.id).map(|g| values(&g)));
+    }
+    out
+}
+
+/// What the all-reduced gradients must be: a parameter no replica has gets none; any other the
+/// mean over both replicas, 0 for a replica without it, in every entry.
+pub fn uneven_expected(has: [[bool; 4]; 2]) -> Vec<Option<Vec<f32>>> {
+    (0..4)
+        .map(|param| {
+            let sum: f32 = (0..2)
+                .filter(|&peer| has[peer][param])
+                .map(|peer| (peer + 1) as f32)
+                .sum();
+            let len = if param % 2 == 0 { 16 } else { 4 };
+            (has[0][param] || has[1][param]).then(|| vec![sum / 2.0; len])
+        })
+        .collect()
 }

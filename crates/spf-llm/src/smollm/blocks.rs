@@ -11,24 +11,18 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use spf_core::SpfConfig;
 use spf_core::screen::SampleScreen;
-use spf_lab::progress::Progress;
-use spf_lab::screening::{Screened, screen_batch};
-use spf_lab::training::{BatchOrder, Stepper};
+use spf_harness::progress::Progress;
+use spf_harness::screening::{RunScreen, Screened};
+use spf_harness::training::{BatchOrder, Stepper};
 use spf_subspace::ParamFilter;
 
-use super::experiment::SmolConfig;
+use super::config::SmolConfig;
+use super::pairs::Pair;
 use crate::LlmError;
 use crate::llama::{Llama, PromptBatch};
 
 /// The autodiff backend's inner backend, where the frozen blocks and evaluations run.
 pub(super) type Inner<B> = <B as AutodiffBackend>::InnerBackend;
-
-/// A training pair: prompt ids (ChatML) and answer ids (ending with `<|im_end|>` unless cut).
-#[derive(Debug, Clone)]
-pub(super) struct Pair {
-    pub(super) prompt: Vec<u32>,
-    pub(super) answer: Vec<u32>,
-}
 
 /// A pair with the frozen blocks' output `[T, d]` for `prompt ++ answer`.
 #[derive(Debug, Clone)]
@@ -64,6 +58,9 @@ pub(super) enum TrainWith<'a, B: Backend> {
         config: SpfConfig,
         /// Drops each batch's samples that conflict with the subspace (`None`: keeps all).
         screen: Option<SampleScreen>,
+        /// Per training example, whether it is the defence's own (a SafeInstr refusal), which
+        /// the screen leaves in ([`RunScreen`]).
+        own: Vec<bool>,
     },
 }
 
@@ -199,37 +196,32 @@ impl<B: AutodiffBackend> Lab<'_, B> {
                 safety,
                 config,
                 screen: sample_screen,
+                own,
             } => {
-                screen = sample_screen;
+                // SafeInstr's refusals are the defence's own: never screened.
+                let own = move |index: usize| own.get(index).copied().unwrap_or(false);
+                screen = sample_screen.map(|s| RunScreen::new(s, own));
                 let batch = self.batch(&safety);
                 let estimator = config
                     .estimator
                     .clone()
                     .with_filter(ParamFilter::path_regex(PROTECTED));
                 let config = config.with_estimator(estimator);
-                Stepper::spf(&config, &model, move |m: &Llama<B>| loss(m, &batch))?
+                Stepper::spf::<LlmError>(&config, &model, move |m: &Llama<B>| loss(m, &batch))?
             }
         };
         let mut rng = StdRng::seed_from_u64(schedule.order_seed);
         let mut order = BatchOrder::new(set.len(), self.config.batch_size);
         let mut losses = Vec::with_capacity(schedule.steps);
         progress.start(name, schedule.steps as u64);
-        let mut screened = Vec::new();
         for _ in 0..schedule.steps {
             let mut picked = order.next(&mut rng);
-            if let Some(screen) = screen {
+            if let Some(screen) = &mut screen {
                 let gradient_of = |index: usize| {
                     let grads = loss(&model, &self.batch(&[&set[index]])).backward();
                     GradientsParams::from_grads(grads, &model)
                 };
-                screen_batch(
-                    &stepper,
-                    screen,
-                    &model,
-                    &mut picked,
-                    gradient_of,
-                    &mut screened,
-                );
+                screen.batch(&stepper, &model, &mut picked, gradient_of)?;
                 if picked.is_empty() {
                     // Every sample conflicted: no step (the model keeps its weights).
                     progress.advance(1);
@@ -262,7 +254,7 @@ impl<B: AutodiffBackend> Lab<'_, B> {
             top: model.valid(),
             loss: mean,
             conflict: stepper.summary().map(|s| s.conflict_share),
-            screened,
+            screened: screen.map(RunScreen::into_log).unwrap_or_default(),
         })
     }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use spf_harness::seed::fnv;
 
 /// Why the experiment's files could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,33 @@ impl Assets {
             many_shot: file("many_shot_examples.json")?,
             harmbench: file("harmbench_prompts.txt")?,
         })
+    }
+
+    /// A hash of every file's contents (64-bit FNV-1a over the model, AdvBench, the many-shot
+    /// pairs and HarmBench, in that order, each preceded by its length), in hex. The cache keys
+    /// each cell and aligned checkpoint by it besides the configuration, so a changed or
+    /// replaced file (another `SPF_ASSETS`, a new fetch) recomputes rather than serving numbers
+    /// computed on other data.
+    ///
+    /// # Errors
+    ///
+    /// [`DataError::Io`] when a file cannot be read.
+    pub fn fingerprint(&self) -> Result<String, DataError> {
+        let mut hash = fnv::OFFSET;
+        for path in [
+            &self.model,
+            &self.advbench,
+            &self.many_shot,
+            &self.harmbench,
+        ] {
+            let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            hash = fnv::hash(hash, (bytes.len() as u64).to_le_bytes());
+            hash = fnv::hash(hash, bytes);
+        }
+        Ok(format!("{hash:016x}"))
     }
 
     /// AdvBench's harmful behaviours, in file order.

@@ -2,6 +2,14 @@
 //! that do not fit, and bases loaded onto another device.
 
 use super::*;
+use crate::RECORD_VERSION;
+
+/// `record` written to bytes at full precision and read back onto `device`, as a checkpoint is.
+fn through_bytes<R: burn::record::Record<B>>(record: R, device: &burn::tensor::Device<B>) -> R {
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let bytes = recorder.record(record, ()).unwrap();
+    recorder.load(bytes, device).unwrap()
+}
 
 #[test]
 fn record_round_trip_continues_identically() {
@@ -13,9 +21,7 @@ fn record_round_trip_continues_identically() {
         .unwrap();
     let model = train(&mut optim, model, 0..2);
 
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder.record(optim.to_record(), ()).unwrap();
-    let record = recorder.load(bytes, &device).unwrap();
+    let record = through_bytes(optim.to_record(), &device);
     let mut restored = cfg
         .init(AdamWConfig::new().init(), &model, [])
         .unwrap()
@@ -41,16 +47,15 @@ fn a_record_loads_into_a_wrapper_built_for_a_fresh_copy_of_the_model() {
         .unwrap();
     let model = train(&mut optim, model, 0..2);
 
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let optim_bytes = recorder.record(optim.to_record(), ()).unwrap();
-    let model_bytes = recorder.record(model.clone().into_record(), ()).unwrap();
+    let optim_record = through_bytes(optim.to_record(), &device);
+    let model_record = through_bytes(model.clone().into_record(), &device);
 
     let fresh = Net::<B>::new(&device);
     assert_ne!(fresh.attn.weight.id, model.attn.weight.id, "new ids");
     let mut restored = cfg
         .init(AdamWConfig::new().init(), &fresh, [])
         .unwrap()
-        .try_load_record::<Net<B>>(recorder.load(optim_bytes, &device).unwrap())
+        .try_load_record::<Net<B>>(optim_record)
         .unwrap();
     assert_eq!(restored.bases().len(), 3);
 
@@ -59,7 +64,7 @@ fn a_record_loads_into_a_wrapper_built_for_a_fresh_copy_of_the_model() {
         .unwrap_err();
     assert_eq!(refused.error, SpfError::ModuleMismatch);
 
-    let resumed = fresh.load_record(recorder.load(model_bytes, &device).unwrap());
+    let resumed = fresh.load_record(model_record);
     assert_eq!(resumed.attn.weight.id, model.attn.weight.id);
     let a = optim.step(1e-2, model.clone(), grads(&model, 2));
     let b = restored.step(1e-2, resumed.clone(), grads(&resumed, 2));
@@ -240,9 +245,7 @@ fn bases_loaded_onto_another_device_move_to_their_parameters() {
         .unwrap();
     let model = train(&mut optim, model, 0..2);
 
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder.record(optim.to_record(), ()).unwrap();
-    let record = recorder.load(bytes, &there).unwrap();
+    let record = through_bytes(optim.to_record(), &there);
     let mut restored = cfg
         .init(SgdConfig::new().init(), &model, [])
         .unwrap()

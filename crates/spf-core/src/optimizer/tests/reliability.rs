@@ -263,3 +263,69 @@ fn a_panicking_inner_optimizer_is_an_error_with_the_module_handed_back() {
     assert_same(&err.module, &model, "the module handed back");
     assert_eq!(optim.steps(), 0);
 }
+
+/// A gradient that is not of its parameter's shape, protected or not, under either target: the
+/// step is refused with [`SpfError::ShapeMismatch`] naming the parameter, the module comes back,
+/// and nothing has changed (the wrapper steps on as if the call had not been made);
+/// [`SafetyProjectedOptimizer::measure`] and the sample screen refuse it the same way. Each used
+/// to panic inside the projection, outside the guard around the inner step.
+#[test]
+fn a_gradient_of_the_wrong_shape_is_refused_naming_its_parameter() {
+    let device = Default::default();
+    let model = Net::<B>::new(&device);
+    for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
+        for (path, wrong) in [("attn.weight", true), ("head.weight", false)] {
+            let cfg = config(ProjectionMode::ConflictOnly)
+                .with_target(target)
+                .with_refresh(RefreshPolicy::Every(1));
+            let mut optim = cfg
+                .init(AdamWConfig::new().init(), &model, bases(&model))
+                .unwrap()
+                .with_safety_source(|m: &Net<B>| {
+                    m.forward(Tensor::ones([2, 4], &Default::default())).sum()
+                });
+            let mut twin = optim.clone();
+            let mut bad = grads(&model, 1);
+            let id = if wrong {
+                model.attn.weight.id
+            } else {
+                model.head.weight.id
+            };
+            let _: Option<Tensor<Inner, 2>> = bad.remove(id);
+            bad.register(id, Tensor::<Inner, 2>::zeros([2, 7], &device));
+            let expected = |error: &SpfError| {
+                matches!(error, SpfError::ShapeMismatch { path: Some(p), found, .. }
+                    if p == path && *found == vec![2, 7])
+            };
+            let measured = optim.measure(&model, grads_like(&bad, &model));
+            assert!(
+                measured.as_ref().is_err_and(expected),
+                "{target:?} {path}: {measured:?}"
+            );
+            let refused = optim.try_step(1e-2, model.clone(), bad).unwrap_err();
+            assert!(
+                expected(&refused.error),
+                "{target:?} {path}: {}",
+                refused.error
+            );
+            assert_same(&refused.module, &model, "the module comes back untouched");
+            assert_eq!((optim.steps(), optim.last_stats().refresh.count), (0, 0));
+            // Nothing changed: both wrappers take the same next step.
+            let a = optim.step(1e-2, model.clone(), grads(&model, 2));
+            let b = twin.step(1e-2, model.clone(), grads(&model, 2));
+            assert_same(&a, &b, "after a refused step");
+        }
+    }
+}
+
+/// A copy of `grads` (burn's gradients cannot be cloned), for the parameters of `model`.
+fn grads_like(grads: &GradientsParams, model: &Net<B>) -> GradientsParams {
+    let mut copy = GradientsParams::new();
+    let weights = [&model.attn.weight, &model.mlp.weight, &model.head.weight];
+    for id in weights.iter().map(|w| w.id) {
+        if let Some(g) = grads.get::<Inner, 2>(id) {
+            copy.register(id, g);
+        }
+    }
+    copy
+}

@@ -21,7 +21,7 @@ fn measure_reports_what_the_step_then_does_and_changes_nothing() {
         let mut optim = config(mode)
             .init(SgdConfig::new().init(), &model, bases(&model))
             .unwrap();
-        let measured = optim.measure(&model, grads(&model, 3));
+        let measured = optim.measure(&model, grads(&model, 3)).unwrap();
         assert_eq!(optim.steps(), 0, "{mode:?}: measure stepped");
         assert_eq!(optim.last_stats().tensors.len(), 0, "{mode:?}: published");
         optim.step(0.05, model.clone(), grads(&model, 3));
@@ -47,7 +47,7 @@ fn screen_scores_a_gradient_against_safety_one_and_along_it_zero() {
         .unwrap();
     // The same draw as `bases`: its first basis is the attention weight's.
     let d = Gaussian::new(1234).basis(4, 6, 3).d();
-    let score = |g: &Mat<f64>| SampleScreen::score(&optim, &model, attn_only(&model, g));
+    let score = |g: &Mat<f64>| SampleScreen::score(&optim, &model, attn_only(&model, g)).unwrap();
     let against = score(&(-1.0 * &d));
     let along = score(&d);
     assert!((against - 1.0).abs() < 1e-5, "against safety: {against}");
@@ -57,7 +57,7 @@ fn screen_scores_a_gradient_against_safety_one_and_along_it_zero() {
     assert!(random > 0.0 && random < 1.0, "random: {random}");
     // No gradient on a protected tensor: nothing to remove.
     assert_eq!(
-        SampleScreen::score(&optim, &model, GradientsParams::new()),
+        SampleScreen::score(&optim, &model, GradientsParams::new()).unwrap(),
         0.0
     );
 

@@ -1,8 +1,7 @@
-//! What every fine-tuning run shares, in the lab and on the real model (`spf-llm`): the
-//! optimizer of a method, plain AdamW or AdamW wrapped by SPF ([`Stepper`]), the order of the
-//! batches ([`BatchOrder`]), and what the projection did over a run ([`ProjectionSummary`]).
+//! What every fine-tuning run shares, in the lab (`spf-lab`) and on the real model (`spf-llm`):
+//! the optimizer of a method, plain AdamW or AdamW wrapped by SPF ([`Stepper`]), the order of
+//! the batches ([`BatchOrder`]), and what the projection did over a run ([`ProjectionSummary`]).
 
-use burn::collective::PeerId;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
@@ -10,11 +9,8 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use spf_core::collective::all_reduce_mean;
 use spf_core::{SafetyGradientSource, SafetyProjectedOptimizer, SpfConfig, SpfError};
-use spf_subspace::SafetySubspace;
-
-use crate::error::LabError;
+use spf_subspace::{SafetySubspace, SubspaceError};
 
 /// AdamW (burn's defaults) for the module `M`.
 pub type AdamWOf<M, B> = OptimizerAdaptor<AdamW, M, B>;
@@ -51,9 +47,12 @@ where
     ///
     /// # Errors
     ///
-    /// [`LabError::Spf`] when the source fails or the wrapper rejects the bases,
-    /// [`LabError::Subspace`] when the estimate fails.
-    pub fn spf(config: &SpfConfig, model: &M, mut source: S) -> Result<Self, LabError> {
+    /// The caller's error `E` made from the [`SpfError`] when the source fails or the wrapper
+    /// rejects the bases, or from the [`SubspaceError`] when the estimate fails.
+    pub fn spf<E>(config: &SpfConfig, model: &M, mut source: S) -> Result<Self, E>
+    where
+        E: From<SpfError> + From<SubspaceError>,
+    {
         let grads = source
             .safety_gradients(model)
             .map_err(|err| SpfError::SafetySource(err.to_string()))?;
@@ -72,8 +71,8 @@ where
     ///
     /// # Errors
     ///
-    /// [`LabError::Spf`] when the wrapper refuses the step (a non-finite gradient, say).
-    pub fn step(&mut self, lr: f64, model: M, grads: GradientsParams) -> Result<M, LabError> {
+    /// The [`SpfError`] with which the wrapper refuses the step (a non-finite gradient, say).
+    pub fn step(&mut self, lr: f64, model: M, grads: GradientsParams) -> Result<M, SpfError> {
         match self {
             Self::Plain(optim) => Ok(optim.step(lr, model, grads)),
             Self::Spf { optim, sums, steps } => {
@@ -87,25 +86,6 @@ where
                 Ok(model)
             }
         }
-    }
-
-    /// One data-parallel step of replica `peer`: averages `grads` with every other replica's
-    /// through burn-collective's all-reduce ([`spf_core::collective::all_reduce_mean`]: one
-    /// operation per step, parameters paired by their place in the module), then steps on the
-    /// average as [`Self::step`] does.
-    ///
-    /// # Errors
-    ///
-    /// [`LabError::Collective`] when the all-reduce fails; otherwise as [`Self::step`].
-    pub fn step_averaged(
-        &mut self,
-        peer: PeerId,
-        lr: f64,
-        model: M,
-        grads: GradientsParams,
-    ) -> Result<M, LabError> {
-        let grads = all_reduce_mean(peer, &model, grads).map_err(LabError::Collective)?;
-        self.step(lr, model, grads)
     }
 
     /// What the projection did over the steps so far (means over steps), or `None` for plain

@@ -1,6 +1,6 @@
-//! How the lab reports progress: the example draws bars, tests stay quiet.
+//! How the experiments report progress: the examples draw bars, tests stay quiet.
 
-/// Receives progress from the lab's long stages.
+/// Receives progress from an experiment's long stages.
 pub trait Progress {
     /// A stage named `name` of `total` units begins.
     fn start(&mut self, name: &str, total: u64);

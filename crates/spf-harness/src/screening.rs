@@ -1,0 +1,284 @@
+//! SPF's sample screen inside a fine-tuning loop, shared by the lab (`spf-lab`) and the real
+//! model (`spf-llm`): which samples of each batch stay ([`RunScreen`]), and what the screen did
+//! over a run, by kind of sample ([`ScreenSummary`]).
+//!
+//! The score of a sample is the share of its own gradient's energy that the projection would
+//! remove ([`spf_core::screen`] has the mathematics); a sample scoring above the threshold leaves
+//! the batch, and the step is taken on the rest.
+
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+use spf_core::screen::SampleScreen;
+use spf_core::{SafetyGradientSource, SpfError};
+
+use crate::training::Stepper;
+
+/// One sample the screen scored at one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Screened {
+    /// Its index in the training set.
+    pub index: usize,
+    /// Its [`SampleScreen`] score.
+    pub score: f64,
+    /// Whether it stayed in the batch.
+    pub kept: bool,
+}
+
+/// SPF's sample screen over one fine-tuning run: its threshold, which samples are the defence's
+/// own, and every verdict so far.
+///
+/// The defence's own samples, those for which `own(index)` holds (SafeInstr's harmful prompts
+/// with refusals, which the defender adds to the user's data), are neither scored nor dropped:
+/// the screen judges the data it is handed, not the data the defence brings, and a refusal
+/// sample that the screen dropped would only weaken the defence it belongs to. What is screened
+/// never depends on a user sample's label.
+pub struct RunScreen<F> {
+    screen: SampleScreen,
+    own: F,
+    log: Vec<Screened>,
+}
+
+impl<F: Fn(usize) -> bool> RunScreen<F> {
+    /// A run screened by `screen`, the samples for which `own` holds exempt.
+    pub fn new(screen: SampleScreen, own: F) -> Self {
+        Self {
+            screen,
+            own,
+            log: Vec::new(),
+        }
+    }
+
+    /// Keeps the samples of the batch `picked` (indices into the training set) that the screen
+    /// keeps, scoring each from its own gradient at `model`, `gradient_of(index)` (one backward
+    /// pass per sample), and logs each verdict. Plain AdamW has no subspace to screen against:
+    /// the batch is left as it is and nothing is logged.
+    ///
+    /// # Errors
+    ///
+    /// The [`SpfError`] of a sample's gradient that does not fit the model (see
+    /// [`SafetyProjectedOptimizer::measure`](spf_core::SafetyProjectedOptimizer::measure)); the
+    /// batch is left as it was.
+    pub fn batch<M, B, S>(
+        &mut self,
+        stepper: &Stepper<M, B, S>,
+        model: &M,
+        picked: &mut Vec<usize>,
+        mut gradient_of: impl FnMut(usize) -> GradientsParams,
+    ) -> Result<(), SpfError>
+    where
+        M: AutodiffModule<B>,
+        B: AutodiffBackend,
+        S: SafetyGradientSource<M, B>,
+    {
+        let Stepper::Spf { optim, .. } = stepper else {
+            return Ok(());
+        };
+        let mut verdicts = Vec::with_capacity(picked.len());
+        for &index in picked.iter() {
+            if (self.own)(index) {
+                continue;
+            }
+            let score = SampleScreen::score(&**optim, model, gradient_of(index))?;
+            let kept = self.screen.keeps(score);
+            verdicts.push(Screened { index, score, kept });
+        }
+        picked.retain(|index| verdicts.iter().all(|v| v.index != *index || v.kept));
+        self.log.extend(verdicts);
+        Ok(())
+    }
+
+    /// The threshold.
+    pub fn threshold(&self) -> f64 {
+        self.screen.threshold()
+    }
+
+    /// Every verdict so far, in order.
+    pub fn log(&self) -> &[Screened] {
+        &self.log
+    }
+
+    /// The verdicts, for the run's summary.
+    pub fn into_log(self) -> Vec<Screened> {
+        self.log
+    }
+}
+
+/// The kinds of fine-tuning sample the screen's summary tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleKind {
+    /// A harmful prompt with a compliant answer (the attack).
+    Harmful,
+    /// A sample of the fine-tuning task.
+    Task,
+    /// A harmful prompt with a refusal (SafeInstr's data).
+    Refusal,
+}
+
+/// What the sample screen did over one fine-tuning run, by kind of sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenSummary {
+    /// The threshold.
+    pub threshold: f64,
+    /// The harmful Q→A pairs.
+    pub harmful: ScreenCounts,
+    /// The task samples.
+    pub task: ScreenCounts,
+    /// The refusals SafeInstr mixed in.
+    pub refusal: ScreenCounts,
+}
+
+impl ScreenSummary {
+    /// Sorts the verdicts `screened` by the kind of each sample, `kind_of(index)`.
+    pub fn of(
+        threshold: f64,
+        screened: &[Screened],
+        kind_of: impl Fn(usize) -> SampleKind,
+    ) -> Self {
+        let of_kind = |kind: SampleKind| {
+            let picked: Vec<Screened> = screened
+                .iter()
+                .filter(|s| kind_of(s.index) == kind)
+                .copied()
+                .collect();
+            ScreenCounts::of(&picked)
+        };
+        Self {
+            threshold,
+            harmful: of_kind(SampleKind::Harmful),
+            task: of_kind(SampleKind::Task),
+            refusal: of_kind(SampleKind::Refusal),
+        }
+    }
+}
+
+/// Samples of one kind the screen scored: how many, how many it dropped, and their scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenCounts {
+    /// Samples scored (a sample drawn in two steps counts twice).
+    pub scored: usize,
+    /// Of those, dropped.
+    pub dropped: usize,
+    /// The scores' minimum, 10th, 50th and 90th percentile and maximum (empty when none).
+    pub quantiles: Vec<f64>,
+}
+
+impl ScreenCounts {
+    /// The counts and score quantiles (nearest rank) of `scored`.
+    pub fn of(scored: &[Screened]) -> Self {
+        let mut scores: Vec<f64> = scored.iter().map(|s| s.score).collect();
+        scores.sort_by(f64::total_cmp);
+        let quantiles = if scores.is_empty() {
+            Vec::new()
+        } else {
+            let at = |q: f64| scores[((scores.len() - 1) as f64 * q).round() as usize];
+            [0.0, 0.1, 0.5, 0.9, 1.0].into_iter().map(at).collect()
+        };
+        Self {
+            scored: scored.len(),
+            dropped: scored.iter().filter(|s| !s.kept).count(),
+            quantiles,
+        }
+    }
+
+    /// The median score, if any sample was scored.
+    pub fn median(&self) -> Option<f64> {
+        self.quantiles.get(2).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::Tensor;
+    use spf_core::SpfConfig;
+
+    type B = Autodiff<NdArray>;
+
+    /// Samples whose input is the safety sample's gradient agree with the safety loss (score
+    /// 0), samples with the negated input conflict with it (score 1): at threshold 0 the screen
+    /// drops exactly the conflicting ones, and the defence's own sample (a conflicting one here,
+    /// on purpose) is neither scored nor dropped.
+    #[test]
+    fn at_threshold_zero_exactly_the_positive_scores_leave_and_the_defences_own_stay() {
+        let device = Default::default();
+        let model: Linear<B> = LinearConfig::new(4, 3).init(&device);
+        let x = Tensor::<B, 2>::from_floats([[1.0, -2.0, 0.5, 3.0]], &device);
+        let loss = move |m: &Linear<B>, x: Tensor<B, 2>| m.forward(x).sum();
+        let safety_x = x.clone();
+        let source = move |m: &Linear<B>| loss(m, safety_x.clone());
+        let stepper =
+            Stepper::spf::<Box<dyn std::error::Error>>(&SpfConfig::new(), &model, source).unwrap();
+        let input = |i: usize| {
+            if i.is_multiple_of(2) {
+                x.clone()
+            } else {
+                -x.clone()
+            }
+        };
+        let gradient_of =
+            |i: usize| GradientsParams::from_grads(loss(&model, input(i)).backward(), &model);
+        let mut picked: Vec<usize> = (0..8).collect();
+        let mut screen = RunScreen::new(SampleScreen::new(0.0).unwrap(), |i| i == 7);
+        screen
+            .batch(&stepper, &model, &mut picked, gradient_of)
+            .unwrap();
+        let log = screen.into_log();
+
+        assert_eq!(picked, [0, 2, 4, 6, 7]);
+        let scored: Vec<usize> = log.iter().map(|s| s.index).collect();
+        assert_eq!(
+            scored,
+            [0, 1, 2, 3, 4, 5, 6],
+            "the defence's own sample is not scored"
+        );
+        for s in &log {
+            assert_eq!(s.kept, s.score <= 0.0, "{s:?}");
+            let expected = if s.index.is_multiple_of(2) { 0.0 } else { 1.0 };
+            assert!((s.score - expected).abs() < 1e-5, "{s:?}");
+        }
+    }
+
+    fn verdict(index: usize, score: f64, kept: bool) -> Screened {
+        Screened { index, score, kept }
+    }
+
+    #[test]
+    fn the_summary_sorts_verdicts_by_kind_and_counts_the_dropped() {
+        // Indices 0..3 are harmful, 3..10 task, 10.. refusals.
+        let kind = |i: usize| match i {
+            0..3 => SampleKind::Harmful,
+            3..10 => SampleKind::Task,
+            _ => SampleKind::Refusal,
+        };
+        let screened = [
+            verdict(0, 0.9, false),
+            verdict(1, 0.2, true),
+            verdict(4, 0.01, true),
+            verdict(0, 0.8, false),
+            verdict(5, 0.5, false),
+        ];
+        let summary = ScreenSummary::of(0.3, &screened, kind);
+        assert_eq!(summary.threshold, 0.3);
+        assert_eq!((summary.harmful.scored, summary.harmful.dropped), (3, 2));
+        assert_eq!((summary.task.scored, summary.task.dropped), (2, 1));
+        assert_eq!(summary.refusal, ScreenCounts::of(&[]));
+        assert!(summary.refusal.quantiles.is_empty() && summary.refusal.median().is_none());
+        assert_eq!(summary.harmful.quantiles, vec![0.2, 0.2, 0.8, 0.9, 0.9]);
+        assert_eq!(summary.harmful.median(), Some(0.8));
+    }
+
+    #[test]
+    fn quantiles_are_nearest_rank_over_sorted_scores() {
+        let scored: Vec<Screened> = (0..11)
+            .rev()
+            .map(|i| verdict(i, i as f64 / 10.0, true))
+            .collect();
+        let counts = ScreenCounts::of(&scored);
+        assert_eq!(counts.quantiles, vec![0.0, 0.1, 0.5, 0.9, 1.0]);
+        assert_eq!(counts.dropped, 0);
+    }
+}

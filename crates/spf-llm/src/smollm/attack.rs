@@ -1,0 +1,89 @@
+//! Stage 2, the attack: from the seed's aligned blocks, fine-tune on arithmetic problems with
+//! exactly `round(p · n)` harmful pairs mixed in, with the cell's method, then score the result
+//! (stage 3, [`super::score`]).
+
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use spf_harness::progress::Progress;
+use spf_harness::screening::ScreenSummary;
+
+use super::blocks::{Inner, Lab, Prepared, Schedule, TrainWith, Trained};
+use super::config::SmolMethod;
+use super::protocol::{Example, mix, with_refusals};
+use super::results::{SmolModel, SmolRow};
+use super::salt;
+use super::score::Held;
+use super::seed::SeedContext;
+use crate::LlmError;
+use crate::chat::ChatTokenizer;
+
+/// One attacked cell: `method` at harmful share `p` on `seed`, fine-tuned and scored.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attack<B: AutodiffBackend>(
+    lab: &Lab<'_, B>,
+    ctx: &SeedContext<Inner<B>>,
+    held: &Held<Inner<B>>,
+    tok: &ChatTokenizer,
+    (method, p): (SmolMethod, f64),
+    seed: u64,
+    progress: &mut dyn Progress,
+) -> Result<SmolRow, LlmError> {
+    let config = lab.config;
+    let model = SmolModel::Attacked { method, p };
+    let mut set = mix(&ctx.tasks, ctx.harmful_set.len(), p, seed ^ salt::SHUFFLE);
+    if method.adds_refusals() {
+        set = with_refusals(&set, config.safe_instr_share, ctx.safety_set.len());
+    }
+    let examples: Vec<Prepared<Inner<B>>> = set
+        .iter()
+        .map(|e| match *e {
+            Example::Task(problem) => {
+                let i = ctx.tasks.iter().position(|t| *t == problem).expect("drawn");
+                ctx.task_set[i].clone()
+            }
+            Example::Harmful(i) => ctx.harmful_set[i].clone(),
+            Example::Refusal(i) => ctx.safety_set[i].clone(),
+        })
+        .collect();
+    let with = if method.projects() {
+        TrainWith::Spf {
+            safety: ctx.safety_set.iter().collect(),
+            config: config.spf(),
+            screen: config.sample_screen()?,
+            own: set
+                .iter()
+                .map(|e| matches!(e, Example::Refusal(_)))
+                .collect(),
+        }
+    } else {
+        TrainWith::Plain
+    };
+    let name = format!("{model} (seed {seed})");
+    let t = Instant::now();
+    let Trained {
+        top,
+        loss,
+        conflict,
+        screened,
+    } = lab.train(
+        ctx.aligned_top.clone(),
+        &examples,
+        with,
+        Schedule {
+            steps: config.attack_steps,
+            lr: config.attack_lr,
+            order_seed: seed ^ salt::BATCH_ORDER,
+        },
+        &name,
+        progress,
+    )?;
+    let seconds = t.elapsed().as_secs_f64();
+    let scores = lab.score(&top, held, Some(&ctx.reference), tok, progress, &name)?;
+    let mut row = scores.row(model, Some(seed), Some(loss), conflict, seconds);
+    if let (Some(threshold), true) = (config.screen, method.projects()) {
+        let kind = |i: usize| set[i].kind();
+        row.screen = Some(ScreenSummary::of(threshold, &screened, kind));
+    }
+    Ok(row)
+}

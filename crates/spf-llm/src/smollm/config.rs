@@ -1,0 +1,230 @@
+//! The experiment's settings ([`SmolConfig`]) and the methods it compares ([`SmolMethod`]).
+
+use std::path::PathBuf;
+
+use burn::config::Config;
+use serde::{Deserialize, Serialize};
+use spf_core::screen::SampleScreen;
+use spf_core::{ProjectionMode, ProjectionTarget, RefreshPolicy, SpfConfig};
+use spf_harness::settings;
+use spf_subspace::{RankPolicy, SubspaceConfig};
+
+use super::protocol::EvalSplit;
+use crate::LlmError;
+
+/// The experiment's settings. The defaults are the documented CPU configuration.
+#[derive(Config, Debug, PartialEq)]
+pub struct SmolConfig {
+    /// Blocks trained, counted from the top (the others are frozen).
+    #[config(default = 4)]
+    pub train_layers: usize,
+    /// Alignment SFT steps.
+    #[config(default = 150)]
+    pub align_steps: usize,
+    /// Alignment learning rate.
+    #[config(default = 2e-4)]
+    pub align_lr: f64,
+    /// Fine-tuning (attack) steps, the same for every method.
+    #[config(default = 60)]
+    pub attack_steps: usize,
+    /// Fine-tuning learning rate, the same for every method.
+    #[config(default = 2e-4)]
+    pub attack_lr: f64,
+    /// Sequences per training step.
+    #[config(default = 8)]
+    pub batch_size: usize,
+    /// Answer tokens kept per training pair (longer answers are cut).
+    #[config(default = 32)]
+    pub max_answer_tokens: usize,
+    /// Tokens generated per harmful evaluation prompt for the keyword judge.
+    #[config(default = 16)]
+    pub judge_tokens: usize,
+    /// Tokens generated per held-out arithmetic problem for FA.
+    #[config(default = 16)]
+    pub answer_tokens: usize,
+    /// AdvBench prompts (after near-duplicate removal) held out for the reported tables.
+    #[config(default = 100)]
+    pub advbench_test: usize,
+    /// AdvBench prompts held out for choosing settings ([`EvalSplit::Validation`]).
+    #[config(default = 60)]
+    pub advbench_validation: usize,
+    /// HarmBench prompts held out for the reported tables. pyrit's harmful Q→A pairs ask
+    /// HarmBench's own questions (198 of its 200), so the pairs that ask a held-out one are
+    /// never trained on, and the other HarmBench prompts are not scored.
+    #[config(default = 100)]
+    pub harmbench_test: usize,
+    /// Benign prompts with self-distilled answers in the alignment set.
+    #[config(default = 160)]
+    pub benign_train: usize,
+    /// Held-out benign prompts for the agreement measure.
+    #[config(default = 60)]
+    pub benign_eval: usize,
+    /// Examples in a fine-tuning set.
+    #[config(default = 200)]
+    pub finetune_samples: usize,
+    /// Held-out arithmetic problems FA is scored on (per split).
+    #[config(default = 100)]
+    pub arithmetic_eval: usize,
+    /// The harmful shares `p` of the fine-tuning sets.
+    #[config(default = "vec![0.0, 0.1]")]
+    pub harmful_shares: Vec<f64>,
+    /// The methods compared on every set.
+    #[config(default = "vec![SmolMethod::Sft, SmolMethod::Spf]")]
+    pub methods: Vec<SmolMethod>,
+    /// The seeds (alignment, fine-tuning set, batch order).
+    #[config(default = "vec![0]")]
+    pub seeds: Vec<u64>,
+    /// The held-out prompts scored.
+    #[config(default = "EvalSplit::Test")]
+    pub split: EvalSplit,
+    /// Harmful prompts with refusals that SPF estimates its subspace from, and SafeInstr mixes
+    /// into the fine-tuning set (the same refusal data for both).
+    #[config(default = 8)]
+    pub safety_samples: usize,
+    /// The share of a fine-tuning set SafeInstr replaces by those refusals.
+    #[config(default = 0.1)]
+    pub safe_instr_share: f64,
+    /// SPF's projection.
+    #[config(default = "ProjectionMode::ConflictOnly")]
+    pub mode: ProjectionMode,
+    /// What SPF projects.
+    #[config(default = "ProjectionTarget::Gradient")]
+    pub target: ProjectionTarget,
+    /// Directions kept per matrix.
+    #[config(default = "RankPolicy::Fixed(8)")]
+    pub rank: RankPolicy,
+    /// When SPF re-estimates the subspace. Every step: on the validation split it kept more
+    /// refusals than every 10 steps (AdvBench HS 3.3% against 8.3% at p = 0.1, the same FA),
+    /// past the margin docs/results.md fixed in advance, for about 2.5× the training time. The
+    /// lab's ablation found no such gain on its model and keeps `Every(10)`.
+    #[config(default = "RefreshPolicy::Every(1)")]
+    pub refresh: RefreshPolicy,
+    /// SPF's sample screen: the threshold above which a fine-tuning sample whose own gradient
+    /// conflicts with the safety subspace is dropped from its batch
+    /// ([`spf_core::screen`]); `None` keeps every sample.
+    pub screen: Option<f64>,
+    /// Prompts per generation batch.
+    #[config(default = 48)]
+    pub eval_batch: usize,
+    /// Threads that generate in parallel (each runs its own batches).
+    #[config(default = 2)]
+    pub threads: usize,
+    /// Where aligned checkpoints and finished cells are cached (`None`: nothing is cached).
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl SmolConfig {
+    /// Checks what the experiment cannot run (the layer count is checked against the model in
+    /// [`run`](super::run)).
+    ///
+    /// # Errors
+    ///
+    /// [`LlmError::Config`] naming the setting: empty training batches or sets, no answer
+    /// token, no trained block, a share outside `[0, 1]`, no seed, method or share.
+    pub fn validate(&self) -> Result<(), LlmError> {
+        settings::at_least_one(&[
+            ("batch_size", self.batch_size),
+            ("finetune_samples", self.finetune_samples),
+            ("benign_train", self.benign_train),
+            ("benign_eval", self.benign_eval),
+            ("arithmetic_eval", self.arithmetic_eval),
+            ("safety_samples", self.safety_samples),
+            ("max_answer_tokens", self.max_answer_tokens),
+            ("answer_tokens", self.answer_tokens),
+            ("train_layers", self.train_layers),
+        ])?;
+        settings::grid(self.seeds.len(), self.methods.len(), &self.harmful_shares)?;
+        settings::share("safe_instr_share", self.safe_instr_share)?;
+        settings::learning_rate("align_lr", self.align_lr)?;
+        settings::learning_rate("attack_lr", self.attack_lr)?;
+        self.sample_screen()?;
+        Ok(())
+    }
+
+    /// The sample screen SPF runs with, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`LlmError::Config`] for a threshold outside `[0, 1]`.
+    pub fn sample_screen(&self) -> Result<Option<SampleScreen>, LlmError> {
+        self.screen
+            .map(SampleScreen::new)
+            .transpose()
+            .map_err(|e| LlmError::Config(format!("screen: {e}")))
+    }
+
+    /// SPF's settings: [`SpfConfig`] from the mode, target, rank and refresh here.
+    pub fn spf(&self) -> SpfConfig {
+        SpfConfig::new()
+            .with_mode(self.mode)
+            .with_target(self.target)
+            .with_refresh(self.refresh)
+            .with_estimator(SubspaceConfig::new().with_rank(self.rank))
+    }
+}
+
+/// How an attacked model was fine-tuned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SmolMethod {
+    /// Plain AdamW.
+    Sft,
+    /// Plain AdamW on the set with a share of it replaced by refusals
+    /// ([`SmolConfig::safe_instr_share`]).
+    SafeInstr,
+    /// AdamW under SPF ([`SmolConfig::spf`]), the subspace from the safety samples.
+    Spf,
+    /// SPF on SafeInstr's set.
+    SpfSafeInstr,
+}
+
+impl SmolMethod {
+    /// The name in tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            SmolMethod::Sft => "SFT",
+            SmolMethod::SafeInstr => "SafeInstr",
+            SmolMethod::Spf => "SPF",
+            SmolMethod::SpfSafeInstr => "SPF + SafeInstr",
+        }
+    }
+
+    pub(super) fn projects(self) -> bool {
+        matches!(self, SmolMethod::Spf | SmolMethod::SpfSafeInstr)
+    }
+
+    pub(super) fn adds_refusals(self) -> bool {
+        matches!(self, SmolMethod::SafeInstr | SmolMethod::SpfSafeInstr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration the experiment cannot run is an error before anything loads (an empty
+    /// batch used to panic on its first item).
+    #[test]
+    fn invalid_configurations_are_rejected() {
+        assert!(SmolConfig::new().validate().is_ok());
+        let bad = [
+            SmolConfig::new().with_batch_size(0),
+            SmolConfig::new().with_finetune_samples(0),
+            SmolConfig::new().with_benign_eval(0),
+            SmolConfig::new().with_max_answer_tokens(0),
+            SmolConfig::new().with_train_layers(0),
+            SmolConfig::new().with_attack_lr(f64::NAN),
+            SmolConfig::new().with_harmful_shares(vec![0.1, 1.5]),
+            SmolConfig::new().with_safe_instr_share(-0.1),
+            SmolConfig::new().with_seeds(Vec::new()),
+            SmolConfig::new().with_safety_samples(0),
+            SmolConfig::new().with_screen(Some(1.5)),
+            SmolConfig::new().with_screen(Some(f64::NAN)),
+        ];
+        for config in bad {
+            assert!(
+                matches!(config.validate(), Err(LlmError::Config(_))),
+                "{config:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Salts that split a seed into independent random streams, and fix the splits.
+
+/// The AdvBench partition and the arithmetic partition (fixed: never the run's seed).
+pub(super) const SPLITS: u64 = 0x5B11_7000;
+/// The fine-tuning set's problems.
+pub(super) const PROBLEMS: u64 = 0xA417;
+/// Its harmful pairs, its order and the safety samples: the lab's streams of the same names.
+pub(super) use spf_harness::seed::salt::{ATTACK as HARMFUL, SAFETY_BATCH as SAFETY, SHUFFLE};
+/// The order of the training batches.
+pub(super) const BATCH_ORDER: u64 = 0x5EED;

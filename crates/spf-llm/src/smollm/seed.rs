@@ -1,0 +1,110 @@
+//! What every cell of one seed shares ([`SeedContext`]): the aligned top blocks (stage 1,
+//! [`super::align`]), the aligned model's greedy answers to held-out benign prompts (the
+//! reference for benign agreement), and the fine-tuning data: arithmetic problems, harmful
+//! pairs and the safety samples, all after the frozen blocks.
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use spf_harness::progress::Progress;
+
+use super::align::aligned_top;
+use super::blocks::{Inner, Lab, Prepared};
+use super::cache::Cache;
+use super::data::{REFUSALS, benign_prompts};
+use super::pairs::{Encoder, Pair};
+use super::protocol::Problem;
+use super::salt;
+use super::splits::Splits;
+use crate::LlmError;
+use crate::llama::Llama;
+
+/// What every cell of one seed shares.
+pub(super) struct SeedContext<B: Backend> {
+    /// The fine-tuning task's problems.
+    pub(super) tasks: Vec<Problem>,
+    /// Those problems with their answers, after the frozen blocks.
+    pub(super) task_set: Vec<Prepared<B>>,
+    /// The harmful Q→A pairs a fine-tuning set draws from.
+    pub(super) harmful_set: Vec<Prepared<B>>,
+    /// Harmful prompts with refusals: SPF's safety batch and SafeInstr's refusals.
+    pub(super) safety_set: Vec<Prepared<B>>,
+    /// The aligned model's greedy answers to held-out benign prompts.
+    pub(super) reference: Vec<Prepared<B>>,
+    /// The aligned top blocks.
+    pub(super) aligned_top: Llama<B>,
+}
+
+impl<B: Backend> SeedContext<B> {
+    /// The context of `seed`: its alignment (from `cache` when there), then its data.
+    pub(super) fn new<A: AutodiffBackend<InnerBackend = B>>(
+        lab: &Lab<'_, A>,
+        cache: Option<&Cache>,
+        encoder: Encoder<'_>,
+        splits: &Splits,
+        base_top: &Llama<Inner<A>>,
+        seed: u64,
+        progress: &mut dyn Progress,
+    ) -> Result<Self, LlmError> {
+        let config = lab.config;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut benign = benign_prompts(config.benign_train + config.benign_eval, seed);
+        let benign_eval = benign.split_off(config.benign_train);
+        let benign_train_ids = encoder.prompts(&benign)?;
+        let benign_eval_ids = encoder.prompts(&benign_eval)?;
+        let mut align_prompts = splits.adv_align.clone();
+        align_prompts.shuffle(&mut rng);
+        let base = lab.prefix.clone().join(base_top.clone());
+        let aligned_top = aligned_top(
+            lab,
+            cache,
+            encoder,
+            (&base, base_top),
+            seed,
+            &align_prompts,
+            &benign_train_ids,
+            progress,
+        )?;
+        let aligned = lab.prefix.clone().join(aligned_top.clone());
+        let reference = lab.generate(&aligned, &benign_eval_ids, config.max_answer_tokens);
+        let reference: Vec<Pair> = benign_eval_ids
+            .into_iter()
+            .zip(reference)
+            .map(|(prompt, answer)| Pair { prompt, answer })
+            .collect();
+        // The fine-tuning data: problems, harmful pairs and the safety samples (the alignment's
+        // own refusal prompts, which SPF and SafeInstr share).
+        let cut = config.max_answer_tokens;
+        let tasks = splits
+            .arithmetic
+            .draw(config.finetune_samples, seed ^ salt::PROBLEMS);
+        let mut harmful = splits.harmful_pairs.clone();
+        harmful.shuffle(&mut StdRng::seed_from_u64(seed ^ salt::HARMFUL));
+        harmful.truncate(config.finetune_samples);
+        let mut safety_prompts = align_prompts;
+        safety_prompts.shuffle(&mut StdRng::seed_from_u64(seed ^ salt::SAFETY));
+        safety_prompts.truncate(config.safety_samples);
+        let task_pairs = tasks
+            .iter()
+            .map(|t| encoder.pair(&t.prompt(), &t.answer(), cut))
+            .collect::<Result<Vec<_>, _>>()?;
+        let harmful_pairs = harmful
+            .iter()
+            .map(|(q, a)| encoder.pair(q, a, cut))
+            .collect::<Result<Vec<_>, _>>()?;
+        let safety_pairs = safety_prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| encoder.pair(p, REFUSALS[i % REFUSALS.len()], cut))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            tasks,
+            task_set: lab.prepare(&task_pairs),
+            harmful_set: lab.prepare(&harmful_pairs),
+            safety_set: lab.prepare(&safety_pairs),
+            reference: lab.prepare(&reference),
+            aligned_top,
+        })
+    }
+}
