@@ -26,21 +26,34 @@ struct Module {
     children: BTreeSet<String>,
 }
 
-/// `source` without comments, and cut where a top-level `#[cfg(test)]` introduces a test module.
+/// `source` without comments and without its test modules (a top-level `#[cfg(test)]` before
+/// `mod name;`, or before `mod name {` up to its closing `}` at the start of a line).
 fn code_of(source: &str) -> String {
     let lines: Vec<&str> = source.lines().collect();
     let mut out = String::new();
-    for (i, line) in lines.iter().enumerate() {
-        if *line == "#[cfg(test)]"
-            && lines[i + 1..]
-                .iter()
-                .find(|l| !l.trim().is_empty())
-                .is_some_and(|next| next.starts_with("mod ") || next.starts_with("pub mod "))
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i] == "#[cfg(test)]"
+            && let Some(offset) = lines[i + 1..].iter().position(|l| !l.trim().is_empty())
         {
-            break;
+            let at = i + 1 + offset;
+            let next = lines[at].trim_start_matches("pub ");
+            if next.starts_with("mod ") {
+                i = if next.ends_with('{') {
+                    // The module's body ends at the first `}` that opens a line.
+                    lines[at..]
+                        .iter()
+                        .position(|l| *l == "}")
+                        .map_or(lines.len(), |end| at + end + 1)
+                } else {
+                    at + 1
+                };
+                continue;
+            }
         }
-        out.push_str(strip_comment(line));
+        out.push_str(strip_comment(lines[i]));
         out.push('\n');
+        i += 1;
     }
     out
 }
@@ -486,5 +499,11 @@ fn a_planted_circle_is_found_whatever_the_import_form() {
         assert_eq!(planted(a, "// use super::f;"), None, "{a}");
         let test_only = "#[cfg(test)]\nmod tests {\n    use super::super::f;\n}";
         assert_eq!(planted(a, test_only), None, "{a}");
+        // Code after a test module is read.
+        let after_tests = format!("{test_only}\nfn y() {{ super::f(); }}");
+        assert!(
+            planted(a, &after_tests).is_some(),
+            "{a}: after a test module"
+        );
     }
 }
