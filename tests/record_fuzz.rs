@@ -11,10 +11,13 @@ use std::path::PathBuf;
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::Tensor;
 use spf::checkpoint;
-use spf::{ProjectionTarget, RefreshPolicy, SafetySubspace, SpfConfig, SpfError};
+use spf::{
+    ProjectionTarget, RefreshPolicy, SafetyProjectedOptimizer, SafetySubspace, SpfConfig, SpfError,
+};
 
 #[path = "common/mutate.rs"]
 mod mutate;
@@ -22,6 +25,8 @@ mod mutate;
 use mutate::{Case, fuzz};
 
 type B = Autodiff<NdArray>;
+/// The wrapper the checkpoints are of: AdamW under SPF, for a linear layer.
+type Wrapped = SafetyProjectedOptimizer<OptimizerAdaptor<AdamW, Linear<B>, B>, B>;
 
 fn config() -> SpfConfig {
     SpfConfig::new()
@@ -63,11 +68,7 @@ fn valid_checkpoint(model: &Linear<B>, dir: &std::path::Path) -> Vec<u8> {
 /// an error, and whose record saves and loads again.
 fn load(model: &Linear<B>, bytes: &[u8], path: &std::path::Path) -> Result<(), SpfError> {
     std::fs::write(path.with_extension("mpk"), bytes).unwrap();
-    let record = checkpoint::load(path, &Default::default())?;
-    let mut optim = config()
-        .init(AdamWConfig::new().init::<B, Linear<B>>(), model, [])?
-        .try_load_record::<Linear<B>>(record)
-        .map_err(|refused| refused.error)?;
+    let mut optim = restore(model, path)?;
     let loss = model
         .forward(Tensor::<B, 2>::ones([1, 4], &Default::default()))
         .sum();
@@ -79,15 +80,19 @@ fn load(model: &Linear<B>, bytes: &[u8], path: &std::path::Path) -> Result<(), S
             "a loaded record stepped to non-finite weights"
         );
     }
-    let again = checkpoint::save_atomic(optim.to_record(), path.with_file_name("again"))
-        .expect("a loaded record saves");
-    let reloaded = checkpoint::load(again, &Default::default()).expect("and loads again");
+    let again = path.with_file_name("again");
+    checkpoint::save_atomic(optim.to_record(), &again).expect("a loaded record saves");
+    restore(model, &again).expect("and loads again into a fresh wrapper");
+    Ok(())
+}
+
+/// A fresh wrapper for `model` with the checkpoint at `path` loaded.
+fn restore(model: &Linear<B>, path: &std::path::Path) -> Result<Wrapped, SpfError> {
+    let record = checkpoint::load(path, &Default::default())?;
     config()
         .init(AdamWConfig::new().init::<B, Linear<B>>(), model, [])?
-        .try_load_record::<Linear<B>>(reloaded)
+        .try_load_record::<Linear<B>>(record)
         .map_err(|refused| refused.error)
-        .expect("into a fresh wrapper");
-    Ok(())
 }
 
 struct Fixture {

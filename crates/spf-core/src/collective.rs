@@ -194,6 +194,7 @@ where
         grads: &mut grads,
         parts: Vec::new(),
         params: Vec::new(),
+        first_device: None,
         dtype: None,
         mixed: None,
     };
@@ -201,6 +202,7 @@ where
     let Flatten {
         parts,
         params,
+        first_device,
         dtype,
         mixed,
         ..
@@ -211,16 +213,17 @@ where
     if !grads.is_empty() {
         return Err(AllReduceError::ForeignGradients { count: grads.len() });
     }
-    if params.is_empty() {
+    // Built where the gradients are, or, with none here, where the parameters are.
+    let gradients_device = parts.iter().find_map(|p| p.as_ref().map(Tensor::device));
+    let Some(device) = gradients_device.or(first_device) else {
+        // A module without a float parameter: nothing to average.
         return Ok(grads);
-    }
+    };
     // The zeros of missing gradients, and the presence flags, in the gradients' type.
-    let device = parts.iter().find_map(|p| p.as_ref().map(Tensor::device));
     let options = |device: &burn::tensor::Device<B::InnerBackend>| match dtype {
         Some(dtype) => TensorCreationOptions::from((device, dtype)),
         None => TensorCreationOptions::from(device),
     };
-    let device = device.unwrap_or_else(|| params[0].device.clone());
     let present: Vec<f32> = parts
         .iter()
         .map(|p| if p.is_some() { 1.0 } else { 0.0 })
@@ -257,13 +260,12 @@ where
 }
 
 /// A float parameter of the module, as [`Flatten`] met it.
-struct Flat<D> {
+struct Flat {
     id: ParamId,
     dims: Vec<usize>,
-    device: D,
 }
 
-impl<D> Flat<D> {
+impl Flat {
     fn len(&self) -> usize {
         self.dims.iter().product()
     }
@@ -274,7 +276,9 @@ impl<D> Flat<D> {
 struct Flatten<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     parts: Vec<Option<Tensor<B::InnerBackend, 1>>>,
-    params: Vec<Flat<burn::tensor::Device<B::InnerBackend>>>,
+    params: Vec<Flat>,
+    /// The first parameter's device.
+    first_device: Option<burn::tensor::Device<B::InnerBackend>>,
     dtype: Option<DType>,
     mixed: Option<AllReduceError>,
 }
@@ -298,16 +302,11 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
             }
             grad.reshape([dims.iter().product::<usize>()])
         });
-        let device = match &part {
-            Some(part) => part.device(),
-            None => param.lazy_device(),
-        };
+        if self.first_device.is_none() {
+            self.first_device = Some(param.lazy_device());
+        }
         self.parts.push(part);
-        self.params.push(Flat {
-            id: param.id,
-            dims,
-            device,
-        });
+        self.params.push(Flat { id: param.id, dims });
     }
 }
 
@@ -316,7 +315,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
 struct Restore<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     flat: Tensor<B::InnerBackend, 1>,
-    params: std::vec::IntoIter<(Flat<burn::tensor::Device<B::InnerBackend>>, f64)>,
+    params: std::vec::IntoIter<(Flat, f64)>,
     at: usize,
 }
 

@@ -9,7 +9,7 @@ use crate::config::NonFinitePolicy;
 use crate::error::{SpfError, StepError};
 use crate::state::State;
 use crate::stats::{StepStats, TensorStats};
-use crate::visitors::{Probes, non_finite_among, zero_non_finite};
+use crate::visitors::{Probes, non_finite_among, path_of, zero_non_finite};
 
 impl<B: AutodiffBackend> State<B> {
     /// Finds the non-finite gradients among the suspects of `probes` (read back as `values`),
@@ -35,11 +35,7 @@ impl<B: AutodiffBackend> State<B> {
                 self.publish(Vec::new());
                 let paths = bad
                     .iter()
-                    .map(|id| {
-                        self.targets
-                            .get(id)
-                            .map_or_else(|| id.to_string(), |t| t.path.to_string())
-                    })
+                    .map(|id| path_of(&self.targets, *id).to_string())
                     .collect();
                 Some(Err(SpfError::NonFiniteGradient { paths }))
             }

@@ -360,7 +360,7 @@ fn mode_for<const D: usize>(matrix_mode: ProjectionMode) -> ProjectionMode {
 }
 
 /// The module path of `param`, or its id for a parameter the targets do not know.
-fn path_of(targets: &Targets, param: ParamId) -> std::sync::Arc<str> {
+pub(crate) fn path_of(targets: &Targets, param: ParamId) -> std::sync::Arc<str> {
     targets
         .get(&param)
         .map(|target| target.path.clone())

@@ -14,7 +14,8 @@ use crate::LlmError;
 use crate::llama::Llama;
 
 /// The seed's aligned top blocks: read from `cache` if it holds them, else trained from
-/// `base_top` (the whole `base` model distils the benign answers) and stored there.
+/// `base_top` (the whole base model, frozen bottom and `base_top`, distils the benign answers)
+/// and stored there.
 ///
 /// `align_prompts` are the harmful prompts to refuse, in the seed's order, and
 /// `benign_train_ids` the benign prompts to distil.
@@ -23,7 +24,7 @@ pub(super) fn aligned_top<B: AutodiffBackend>(
     lab: &Lab<'_, B>,
     cache: Option<&Cache>,
     encoder: Encoder<'_>,
-    (base, base_top): (&Llama<Inner<B>>, &Llama<Inner<B>>),
+    base_top: &Llama<Inner<B>>,
     seed: u64,
     align_prompts: &[String],
     benign_train_ids: &[Vec<u32>],
@@ -36,7 +37,8 @@ pub(super) fn aligned_top<B: AutodiffBackend>(
         return Ok(top);
     }
     progress.start("base model: benign answers to distil", 1);
-    let distilled = lab.generate(base, benign_train_ids, config.max_answer_tokens);
+    let base = lab.prefix.clone().join(base_top.clone());
+    let distilled = lab.generate(&base, benign_train_ids, config.max_answer_tokens);
     progress.finish("done");
     let mut align_pairs = align_prompts
         .iter()

@@ -199,21 +199,26 @@ impl Cache {
 /// The cells of one run: each row read from the cache when it holds one, else computed and
 /// stored there; counts the cells read.
 pub(super) struct Cells<'a> {
+    config: &'a SmolConfig,
     cache: Option<&'a Cache>,
     /// Cells read from the cache rather than computed.
     pub(super) cached: usize,
 }
 
 impl<'a> Cells<'a> {
-    /// Cells kept in `cache` (`None`: every cell is computed).
-    pub(super) fn new(cache: Option<&'a Cache>) -> Self {
-        Self { cache, cached: 0 }
+    /// The cells of a run configured by `config`, kept in `cache` (`None`: every cell is
+    /// computed).
+    pub(super) fn new(config: &'a SmolConfig, cache: Option<&'a Cache>) -> Self {
+        Self {
+            config,
+            cache,
+            cached: 0,
+        }
     }
 
     /// The row of `model` on `seed`: cached, or made by `compute` and then cached.
     pub(super) fn row(
         &mut self,
-        config: &SmolConfig,
         (model, seed): (SmolModel, Option<u64>),
         progress: &mut dyn Progress,
         compute: impl FnOnce(&mut dyn Progress) -> Result<SmolRow, LlmError>,
@@ -221,7 +226,7 @@ impl<'a> Cells<'a> {
         let Some(cache) = self.cache else {
             return compute(progress);
         };
-        let key = CellKey::new(config, &cache.data, model, seed);
+        let key = CellKey::new(self.config, &cache.data, model, seed);
         if let Some(row) = cache.row(&key) {
             self.cached += 1;
             progress.start(&format!("{} (seed {:?}): cached", row.model, row.seed), 1);

@@ -67,15 +67,13 @@ pub fn run<B: AutodiffBackend>(
         Some(dir) => Some(Cache::new(dir, assets.fingerprint()?)?),
         None => None,
     };
-    let mut cells = Cells::new(cache.as_ref());
+    let mut cells = Cells::new(config, cache.as_ref());
 
     // The base model, once.
-    let mut rows = vec![
-        cells.row(config, (SmolModel::Base, None), progress, |progress| {
-            let scores = lab.score(&base_top, &held, None, &tok, progress, "base")?;
-            Ok(scores.row(SmolModel::Base, None, None, None, 0.0))
-        })?,
-    ];
+    let mut rows = vec![cells.row((SmolModel::Base, None), progress, |progress| {
+        let scores = lab.score(&base_top, &held, None, &tok, progress, "base")?;
+        Ok(scores.row(SmolModel::Base, None, None, None, 0.0))
+    })?];
     for &seed in &config.seeds {
         // Everything a seed's cells share, made for the first cell that is not cached.
         let mut context: Option<SeedContext<Inner<B>>> = None;
@@ -84,7 +82,7 @@ pub fn run<B: AutodiffBackend>(
             SeedContext::new(&lab, cache, encoder, &splits, &base_top, seed, progress)
         };
         let aligned = (SmolModel::Aligned, Some(seed));
-        rows.push(cells.row(config, aligned, progress, |progress| {
+        rows.push(cells.row(aligned, progress, |progress| {
             let ctx = made(&mut context, make, progress)?;
             let (top, reference) = (&ctx.aligned_top, Some(&ctx.reference[..]));
             let scores = lab.score(top, &held, reference, &tok, progress, "aligned")?;
@@ -93,7 +91,7 @@ pub fn run<B: AutodiffBackend>(
         for &p in &config.harmful_shares {
             for &method in &config.methods {
                 let attacked = (SmolModel::Attacked { method, p }, Some(seed));
-                rows.push(cells.row(config, attacked, progress, |progress| {
+                rows.push(cells.row(attacked, progress, |progress| {
                     let ctx = made(&mut context, make, progress)?;
                     attack(&lab, ctx, &held, &tok, (method, p), seed, progress)
                 })?);

@@ -55,12 +55,11 @@ impl<B: Backend> SeedContext<B> {
         let benign_eval_ids = encoder.prompts(&benign_eval)?;
         let mut align_prompts = splits.adv_align.clone();
         align_prompts.shuffle(&mut rng);
-        let base = lab.prefix.clone().join(base_top.clone());
         let aligned_top = aligned_top(
             lab,
             cache,
             encoder,
-            (&base, base_top),
+            base_top,
             seed,
             &align_prompts,
             &benign_train_ids,
