@@ -1,6 +1,6 @@
 //! [`LowRankBasis`]: the rank-`k` factors `U Σ Vᵀ` of one parameter's safety gradient.
 
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::SubspaceError;
 
@@ -30,14 +30,14 @@ use crate::SubspaceError;
 /// The host keeps a copy of the `k` singular values, so statistics that need `σ` cost no
 /// device round trip.
 #[derive(Debug, Clone)]
-pub struct LowRankBasis<B: Backend> {
-    u: Tensor<B, 2>,
-    sigma: Tensor<B, 1>,
-    v: Tensor<B, 2>,
+pub struct LowRankBasis {
+    u: Tensor<2>,
+    sigma: Tensor<1>,
+    v: Tensor<2>,
     sigma_host: Vec<f64>,
 }
 
-impl<B: Backend> LowRankBasis<B> {
+impl LowRankBasis {
     /// Builds a basis from its factors, checked against [`Self::default_tolerance`].
     ///
     /// `sigma` and `v` are moved to the device of `u`.
@@ -51,24 +51,19 @@ impl<B: Backend> LowRankBasis<B> {
     /// # Example
     ///
     /// ```
-    /// use burn::backend::NdArray;
-    /// use burn::tensor::Tensor;
+    /// use burn::tensor::{Device, Tensor};
     /// use spf_subspace::LowRankBasis;
     ///
-    /// let device = Default::default();
-    /// let u = Tensor::<NdArray, 2>::from_floats([[1.0], [0.0], [0.0]], &device);
-    /// let sigma = Tensor::<NdArray, 1>::from_floats([2.5], &device);
-    /// let v = Tensor::<NdArray, 2>::from_floats([[0.0], [1.0]], &device);
+    /// let device = Device::default();
+    /// let u = Tensor::<2>::from_floats([[1.0], [0.0], [0.0]], &device);
+    /// let sigma = Tensor::<1>::from_floats([2.5], &device);
+    /// let v = Tensor::<2>::from_floats([[0.0], [1.0]], &device);
     /// let basis = LowRankBasis::new(u, sigma, v)?;
     /// assert_eq!((basis.d_in(), basis.d_out(), basis.rank()), (3, 2, 1));
     /// assert_eq!(basis.energy(), 6.25);
     /// # Ok::<(), spf_subspace::SubspaceError>(())
     /// ```
-    pub fn new(
-        u: Tensor<B, 2>,
-        sigma: Tensor<B, 1>,
-        v: Tensor<B, 2>,
-    ) -> Result<Self, SubspaceError> {
+    pub fn new(u: Tensor<2>, sigma: Tensor<1>, v: Tensor<2>) -> Result<Self, SubspaceError> {
         let [d_in, _] = u.dims();
         let [d_out, _] = v.dims();
         Self::with_tolerance(u, sigma, v, Self::default_tolerance(d_in, d_out))
@@ -86,9 +81,9 @@ impl<B: Backend> LowRankBasis<B> {
     ///
     /// As [`Self::new`].
     pub fn with_tolerance(
-        u: Tensor<B, 2>,
-        sigma: Tensor<B, 1>,
-        v: Tensor<B, 2>,
+        u: Tensor<2>,
+        sigma: Tensor<1>,
+        v: Tensor<2>,
         tolerance: f64,
     ) -> Result<Self, SubspaceError> {
         if !(tolerance.is_finite() && tolerance >= 0.0) {
@@ -126,7 +121,7 @@ impl<B: Backend> LowRankBasis<B> {
     }
 
     /// A basis with no directions (`k = 0`) for a `d_in × d_out` parameter: it projects nothing.
-    pub fn empty(d_in: usize, d_out: usize, device: &B::Device) -> Self {
+    pub fn empty(d_in: usize, d_out: usize, device: &Device) -> Self {
         Self {
             u: Tensor::zeros([d_in, 0], device),
             sigma: Tensor::zeros([0], device),
@@ -142,7 +137,7 @@ impl<B: Backend> LowRankBasis<B> {
     ///
     /// [`SubspaceError::NonFinite`] with factor `"vector"` when `g` holds NaN or ±Inf, or its
     /// norm overflows the backend's float type.
-    pub fn from_vector(g: Tensor<B, 1>) -> Result<Self, SubspaceError> {
+    pub fn from_vector(g: Tensor<1>) -> Result<Self, SubspaceError> {
         let [n] = g.dims();
         let (device, dtype) = (g.device(), g.dtype());
         let values = host_values(g);
@@ -181,17 +176,17 @@ impl<B: Backend> LowRankBasis<B> {
     }
 
     /// The left factor `U: [d_in, k]`.
-    pub fn u(&self) -> &Tensor<B, 2> {
+    pub fn u(&self) -> &Tensor<2> {
         &self.u
     }
 
     /// The singular values `σ: [k]` on the device.
-    pub fn sigma(&self) -> &Tensor<B, 1> {
+    pub fn sigma(&self) -> &Tensor<1> {
         &self.sigma
     }
 
     /// The right factor `V: [d_out, k]`.
-    pub fn v(&self) -> &Tensor<B, 2> {
+    pub fn v(&self) -> &Tensor<2> {
         &self.v
     }
 
@@ -206,7 +201,7 @@ impl<B: Backend> LowRankBasis<B> {
     }
 
     /// The device the factors live on.
-    pub fn device(&self) -> B::Device {
+    pub fn device(&self) -> Device {
         self.u.device()
     }
 
@@ -229,14 +224,15 @@ impl<B: Backend> LowRankBasis<B> {
 
     /// Moves the factors to `device`, through host memory.
     ///
-    /// burn 0.21's WGPU backend cannot move a tensor from one device straight to another (its
-    /// device-to-device path is unimplemented and panics); the factors are small, `(m + n + 1)·k`
-    /// numbers, so the round trip through the host costs little and works on every backend.
-    pub fn to_device(self, device: &B::Device) -> Self {
+    /// The devices may belong to two backends (the CPU and a GPU); burn 0.21's WGPU backend could
+    /// not even move a tensor between two of its own devices. The factors are small,
+    /// `(m + n + 1)·k` numbers, so the round trip through the host costs little and works between
+    /// any two devices.
+    pub fn to_device(self, device: &Device) -> Self {
         if self.device() == *device {
             return self;
         }
-        fn moved<B: Backend, const D: usize>(t: Tensor<B, D>, device: &B::Device) -> Tensor<B, D> {
+        fn moved<const D: usize>(t: Tensor<D>, device: &Device) -> Tensor<D> {
             Tensor::from_data(t.into_data(), device)
         }
         Self {
@@ -248,13 +244,13 @@ impl<B: Backend> LowRankBasis<B> {
     }
 
     /// The factors `(U, σ, V)`.
-    pub fn into_parts(self) -> (Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 2>) {
+    pub fn into_parts(self) -> (Tensor<2>, Tensor<1>, Tensor<2>) {
         (self.u, self.sigma, self.v)
     }
 }
 
 /// Reads a tensor back to the host as `f64`, whatever the backend's float type.
-fn host_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f64> {
+fn host_values<const D: usize>(tensor: Tensor<D>) -> Vec<f64> {
     tensor.into_data().iter::<f64>().collect()
 }
 
@@ -278,8 +274,8 @@ fn check_sigma(sigma: &[f64]) -> Result<(), SubspaceError> {
 }
 
 /// Checks `max |FᵀF − I| ≤ tolerance`. A non-finite `F` makes the Gram matrix non-finite.
-fn check_orthonormal<B: Backend>(
-    factor: &Tensor<B, 2>,
+fn check_orthonormal(
+    factor: &Tensor<2>,
     name: &'static str,
     tolerance: f64,
 ) -> Result<(), SubspaceError> {
@@ -307,16 +303,14 @@ fn check_orthonormal<B: Backend>(
 mod tests {
     use super::*;
 
-    use crate::testing::TestBackend;
-
-    fn tensor2(rows: &[&[f32]]) -> Tensor<TestBackend, 2> {
+    fn tensor2(rows: &[&[f32]]) -> Tensor<2> {
         let n = rows.len();
         let m = rows.first().map_or(0, |r| r.len());
         let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         Tensor::from_data(TensorData::new(flat, [n, m]), &Default::default())
     }
 
-    fn tensor1(values: &[f32]) -> Tensor<TestBackend, 1> {
+    fn tensor1(values: &[f32]) -> Tensor<1> {
         Tensor::from_data(
             TensorData::new(values.to_vec(), [values.len()]),
             &Default::default(),
@@ -324,11 +318,7 @@ mod tests {
     }
 
     /// A valid 3×2 basis with k = 2: u = e1, e2 and v = a 45° rotation.
-    fn parts() -> (
-        Tensor<TestBackend, 2>,
-        Tensor<TestBackend, 1>,
-        Tensor<TestBackend, 2>,
-    ) {
+    fn parts() -> (Tensor<2>, Tensor<1>, Tensor<2>) {
         let h = std::f32::consts::FRAC_1_SQRT_2;
         (
             tensor2(&[&[1.0, 0.0], &[0.0, 1.0], &[0.0, 0.0]]),
@@ -439,7 +429,7 @@ mod tests {
 
     #[test]
     fn empty_basis_has_rank_zero() {
-        let basis = LowRankBasis::<TestBackend>::empty(4, 3, &Default::default());
+        let basis = LowRankBasis::empty(4, 3, &Default::default());
         assert_eq!((basis.d_in(), basis.d_out(), basis.rank()), (4, 3, 0));
         assert_eq!(basis.energy(), 0.0);
     }
@@ -447,7 +437,7 @@ mod tests {
     #[test]
     fn zero_rank_factors_are_accepted() {
         let device = Default::default();
-        let basis = LowRankBasis::<TestBackend>::new(
+        let basis = LowRankBasis::new(
             Tensor::zeros([5, 0], &device),
             Tensor::zeros([0], &device),
             Tensor::zeros([2, 0], &device),
@@ -467,7 +457,7 @@ mod tests {
             .clone()
             .mul_scalar(5.0)
             .matmul(basis.v().clone().transpose());
-        let d: Vec<f32> = d.into_data().to_vec().unwrap();
+        let d: Vec<f32> = d.into_data().try_to_vec::<f32>().unwrap();
         for (a, b) in d.iter().zip(g) {
             assert!((a - b).abs() <= 4.0 * f32::EPSILON * 5.0, "{a} vs {b}");
         }

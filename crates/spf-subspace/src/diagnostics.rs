@@ -2,7 +2,7 @@
 //! (captured energy), and how well one estimate of its subspace agrees with another (overlap and
 //! principal angles).
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::Tensor;
 
 use crate::rsvd::host_matrix;
 use crate::{LowRankBasis, SubspaceError};
@@ -44,10 +44,7 @@ pub fn rank_for_energy(
 /// # Errors
 ///
 /// [`SubspaceError::RowMismatch`] when the factors have different numbers of rows.
-pub fn subspace_overlap<B: Backend>(
-    u1: &Tensor<B, 2>,
-    u2: &Tensor<B, 2>,
-) -> Result<f64, SubspaceError> {
+pub fn subspace_overlap(u1: &Tensor<2>, u2: &Tensor<2>) -> Result<f64, SubspaceError> {
     let ([left, k1], [right, k2]) = (u1.dims(), u2.dims());
     if left != right {
         return Err(SubspaceError::RowMismatch { left, right });
@@ -70,7 +67,7 @@ pub fn subspace_overlap<B: Backend>(
 /// # Panics
 ///
 /// If the bases belong to parameters of different shapes.
-pub fn direction_overlap<B: Backend>(a: &LowRankBasis<B>, b: &LowRankBasis<B>) -> f64 {
+pub fn direction_overlap(a: &LowRankBasis, b: &LowRankBasis) -> f64 {
     let k = a.rank().min(b.rank());
     if k == 0 {
         return 0.0;
@@ -94,10 +91,7 @@ pub fn direction_overlap<B: Backend>(a: &LowRankBasis<B>, b: &LowRankBasis<B>) -
 /// [`SubspaceError::RowMismatch`] when the factors have different numbers of rows,
 /// [`SubspaceError::NonFinite`] when `U₁ᵀ U₂` holds NaN or ±Inf, and
 /// [`SubspaceError::SvdFailed`] if its SVD does not converge.
-pub fn principal_angles<B: Backend>(
-    u1: &Tensor<B, 2>,
-    u2: &Tensor<B, 2>,
-) -> Result<Vec<f64>, SubspaceError> {
+pub fn principal_angles(u1: &Tensor<2>, u2: &Tensor<2>) -> Result<Vec<f64>, SubspaceError> {
     let ([left, k1], [right, k2]) = (u1.dims(), u2.dims());
     if left != right {
         return Err(SubspaceError::RowMismatch { left, right });
@@ -123,10 +117,9 @@ pub fn principal_angles<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::TestBackend;
     use burn::tensor::TensorData;
 
-    fn columns(rows: &[&[f32]]) -> Tensor<TestBackend, 2> {
+    fn columns(rows: &[&[f32]]) -> Tensor<2> {
         let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         Tensor::from_data(
             TensorData::new(flat, [rows.len(), rows[0].len()]),
@@ -182,7 +175,7 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        let no_rows = Tensor::<TestBackend, 2>::zeros([0, 2], &Default::default());
+        let no_rows = Tensor::<2>::zeros([0, 2], &Default::default());
         assert!(principal_angles(&no_rows, &no_rows).unwrap().is_empty());
         // Factors of two different spaces are an error, not a panic (it used to be a panic).
         assert_eq!(
@@ -198,11 +191,11 @@ mod tests {
 
     #[test]
     fn direction_overlap_needs_both_factors_to_agree() {
-        let sigma = || Tensor::<TestBackend, 1>::from_floats([1.0], &Default::default());
+        let sigma = || Tensor::<1>::from_floats([1.0], &Default::default());
         let e = |i: usize| {
             let mut column = [[0.0f32]; 2];
             column[i] = [1.0];
-            Tensor::<TestBackend, 2>::from_floats(column, &Default::default())
+            Tensor::<2>::from_floats(column, &Default::default())
         };
         let basis = |u, v| LowRankBasis::new(e(u), sigma(), e(v)).unwrap();
         assert!((direction_overlap(&basis(0, 0), &basis(0, 0)) - 1.0).abs() < 1e-6);

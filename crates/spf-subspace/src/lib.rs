@@ -28,12 +28,20 @@ pub use rsvd::{MAX_POWER_ITERATIONS, RandomizedSvd, RandomizedSvdConfig, SketchC
 pub use subspace::{RankPolicy, SafetySubspace, SubspaceConfig};
 pub use targets::{ParamFilter, Target, Targets, VectorPolicy};
 
-/// The backend of the unit tests: ndarray, or WGPU with the `test-wgpu` feature (for example on
-/// Mesa's lavapipe in CI).
+/// The device of the unit tests: burn's default device, which is the CPU (`flex`) here, and WGPU
+/// with the `test-wgpu` feature (for example on Mesa's lavapipe in CI), since burn prefers a GPU
+/// backend to the CPU when one is compiled in.
 #[cfg(test)]
 pub(crate) mod testing {
-    #[cfg(not(feature = "test-wgpu"))]
-    pub(crate) type TestBackend = burn::backend::NdArray;
-    #[cfg(feature = "test-wgpu")]
-    pub(crate) type TestBackend = burn::backend::Wgpu;
+    use burn::tensor::Device;
+
+    /// The device the unit tests compute on.
+    pub(crate) fn device() -> Device {
+        Device::default()
+    }
+
+    /// [`device`] with autodiff, for the tests that take gradients.
+    pub(crate) fn autodiff_device() -> Device {
+        device().autodiff()
+    }
 }

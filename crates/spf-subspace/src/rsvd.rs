@@ -24,9 +24,7 @@
 //! iterations sharpen it for slowly decaying spectra.
 
 use burn::config::Config;
-use burn::tensor::{
-    ElementConversion, Tensor, TensorCreationOptions, TensorData, backend::Backend,
-};
+use burn::tensor::{Tensor, TensorCreationOptions, TensorData};
 use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::{Mat, MatRef, Par, Side};
 use rand::SeedableRng;
@@ -100,13 +98,12 @@ impl RandomizedSvdConfig {
 /// # Example
 ///
 /// ```
-/// use burn::backend::NdArray;
-/// use burn::tensor::Tensor;
+/// use burn::tensor::{Device, Tensor};
 /// use spf_subspace::{RandomizedSvd, RandomizedSvdConfig};
 ///
-/// let device = Default::default();
+/// let device = Device::default();
 /// // A rank-1 matrix: x yᵀ with ‖x‖ = 5, ‖y‖ = 1.
-/// let a = Tensor::<NdArray, 2>::from_floats([[3.0, 0.0], [4.0, 0.0], [0.0, 0.0]], &device);
+/// let a = Tensor::<2>::from_floats([[3.0, 0.0], [4.0, 0.0], [0.0, 0.0]], &device);
 /// let basis = RandomizedSvd::new(RandomizedSvdConfig::new(2)).compute(&a)?;
 /// assert_eq!(basis.rank(), 1); // truncated to the numerical rank
 /// assert!((basis.singular_values()[0] - 5.0).abs() < 1e-5);
@@ -136,7 +133,7 @@ impl RandomizedSvd {
     /// or a rank tolerance that is not a finite non-negative number,
     /// [`SubspaceError::NonFinite`] (factor `"input"`) when `a` holds NaN or ±Inf, and
     /// [`SubspaceError::SvdFailed`] if the small SVD does not converge.
-    pub fn compute<B: Backend>(&self, a: &Tensor<B, 2>) -> Result<LowRankBasis<B>, SubspaceError> {
+    pub fn compute(&self, a: &Tensor<2>) -> Result<LowRankBasis, SubspaceError> {
         self.config.check()?;
         let [m, n] = a.dims();
         let k = self.config.rank.min(m).min(n);
@@ -166,12 +163,12 @@ pub fn default_rank_tolerance(m: usize, n: usize) -> f64 {
 ///
 /// [`SubspaceError::InvalidSketch`] when `rows × cols` entries do not fit in memory (the count
 /// overflows, or the allocation is refused).
-pub fn gaussian_sketch<B: Backend>(
+pub fn gaussian_sketch(
     rows: usize,
     cols: usize,
     seed: u64,
-    options: impl Into<TensorCreationOptions<B>>,
-) -> Result<Tensor<B, 2>, SubspaceError> {
+    options: impl Into<TensorCreationOptions>,
+) -> Result<Tensor<2>, SubspaceError> {
     let too_large = || SubspaceError::InvalidSketch {
         reason: format!("a {rows} × {cols} sketch does not fit in memory"),
     };
@@ -200,12 +197,12 @@ pub fn gaussian_sketch<B: Backend>(
 /// at the cost of one reduction over `m × l` numbers instead of `m × n`.
 /// [`SubspaceError::InvalidSketch`] for an empty matrix or sketch (`m`, `n` or `l` zero), or
 /// one [`gaussian_sketch`] cannot draw.
-pub fn range_finder<B: Backend>(
-    a: &Tensor<B, 2>,
+pub fn range_finder(
+    a: &Tensor<2>,
     l: usize,
     power_iterations: usize,
     seed: u64,
-) -> Result<Tensor<B, 2>, SubspaceError> {
+) -> Result<Tensor<2>, SubspaceError> {
     let [m, n] = a.dims();
     if m == 0 || n == 0 || l == 0 {
         return Err(SubspaceError::InvalidSketch {
@@ -214,7 +211,7 @@ pub fn range_finder<B: Backend>(
     }
     let omega = gaussian_sketch(n, l, seed, like(a))?;
     let sketch = a.clone().matmul(omega);
-    let probe: f64 = sketch.clone().sum().into_scalar().elem();
+    let probe: f64 = sketch.clone().sum().into_scalar::<f64>();
     if !probe.is_finite() {
         return Err(SubspaceError::NonFinite { factor: "input" });
     }
@@ -235,7 +232,7 @@ pub fn range_finder<B: Backend>(
 ///
 /// [`SubspaceError::InvalidSketch`] when `y` has no row or no column: there is nothing to
 /// orthonormalize.
-pub fn orthonormalize<B: Backend>(y: Tensor<B, 2>) -> Result<Tensor<B, 2>, SubspaceError> {
+pub fn orthonormalize(y: Tensor<2>) -> Result<Tensor<2>, SubspaceError> {
     let [m, l] = y.dims();
     if m == 0 || l == 0 {
         return Err(SubspaceError::InvalidSketch {
@@ -255,7 +252,7 @@ fn cholesky_qr_max_condition() -> f64 {
 }
 
 /// One CholeskyQR pass `Y L⁻ᵀ` with `YᵀY = L Lᵀ`, or `None` when it would not be reliable.
-fn cholesky_qr<B: Backend>(y: Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+fn cholesky_qr(y: Tensor<2>) -> Option<Tensor<2>> {
     let [_, l] = y.dims();
     let gram = host_matrix(y.clone().transpose().matmul(y.clone()));
     let factor = gram.llt(Side::Lower).ok()?;
@@ -273,7 +270,7 @@ fn cholesky_qr<B: Backend>(y: Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     Some(y.matmul(r_inverse))
 }
 
-fn householder_qr<B: Backend>(y: Tensor<B, 2>) -> Tensor<B, 2> {
+fn householder_qr(y: Tensor<2>) -> Tensor<2> {
     let options = like(&y);
     let q = host_matrix(y).qr().compute_thin_Q();
     device_matrix(q.as_ref(), options)
@@ -287,12 +284,12 @@ fn householder_qr<B: Backend>(y: Tensor<B, 2>) -> Tensor<B, 2> {
 /// [`SubspaceError::RowMismatch`] when `q` and `a` have different numbers of rows, and
 /// [`SubspaceError::SvdFailed`] if faer's SVD does not converge. An empty `a` or `q` gives the
 /// empty basis.
-pub fn truncated_svd<B: Backend>(
-    a: &Tensor<B, 2>,
-    q: Tensor<B, 2>,
+pub fn truncated_svd(
+    a: &Tensor<2>,
+    q: Tensor<2>,
     k: usize,
     rank_tolerance: f64,
-) -> Result<LowRankBasis<B>, SubspaceError> {
+) -> Result<LowRankBasis, SubspaceError> {
     let [m, n] = a.dims();
     let [rows, l] = q.dims();
     if rows != m {
@@ -324,24 +321,21 @@ pub fn truncated_svd<B: Backend>(
     LowRankBasis::new(u, sigma, v)
 }
 
-pub(crate) fn host_matrix<B: Backend>(t: Tensor<B, 2>) -> Mat<f64> {
+pub(crate) fn host_matrix(t: Tensor<2>) -> Mat<f64> {
     let [rows, cols] = t.dims();
     let values: Vec<f64> = t.into_data().iter::<f64>().collect();
     Mat::from_fn(rows, cols, |i, j| values[i * cols + j])
 }
 
-/// The device and dtype of `t`, for creating tensors that combine with it. burn 0.21 resolves a
-/// bare device to a default dtype shared by every backend on that device type (the first backend
-/// to use the device sets it), so an `f64` backend may otherwise get `f32` tensors.
-fn like<B: Backend, const D: usize>(t: &Tensor<B, D>) -> TensorCreationOptions<B> {
+/// The device and dtype of `t`, for creating tensors that combine with it. burn resolves a bare
+/// device to the float dtype of the device's settings, so tensors of another dtype (`f64` factors
+/// on an `f32` device) would otherwise meet `f32` sketches.
+fn like<const D: usize>(t: &Tensor<D>) -> TensorCreationOptions {
     (&t.device(), t.dtype()).into()
 }
 
 /// Uploads a host matrix; burn converts the `f64` values to the requested dtype.
-fn device_matrix<B: Backend>(
-    m: MatRef<'_, f64>,
-    options: impl Into<TensorCreationOptions<B>>,
-) -> Tensor<B, 2> {
+fn device_matrix(m: MatRef<'_, f64>, options: impl Into<TensorCreationOptions>) -> Tensor<2> {
     let (rows, cols) = (m.nrows(), m.ncols());
     let values: Vec<f64> = (0..rows)
         .flat_map(|i| (0..cols).map(move |j| m[(i, j)]))
@@ -353,8 +347,6 @@ fn device_matrix<B: Backend>(
 mod tests {
     use super::*;
     use crate::subspace_overlap;
-
-    use crate::testing::TestBackend;
 
     fn gaussian(rows: usize, cols: usize, seed: u64) -> Mat<f64> {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -370,18 +362,18 @@ mod tests {
         scaled * v.transpose()
     }
 
-    fn device(m: &Mat<f64>) -> Tensor<TestBackend, 2> {
+    fn device(m: &Mat<f64>) -> Tensor<2> {
         device_matrix(m.as_ref(), &Default::default())
     }
 
     /// The exact top-`k` left singular vectors, from faer.
-    fn exact_left(a: &Mat<f64>, k: usize) -> Tensor<TestBackend, 2> {
+    fn exact_left(a: &Mat<f64>, k: usize) -> Tensor<2> {
         let svd = a.thin_svd().unwrap();
         device_matrix(svd.U().get(.., ..k), &Default::default())
     }
 
     /// `‖A − U Σ Vᵀ‖_F`, in `f64` on the host.
-    fn residual<B: Backend>(a: &Mat<f64>, basis: &LowRankBasis<B>) -> f64 {
+    fn residual(a: &Mat<f64>, basis: &LowRankBasis) -> f64 {
         let u = host_matrix(basis.u().clone());
         let v = host_matrix(basis.v().clone());
         let s = basis.singular_values();
@@ -389,7 +381,7 @@ mod tests {
         (a - us * v.transpose()).norm_l2()
     }
 
-    fn orthonormality_error(f: &Tensor<TestBackend, 2>) -> f64 {
+    fn orthonormality_error(f: &Tensor<2>) -> f64 {
         let f = host_matrix(f.clone());
         let gram = f.transpose() * &f;
         (gram - Mat::<f64>::identity(f.ncols(), f.ncols())).norm_max()
@@ -460,7 +452,7 @@ mod tests {
     /// orthonormal; a zero column (rank-deficient) is refused too.
     #[test]
     fn cholesky_qr_takes_well_conditioned_sketches_and_refuses_the_rest() {
-        let tol = LowRankBasis::<TestBackend>::default_tolerance(64, 8);
+        let tol = LowRankBasis::default_tolerance(64, 8);
         let well = device(&gaussian(64, 8, 3));
         let q = cholesky_qr(well).expect("a Gaussian 64 × 8 sketch is well conditioned");
         assert!(orthonormality_error(&cholesky_qr(q).unwrap()) <= tol);
@@ -487,7 +479,7 @@ mod tests {
         let basis = RandomizedSvd::new(RandomizedSvdConfig::new(10))
             .compute(&device(&a))
             .unwrap();
-        let tol = LowRankBasis::<TestBackend>::default_tolerance(64, 48);
+        let tol = LowRankBasis::default_tolerance(64, 48);
         assert!(orthonormality_error(basis.u()) <= tol);
         assert!(orthonormality_error(basis.v()) <= tol);
         let s = basis.singular_values();
@@ -513,10 +505,10 @@ mod tests {
     fn the_sketch_is_the_seeded_standard_normal_stream() {
         let (rows, cols, seed) = (64, 48, 42);
         let sketch_of = |seed: u64| -> Vec<f32> {
-            gaussian_sketch::<TestBackend>(rows, cols, seed, &Default::default())
+            gaussian_sketch(rows, cols, seed, &Default::default())
                 .unwrap()
                 .into_data()
-                .to_vec()
+                .try_to_vec::<f32>()
                 .unwrap()
         };
         let sketch = sketch_of(seed);
@@ -573,16 +565,15 @@ mod tests {
         }
     }
 
-    /// On an `f64` backend the factors are `f64` and exact to `f64` rounding, even after `f32`
-    /// work on the same device type has set burn's shared default dtype to `f32`.
+    /// `f64` input gives `f64` factors, exact to `f64` rounding, on a device whose default float
+    /// dtype is `f32` (so the sketch must follow the input, not the device).
     #[test]
-    fn an_f64_backend_gets_f64_factors() {
+    fn f64_input_gets_f64_factors() {
         use burn::tensor::DType;
-        type F64 = burn::backend::NdArray<f64>;
-        let _f32_first = Tensor::<TestBackend, 1>::zeros([1], &Default::default());
+        let _f32_first = Tensor::<1>::zeros([1], &Default::default());
         let a = with_spectrum(40, 30, &[3.0, 2.0, 1.0], 12);
-        let device64 = Default::default();
-        let input: Tensor<F64, 2> = device_matrix(a.as_ref(), (&device64, DType::F64));
+        let device64 = crate::testing::device();
+        let input: Tensor<2> = device_matrix(a.as_ref(), (&device64, DType::F64));
         assert_eq!(input.dtype(), DType::F64);
         let basis = RandomizedSvd::new(RandomizedSvdConfig::new(3))
             .compute(&input)
@@ -599,16 +590,13 @@ mod tests {
     #[test]
     fn degenerate_inputs() {
         let svd = RandomizedSvd::new(RandomizedSvdConfig::new(3));
-        let zero = Tensor::<TestBackend, 2>::zeros([5, 4], &Default::default());
+        let zero = Tensor::<2>::zeros([5, 4], &Default::default());
         assert_eq!(svd.compute(&zero).unwrap().rank(), 0);
 
         for bad in [f32::NAN, f32::INFINITY] {
             let mut values = vec![1.0f32; 20];
             values[7] = bad;
-            let a = Tensor::<TestBackend, 2>::from_data(
-                TensorData::new(values, [5, 4]),
-                &Default::default(),
-            );
+            let a = Tensor::<2>::from_data(TensorData::new(values, [5, 4]), &Default::default());
             assert_eq!(
                 svd.compute(&a).unwrap_err(),
                 SubspaceError::NonFinite { factor: "input" }
@@ -628,7 +616,7 @@ mod tests {
         let base = gaussian(20, 3, 8);
         let y = Mat::from_fn(20, 5, |i, j| base[(i, j % 3)]);
         let q = orthonormalize(device(&y)).unwrap();
-        assert!(orthonormality_error(&q) <= LowRankBasis::<TestBackend>::default_tolerance(20, 5));
+        assert!(orthonormality_error(&q) <= LowRankBasis::default_tolerance(20, 5));
         // Q spans Y: ‖Y − QQᵀY‖ is rounding only.
         let qh = host_matrix(q);
         let residual = (&y - &qh * (qh.transpose() * &y)).norm_l2();
@@ -645,19 +633,14 @@ mod tests {
     #[test]
     fn the_steps_refuse_an_empty_sketch_an_uncountable_one_and_a_foreign_range() {
         let device = Default::default();
-        let a = Tensor::<TestBackend, 2>::ones([4, 3], &device);
-        let invalid = |r: Result<Tensor<TestBackend, 2>, SubspaceError>| {
+        let a = Tensor::<2>::ones([4, 3], &device);
+        let invalid = |r: Result<Tensor<2>, SubspaceError>| {
             matches!(r, Err(SubspaceError::InvalidSketch { .. }))
         };
         assert!(invalid(range_finder(&a, 0, 1, 7)));
-        assert!(invalid(gaussian_sketch::<TestBackend>(
-            usize::MAX,
-            2,
-            7,
-            &device
-        )));
+        assert!(invalid(gaussian_sketch(usize::MAX, 2, 7, &device)));
         let q = range_finder(&a, 2, 0, 7).unwrap();
-        let other = Tensor::<TestBackend, 2>::ones([5, 3], &device);
+        let other = Tensor::<2>::ones([5, 3], &device);
         assert_eq!(
             truncated_svd(&other, q, 2, 1e-6).err(),
             Some(SubspaceError::RowMismatch { left: 4, right: 5 })

@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 
 use burn::config::Config;
-use burn::module::{AutodiffModule, ParamId};
+use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -67,22 +66,13 @@ pub struct SubspaceConfig {
 ///
 /// Each parameter's sketch is seeded with the configured seed mixed with a hash of its module
 /// path, so estimates are reproducible across runs, whatever burn's random parameter ids.
-#[derive(Debug, Clone)]
-pub struct SafetySubspace<B: Backend> {
-    bases: HashMap<ParamId, LowRankBasis<B>>,
+#[derive(Debug, Clone, Default)]
+pub struct SafetySubspace {
+    bases: HashMap<ParamId, LowRankBasis>,
     total_energy: HashMap<ParamId, f64>,
 }
 
-impl<B: Backend> Default for SafetySubspace<B> {
-    fn default() -> Self {
-        Self {
-            bases: HashMap::new(),
-            total_energy: HashMap::new(),
-        }
-    }
-}
-
-impl<B: Backend> SafetySubspace<B> {
+impl SafetySubspace {
     /// Estimates a basis for every targeted parameter of `module` that has a gradient in
     /// `safety_grads` (the gradients of the safety loss at `module`).
     ///
@@ -90,14 +80,13 @@ impl<B: Backend> SafetySubspace<B> {
     ///
     /// [`SubspaceError::InvalidFilter`], or [`SubspaceError::Parameter`] naming the parameter
     /// whose gradient is not finite or whose SVD failed.
-    pub fn estimate<AB, M>(
+    pub fn estimate<M>(
         module: &M,
         safety_grads: &GradientsParams,
         config: &SubspaceConfig,
     ) -> Result<Self, SubspaceError>
     where
-        AB: AutodiffBackend<InnerBackend = B>,
-        M: AutodiffModule<AB>,
+        M: Module,
     {
         let targets = Targets::of(module, &config.filter, config.vector_policy)?;
         let mut subspace = Self::default();
@@ -123,7 +112,7 @@ impl<B: Backend> SafetySubspace<B> {
     }
 
     /// The basis of parameter `id`.
-    pub fn get(&self, id: &ParamId) -> Option<&LowRankBasis<B>> {
+    pub fn get(&self, id: &ParamId) -> Option<&LowRankBasis> {
         self.bases.get(id)
     }
 
@@ -147,14 +136,14 @@ impl<B: Backend> SafetySubspace<B> {
     }
 
     /// Every basis, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&ParamId, &LowRankBasis<B>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&ParamId, &LowRankBasis)> {
         self.bases.iter()
     }
 }
 
-impl<B: Backend> IntoIterator for SafetySubspace<B> {
-    type Item = (ParamId, LowRankBasis<B>);
-    type IntoIter = std::collections::hash_map::IntoIter<ParamId, LowRankBasis<B>>;
+impl IntoIterator for SafetySubspace {
+    type Item = (ParamId, LowRankBasis);
+    type IntoIter = std::collections::hash_map::IntoIter<ParamId, LowRankBasis>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.bases.into_iter()
@@ -162,11 +151,11 @@ impl<B: Backend> IntoIterator for SafetySubspace<B> {
 }
 
 /// The basis of one matrix under the rank policy, and `‖G_s‖_F²`.
-fn estimate_matrix<B: Backend>(
-    grad: &Tensor<B, 2>,
+fn estimate_matrix(
+    grad: &Tensor<2>,
     config: &SubspaceConfig,
     seed: u64,
-) -> Result<(LowRankBasis<B>, f64), SubspaceError> {
+) -> Result<(LowRankBasis, f64), SubspaceError> {
     let svd = RandomizedSvd::new(
         RandomizedSvdConfig::new(config.rank.max_rank())
             .with_sketch(config.sketch.clone().with_seed(seed)),
@@ -185,8 +174,8 @@ fn estimate_matrix<B: Backend>(
 
 /// `‖A‖_F²` in `f64`, accumulated on the device after scaling by `max|A|` so that it neither
 /// overflows nor underflows in `f32`.
-fn frobenius_energy<B: Backend>(a: &Tensor<B, 2>) -> f64 {
-    let scale: f64 = a.clone().abs().max().into_scalar().elem();
+fn frobenius_energy(a: &Tensor<2>) -> f64 {
+    let scale: f64 = a.clone().abs().max().into_scalar::<f64>();
     if scale == 0.0 {
         return 0.0;
     }
@@ -195,8 +184,7 @@ fn frobenius_energy<B: Backend>(a: &Tensor<B, 2>) -> f64 {
         .div_scalar(scale)
         .square()
         .sum()
-        .into_scalar()
-        .elem();
+        .into_scalar::<f64>();
     scaled * scale * scale
 }
 
@@ -218,25 +206,21 @@ pub(crate) fn mix(a: u64, b: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::TestBackend;
-    use burn::backend::Autodiff;
     use burn::module::{Module, Param};
     use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
     use burn::tensor::activation::tanh;
 
-    type AB = Autodiff<TestBackend>;
-
     /// Attention-like and MLP-like layers, a norm with vector parameters, and a head.
     #[derive(Module, Debug)]
-    struct Tiny<B: Backend> {
-        attn: Vec<Linear<B>>,
-        norm: LayerNorm<B>,
-        mlp: Linear<B>,
-        head: Linear<B>,
+    struct Tiny {
+        attn: Vec<Linear>,
+        norm: LayerNorm,
+        mlp: Linear,
+        head: Linear,
     }
 
-    fn tiny() -> Tiny<AB> {
-        let device = Default::default();
+    fn tiny() -> Tiny {
+        let device = crate::testing::autodiff_device();
         Tiny {
             attn: vec![
                 LinearConfig::new(6, 6).init(&device),
@@ -249,15 +233,13 @@ mod tests {
     }
 
     /// The gradients of a loss on `samples` inputs.
-    fn safety_grads(model: &Tiny<AB>, samples: usize) -> GradientsParams {
-        let device = Default::default();
+    fn safety_grads(model: &Tiny, samples: usize) -> GradientsParams {
+        let device = crate::testing::autodiff_device();
         let values: Vec<f32> = (0..samples * 6)
             .map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0)
             .collect();
-        let x = Tensor::<AB, 2>::from_data(
-            burn::tensor::TensorData::new(values, [samples, 6]),
-            &device,
-        );
+        let x =
+            Tensor::<2>::from_data(burn::tensor::TensorData::new(values, [samples, 6]), &device);
         let h = model.attn[1].forward(model.attn[0].forward(x));
         // tanh, not relu: with randomly initialised weights and one sample, every relu unit can
         // be dead, leaving a zero gradient (rank 0), which made a rank-1 test fail now and then.
@@ -265,7 +247,7 @@ mod tests {
         GradientsParams::from_grads(model.head.forward(h).sum().backward(), model)
     }
 
-    fn paths(model: &Tiny<AB>, subspace: &SafetySubspace<TestBackend>) -> Vec<String> {
+    fn paths(model: &Tiny, subspace: &SafetySubspace) -> Vec<String> {
         let targets = Targets::of(model, &ParamFilter::All, VectorPolicy::Pcgrad).unwrap();
         let mut paths: Vec<String> = subspace
             .iter()
@@ -349,7 +331,7 @@ mod tests {
     fn non_finite_gradient_names_its_parameter() {
         let model = tiny();
         let mut grads = safety_grads(&model, 2);
-        let bad = Tensor::<TestBackend, 2>::full([6, 12], f32::NAN, &Default::default());
+        let bad = Tensor::<2>::full([6, 12], f32::NAN, &Default::default());
         grads.register(model.mlp.weight.id, bad);
         let err = SafetySubspace::estimate(&model, &grads, &SubspaceConfig::new()).unwrap_err();
         assert!(
@@ -362,17 +344,15 @@ mod tests {
     fn estimates_are_reproducible_across_module_instances() {
         // Same weights, fresh parameter ids: the path-derived seeds give the same bases.
         let a = tiny();
-        let b = Tiny::<AB>::new_from(&a);
+        let b = Tiny::new_from(&a);
         let config = SubspaceConfig::new().with_sketch(SketchConfig::new().with_seed(5));
         let sa = SafetySubspace::estimate(&a, &safety_grads(&a, 3), &config).unwrap();
         let sb = SafetySubspace::estimate(&b, &safety_grads(&b, 3), &config).unwrap();
-        let u = |m: &Tiny<AB>, s: &SafetySubspace<TestBackend>| {
-            s.get(&m.mlp.weight.id).unwrap().u().to_data()
-        };
+        let u = |m: &Tiny, s: &SafetySubspace| s.get(&m.mlp.weight.id).unwrap().u().to_data();
         assert_eq!(u(&a, &sa), u(&b, &sb));
     }
 
-    impl Tiny<AB> {
+    impl Tiny {
         /// A copy with the same values and new parameter ids (the norm's initial values are
         /// deterministic, ones and zeros).
         fn new_from(other: &Self) -> Self {
@@ -385,7 +365,7 @@ mod tests {
         }
     }
 
-    fn relinked(layer: &Linear<AB>) -> Linear<AB> {
+    fn relinked(layer: &Linear) -> Linear {
         Linear {
             weight: Param::from_tensor(layer.weight.val().detach().require_grad()),
             bias: layer

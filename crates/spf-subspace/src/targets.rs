@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +82,7 @@ impl Targets {
     /// # Errors
     ///
     /// [`SubspaceError::InvalidFilter`] when the filter's regex does not compile.
-    pub fn of<B: Backend, M: Module<B>>(
+    pub fn of<M: Module>(
         module: &M,
         filter: &ParamFilter,
         vectors: VectorPolicy,
@@ -110,16 +109,11 @@ impl Targets {
 
     /// The 2-D views of the gradients in `grads` of the targeted parameters of `module`, in the
     /// module's visiting order. Parameters without a gradient are left out.
-    pub fn gradients<AB, M>(
-        &self,
-        module: &M,
-        grads: &GradientsParams,
-    ) -> Vec<(ParamId, Tensor<AB::InnerBackend, 2>)>
+    pub fn gradients<M>(&self, module: &M, grads: &GradientsParams) -> Vec<(ParamId, Tensor<2>)>
     where
-        AB: AutodiffBackend,
-        M: AutodiffModule<AB>,
+        M: Module,
     {
-        let mut collect = TargetedGradients::<AB> {
+        let mut collect = TargetedGradients {
             targets: self,
             grads,
             found: Vec::new(),
@@ -142,7 +136,7 @@ struct TargetVisitor {
     params: HashMap<ParamId, Target>,
 }
 
-impl<B: Backend> ModuleVisitor<B> for TargetVisitor {
+impl ModuleVisitor for TargetVisitor {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_owned());
     }
@@ -151,7 +145,7 @@ impl<B: Backend> ModuleVisitor<B> for TargetVisitor {
         self.path.pop();
     }
 
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let path = self.path.join(".");
         let rank_ok = D >= 2 || self.vectors == VectorPolicy::Pcgrad;
         let matches = self
@@ -169,18 +163,18 @@ impl<B: Backend> ModuleVisitor<B> for TargetVisitor {
 }
 
 /// The 2-D views of the safety gradients of the targeted parameters, read at their true rank.
-struct TargetedGradients<'a, AB: AutodiffBackend> {
+struct TargetedGradients<'a> {
     targets: &'a Targets,
     grads: &'a GradientsParams,
-    found: Vec<(ParamId, Tensor<AB::InnerBackend, 2>)>,
+    found: Vec<(ParamId, Tensor<2>)>,
 }
 
-impl<AB: AutodiffBackend> ModuleVisitor<AB> for TargetedGradients<'_, AB> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+impl ModuleVisitor for TargetedGradients<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if !self.targets.get(&param.id).is_some_and(|t| t.targeted) {
             return;
         }
-        if let Some(grad) = self.grads.get::<AB::InnerBackend, D>(param.id) {
+        if let Some(grad) = self.grads.get::<D>(param.id) {
             self.found.push((param.id, into_2d(grad)));
         }
     }
@@ -189,19 +183,18 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for TargetedGradients<'_, AB> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::TestBackend;
     use crate::view::from_2d;
     use burn::nn::{Linear, LinearConfig};
 
     #[derive(Module, Debug)]
-    struct Block<B: Backend> {
-        attn: Linear<B>,
-        mlp: Vec<Linear<B>>,
-        head: Linear<B>,
+    struct Block {
+        attn: Linear,
+        mlp: Vec<Linear>,
+        head: Linear,
     }
 
-    fn block() -> Block<TestBackend> {
-        let device = Default::default();
+    fn block() -> Block {
+        let device = crate::testing::autodiff_device();
         Block {
             attn: LinearConfig::new(2, 3).init(&device),
             mlp: vec![LinearConfig::new(3, 3).init(&device)],
@@ -287,10 +280,9 @@ mod tests {
 
     #[test]
     fn into_2d_and_back_round_trip_every_rank() {
-        let device = Default::default();
+        let device = crate::testing::autodiff_device();
         let values: Vec<f32> = (0..24).map(|i| i as f32).collect();
-        let t3 =
-            Tensor::<TestBackend, 1>::from_floats(values.as_slice(), &device).reshape([2, 3, 4]);
+        let t3 = Tensor::<1>::from_floats(values.as_slice(), &device).reshape([2, 3, 4]);
         let flat = into_2d(t3.clone());
         assert_eq!(flat.dims(), [2, 12]);
         from_2d(flat.clone(), [2, 3, 4])
@@ -298,7 +290,7 @@ mod tests {
             .into_data()
             .assert_eq(&t3.into_data(), true);
 
-        let t2 = Tensor::<TestBackend, 1>::from_floats(values.as_slice(), &device).reshape([4, 6]);
+        let t2 = Tensor::<1>::from_floats(values.as_slice(), &device).reshape([4, 6]);
         let same = into_2d(t2.clone());
         assert_eq!(same.dims(), [4, 6]);
         from_2d(same.clone(), [4, 6])
@@ -306,7 +298,7 @@ mod tests {
             .into_data()
             .assert_eq(&t2.into_data(), true);
 
-        let t1 = Tensor::<TestBackend, 1>::from_floats(values.as_slice(), &device);
+        let t1 = Tensor::<1>::from_floats(values.as_slice(), &device);
         let column = into_2d(t1.clone());
         assert_eq!(column.dims(), [24, 1]);
         from_2d(column, [24])

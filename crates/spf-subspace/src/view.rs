@@ -2,7 +2,7 @@
 //! `[dim0, rest]` and a vector of length `n` as `[n, 1]`. These helpers move a tensor into that
 //! view and back; [`Targets`](crate::Targets) records each parameter's view.
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::Tensor;
 
 use crate::SubspaceError;
 
@@ -15,12 +15,12 @@ pub fn view_2d(dims: &[usize]) -> [usize; 2] {
     }
 }
 
-/// `t` as its 2-D view (see [`view_2d`]). A matrix is handed back as it is: burn-ndarray's
-/// `reshape` copies its input even when the shape does not change, which would cost the optimizer
-/// step two copies of every protected gradient.
-pub fn into_2d<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 2> {
+/// `t` as its 2-D view (see [`view_2d`]). A matrix is handed back as it is: a `reshape` to the
+/// same shape copied its input on burn-ndarray, which would cost the optimizer step two copies of
+/// every protected gradient.
+pub fn into_2d<const D: usize>(t: Tensor<D>) -> Tensor<2> {
     if D == 2 {
-        Tensor::from_primitive(t.into_primitive())
+        Tensor::from_bridge(t.into_bridge())
     } else {
         let view = view_2d(&t.dims());
         t.reshape(view)
@@ -34,10 +34,7 @@ pub fn into_2d<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 2> {
 ///
 /// [`SubspaceError::ViewMismatch`] when `t` is not the 2-D view of `dims` (it used to be
 /// returned unchanged for any `dims` of rank 2, and to panic in burn's reshape otherwise).
-pub fn from_2d<B: Backend, const D: usize>(
-    t: Tensor<B, 2>,
-    dims: [usize; D],
-) -> Result<Tensor<B, D>, SubspaceError> {
+pub fn from_2d<const D: usize>(t: Tensor<2>, dims: [usize; D]) -> Result<Tensor<D>, SubspaceError> {
     let found = t.dims();
     if view_2d(&dims) != found {
         return Err(SubspaceError::ViewMismatch {
@@ -46,7 +43,7 @@ pub fn from_2d<B: Backend, const D: usize>(
         });
     }
     Ok(if D == 2 {
-        Tensor::from_primitive(t.into_primitive())
+        Tensor::from_bridge(t.into_bridge())
     } else {
         t.reshape(dims)
     })
