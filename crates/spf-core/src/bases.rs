@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use burn::module::ParamId;
-use burn::tensor::backend::Backend;
 use spf_subspace::{LowRankBasis, Targets, direction_overlap};
 
 use crate::error::SpfError;
@@ -12,27 +11,27 @@ use crate::error::SpfError;
 /// The bases of the protected parameters, keyed by parameter id, on the backend the gradients
 /// live on. Every basis in it was admitted by [`admit`].
 #[derive(Debug, Clone)]
-pub(crate) struct ProtectedBases<B: Backend>(HashMap<ParamId, LowRankBasis<B>>);
+pub(crate) struct ProtectedBases(HashMap<ParamId, LowRankBasis>);
 
-impl<B: Backend> Default for ProtectedBases<B> {
+impl Default for ProtectedBases {
     fn default() -> Self {
         Self(HashMap::new())
     }
 }
 
-impl<B: Backend> ProtectedBases<B> {
+impl ProtectedBases {
     /// The bases as a map, as the wrapper publishes them.
-    pub fn as_map(&self) -> &HashMap<ParamId, LowRankBasis<B>> {
+    pub fn as_map(&self) -> &HashMap<ParamId, LowRankBasis> {
         &self.0
     }
 
     /// The basis of `id`, if it is protected.
-    pub fn get(&self, id: &ParamId) -> Option<&LowRankBasis<B>> {
+    pub fn get(&self, id: &ParamId) -> Option<&LowRankBasis> {
         self.0.get(id)
     }
 
     /// The basis of `id`, to move it between devices.
-    pub fn get_mut(&mut self, id: &ParamId) -> Option<&mut LowRankBasis<B>> {
+    pub fn get_mut(&mut self, id: &ParamId) -> Option<&mut LowRankBasis> {
         self.0.get_mut(id)
     }
 
@@ -47,23 +46,23 @@ impl<B: Backend> ProtectedBases<B> {
     }
 
     /// Every basis with its parameter, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&ParamId, &LowRankBasis<B>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&ParamId, &LowRankBasis)> {
         self.0.iter()
     }
 
     /// Adds or replaces the bases of admitted parameters, keeping the others.
-    pub fn extend(&mut self, admitted: Admitted<B>) {
+    pub fn extend(&mut self, admitted: Admitted) {
         self.0.extend(admitted.0);
     }
 
     /// Replaces every basis by the admitted ones.
-    pub fn replace(&mut self, admitted: Admitted<B>) {
+    pub fn replace(&mut self, admitted: Admitted) {
         self.0 = admitted.0.into_iter().collect();
     }
 
     /// The mean [direction overlap](direction_overlap) between the current bases and `new`, over
     /// the parameters that have a non-empty basis in both; `None` when there is none.
-    pub fn mean_overlap(&self, new: &Admitted<B>) -> Option<f64> {
+    pub fn mean_overlap(&self, new: &Admitted) -> Option<f64> {
         let overlaps: Vec<f64> = new
             .0
             .iter()
@@ -77,9 +76,9 @@ impl<B: Backend> ProtectedBases<B> {
 }
 
 /// Bases that passed [`admit`]: the only kind [`ProtectedBases`] takes.
-pub(crate) struct Admitted<B: Backend>(Vec<(ParamId, LowRankBasis<B>)>);
+pub(crate) struct Admitted(Vec<(ParamId, LowRankBasis)>);
 
-impl<B: Backend> Admitted<B> {
+impl Admitted {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -92,11 +91,11 @@ impl<B: Backend> Admitted<B> {
 /// # Errors
 ///
 /// [`SpfError::UnknownParam`], [`SpfError::UntargetedParam`] or [`SpfError::ShapeMismatch`].
-pub(crate) fn admit<B: Backend>(
+pub(crate) fn admit(
     targets: &Targets,
     max_rank: usize,
-    bases: impl IntoIterator<Item = (ParamId, LowRankBasis<B>)>,
-) -> Result<Admitted<B>, SpfError> {
+    bases: impl IntoIterator<Item = (ParamId, LowRankBasis)>,
+) -> Result<Admitted, SpfError> {
     bases
         .into_iter()
         .map(|(id, basis)| {

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::record::{FileRecorder, FullPrecisionSettings, NamedMpkFileRecorder, Record, Recorder};
-use burn::tensor::backend::Backend;
 use rmpv::Value;
 
 use crate::error::{SpfError, panic_message};
@@ -42,11 +41,11 @@ pub type CheckpointRecorder = NamedMpkFileRecorder<FullPrecisionSettings>;
 /// [`SpfError::Checkpoint`] when the temporary file cannot be written, flushed or renamed, or the
 /// directory cannot be flushed. The previous checkpoint at `path` is then untouched, and the
 /// temporary file is removed.
-pub fn save_atomic<B: Backend, R: Record<B>>(
+pub fn save_atomic<R: Record>(
     record: R,
     path: impl AsRef<Path>,
 ) -> Result<PathBuf, SpfError> {
-    let target = file_of::<B>(path.as_ref());
+    let target = file_of(path.as_ref());
     let partial = write_partial(record, path.as_ref())?;
     if let Err(err) = fs::rename(&partial, &target) {
         let _ = fs::remove_file(&partial);
@@ -59,7 +58,7 @@ pub fn save_atomic<B: Backend, R: Record<B>>(
 
 /// The first half of [`save_atomic`]: the record written to a temporary file of this save's own
 /// and flushed to disk. A crash after this leaves the previous checkpoint intact.
-pub(crate) fn write_partial<B: Backend, R: Record<B>>(
+pub(crate) fn write_partial<R: Record>(
     record: R,
     path: &Path,
 ) -> Result<PathBuf, SpfError> {
@@ -70,7 +69,7 @@ pub(crate) fn write_partial<B: Backend, R: Record<B>>(
     let save = SAVES.fetch_add(1, Ordering::Relaxed);
     // A leading dot and no extension: burn's recorder appends its own extension to this name.
     let partial = path.with_file_name(format!(".{stem}-{}-{save}-partial", std::process::id()));
-    let written = file_of::<B>(&partial);
+    let written = file_of(&partial);
     let flushed = CheckpointRecorder::new()
         .record(record, partial.clone())
         .map_err(|err| failure(&partial, err))
@@ -108,11 +107,11 @@ fn sync_parent(file: &Path) -> std::io::Result<()> {
 ///
 /// [`SpfError::Checkpoint`] for a missing, empty, truncated or corrupt file, a tensor whose bytes
 /// do not match its shape and dtype, or a panic while burn decodes it.
-pub fn load<B: Backend, R: Record<B>>(
+pub fn load<R: Record>(
     path: impl AsRef<Path>,
-    device: &B::Device,
+    device: &Device,
 ) -> Result<R, SpfError> {
-    let target = file_of::<B>(path.as_ref());
+    let target = file_of(path.as_ref());
     let bytes = fs::read(&target).map_err(|err| failure(&target, err))?;
     let value = rmpv::decode::read_value(&mut bytes.as_slice())
         .map_err(|err| failure(&target, format!("not MessagePack: {err}")))?;
@@ -128,8 +127,8 @@ pub fn load<B: Backend, R: Record<B>>(
     }
 }
 
-fn file_of<B: Backend>(path: &Path) -> PathBuf {
-    path.with_extension(<CheckpointRecorder as FileRecorder<B>>::file_extension())
+fn file_of(path: &Path) -> PathBuf {
+    path.with_extension(<CheckpointRecorder as FileRecorder>::file_extension())
 }
 
 /// Every map with `bytes`, `shape` and `dtype` keys is a tensor: its byte count must be the
@@ -229,9 +228,9 @@ mod tests {
         }
     }
 
-    fn layer(value: f32) -> Linear<TestBackend> {
+    fn layer(value: f32) -> Linear {
         let device = Default::default();
-        let layer = LinearConfig::new(3, 2).init::<TestBackend>(&device);
+        let layer = LinearConfig::new(3, 2).init(&device);
         let weight = layer.weight.val().ones_like().mul_scalar(value);
         Linear {
             weight: burn::module::Param::from_tensor(weight),
@@ -239,11 +238,11 @@ mod tests {
         }
     }
 
-    fn load_layer(path: &Path) -> Result<LinearRecord<TestBackend>, SpfError> {
+    fn load_layer(path: &Path) -> Result<LinearRecord, SpfError> {
         load(path, &Default::default())
     }
 
-    fn weight_of(record: LinearRecord<TestBackend>) -> Vec<f32> {
+    fn weight_of(record: LinearRecord) -> Vec<f32> {
         record.weight.val().into_data().to_vec().unwrap()
     }
 

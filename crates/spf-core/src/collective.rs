@@ -20,8 +20,8 @@
 //! # use burn::tensor::Tensor;
 //! # use spf_core::SpfConfig;
 //! # type B = Autodiff<NdArray>;
-//! # fn shard(peer: usize, step: usize) -> Tensor<B, 2> { unimplemented!() }
-//! # let model: Linear<B> = LinearConfig::new(8, 8).with_bias(false).init(&Default::default());
+//! # fn shard(peer: usize, step: usize) -> Tensor<2> { unimplemented!() }
+//! # let model: Linear = LinearConfig::new(8, 8).with_bias(false).init(&Default::default());
 //! // burn initializes parameters lazily, and a clone taken before that draws its own values:
 //! // fix them (read them, or load the model from a file) before cloning it for the replicas.
 //! let _ = model.weight.val();
@@ -65,9 +65,8 @@ use crate::error::SpfError;
 use crate::optimizer::SafetyProjectedOptimizer;
 use crate::refresh::SafetyGradientSource;
 use burn::collective::{PeerId, ReduceOperation, all_reduce};
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, LearningRate, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData, TensorPrimitive};
 
 /// Why the gradients could not be averaged across replicas.
@@ -144,10 +143,9 @@ pub fn step<O, M, B, S>(
     grads: GradientsParams,
 ) -> Result<M, ReplicaStepError<M>>
 where
-    B: AutodiffBackend,
-    M: AutodiffModule<B>,
+    M: Module,
     O: Optimizer<M, B>,
-    S: SafetyGradientSource<M, B>,
+    S: SafetyGradientSource<M>,
 {
     let grads = match all_reduce_mean(peer, &module, grads) {
         Ok(grads) => grads,
@@ -187,10 +185,9 @@ pub fn all_reduce_mean<M, B>(
     mut grads: GradientsParams,
 ) -> Result<GradientsParams, AllReduceError>
 where
-    B: AutodiffBackend,
-    M: AutodiffModule<B>,
+    M: Module,
 {
-    let mut flatten = Flatten::<B> {
+    let mut flatten = Flatten {
         grads: &mut grads,
         parts: Vec::new(),
         params: Vec::new(),
@@ -220,7 +217,7 @@ where
         return Ok(grads);
     };
     // The zeros of missing gradients, and the presence flags, in the gradients' type.
-    let options = |device: &burn::tensor::Device<B::InnerBackend>| match dtype {
+    let options = |device: &burn::tensor::Device| match dtype {
         Some(dtype) => TensorCreationOptions::from((device, dtype)),
         None => TensorCreationOptions::from(device),
     };
@@ -228,7 +225,7 @@ where
         .iter()
         .map(|p| if p.is_some() { 1.0 } else { 0.0 })
         .collect();
-    let mut pieces: Vec<Tensor<B::InnerBackend, 1>> = parts
+    let mut pieces: Vec<Tensor<1>> = parts
         .into_iter()
         .zip(&params)
         .map(|(part, param)| part.unwrap_or_else(|| Tensor::zeros([param.len()], options(&device))))
@@ -239,9 +236,9 @@ where
         options(&device),
     ));
     let flat = Tensor::cat(pieces, 0).into_primitive().tensor();
-    let mean = all_reduce::<B::InnerBackend>(peer, flat, ReduceOperation::Mean)
+    let mean = all_reduce(peer, flat, ReduceOperation::Mean)
         .map_err(|err| AllReduceError::Collective(format!("{err:?}")))?;
-    let mean: Tensor<B::InnerBackend, 1> = Tensor::from_primitive(TensorPrimitive::Float(mean));
+    let mean: Tensor<1> = Tensor::from_primitive(TensorPrimitive::Float(mean));
     let total = mean.dims()[0];
     let had: Vec<f64> = mean
         .clone()
@@ -249,7 +246,7 @@ where
         .into_data()
         .iter::<f64>()
         .collect();
-    let mut restore = Restore::<B> {
+    let mut restore = Restore {
         grads: &mut grads,
         flat: mean,
         params: params.into_iter().zip(had).collect::<Vec<_>>().into_iter(),
@@ -273,20 +270,20 @@ impl Flat {
 
 /// Takes each parameter's gradient out of the set, flattened, in the module's order (`None` for
 /// a parameter without one), and checks that they share one float type.
-struct Flatten<'a, B: AutodiffBackend> {
+struct Flatten<'a> {
     grads: &'a mut GradientsParams,
-    parts: Vec<Option<Tensor<B::InnerBackend, 1>>>,
+    parts: Vec<Option<Tensor<1>>>,
     params: Vec<Flat>,
     /// The first parameter's device.
-    first_device: Option<burn::tensor::Device<B::InnerBackend>>,
+    first_device: Option<burn::tensor::Device>,
     dtype: Option<DType>,
     mixed: Option<AllReduceError>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl ModuleVisitor for Flatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let dims = param.lazy_shape().to_vec();
-        let grad = self.grads.remove::<B::InnerBackend, D>(param.id);
+        let grad = self.grads.remove::<D>(param.id);
         let part = grad.map(|grad| {
             let found = grad.dtype();
             match self.dtype {
@@ -312,15 +309,15 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
 
 /// Cuts the averaged tensor back into the parameters' gradients, in the order [`Flatten`] met
 /// them, registering those that some replica had.
-struct Restore<'a, B: AutodiffBackend> {
+struct Restore<'a> {
     grads: &'a mut GradientsParams,
-    flat: Tensor<B::InnerBackend, 1>,
+    flat: Tensor<1>,
     params: std::vec::IntoIter<(Flat, f64)>,
     at: usize,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl ModuleVisitor for Restore<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let Some((flat, had)) = self.params.next() else {
             return;
         };

@@ -11,7 +11,7 @@
 
 use std::cell::Cell;
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Tensor};
 
 thread_local! {
     /// Reads made on this thread; a step runs on the thread that calls it.
@@ -20,7 +20,7 @@ thread_local! {
 
 /// Reads the concatenation of `parts` back to the host in one transfer, as `f64`; no parts, no
 /// read.
-pub(crate) fn read<B: Backend>(parts: Vec<Tensor<B, 1>>) -> Vec<f64> {
+pub(crate) fn read(parts: Vec<Tensor<1>>) -> Vec<f64> {
     if parts.is_empty() {
         return Vec::new();
     }

@@ -19,9 +19,8 @@
 //!   engine, across devices and nodes.
 
 mod bases;
-pub mod checkpoint;
-#[cfg(feature = "collective")]
-pub mod collective;
+// PORT pub mod checkpoint;
+// PORT pub mod collective;
 mod config;
 mod error;
 mod host;
@@ -29,9 +28,9 @@ mod kernels;
 mod non_finite;
 mod optimizer;
 pub mod projection;
-mod record;
+// PORT mod record;
 mod refresh;
-pub mod screen;
+// PORT pub mod screen;
 mod state;
 mod stats;
 mod visitors;
@@ -44,7 +43,7 @@ pub use config::{NonFinitePolicy, ProjectionTarget, SpfConfig, StatsPolicy};
 pub use error::{LoadError, SpfError, StepError};
 pub use optimizer::SafetyProjectedOptimizer;
 pub use projection::{Projected, ProjectionMode, ProjectionStats, project, project_without_stats};
-pub use record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};
+// PORT pub use record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};
 pub use refresh::{NoSafetySource, RefreshPolicy, RefreshStats, SafetyGradientSource, SourceError};
 pub use spf_subspace::{ParamFilter, RankPolicy, SubspaceConfig, VectorPolicy};
 pub use stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};

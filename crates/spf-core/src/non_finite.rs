@@ -1,9 +1,8 @@
 //! The [`NonFinitePolicy`] applied to a step: which probed gradients are not finite, what the
 //! policy does about them, and the outcome of a step it ends.
 
-use burn::module::AutodiffModule;
+use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
 
 use crate::config::NonFinitePolicy;
 use crate::error::{SpfError, StepError};
@@ -11,14 +10,14 @@ use crate::state::State;
 use crate::stats::{StepStats, TensorStats};
 use crate::visitors::{Probes, non_finite_among, path_of, zero_non_finite};
 
-impl<B: AutodiffBackend> State<B> {
+impl State {
     /// Finds the non-finite gradients among the suspects of `probes` (read back as `values`),
     /// counts them and applies the [`NonFinitePolicy`]: `None` to go on stepping (on zeroed
     /// gradients under `ZeroNonFinite`), or the step's outcome: `Ok` for a skipped step, the
     /// error under `Error`.
-    pub(crate) fn on_non_finite<M: AutodiffModule<B>>(
+    pub(crate) fn on_non_finite<M: Module>(
         &mut self,
-        probes: &Probes<B::InnerBackend>,
+        probes: &Probes,
         values: &[f64],
         module: &M,
         grads: &mut GradientsParams,

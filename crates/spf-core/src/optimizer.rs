@@ -14,17 +14,16 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use burn::module::{AutodiffModule, ParamId};
-use burn::optim::{GradientsParams, LearningRate, MultiGradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
+use burn::module::{Module, ParamId};
+use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
+use burn::optim::{GradientsParams, ModuleOptimizer, MultiGradientsParams};
 use spf_subspace::LowRankBasis;
 
 use crate::bases::admit;
 use crate::config::{NonFinitePolicy, ProjectionTarget, SpfConfig, StatsPolicy};
-use crate::error::{LoadError, SpfError, StepError, panic_message};
+use crate::error::{SpfError, StepError, panic_message};
 use crate::host;
 use crate::non_finite::ended;
-use crate::record::SpfRecord;
 use crate::refresh::{NoSafetySource, SafetyGradientSource};
 use crate::state::State;
 use crate::stats::{StatsFeed, StepStats};
@@ -33,38 +32,38 @@ use crate::visitors::{
     probe_gradients, project_gradients, reduce_gradients, replace_updates, snapshot_updates,
 };
 
-/// A basis on the backend the gradients live on.
-type InnerBasis<B> = LowRankBasis<<B as AutodiffBackend>::InnerBackend>;
-
-/// Wraps the optimizer `O` so that each step removes the components that conflict with the
-/// per-parameter safety bases; build it with [`SpfConfig::init`].
+/// Wraps a burn [`ModuleOptimizer`] so that each step removes the components that conflict with
+/// the per-parameter safety bases; build it with [`SpfConfig::init`].
 ///
-/// It implements burn's [`Optimizer`] for every module `M` that `O` does, so it drops into a
-/// hand-written loop or burn-train's `Learner` unchanged.
+/// The inner optimizer is any of burn's: a bare per-tensor [`Optimizer`](burn::optim::Optimizer)
+/// (`AdamWConfig::new().build()`, SGD, Adam, AdamW, Adagrad, RMSProp, Lion, Lamb, Adan,
+/// Adafactor, Muon), or a [`ModuleOptimizer`] with parameter groups (`AdamWConfig::new().init()`,
+/// `.with_group(..)`), whose groups keep their own optimizers, learning rates and clipping. Which
+/// parameters SPF protects is the wrapper's own choice (its targets and bases), independent of
+/// the groups.
 ///
 /// # Example
 ///
 /// ```
-/// use burn::backend::{Autodiff, NdArray};
 /// use burn::module::Module;
 /// use burn::nn::{Linear, LinearConfig};
-/// use burn::optim::{GradientsParams, Optimizer, SgdConfig};
-/// use burn::tensor::Tensor;
+/// use burn::optim::{GradientsParams, SgdConfig};
+/// use burn::tensor::{Device, Tensor};
 /// use spf_core::SpfConfig;
 /// use spf_subspace::LowRankBasis;
 ///
-/// type B = Autodiff<NdArray>;
-/// let device = Default::default();
-/// let model: Linear<B> = LinearConfig::new(2, 2).with_bias(false).init(&device);
-/// // Protect the weight against one safety direction e_1 e_1ᵀ.
+/// let device = Device::default().autodiff();
+/// let model: Linear = LinearConfig::new(2, 2).with_bias(false).init(&device);
+/// // Protect the weight against one safety direction e_1 e_1ᵀ (bases live off the tape).
+/// let plain = device.clone().inner();
 /// let basis = LowRankBasis::new(
-///     Tensor::from_floats([[1.0], [0.0]], &device),
-///     Tensor::from_floats([1.0], &device),
-///     Tensor::from_floats([[1.0], [0.0]], &device),
+///     Tensor::from_floats([[1.0], [0.0]], &plain),
+///     Tensor::from_floats([1.0], &plain),
+///     Tensor::from_floats([[1.0], [0.0]], &plain),
 /// )?;
-/// let mut optim = SpfConfig::new().init(SgdConfig::new().init(), &model, [(model.weight.id, basis)])?;
+/// let mut optim = SpfConfig::new().init(SgdConfig::new().build(), &model, [(model.weight.id, basis)])?;
 ///
-/// let x = Tensor::<B, 2>::from_floats([[1.0, 0.0]], &device);
+/// let x = Tensor::<2>::from_floats([[1.0, 0.0]], &device);
 /// let loss = model.forward(x).slice([0..1, 0..1]).sum(); // dL/dW = e_1 e_1ᵀ, so c_1 = 1 ≥ 0
 /// let grads = GradientsParams::from_grads(loss.backward(), &model);
 /// let model = optim.step(0.1, model, grads);
@@ -72,45 +71,41 @@ type InnerBasis<B> = LowRankBasis<<B as AutodiffBackend>::InnerBackend>;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]
-pub struct SafetyProjectedOptimizer<O, B: AutodiffBackend, S = NoSafetySource> {
-    inner: O,
+pub struct SafetyProjectedOptimizer<S = NoSafetySource> {
+    inner: ModuleOptimizer,
     source: S,
-    state: State<B>,
+    state: State,
 }
 
 impl SpfConfig {
-    /// Wraps `inner` so that every step is projected against `bases`, one per targeted parameter
-    /// of `module`. Targeted parameters without a basis, and all other parameters, pass through
-    /// untouched.
+    /// Wraps `inner` (a burn optimizer, or a [`ModuleOptimizer`] with its groups) so that every
+    /// step is projected against `bases`, one per targeted parameter of `module`. Targeted
+    /// parameters without a basis, and all other parameters, pass through untouched.
     ///
     /// # Errors
     ///
     /// [`SpfError::Subspace`] for a bad filter regex; for a basis, [`SpfError::UnknownParam`],
     /// [`SpfError::UntargetedParam`] or [`SpfError::ShapeMismatch`] when it does not belong to a
     /// targeted parameter of `module` of the right shape.
-    pub fn init<O, M, B>(
+    pub fn init<M: Module>(
         &self,
-        inner: O,
+        inner: impl Into<ModuleOptimizer>,
         module: &M,
-        bases: impl IntoIterator<Item = (ParamId, LowRankBasis<B::InnerBackend>)>,
-    ) -> Result<SafetyProjectedOptimizer<O, B, NoSafetySource>, SpfError>
-    where
-        B: AutodiffBackend,
-        M: AutodiffModule<B>,
-    {
+        bases: impl IntoIterator<Item = (ParamId, LowRankBasis)>,
+    ) -> Result<SafetyProjectedOptimizer<NoSafetySource>, SpfError> {
         Ok(SafetyProjectedOptimizer {
-            inner,
+            inner: inner.into(),
             source: NoSafetySource,
             state: State::new(self, module, bases)?,
         })
     }
 }
 
-impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
+impl<S> SafetyProjectedOptimizer<S> {
     /// The same wrapper, refreshing its bases from `source` as the
     /// [`RefreshPolicy`](crate::RefreshPolicy) says. A closure returning the safety loss,
-    /// `|model: &M| -> Tensor<B, 1>`, is a source.
-    pub fn with_safety_source<S2>(self, source: S2) -> SafetyProjectedOptimizer<O, B, S2> {
+    /// `|model: &M| -> Tensor<1>`, is a source.
+    pub fn with_safety_source<S2>(self, source: S2) -> SafetyProjectedOptimizer<S2> {
         SafetyProjectedOptimizer {
             inner: self.inner,
             source,
@@ -126,7 +121,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     /// As [`SpfConfig::init`]. On error no basis is changed.
     pub fn insert_bases(
         &mut self,
-        bases: impl IntoIterator<Item = (ParamId, InnerBasis<B>)>,
+        bases: impl IntoIterator<Item = (ParamId, LowRankBasis)>,
     ) -> Result<(), SpfError> {
         let max_rank = self.state.config.estimator.rank.max_rank();
         let admitted = admit(&self.state.targets, max_rank, bases)?;
@@ -135,7 +130,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     }
 
     /// The basis of each protected parameter.
-    pub fn bases(&self) -> &std::collections::HashMap<ParamId, InnerBasis<B>> {
+    pub fn bases(&self) -> &std::collections::HashMap<ParamId, LowRankBasis> {
         self.state.bases.as_map()
     }
 
@@ -145,7 +140,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     }
 
     /// The wrapped optimizer.
-    pub fn inner(&self) -> &O {
+    pub fn inner(&self) -> &ModuleOptimizer {
         &self.inner
     }
 
@@ -174,7 +169,7 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     ///
     /// [`SpfError::ShapeMismatch`] naming the first parameter whose gradient in `grads` does not
     /// have the parameter's shape.
-    pub fn measure<M: AutodiffModule<B>>(
+    pub fn measure<M: Module>(
         &self,
         module: &M,
         mut grads: GradientsParams,
@@ -189,50 +184,6 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
             non_finite: state.non_finite,
             host_reads: 1,
         })
-    }
-
-    /// Restores a record saved by [`Optimizer::to_record`], checking it against the module the
-    /// wrapper was built for.
-    ///
-    /// The record may come from a wrapper built for another instance of the same architecture
-    /// (same parameter paths and shapes, other ids), as when burn-train resumes from a checkpoint
-    /// in a fresh process: the wrapper then adopts the saved ids, which the module takes on when
-    /// its own record, saved with this one, is loaded. A step on a module that has none of those
-    /// ids is refused with [`SpfError::ModuleMismatch`].
-    ///
-    /// The record restores the bases, the step counter, the refresh counts (the random state of
-    /// the refresh sketches), the last refresh's overlap and error, and the non-finite counts.
-    /// The *configuration* is the wrapper's own, not the record's: the refresh period follows
-    /// the [`RefreshPolicy`](crate::RefreshPolicy) given at `init` (`Never` never refreshes,
-    /// `Every(n)` refreshes every `n` steps from the last estimate, `Adaptive` resumes the saved
-    /// period clamped to its bounds), so a run resumed under another policy obeys the new one.
-    ///
-    /// # Errors
-    ///
-    /// [`LoadError`], holding this wrapper unchanged (the inner optimizer's state included), with
-    /// [`SpfError::UnsupportedRecordVersion`], [`SpfError::RecordMismatch`] when the record's
-    /// parameter paths are not the module's, [`SpfError::InvalidBasis`] for factors that do not
-    /// form a valid basis, or the errors of [`Self::insert_bases`] for a basis that does not fit
-    /// its parameter. On success the bases in the record replace the current ones.
-    pub fn try_load_record<M>(
-        mut self,
-        record: SpfRecord<<O as Optimizer<M, B>>::Record, B>,
-    ) -> Result<Self, LoadError<Self>>
-    where
-        M: AutodiffModule<B>,
-        O: Optimizer<M, B>,
-    {
-        // Everything is checked before anything changes, so a refused record loses nothing.
-        match self.state.restore(record) {
-            Ok(inner) => {
-                self.inner = self.inner.load_record(inner);
-                Ok(self)
-            }
-            Err(error) => Err(LoadError {
-                optimizer: Box::new(self),
-                error,
-            }),
-        }
     }
 
     /// [`Optimizer::step`] that reports what it refuses instead of panicking: an invalid learning
@@ -253,16 +204,16 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     /// run, so the bases are the refreshed ones.
     pub fn try_step<M>(
         &mut self,
-        lr: LearningRate,
+        lr: impl Into<ModuleLearningRate>,
         module: M,
         grads: GradientsParams,
     ) -> Result<M, StepError<M>>
     where
-        M: AutodiffModule<B>,
-        O: Optimizer<M, B>,
-        S: SafetyGradientSource<M, B>,
+        M: Module,
+        S: SafetyGradientSource<M>,
     {
-        if !(lr.is_finite() && lr >= 0.0) {
+        let lr = lr.into();
+        if let Some(lr) = self.invalid_learning_rate(&lr) {
             let error = SpfError::InvalidLearningRate { lr };
             return Err(StepError { module, error });
         }
@@ -286,14 +237,13 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     /// outside a refresh under the default settings (see [`StepStats::host_reads`]).
     fn checked_step<M>(
         &mut self,
-        lr: LearningRate,
+        lr: ModuleLearningRate,
         module: M,
         mut grads: GradientsParams,
     ) -> Result<M, StepError<M>>
     where
-        M: AutodiffModule<B>,
-        O: Optimizer<M, B>,
-        S: SafetyGradientSource<M, B>,
+        M: Module,
+        S: SafetyGradientSource<M>,
     {
         let config = &self.state.config;
         let read_stats = config.stats == StatsPolicy::EveryStep;
@@ -365,10 +315,10 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
         let (state, inner) = (&self.state, &mut self.inner);
         let (bases, targets, mode) = (&state.bases, &*state.targets, state.config.mode);
         let stepped = catch_unwind(AssertUnwindSafe(|| match tensors {
-            Some(tensors) => Ok((inner.step(lr, module, grads), tensors)),
+            Some(tensors) => Ok((inner.step(lr.clone(), module, grads), tensors)),
             None => {
                 let before = snapshot_updates(&module, &grads, bases);
-                let module = inner.step(lr, module, grads);
+                let module = inner.step(lr.clone(), module, grads);
                 let set = prepare_updates(&module, &before, bases, mode)?;
                 let tensors = if read_stats {
                     set.stats(targets, &host::read(set.readouts()))
@@ -398,47 +348,52 @@ impl<O, B: AutodiffBackend, S> SafetyProjectedOptimizer<O, B, S> {
     }
 }
 
-impl<O, M, B, S> Optimizer<M, B> for SafetyProjectedOptimizer<O, B, S>
-where
-    B: AutodiffBackend,
-    M: AutodiffModule<B>,
-    O: Optimizer<M, B>,
-    S: SafetyGradientSource<M, B>,
-{
-    type Record = SpfRecord<O::Record, B>;
-
+impl<S> SafetyProjectedOptimizer<S> {
     /// Refreshes the bases if the policy says so, projects, then lets the inner optimizer step
-    /// (or the reverse, for the `Update` target); see
-    /// [`SafetyProjectedOptimizer::try_step`].
+    /// (or the reverse, for the `Update` target); see [`Self::try_step`].
     ///
     /// # Panics
     ///
     /// With the message of the [`SpfError`] that `try_step` returns (an invalid learning rate, or
     /// non-finite gradients under [`NonFinitePolicy::Error`]), and if a gradient does not have the
     /// shape of its parameter, which burn's autodiff never produces.
-    fn step(&mut self, lr: LearningRate, module: M, grads: GradientsParams) -> M {
+    pub fn step<M>(&mut self, lr: impl Into<ModuleLearningRate>, module: M, grads: GradientsParams) -> M
+    where
+        M: Module,
+        S: SafetyGradientSource<M>,
+    {
         self.try_step(lr, module, grads)
             .unwrap_or_else(|err| panic!("SPF step refused: {}", err.error))
     }
 
-    /// Sums each parameter's gradients over the devices first (burn's own reduction), then steps
-    /// as [`Optimizer::step`] on the sum, so every replica applies the same projected update.
-    fn step_multi(&mut self, lr: LearningRate, module: M, mut grads: MultiGradientsParams) -> M {
-        let reduced = reduce_gradients(&module, &mut grads);
-        Optimizer::<M, B>::step(self, lr, module, reduced)
-    }
-
-    fn to_record(&self) -> Self::Record {
-        self.state.to_record(self.inner.to_record())
-    }
-
-    /// # Panics
+    /// [`Self::try_step`] on gradients from several devices (burn-train's multi-device
+    /// strategy): each parameter's gradients are summed on one device first, by burn's own
+    /// reduction, so every replica applies the same projected update.
     ///
-    /// With the message of the [`SpfError`] that [`SafetyProjectedOptimizer::try_load_record`]
-    /// returns, when the record does not fit the module the wrapper was built for.
-    fn load_record(self, record: Self::Record) -> Self {
-        self.try_load_record::<M>(record)
-            .unwrap_or_else(|err| panic!("cannot load SPF optimizer record: {}", err.error))
+    /// # Errors
+    ///
+    /// As [`Self::try_step`].
+    pub fn try_step_multi<M>(
+        &mut self,
+        lr: impl Into<ModuleLearningRate>,
+        module: M,
+        mut grads: MultiGradientsParams,
+    ) -> Result<M, StepError<M>>
+    where
+        M: Module,
+        S: SafetyGradientSource<M>,
+    {
+        let reduced = reduce_gradients(&module, &mut grads);
+        self.try_step(lr, module, reduced)
+    }
+
+    /// The first learning rate of a parameter that is NaN, infinite or negative, if any.
+    fn invalid_learning_rate(&self, lr: &ModuleLearningRate) -> Option<f64> {
+        let base = std::iter::once(lr.base());
+        let per_param = (self.state.targets.iter())
+            .map(|(id, target)| lr.lr_from_param(*id, Some(&target.path)));
+        base.chain(per_param)
+            .find(|lr| !(lr.is_finite() && *lr >= 0.0))
     }
 }
 

@@ -41,7 +41,7 @@ mod pending;
 mod readout;
 mod stats;
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Tensor};
 use spf_subspace::LowRankBasis;
 
 use crate::error::SpfError;
@@ -54,9 +54,9 @@ pub use stats::ProjectionStats;
 
 /// A projected gradient and what the projection did.
 #[derive(Debug, Clone)]
-pub struct Projected<B: Backend> {
+pub struct Projected {
     /// `G̃`.
-    pub grad: Tensor<B, 2>,
+    pub grad: Tensor<2>,
     /// Statistics of this projection.
     pub stats: ProjectionStats,
 }
@@ -82,23 +82,23 @@ pub struct Projected<B: Backend> {
 /// let device = Default::default();
 /// // One safety direction B_1 = e_1 e_1ᵀ.
 /// let basis = LowRankBasis::new(
-///     Tensor::<NdArray, 2>::from_floats([[1.0], [0.0]], &device),
+///     Tensor::<2>::from_floats([[1.0], [0.0]], &device),
 ///     Tensor::from_floats([1.0], &device),
 ///     Tensor::from_floats([[1.0], [0.0]], &device),
 /// )?;
 /// // c_1 = −2 < 0 conflicts and is removed; the rest of G is kept.
-/// let g = Tensor::<NdArray, 2>::from_floats([[-2.0, 3.0], [4.0, 5.0]], &device);
+/// let g = Tensor::<2>::from_floats([[-2.0, 3.0], [4.0, 5.0]], &device);
 /// let out = project(g, &basis, ProjectionMode::ConflictOnly)?;
-/// out.grad.into_data().assert_eq(&Tensor::<NdArray, 2>::from_floats([[0.0, 3.0], [4.0, 5.0]], &device).into_data(), true);
+/// out.grad.into_data().assert_eq(&Tensor::<2>::from_floats([[0.0, 3.0], [4.0, 5.0]], &device).into_data(), true);
 /// assert_eq!((out.stats.conflicting, out.stats.removed), (1, 1));
 /// assert!((out.stats.removed_energy_share() - 4.0 / 54.0).abs() < 1e-6);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn project<B: Backend>(
-    grad: Tensor<B, 2>,
-    basis: &LowRankBasis<B>,
+pub fn project(
+    grad: Tensor<2>,
+    basis: &LowRankBasis,
     mode: ProjectionMode,
-) -> Result<Projected<B>, SpfError> {
+) -> Result<Projected, SpfError> {
     let pending = Pending::new(grad, basis, mode)?;
     let stats = pending.stats(&host::read(vec![pending.readout()]));
     let grad = pending.finish(stats.removed == 0);
@@ -112,11 +112,11 @@ pub fn project<B: Backend>(
 /// # Errors
 ///
 /// [`SpfError::ShapeMismatch`] when `grad` is not `basis.d_in() × basis.d_out()`.
-pub fn project_without_stats<B: Backend>(
-    grad: Tensor<B, 2>,
-    basis: &LowRankBasis<B>,
+pub fn project_without_stats(
+    grad: Tensor<2>,
+    basis: &LowRankBasis,
     mode: ProjectionMode,
-) -> Result<Tensor<B, 2>, SpfError> {
+) -> Result<Tensor<2>, SpfError> {
     Ok(Pending::new(grad, basis, mode)?.finish(false))
 }
 
@@ -163,7 +163,7 @@ mod tests {
         g: &Mat<f64>,
         basis: &HostBasis,
         mode: ProjectionMode,
-    ) -> Projected<TestBackend> {
+    ) -> Projected {
         let device = Default::default();
         project(upload(g, &device), &basis.to_device(&device), mode).unwrap()
     }
@@ -255,7 +255,7 @@ mod tests {
         let u_perp = Mat::<f64>::identity(9, 9) - &basis.u * basis.u.transpose();
         g += u_perp * rng.matrix(9, 5);
         let device = Default::default();
-        let g = upload::<TestBackend>(&g, &device);
+        let g = upload(&g, &device);
         for mode in [ProjectionMode::ConflictOnly, ProjectionMode::Pcgrad] {
             let out = project(g.clone(), &basis.to_device(&device), mode).unwrap();
             assert_eq!(out.stats.removed, 0);
@@ -266,7 +266,7 @@ mod tests {
     #[test]
     fn empty_basis_changes_nothing() {
         let device = Default::default();
-        let g = upload::<TestBackend>(&Gaussian::new(3).matrix(4, 6), &device);
+        let g = upload(&Gaussian::new(3).matrix(4, 6), &device);
         for mode in ProjectionMode::ALL {
             let out = project(g.clone(), &LowRankBasis::empty(4, 6, &device), mode).unwrap();
             assert_eq!(out.grad.into_data(), g.clone().into_data());
@@ -336,7 +336,7 @@ mod tests {
     #[test]
     fn wrong_shape_is_an_error() {
         let device = Default::default();
-        let g = Tensor::<TestBackend, 2>::zeros([3, 4], &device);
+        let g = Tensor::<2>::zeros([3, 4], &device);
         let err = project(
             g,
             &LowRankBasis::empty(4, 3, &device),

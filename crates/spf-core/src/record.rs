@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use burn::module::ParamId;
 use burn::record::Record;
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Tensor};
 use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::{Admitted, ProtectedBases, admit};
@@ -32,7 +31,7 @@ pub const RECORD_VERSION: u32 = 3;
 /// saved ids, which the module takes on when its own record is loaded: this is what resuming
 /// from burn-train's checkpoints does.
 #[derive(Record)]
-pub struct SpfRecord<R: Record<B>, B: Backend> {
+pub struct SpfRecord<R: Record, B: Backend> {
     /// [`RECORD_VERSION`] at the time of saving.
     pub version: u32,
     /// The inner optimizer's record.
@@ -42,7 +41,7 @@ pub struct SpfRecord<R: Record<B>, B: Backend> {
     /// Optimizer steps taken.
     pub steps: usize,
     /// One entry per basis, sorted by parameter id.
-    pub bases: Vec<BasisRecord<B>>,
+    pub bases: Vec<BasisRecord>,
     /// Successful refreshes so far: the random state of the refresh sketches.
     pub refreshes: usize,
     /// Failed refreshes so far.
@@ -64,15 +63,15 @@ pub struct SpfRecord<R: Record<B>, B: Backend> {
 
 /// The saved factors of one [`LowRankBasis`](spf_subspace::LowRankBasis).
 #[derive(Record)]
-pub struct BasisRecord<B: Backend> {
+pub struct BasisRecord {
     /// The parameter's id, [`ParamId::val`](burn::module::ParamId::val).
     pub param: u64,
     /// `U: [d_in, k]`.
-    pub u: Tensor<B, 2>,
+    pub u: Tensor<2>,
     /// `σ: [k]`.
-    pub sigma: Tensor<B, 1>,
+    pub sigma: Tensor<1>,
     /// `V: [d_out, k]`.
-    pub v: Tensor<B, 2>,
+    pub v: Tensor<2>,
 }
 
 /// A parameter id and the module path it belongs to.
@@ -84,15 +83,15 @@ pub struct ParamPath {
     pub path: String,
 }
 
-impl<B: AutodiffBackend> State<B> {
+impl State {
     /// The record of this state, holding the inner optimizer's record `inner`.
-    pub(crate) fn to_record<R: Record<B>>(&self, inner: R) -> SpfRecord<R, B> {
+    pub(crate) fn to_record<R: Record>(&self, inner: R) -> SpfRecord<R, B> {
         SpfRecord {
             version: RECORD_VERSION,
             inner,
             params: param_paths(&self.targets),
             steps: self.steps,
-            bases: basis_records::<B>(&self.bases),
+            bases: basis_records(&self.bases),
             refreshes: self.refresh.counts.count,
             refresh_failures: self.refresh.counts.failures,
             refresh_since: self.refresh.since,
@@ -112,7 +111,7 @@ impl<B: AutodiffBackend> State<B> {
     ///
     /// As [`SafetyProjectedOptimizer::try_load_record`](crate::SafetyProjectedOptimizer::try_load_record);
     /// everything is checked before anything changes, so on error the state is as it was.
-    pub(crate) fn restore<R: Record<B>>(&mut self, record: SpfRecord<R, B>) -> Result<R, SpfError> {
+    pub(crate) fn restore<R: Record>(&mut self, record: SpfRecord<R, B>) -> Result<R, SpfError> {
         let (targets, bases) = self.checked(&record)?;
         self.targets = targets;
         self.bases.replace(bases);
@@ -138,10 +137,10 @@ impl<B: AutodiffBackend> State<B> {
 
     /// The targets (re-keyed to the record's ids where they differ) and the admitted bases of
     /// `record`, checked against this state; nothing is changed.
-    fn checked<R: Record<B>>(
+    fn checked<R: Record>(
         &self,
         record: &SpfRecord<R, B>,
-    ) -> Result<(Arc<Targets>, Admitted<B::InnerBackend>), SpfError> {
+    ) -> Result<(Arc<Targets>, Admitted), SpfError> {
         if record.version != RECORD_VERSION {
             return Err(SpfError::UnsupportedRecordVersion {
                 found: record.version,
@@ -153,15 +152,15 @@ impl<B: AutodiffBackend> State<B> {
             None => self.targets.clone(),
         };
         let max_rank = self.config.estimator.rank.max_rank();
-        let bases = saved_bases::<B>(&record.bases, &targets, max_rank)?;
+        let bases = saved_bases(&record.bases, &targets, max_rank)?;
         Ok((targets, bases))
     }
 }
 
 /// Every basis as a record, sorted by parameter id.
-fn basis_records<B: AutodiffBackend>(
-    bases: &ProtectedBases<B::InnerBackend>,
-) -> Vec<BasisRecord<B>> {
+fn basis_records(
+    bases: &ProtectedBases,
+) -> Vec<BasisRecord> {
     let mut records: Vec<_> = bases
         .iter()
         .map(|(id, basis)| {
@@ -197,11 +196,11 @@ fn param_paths(targets: &Targets) -> Vec<ParamPath> {
 ///
 /// [`SpfError::InvalidBasis`] for factors that do not form a basis, and the errors of
 /// [`admit`](crate::bases::admit).
-fn saved_bases<B: AutodiffBackend>(
-    saved: &[BasisRecord<B>],
+fn saved_bases(
+    saved: &[BasisRecord],
     targets: &Targets,
     max_rank: usize,
-) -> Result<Admitted<B::InnerBackend>, SpfError> {
+) -> Result<Admitted, SpfError> {
     let mut bases = Vec::with_capacity(saved.len());
     for saved in saved {
         let id = ParamId::from(saved.param);

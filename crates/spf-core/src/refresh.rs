@@ -4,10 +4,9 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
-use burn::module::AutodiffModule;
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use spf_subspace::{SafetySubspace, SubspaceConfig, Targets};
 
@@ -93,9 +92,9 @@ pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Computes the gradients of the safety loss at the current module, for a refresh.
 ///
-/// Implemented for closures that return the safety loss, `FnMut(&M) -> Tensor<B, 1>`: the
+/// Implemented for closures that return the safety loss, `FnMut(&M) -> Tensor<1>`: the
 /// wrapper then calls `backward` itself.
-pub trait SafetyGradientSource<M: AutodiffModule<B>, B: AutodiffBackend>: Clone + Send {
+pub trait SafetyGradientSource<M: Module>: Clone + Send {
     /// The safety loss's gradients with respect to `module`'s parameters.
     ///
     /// # Errors
@@ -104,11 +103,10 @@ pub trait SafetyGradientSource<M: AutodiffModule<B>, B: AutodiffBackend>: Clone 
     fn safety_gradients(&mut self, module: &M) -> Result<GradientsParams, SourceError>;
 }
 
-impl<M, B, F> SafetyGradientSource<M, B> for F
+impl<M, F> SafetyGradientSource<M> for F
 where
-    M: AutodiffModule<B>,
-    B: AutodiffBackend,
-    F: FnMut(&M) -> Tensor<B, 1> + Clone + Send,
+    M: Module,
+    F: FnMut(&M) -> Tensor<1> + Clone + Send,
 {
     fn safety_gradients(&mut self, module: &M) -> Result<GradientsParams, SourceError> {
         let loss = self(module);
@@ -120,7 +118,7 @@ where
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoSafetySource;
 
-impl<M: AutodiffModule<B>, B: AutodiffBackend> SafetyGradientSource<M, B> for NoSafetySource {
+impl<M: Module> SafetyGradientSource<M> for NoSafetySource {
     fn safety_gradients(&mut self, _module: &M) -> Result<GradientsParams, SourceError> {
         Err("no safety source: build the wrapper with `with_safety_source` to refresh".into())
     }
@@ -195,19 +193,18 @@ impl RefreshState {
     /// Re-estimates the bases of the `targets` at `module` from `source` before step `steps`;
     /// on failure keeps the old ones and counts it.
     #[allow(clippy::too_many_arguments)]
-    pub fn refresh<M, B, S>(
+    pub fn refresh<M, S>(
         &mut self,
         policy: &RefreshPolicy,
         estimator: &SubspaceConfig,
         targets: &Targets,
-        bases: &mut ProtectedBases<B::InnerBackend>,
+        bases: &mut ProtectedBases,
         source: &mut S,
         module: &M,
         steps: usize,
     ) where
-        M: AutodiffModule<B>,
-        B: AutodiffBackend,
-        S: SafetyGradientSource<M, B>,
+        M: Module,
+        S: SafetyGradientSource<M>,
     {
         let start = Instant::now();
         // The t-th refresh draws its sketches from seed + t: the counter is the random state.

@@ -24,7 +24,6 @@
 
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
 
 use crate::error::SpfError;
 use crate::optimizer::SafetyProjectedOptimizer;
@@ -68,8 +67,7 @@ impl SampleScreen {
         grads: GradientsParams,
     ) -> Result<f64, SpfError>
     where
-        M: AutodiffModule<B>,
-        B: AutodiffBackend,
+        M: Module,
     {
         Ok(optim.measure(module, grads)?.removed_energy_share())
     }

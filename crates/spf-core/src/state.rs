@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use burn::module::{AutodiffModule, ParamId};
-use burn::tensor::backend::AutodiffBackend;
+use burn::module::{Module, ParamId};
 use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::{ProtectedBases, admit};
@@ -16,10 +15,10 @@ use crate::stats::{NonFiniteStats, StatsFeed, StepStats};
 
 /// Everything the wrapper holds besides the inner optimizer and the safety source.
 #[derive(Clone)]
-pub(crate) struct State<B: AutodiffBackend> {
+pub(crate) struct State {
     pub(crate) config: SpfConfig,
     pub(crate) targets: Arc<Targets>,
-    pub(crate) bases: ProtectedBases<B::InnerBackend>,
+    pub(crate) bases: ProtectedBases,
     pub(crate) steps: usize,
     pub(crate) refresh: RefreshState,
     pub(crate) non_finite: NonFiniteStats,
@@ -27,16 +26,16 @@ pub(crate) struct State<B: AutodiffBackend> {
     pub(crate) feed: StatsFeed,
 }
 
-impl<B: AutodiffBackend> State<B> {
+impl State {
     /// The state of a wrapper configured by `config` for `module`, protecting it with `bases`.
     ///
     /// # Errors
     ///
     /// As [`SpfConfig::init`].
-    pub(crate) fn new<M: AutodiffModule<B>>(
+    pub(crate) fn new<M: Module>(
         config: &SpfConfig,
         module: &M,
-        bases: impl IntoIterator<Item = (ParamId, LowRankBasis<B::InnerBackend>)>,
+        bases: impl IntoIterator<Item = (ParamId, LowRankBasis)>,
     ) -> Result<Self, SpfError> {
         let estimator = &config.estimator;
         let targets = Targets::of(module, &estimator.filter, estimator.vector_policy)?;

@@ -6,11 +6,10 @@
 
 #![allow(missing_docs)]
 
-use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::tanh;
-use burn::tensor::{DType, Element, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Device, Tensor, TensorData};
 use faer::Mat;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,29 +17,30 @@ use spf_subspace::LowRankBasis;
 
 use crate::projection::ProjectionMode;
 
-/// The backend the unit tests run on: ndarray, or WGPU with the `test-wgpu` feature (for
-/// example on Mesa's lavapipe in CI).
-#[cfg(not(feature = "test-wgpu"))]
-pub type TestBackend = burn::backend::NdArray;
-/// The backend the unit tests run on: ndarray, or WGPU with the `test-wgpu` feature (for
-/// example on Mesa's lavapipe in CI).
-#[cfg(feature = "test-wgpu")]
-pub type TestBackend = burn::backend::Wgpu;
-/// Its autodiff counterpart.
-pub type TestAutodiffBackend = Autodiff<TestBackend>;
+/// The device the tests compute on: burn's default, which is the CPU (`flex`) unless a GPU
+/// backend is compiled in (the `test-wgpu` feature: WGPU, on Mesa's lavapipe in CI), since burn
+/// prefers a GPU to the CPU.
+pub fn test_device() -> Device {
+    Device::default()
+}
+
+/// [`test_device`] with autodiff, where the tests' models live.
+pub fn test_autodiff_device() -> Device {
+    test_device().autodiff()
+}
 
 /// A multilayer perceptron with `tanh` between its layers: the small model of the quickstart,
 /// the Learner example and the data-parallel and resume tests. Any burn module works with SPF;
 /// this one is written once so that every example and test means the same model by it.
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
+pub struct Mlp {
     /// The linear layers, input first.
-    pub layers: Vec<Linear<B>>,
+    pub layers: Vec<Linear>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl Mlp {
     /// Layers of widths `widths = [input, hidden…, output]`, initialized by burn's defaults.
-    pub fn new(widths: &[usize], device: &B::Device) -> Self {
+    pub fn new(widths: &[usize], device: &Device) -> Self {
         let layers = widths
             .windows(2)
             .map(|w| LinearConfig::new(w[0], w[1]).init(device))
@@ -55,7 +55,7 @@ impl<B: Backend> Mlp<B> {
     }
 
     /// `layer_n(tanh(… tanh(layer_1(x))))`.
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let last = self.layers.len().saturating_sub(1);
         self.layers.iter().enumerate().fold(x, |h, (i, layer)| {
             let h = layer.forward(h);
@@ -175,12 +175,9 @@ impl HostBasis {
     }
 
     /// The basis on a device, checked by [`LowRankBasis::new`] at `f32` accuracy.
-    pub fn to_device<B: Backend>(&self, device: &B::Device) -> LowRankBasis<B> {
+    pub fn to_device(&self, device: &Device) -> LowRankBasis {
         let k = self.rank();
-        let sigma = Tensor::from_data(
-            TensorData::new(self.sigma.clone(), [k]),
-            float_options::<B>(device),
-        );
+        let sigma = Tensor::from_data(TensorData::new(self.sigma.clone(), [k]), device);
         LowRankBasis::new(upload(&self.u, device), sigma, upload(&self.v, device))
             .expect("QR and SVD factors are orthonormal")
     }
@@ -213,26 +210,16 @@ pub fn max_abs_diff(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
     worst
 }
 
-/// The device and the backend's own float dtype. burn 0.21's default dtype is per device and
-/// shared by every backend on it, so an `f64` backend must ask for `f64` explicitly (else
-/// `NdArray<f64>` gets `f32` tensors after any `NdArray<f32>` test ran first).
-fn float_options<B: Backend>(device: &B::Device) -> (&B::Device, DType) {
-    (device, <B::FloatElem as Element>::dtype())
-}
-
-/// `m` on the device, in the backend's float type.
-pub fn upload<B: Backend>(m: &Mat<impl Copy + Into<f64>>, device: &B::Device) -> Tensor<B, 2> {
+/// `m` on the device, in the device's float type.
+pub fn upload(m: &Mat<impl Copy + Into<f64>>, device: &Device) -> Tensor<2> {
     let values: Vec<f64> = (0..m.nrows())
         .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)].into()))
         .collect();
-    Tensor::from_data(
-        TensorData::new(values, [m.nrows(), m.ncols()]),
-        float_options::<B>(device),
-    )
+    Tensor::from_data(TensorData::new(values, [m.nrows(), m.ncols()]), device)
 }
 
 /// A device matrix back on the host.
-pub fn download<B: Backend>(t: Tensor<B, 2>) -> Mat<f64> {
+pub fn download(t: Tensor<2>) -> Mat<f64> {
     let [rows, cols] = t.dims();
     let values: Vec<f64> = t.into_data().iter::<f64>().collect();
     Mat::from_fn(rows, cols, |i, j| values[i * cols + j])

@@ -6,12 +6,9 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, MultiGradientsParams};
-use burn::tensor::{
-    Tensor,
-    backend::{AutodiffBackend, Backend},
-};
+use burn::tensor::{Device, Tensor};
 use spf_subspace::view::{from_2d, into_2d};
 use spf_subspace::{LowRankBasis, Targets};
 
@@ -21,8 +18,8 @@ use crate::host;
 use crate::projection::{Measured, Pending, ProjectionMode, ProjectionStats, Readout};
 use crate::stats::TensorStats;
 
-/// The bases of a wrapper over the autodiff backend `B`.
-type Bases<B> = ProtectedBases<<B as AutodiffBackend>::InnerBackend>;
+/// The bases of a wrapper.
+type Bases = ProtectedBases;
 
 /// Projections of one step, one per protected gradient or update, in module order, whose
 /// statistics wait for one read of all their readouts.
@@ -33,24 +30,24 @@ pub(crate) struct ProjectionSet<P> {
 /// Projections started on the device, not finished: the `Update` target's, which are finished
 /// after the read (leaving untouched the parameters from which nothing is removed), and
 /// [`SafetyProjectedOptimizer::measure`](crate::SafetyProjectedOptimizer::measure)'s.
-pub(crate) type PendingSet<B> = ProjectionSet<Pending<B>>;
+pub(crate) type PendingSet = ProjectionSet<Pending>;
 
 /// Projections finished on the device: the `Gradient` target's.
-pub(crate) type MeasuredSet<B> = ProjectionSet<Measured<B>>;
+pub(crate) type MeasuredSet = ProjectionSet<Measured>;
 
 impl<P> ProjectionSet<P> {
     /// Every entry's readout, in order, for one read.
-    pub(crate) fn readouts<B: Backend>(&self) -> Vec<Tensor<B, 1>>
+    pub(crate) fn readouts(&self) -> Vec<Tensor<1>>
     where
-        P: Readout<B>,
+        P: Readout,
     {
         self.entries.iter().map(|(_, p)| p.readout()).collect()
     }
 
     /// Each entry's statistics, from the host copy of [`Self::readouts`].
-    pub(crate) fn stats<B: Backend>(&self, targets: &Targets, host: &[f64]) -> Vec<TensorStats>
+    pub(crate) fn stats(&self, targets: &Targets, host: &[f64]) -> Vec<TensorStats>
     where
-        P: Readout<B>,
+        P: Readout,
     {
         let mut rest = host;
         self.entries
@@ -64,10 +61,10 @@ impl<P> ProjectionSet<P> {
     }
 }
 
-impl<B: Backend> PendingSet<B> {
+impl PendingSet {
     /// The finished projections, by parameter; those whose statistics say nothing was removed
     /// come back untouched.
-    fn finish(self, stats: &[TensorStats]) -> HashMap<ParamId, Tensor<B, 2>> {
+    fn finish(self, stats: &[TensorStats]) -> HashMap<ParamId, Tensor<2>> {
         let unchanged = |i: usize| stats.get(i).is_some_and(|t| t.stats.removed == 0);
         self.entries
             .into_iter()
@@ -89,21 +86,21 @@ enum Then {
 
 /// Takes every gradient in `grads` that has a basis and starts its projection, one after the
 /// other, then does with it what `then` says.
-struct GradientProjection<'a, B: AutodiffBackend> {
+struct GradientProjection<'a> {
     grads: &'a mut GradientsParams,
-    bases: &'a Bases<B>,
+    bases: &'a Bases,
     mode: ProjectionMode,
     then: Then,
-    pending: Vec<(ParamId, Pending<B::InnerBackend>)>,
-    measured: Vec<(ParamId, Measured<B::InnerBackend>)>,
+    pending: Vec<(ParamId, Pending)>,
+    measured: Vec<(ParamId, Measured)>,
     /// The first gradient that did not fit its basis (none after [`check_gradient_shapes`]).
     error: Option<SpfError>,
 }
 
-impl<'a, B: AutodiffBackend> GradientProjection<'a, B> {
+impl<'a> GradientProjection<'a> {
     fn new(
         grads: &'a mut GradientsParams,
-        bases: &'a Bases<B>,
+        bases: &'a Bases,
         mode: ProjectionMode,
         then: Then,
     ) -> Self {
@@ -119,12 +116,12 @@ impl<'a, B: AutodiffBackend> GradientProjection<'a, B> {
     }
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProjection<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl ModuleVisitor for GradientProjection<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let Some(basis) = self.bases.get(&param.id) else {
             return;
         };
-        let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
+        let Some(grad) = self.grads.remove::<D>(param.id) else {
             return;
         };
         let dims = grad.dims();
@@ -155,12 +152,12 @@ struct GradientShapes<'a> {
     mismatch: Option<SpfError>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradientShapes<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl ModuleVisitor for GradientShapes<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if self.mismatch.is_some() {
             return;
         }
-        let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) else {
+        let Some(grad) = self.grads.get::<D>(param.id) else {
             return;
         };
         let (expected, found) = (param.lazy_shape().to_vec(), grad.dims().to_vec());
@@ -177,13 +174,13 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientShapes<'_> {
 /// Counts the module's parameters that have a basis, and moves each basis that is not on its
 /// parameter's device there (a record loaded onto one device for parameters on another), once,
 /// so that no later step pays for the transfer.
-struct BasisPlacement<'a, B: AutodiffBackend> {
-    bases: &'a mut Bases<B>,
+struct BasisPlacement<'a> {
+    bases: &'a mut Bases,
     found: usize,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for BasisPlacement<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl ModuleVisitor for BasisPlacement<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let Some(basis) = self.bases.get_mut(&param.id) else {
             return;
         };
@@ -202,9 +199,9 @@ struct GradientReduction<'a> {
     reduced: GradientsParams,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradientReduction<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some((grad, _device)) = self.multi.remove::<B::InnerBackend, D>(param.id) {
+impl ModuleVisitor for GradientReduction<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some((grad, _device)) = self.multi.remove::<D>(param.id) {
             self.reduced.register(param.id, grad);
         }
     }
@@ -212,15 +209,15 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientReduction<'_> {
 
 /// Records `W_old` (as its 2-D view) for every parameter that has a basis and a gradient, before
 /// the inner optimizer steps.
-struct UpdateSnapshot<'a, B: AutodiffBackend> {
+struct UpdateSnapshot<'a> {
     grads: &'a GradientsParams,
-    bases: &'a Bases<B>,
-    before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+    bases: &'a Bases,
+    before: HashMap<ParamId, Tensor<2>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for UpdateSnapshot<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let has_grad = || self.grads.get::<B::InnerBackend, D>(param.id).is_some();
+impl ModuleVisitor for UpdateSnapshot<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let has_grad = || self.grads.get::<D>(param.id).is_some();
         if self.bases.contains(&param.id) && has_grad() {
             self.before.insert(param.id, into_2d(param.val().inner()));
         }
@@ -229,17 +226,17 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UpdateSnapshot<'_, B> {
 
 /// Starts the projection of each snapshotted parameter's descent `G = W_old − W_new`: the update
 /// `ΔW = W_new − W_old` is projected as the descent step `−ηG̃` it stands for.
-struct UpdatePreparation<'a, B: AutodiffBackend> {
-    before: &'a HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
-    bases: &'a Bases<B>,
+struct UpdatePreparation<'a> {
+    before: &'a HashMap<ParamId, Tensor<2>>,
+    bases: &'a Bases,
     mode: ProjectionMode,
-    pending: Vec<(ParamId, Pending<B::InnerBackend>)>,
+    pending: Vec<(ParamId, Pending)>,
     /// The first update that did not fit its basis (none after [`check_gradient_shapes`]).
     error: Option<SpfError>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for UpdatePreparation<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl ModuleVisitor for UpdatePreparation<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let (Some(before), Some(basis)) = (self.before.get(&param.id), self.bases.get(&param.id))
         else {
             return;
@@ -256,17 +253,18 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UpdatePreparation<'_, B> {
     }
 }
 
-/// Sets each listed parameter to `W_old − G̃`, keeping what marks the parameter: whether it
-/// requires a gradient and, under burn's `distributed` feature (burn-train's DDP), its mark as
-/// distributed, which burn's optimizers renew at each step and without which the next backward
-/// pass would stop synchronizing its gradient.
-struct UpdateReplacement<B: AutodiffBackend> {
-    before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
-    projected: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
+/// Sets each listed parameter to `W_old − G̃`, keeping the autodiff state that marks the
+/// parameter, as burn's own optimizer step does: whether it requires a gradient, its
+/// gradient-checkpointing strategy (without which the next forward pass would meet its inputs
+/// under two strategies, which autodiff refuses) and its mark as distributed (without which the
+/// next backward pass would stop synchronizing its gradient).
+struct UpdateReplacement {
+    before: HashMap<ParamId, Tensor<2>>,
+    projected: HashMap<ParamId, Tensor<2>>,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for UpdateReplacement<B> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+impl ModuleMapper for UpdateReplacement {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (Some(before), Some(projected)) = (
             self.before.remove(&param.id),
             self.projected.remove(&param.id),
@@ -278,14 +276,14 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateReplacement<B> {
         let before = before.to_device(&projected.device());
         let after = from_2d(before - projected, dims).expect("the 2-D view of this parameter");
         let mut value = Tensor::from_inner(after);
+        if let Some(strategy) = tensor.gradient_checkpointing_strategy() {
+            value = value.with_gradient_checkpointing_strategy(strategy);
+        }
         if tensor.is_require_grad() {
             value = value.require_grad();
         }
-        #[cfg(feature = "distributed")]
         if tensor.is_distributed() {
-            value = value.set_distributed(
-                burn::tensor::backend::distributed::DistributedParamId::from(id.val()),
-            );
+            value = value.set_distributed(id);
         }
         Param::from_mapped_value(id, value, mapper)
     }
@@ -298,18 +296,18 @@ impl<B: AutodiffBackend> ModuleMapper<B> for UpdateReplacement<B> {
 /// but finite entries of size near `f32::MAX` can overflow it too. The exact probe, `Σ 0·g`, is NaN
 /// exactly when an entry is NaN or ±Inf; it costs a written copy, so it only re-checks the
 /// gradients in `only`, those whose fast probe was not finite.
-struct NonFiniteProbe<'a, B: AutodiffBackend> {
+struct NonFiniteProbe<'a> {
     grads: &'a GradientsParams,
     only: Option<&'a [ParamId]>,
-    probes: Vec<(ParamId, Tensor<B::InnerBackend, 1>)>,
+    probes: Vec<(ParamId, Tensor<1>)>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for NonFiniteProbe<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl ModuleVisitor for NonFiniteProbe<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if self.only.is_some_and(|only| !only.contains(&param.id)) {
             return;
         }
-        if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
+        if let Some(grad) = self.grads.get::<D>(param.id) {
             let probe = match self.only {
                 None => grad.sum(),
                 Some(_) => grad.mul_scalar(0.0).sum(),
@@ -325,12 +323,12 @@ struct NonFiniteZeroing<'a> {
     ids: &'a [ParamId],
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for NonFiniteZeroing<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl ModuleVisitor for NonFiniteZeroing<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if !self.ids.contains(&param.id) {
             return;
         }
-        if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+        if let Some(grad) = self.grads.remove::<D>(param.id) {
             let bad = grad.clone().is_finite().bool_not();
             self.grads.register(param.id, grad.mask_fill(bad, 0.0));
         }
@@ -339,10 +337,10 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for NonFiniteZeroing<'_> {
 
 /// `basis` on `device`: borrowed when it is there already, else a moved copy (a record loaded onto
 /// one device while the parameters live on another).
-fn on_device<'b, B: Backend>(
-    basis: &'b LowRankBasis<B>,
-    device: &B::Device,
-) -> Cow<'b, LowRankBasis<B>> {
+fn on_device<'b>(
+    basis: &'b LowRankBasis,
+    device: &Device,
+) -> Cow<'b, LowRankBasis> {
     if basis.device() == *device {
         Cow::Borrowed(basis)
     } else {
@@ -380,7 +378,7 @@ fn tensor_stats(targets: &Targets, param: ParamId, stats: ProjectionStats) -> Te
 ///
 /// [`SpfError::ShapeMismatch`] naming the first parameter (in module order) whose gradient does
 /// not have its shape.
-pub(crate) fn check_gradient_shapes<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn check_gradient_shapes<M: Module>(
     module: &M,
     grads: &GradientsParams,
     targets: &Targets,
@@ -396,13 +394,13 @@ pub(crate) fn check_gradient_shapes<M: AutodiffModule<B>, B: AutodiffBackend>(
 
 /// Takes the gradient of every parameter of `module` that has a basis out of `grads` and starts
 /// its projection.
-pub(crate) fn prepare_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn prepare_gradients<M: Module>(
     module: &M,
     grads: &mut GradientsParams,
-    bases: &Bases<B>,
+    bases: &Bases,
     mode: ProjectionMode,
-) -> Result<PendingSet<B::InnerBackend>, SpfError> {
-    let mut pass = GradientProjection::<B>::new(grads, bases, mode, Then::Keep);
+) -> Result<PendingSet, SpfError> {
+    let mut pass = GradientProjection::new(grads, bases, mode, Then::Keep);
     module.visit(&mut pass);
     match pass.error {
         Some(error) => Err(error),
@@ -414,14 +412,14 @@ pub(crate) fn prepare_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
 
 /// Projects, in place, the gradient of every parameter of `module` that has a basis; with
 /// `measure`, keeps what their statistics need for one read.
-pub(crate) fn project_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn project_gradients<M: Module>(
     module: &M,
     grads: &mut GradientsParams,
-    bases: &Bases<B>,
+    bases: &Bases,
     mode: ProjectionMode,
     measure: bool,
-) -> Result<MeasuredSet<B::InnerBackend>, SpfError> {
-    let mut pass = GradientProjection::<B>::new(grads, bases, mode, Then::Finish { measure });
+) -> Result<MeasuredSet, SpfError> {
+    let mut pass = GradientProjection::new(grads, bases, mode, Then::Finish { measure });
     module.visit(&mut pass);
     match pass.error {
         Some(error) => Err(error),
@@ -433,12 +431,12 @@ pub(crate) fn project_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
 
 /// `W_old` (as its 2-D view) of every parameter of `module` that has a basis and a gradient,
 /// taken before the inner optimizer steps.
-pub(crate) fn snapshot_updates<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn snapshot_updates<M: Module>(
     module: &M,
     grads: &GradientsParams,
-    bases: &Bases<B>,
-) -> HashMap<ParamId, Tensor<B::InnerBackend, 2>> {
-    let mut snapshot = UpdateSnapshot::<B> {
+    bases: &Bases,
+) -> HashMap<ParamId, Tensor<2>> {
+    let mut snapshot = UpdateSnapshot {
         grads,
         bases,
         before: HashMap::new(),
@@ -448,13 +446,13 @@ pub(crate) fn snapshot_updates<M: AutodiffModule<B>, B: AutodiffBackend>(
 }
 
 /// Starts the projection of the update of every parameter snapshotted in `before`.
-pub(crate) fn prepare_updates<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn prepare_updates<M: Module>(
     module: &M,
-    before: &HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
-    bases: &Bases<B>,
+    before: &HashMap<ParamId, Tensor<2>>,
+    bases: &Bases,
     mode: ProjectionMode,
-) -> Result<PendingSet<B::InnerBackend>, SpfError> {
-    let mut pass = UpdatePreparation::<B> {
+) -> Result<PendingSet, SpfError> {
+    let mut pass = UpdatePreparation {
         before,
         bases,
         mode,
@@ -472,39 +470,39 @@ pub(crate) fn prepare_updates<M: AutodiffModule<B>, B: AutodiffBackend>(
 
 /// Finishes every projection of `set` and sets each parameter to `W_old − G̃`; `stats`, when
 /// read, leaves those from which nothing is removed as the inner optimizer made them.
-pub(crate) fn replace_updates<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn replace_updates<M: Module>(
     module: M,
-    before: HashMap<ParamId, Tensor<B::InnerBackend, 2>>,
-    set: PendingSet<B::InnerBackend>,
+    before: HashMap<ParamId, Tensor<2>>,
+    set: PendingSet,
     stats: &[TensorStats],
 ) -> M {
     let mut projected = set.finish(stats);
     for t in stats.iter().filter(|t| t.stats.removed == 0) {
         projected.remove(&t.param);
     }
-    module.map(&mut UpdateReplacement::<B> { before, projected })
+    module.map(&mut UpdateReplacement { before, projected })
 }
 
 /// Moves every basis onto its parameter's device; returns how many of `module`'s parameters
 /// have a basis.
-pub(crate) fn place_bases<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn place_bases<M: Module>(
     module: &M,
-    bases: &mut Bases<B>,
+    bases: &mut Bases,
 ) -> usize {
-    let mut placement = BasisPlacement::<B> { bases, found: 0 };
+    let mut placement = BasisPlacement { bases, found: 0 };
     module.visit(&mut placement);
     placement.found
 }
 
 /// The fast probe of every gradient of `module`, on the device: see [`NonFiniteProbe`].
-pub(crate) struct Probes<B: Backend> {
+pub(crate) struct Probes {
     ids: Vec<ParamId>,
-    sums: Vec<Tensor<B, 1>>,
+    sums: Vec<Tensor<1>>,
 }
 
-impl<B: Backend> Probes<B> {
+impl Probes {
     /// The probe values, one per gradient, for one read.
-    pub(crate) fn values(&self) -> Vec<Tensor<B, 1>> {
+    pub(crate) fn values(&self) -> Vec<Tensor<1>> {
         self.sums.clone()
     }
 
@@ -517,11 +515,11 @@ impl<B: Backend> Probes<B> {
 }
 
 /// Sums every gradient of `module` in `grads`, on the device; nothing is read.
-pub(crate) fn probe_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn probe_gradients<M: Module>(
     module: &M,
     grads: &GradientsParams,
-) -> Probes<B::InnerBackend> {
-    let mut probe = NonFiniteProbe::<B> {
+) -> Probes {
+    let mut probe = NonFiniteProbe {
         grads,
         only: None,
         probes: Vec::new(),
@@ -533,7 +531,7 @@ pub(crate) fn probe_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
 
 /// Of the `suspects` (gradients whose fast probe was not finite), those that hold NaN or ±Inf:
 /// one exact probe of each, read back together.
-pub(crate) fn non_finite_among<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn non_finite_among<M: Module>(
     module: &M,
     grads: &GradientsParams,
     suspects: &[ParamId],
@@ -541,7 +539,7 @@ pub(crate) fn non_finite_among<M: AutodiffModule<B>, B: AutodiffBackend>(
     if suspects.is_empty() {
         return Vec::new();
     }
-    let mut probe = NonFiniteProbe::<B> {
+    let mut probe = NonFiniteProbe {
         grads,
         only: Some(suspects),
         probes: Vec::new(),
@@ -549,7 +547,7 @@ pub(crate) fn non_finite_among<M: AutodiffModule<B>, B: AutodiffBackend>(
     module.visit(&mut probe);
     let (ids, probes): (Vec<ParamId>, Vec<_>) = probe.probes.into_iter().unzip();
     let values = host::read(probes);
-    let exact = Probes::<B::InnerBackend> {
+    let exact = Probes {
         ids,
         sums: Vec::new(),
     };
@@ -557,7 +555,7 @@ pub(crate) fn non_finite_among<M: AutodiffModule<B>, B: AutodiffBackend>(
 }
 
 /// Replaces the NaN and ±Inf entries of the gradients of `ids` with 0.
-pub(crate) fn zero_non_finite<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn zero_non_finite<M: Module>(
     module: &M,
     grads: &mut GradientsParams,
     ids: &[ParamId],
@@ -566,7 +564,7 @@ pub(crate) fn zero_non_finite<M: AutodiffModule<B>, B: AutodiffBackend>(
 }
 
 /// Each parameter's gradients summed over the devices of `multi`, by burn's own reduction.
-pub(crate) fn reduce_gradients<M: AutodiffModule<B>, B: AutodiffBackend>(
+pub(crate) fn reduce_gradients<M: Module>(
     module: &M,
     multi: &mut MultiGradientsParams,
 ) -> GradientsParams {

@@ -4,7 +4,7 @@
 //! the tests hold the device projection to. Adding a mode is one new variant and one new arm in
 //! each method of this file; nothing else matches on the mode.
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Tensor};
 use serde::{Deserialize, Serialize};
 use spf_subspace::LowRankBasis;
 
@@ -48,11 +48,11 @@ impl ProjectionMode {
 
     /// `c` and the side product it is read from, for a basis of rank `k > 0`: `UᵀG` (`[k,
     /// d_out]`), or `G V` (`[d_in, k]`) for `RowSpace`, whose removal needs it.
-    pub(crate) fn coefficients<B: Backend>(
+    pub(crate) fn coefficients(
         self,
-        grad: &Tensor<B, 2>,
-        basis: &LowRankBasis<B>,
-    ) -> (Tensor<B, 1>, Tensor<B, 2>) {
+        grad: &Tensor<2>,
+        basis: &LowRankBasis,
+    ) -> (Tensor<1>, Tensor<2>) {
         let k = basis.rank();
         match self {
             Self::RowSpace => {
@@ -80,11 +80,11 @@ impl ProjectionMode {
 
     /// `r`, the coefficients of `U diag(r) Vᵀ` that the rank-`k` modes subtract, from `c`, on
     /// the device; `None` for the subspace modes and for `Pcgrad` against `D = 0`.
-    pub(crate) fn removal<B: Backend>(
+    pub(crate) fn removal(
         self,
-        c: &Tensor<B, 1>,
-        basis: &LowRankBasis<B>,
-    ) -> Option<Tensor<B, 1>> {
+        c: &Tensor<1>,
+        basis: &LowRankBasis,
+    ) -> Option<Tensor<1>> {
         match self {
             // r_i = c_i where direction i conflicts (c_i < 0), else 0.
             Self::ConflictOnly => Some(c.clone().clamp_max(0.0)),
@@ -109,12 +109,12 @@ impl ProjectionMode {
     /// `G̃` for a mode without a rank-`k` removal: the subspace modes remove their subspace
     /// through the side product; a rank-`k` mode with nothing to remove (`Pcgrad` with `D = 0`)
     /// leaves `G` as it is.
-    pub(crate) fn remove_without_rule<B: Backend>(
+    pub(crate) fn remove_without_rule(
         self,
-        grad: Tensor<B, 2>,
-        basis: &LowRankBasis<B>,
-        side: Tensor<B, 2>,
-    ) -> Tensor<B, 2> {
+        grad: Tensor<2>,
+        basis: &LowRankBasis,
+        side: Tensor<2>,
+    ) -> Tensor<2> {
         match self {
             Self::RowSpace => subtract_product(grad, side, basis.v().clone().transpose()),
             Self::ColumnSpace => subtract_product(grad, basis.u().clone(), side),

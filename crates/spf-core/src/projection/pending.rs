@@ -1,7 +1,7 @@
 //! [`Pending`]: one projection on the device before anything is read back, its removal applied
 //! in place, and its readout for the statistics.
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Tensor};
 use spf_subspace::LowRankBasis;
 
 use super::mode::ProjectionMode;
@@ -16,19 +16,19 @@ use crate::kernels::subtract_product;
 /// `G` untouched when nothing is removed); the optimizer's step
 /// [`finish_measured`](Self::finish_measured)es each gradient at once, while it is still in the
 /// caches, and reads all their readouts in one transfer after the last (or none).
-pub(crate) struct Pending<B: Backend> {
-    grad: Tensor<B, 2>,
-    basis: LowRankBasis<B>,
+pub(crate) struct Pending {
+    grad: Tensor<2>,
+    basis: LowRankBasis,
     mode: ProjectionMode,
     /// `c`, when `k > 0`.
-    coefficients: Option<Tensor<B, 1>>,
+    coefficients: Option<Tensor<1>>,
     /// `UᵀG` (`[k, d_out]`), or `G V` (`[d_in, k]`) for `RowSpace`, when `k > 0`.
-    side: Option<Tensor<B, 2>>,
+    side: Option<Tensor<2>>,
     /// `r` of the rank-`k` modes, the rule of the [module docs](super) applied on the device.
-    removal: Option<Tensor<B, 1>>,
+    removal: Option<Tensor<1>>,
 }
 
-impl<B: Backend> Pending<B> {
+impl Pending {
     /// The device half of projecting `grad` against `basis`: the coefficients, and the removal
     /// coefficients that `mode`'s rule takes from them, with no read back to the host.
     ///
@@ -36,8 +36,8 @@ impl<B: Backend> Pending<B> {
     ///
     /// [`SpfError::ShapeMismatch`] when `grad` is not `basis.d_in() × basis.d_out()`.
     pub(crate) fn new(
-        grad: Tensor<B, 2>,
-        basis: &LowRankBasis<B>,
+        grad: Tensor<2>,
+        basis: &LowRankBasis,
         mode: ProjectionMode,
     ) -> Result<Self, SpfError> {
         let [d_in, d_out] = grad.dims();
@@ -67,7 +67,7 @@ impl<B: Backend> Pending<B> {
     }
 
     /// The side product when the subspace modes need its per-direction energies.
-    fn subspace_side(&self) -> Option<&Tensor<B, 2>> {
+    fn subspace_side(&self) -> Option<&Tensor<2>> {
         self.side.as_ref().filter(|_| self.mode.removes_subspace())
     }
 
@@ -83,7 +83,7 @@ impl<B: Backend> Pending<B> {
     /// `G̃` now, with the removal always applied, and (when `measure`) what its statistics need
     /// later: the readout, computed from `G` before the removal overwrites it, and `G̃` itself.
     /// No read: the optimizer reads every matrix's readout in one transfer after the last.
-    pub(crate) fn finish_measured(self, measure: bool) -> (Tensor<B, 2>, Option<Measured<B>>) {
+    pub(crate) fn finish_measured(self, measure: bool) -> (Tensor<2>, Option<Measured>) {
         let measured = measure.then(|| Measured {
             layout: self.layout(),
             readout: self.readout(),
@@ -101,7 +101,7 @@ impl<B: Backend> Pending<B> {
 
     /// `G̃`: the removal applied on the device, or `G` itself, untouched, when `unchanged` (the
     /// host has read that nothing is removed).
-    pub(crate) fn finish(self, unchanged: bool) -> Tensor<B, 2> {
+    pub(crate) fn finish(self, unchanged: bool) -> Tensor<2> {
         let Self {
             grad,
             basis,
@@ -124,11 +124,11 @@ impl<B: Backend> Pending<B> {
     }
 }
 
-impl<B: Backend> Readout<B> for Pending<B> {
+impl Readout for Pending {
     /// The numbers the statistics need, as one device vector: `[c, r, ‖G‖², per-direction
     /// energies]`, where `r` is there for the rank-`k` modes and the energies `‖u_iᵀG‖²` (or
     /// `‖G v_i‖²`) for the subspace modes.
-    fn readout(&self) -> Tensor<B, 1> {
+    fn readout(&self) -> Tensor<1> {
         let mut parts: Vec<_> = self
             .coefficients
             .iter()

@@ -2,7 +2,7 @@
 //! the [`Readout`] of a projection whose read is deferred, a finished projection awaiting its
 //! read ([`Measured`]), and the energies that rebuild `‖G‖²` at extreme magnitudes.
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Tensor};
 
 use super::mode::ProjectionMode;
 use super::stats::ProjectionStats;
@@ -50,35 +50,35 @@ impl Layout {
 
 /// Whether `‖G‖²`, summed in `f32`, can be trusted: finite, and not so small that underflow may
 /// have lost entries.
-pub(crate) fn plausible<B: Backend>(energy: f64, grad: &Tensor<B, 2>) -> bool {
+pub(crate) fn plausible(energy: f64, grad: &Tensor<2>) -> bool {
     energy.is_finite() && energy >= grad.shape().num_elements() as f64 * 1e-30
 }
 
 /// A finished projection whose statistics wait for the host's read of its readout.
-pub(crate) struct Measured<B: Backend> {
+pub(crate) struct Measured {
     pub(crate) layout: Layout,
-    pub(crate) readout: Tensor<B, 1>,
+    pub(crate) readout: Tensor<1>,
     /// `UᵀG` or `G V`, for the subspace modes' energies at extreme magnitudes.
-    pub(crate) side: Option<Tensor<B, 2>>,
+    pub(crate) side: Option<Tensor<2>>,
     pub(crate) sigma: Vec<f64>,
     /// `G̃`, for `‖G‖²` at extreme magnitudes.
-    pub(crate) projected: Option<Tensor<B, 2>>,
+    pub(crate) projected: Option<Tensor<2>>,
 }
 
 /// A projection whose statistics come from a readout, read back to the host (for many
 /// projections at once, by the optimizer).
-pub(crate) trait Readout<B: Backend> {
+pub(crate) trait Readout {
     /// The numbers the statistics need, as one device vector.
-    fn readout(&self) -> Tensor<B, 1>;
+    fn readout(&self) -> Tensor<1>;
     /// The length of [`Self::readout`].
     fn readout_len(&self) -> usize;
     /// The statistics, from the readout read back to the host.
     fn stats(&self, readout: &[f64]) -> ProjectionStats;
 }
 
-impl<B: Backend> Readout<B> for Measured<B> {
+impl Readout for Measured {
     /// The numbers to read, computed from `G` before the removal.
-    fn readout(&self) -> Tensor<B, 1> {
+    fn readout(&self) -> Tensor<1> {
         self.readout.clone()
     }
 
@@ -102,7 +102,7 @@ impl<B: Backend> Readout<B> for Measured<B> {
         let mut grad_energy = read.grad_energy;
         let unreliable = |e: f64| !e.is_finite();
         if !plausible(grad_energy, projected) || side_energy.iter().copied().any(unreliable) {
-            let scale = |t: &Tensor<B, 2>| t.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
+            let scale = |t: &Tensor<2>| t.clone().abs().max().clamp_min(f32::MIN_POSITIVE);
             let s = scale(projected);
             let mut parts = vec![s.clone(), energies(projected, None, mode, Some(s))];
             if let Some(side) = &self.side {
@@ -128,13 +128,13 @@ impl<B: Backend> Readout<B> for Measured<B> {
 /// `[‖G/s‖², ‖side_i/s‖²…]` as one device vector, where `side` is `UᵀG` (`[k, d_out]`,
 /// energies by row) for `ColumnSpace` and `G V` (`[d_in, k]`, by column) for `RowSpace`, and `s`
 /// is `scale` or 1.
-pub(crate) fn energies<B: Backend>(
-    grad: &Tensor<B, 2>,
-    side: Option<&Tensor<B, 2>>,
+pub(crate) fn energies(
+    grad: &Tensor<2>,
+    side: Option<&Tensor<2>>,
     mode: ProjectionMode,
-    scale: Option<Tensor<B, 1>>,
-) -> Tensor<B, 1> {
-    let scaled = |t: &Tensor<B, 2>| match &scale {
+    scale: Option<Tensor<1>>,
+) -> Tensor<1> {
+    let scaled = |t: &Tensor<2>| match &scale {
         Some(s) => t.clone().div(s.clone().unsqueeze()),
         None => t.clone(),
     };

@@ -15,24 +15,24 @@ use crate::{NonFinitePolicy, ProjectionTarget, RefreshPolicy};
 /// Marks every parameter as burn-train's DDP worker does.
 struct Mark;
 
-impl ModuleMapper<B> for Mark {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+impl ModuleMapper for Mark {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let id = param.id;
         param.map(|t| t.set_distributed(DistributedParamId::from(id.val())))
     }
 }
 
 /// The paths of the parameters that lost their mark.
-fn unmarked(model: &Net<B>) -> Vec<String> {
+fn unmarked(model: &Net) -> Vec<String> {
     struct Visit(Vec<String>, Vec<String>);
-    impl burn::module::ModuleVisitor<B> for Visit {
+    impl burn::module::ModuleVisitor for Visit {
         fn enter_module(&mut self, name: &str, _: &str) {
             self.1.push(name.to_owned());
         }
         fn exit_module(&mut self, _: &str, _: &str) {
             self.1.pop();
         }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if !param.val().is_distributed() {
                 self.0.push(format!("{}#{}", self.1.join("."), param.id));
             }
@@ -43,7 +43,7 @@ fn unmarked(model: &Net<B>) -> Vec<String> {
     visit.0
 }
 
-fn poisoned(model: &Net<B>, seed: u64) -> GradientsParams {
+fn poisoned(model: &Net, seed: u64) -> GradientsParams {
     let mut g = grads(model, seed);
     let w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
     let nan = Tensor::full([1, 1], f32::NAN, &Default::default());
@@ -63,15 +63,15 @@ fn every_step_keeps_the_distributed_mark() {
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
         for policy in policies {
             let context = format!("{target:?}, {policy:?}");
-            let mut model = Net::<B>::new(&device).map(&mut Mark);
+            let mut model = Net::new(&device).map(&mut Mark);
             assert!(unmarked(&model).is_empty(), "{context}: the fixture marks");
             // A refresh every 2 steps: its backward pass runs on the marked parameters too.
             let config = config(ProjectionMode::ConflictOnly)
                 .with_target(target)
                 .with_non_finite(policy)
                 .with_refresh(RefreshPolicy::Every(2));
-            let mut optim = adamw(config, &model).with_safety_source(|m: &Net<B>| {
-                let x = Tensor::<B, 2>::ones([2, 4], &Default::default());
+            let mut optim = adamw(config, &model).with_safety_source(|m: &Net| {
+                let x = Tensor::<2>::ones([2, 4], &Default::default());
                 m.forward(x).square().mean()
             });
             for step in 0..5 {

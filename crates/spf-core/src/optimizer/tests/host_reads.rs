@@ -9,7 +9,7 @@ fn a_step_reads_from_the_device_once_or_not_at_all() {
     use NonFinitePolicy::{Error, Unchecked};
     use ProjectionTarget::{Gradient, Update};
     use StatsPolicy::{EveryStep, Off};
-    let model = Net::<B>::new(&Default::default());
+    let model = Net::new(&Default::default());
     // (statistics, probe, target, reads per step): the probe shares the statistics' read,
     // except under the Update target, whose statistics come after the inner step.
     let cases = [
@@ -48,7 +48,7 @@ fn a_step_reads_from_the_device_once_or_not_at_all() {
 
 #[test]
 fn reading_the_statistics_or_not_takes_the_same_step() {
-    let model = Net::<B>::new(&Default::default());
+    let model = Net::new(&Default::default());
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
         for mode in ProjectionMode::ALL {
             let run = |stats: StatsPolicy| {
@@ -71,7 +71,7 @@ fn reading_the_statistics_or_not_takes_the_same_step() {
 
 #[test]
 fn the_probe_acts_the_same_inside_the_statistics_read_or_alone() {
-    let model = Net::<B>::new(&Default::default());
+    let model = Net::new(&Default::default());
     for policy in [
         NonFinitePolicy::Error,
         NonFinitePolicy::SkipStep,
@@ -152,7 +152,7 @@ fn the_step_path_reads_only_through_the_counted_function() {
 /// shares, cosines and (scaled) energies as at magnitude 1.
 #[test]
 fn statistics_read_after_the_step_are_exact_at_extreme_magnitudes() {
-    let model = Net::<B>::new(&Default::default());
+    let model = Net::new(&Default::default());
     let scaled = |scale: f32| {
         let mut g = grads(&model, 5);
         for (id, _) in bases(&model) {

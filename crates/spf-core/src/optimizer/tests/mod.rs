@@ -8,7 +8,7 @@ use burn::nn::Linear;
 use burn::optim::{AdamWConfig, GradientsParams, MultiGradientsParams, Optimizer, SgdConfig};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::DeviceOps;
-use burn::tensor::{Tensor, TensorData, activation::tanh, backend::Backend};
+use burn::tensor::{Tensor, TensorData, activation::tanh};
 use faer::Mat;
 
 use super::*;
@@ -21,17 +21,17 @@ type Inner = TestBackend;
 
 /// Three layers named so that a path filter can tell them apart, and a rank-3 parameter.
 #[derive(Module, Debug)]
-struct Net<B: Backend> {
-    attn: Linear<B>,
-    mlp: Linear<B>,
-    head: Linear<B>,
-    cube: Param<Tensor<B, 3>>,
+struct Net {
+    attn: Linear,
+    mlp: Linear,
+    head: Linear,
+    cube: Param<Tensor<3>>,
 }
 
-impl<B: Backend> Net<B> {
+impl Net {
     /// Seeded and initialized eagerly: clones of a lazily initialized module would each draw
     /// their own random weights.
-    fn new(device: &B::Device) -> Self {
+    fn new(device: &Device) -> Self {
         let mut rng = Gaussian::new(99);
         let mut param = |dims: &[usize]| {
             let n = dims.iter().product();
@@ -50,7 +50,7 @@ impl<B: Backend> Net<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let h = tanh(self.attn.forward(x));
         let h = tanh(self.mlp.forward(h));
         // The cube mixes the first three outputs: out[:, j] += Σ_i h[:, i] · Σ cube[i, j, :].
@@ -62,17 +62,17 @@ impl<B: Backend> Net<B> {
 }
 
 /// The gradients of a seeded regression loss at `model`.
-fn grads(model: &Net<B>, seed: u64) -> GradientsParams {
+fn grads(model: &Net, seed: u64) -> GradientsParams {
     let device = Default::default();
     let mut rng = Gaussian::new(seed);
-    let x = upload::<B>(&rng.matrix(8, 4), &device);
-    let y = upload::<B>(&rng.matrix(8, 3), &device);
+    let x = upload(&rng.matrix(8, 4), &device);
+    let y = upload(&rng.matrix(8, 3), &device);
     let loss = (model.forward(x) - y).square().mean();
     GradientsParams::from_grads(loss.backward(), model)
 }
 
 /// Random bases for the two protected weights and the rank-3 cube (viewed as 3 × 4).
-fn bases(model: &Net<B>) -> Vec<(ParamId, LowRankBasis<Inner>)> {
+fn bases(model: &Net) -> Vec<(ParamId, LowRankBasis<Inner>)> {
     let device = Default::default();
     let mut rng = Gaussian::new(1234);
     vec![
@@ -93,16 +93,16 @@ fn config(mode: ProjectionMode) -> SpfConfig {
 /// AdamW wrapped with `config` around the fixture bases.
 fn adamw(
     config: SpfConfig,
-    model: &Net<B>,
-) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B> + use<>, B> {
+    model: &Net,
+) -> SafetyProjectedOptimizer<impl Optimizer<Net, B> + use<>, B> {
     config
-        .init(AdamWConfig::new().init::<B, Net<B>>(), model, bases(model))
+        .init(AdamWConfig::new().init::<B, Net>(), model, bases(model))
         .unwrap()
 }
 
 /// Every float parameter of the model on the host, as 2-D views, by id.
-fn params(model: &Net<B>) -> Vec<(ParamId, Mat<f64>)> {
-    let linear = |l: &Linear<B>| {
+fn params(model: &Net) -> Vec<(ParamId, Mat<f64>)> {
+    let linear = |l: &Linear| {
         let mut out = vec![(l.weight.id, download(l.weight.val().inner()))];
         if let Some(bias) = &l.bias {
             out.push((bias.id, download(bias.val().inner().unsqueeze_dim(1))));
@@ -120,7 +120,7 @@ fn params(model: &Net<B>) -> Vec<(ParamId, Mat<f64>)> {
 }
 
 /// The rank of a matrix-or-larger parameter, `None` for the vectors.
-fn rank_of(model: &Net<B>, id: ParamId) -> Option<usize> {
+fn rank_of(model: &Net, id: ParamId) -> Option<usize> {
     if id == model.cube.id {
         Some(3)
     } else {
@@ -131,7 +131,7 @@ fn rank_of(model: &Net<B>, id: ParamId) -> Option<usize> {
     }
 }
 
-fn assert_close(a: &Net<B>, b: &Net<B>, tol: f64) {
+fn assert_close(a: &Net, b: &Net, tol: f64) {
     for ((id, x), (_, y)) in params(a).iter().zip(params(b)) {
         let err = crate::testing::max_abs_diff(x, &y);
         assert!(err <= tol, "parameter {id}: {err:e} > {tol:e}");
@@ -139,11 +139,11 @@ fn assert_close(a: &Net<B>, b: &Net<B>, tol: f64) {
 }
 
 /// Steps `optim` on the gradients of `grads(model, seed)` for each seed in `steps`.
-fn train<S: SafetyGradientSource<Net<B>, B>>(
-    optim: &mut SafetyProjectedOptimizer<impl Optimizer<Net<B>, B>, B, S>,
-    mut model: Net<B>,
+fn train<S: SafetyGradientSource<Net, B>>(
+    optim: &mut SafetyProjectedOptimizer<impl Optimizer<Net, B>, B, S>,
+    mut model: Net,
     steps: std::ops::Range<u64>,
-) -> Net<B> {
+) -> Net {
     for seed in steps {
         let g = grads(&model, seed);
         model = optim.step(1e-2, model, g);
@@ -152,13 +152,13 @@ fn train<S: SafetyGradientSource<Net<B>, B>>(
 }
 
 /// Every parameter of `a` and `b` is bit-identical.
-fn assert_same(a: &Net<B>, b: &Net<B>, context: &str) {
+fn assert_same(a: &Net, b: &Net, context: &str) {
     for ((id, x), (_, y)) in params(a).into_iter().zip(params(b)) {
         assert_eq!(x, y, "{context}: parameter {id} differs");
     }
 }
 
-fn assert_bitwise<const D: usize>(a: &Param<Tensor<B, D>>, b: &Param<Tensor<B, D>>) {
+fn assert_bitwise<const D: usize>(a: &Param<Tensor<D>>, b: &Param<Tensor<D>>) {
     assert_eq!(
         a.val().into_data(),
         b.val().into_data(),
@@ -168,7 +168,7 @@ fn assert_bitwise<const D: usize>(a: &Param<Tensor<B, D>>, b: &Param<Tensor<B, D
 }
 
 /// The gradients with each protected one replaced by its projection.
-fn projected_grads(model: &Net<B>, seed: u64, mode: ProjectionMode) -> GradientsParams {
+fn projected_grads(model: &Net, seed: u64, mode: ProjectionMode) -> GradientsParams {
     let mut grads = grads(model, seed);
     for (id, basis) in bases(model) {
         // `remove` must be called with the parameter's true rank.

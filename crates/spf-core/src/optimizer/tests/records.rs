@@ -5,7 +5,7 @@ use super::*;
 use crate::RECORD_VERSION;
 
 /// `record` written to bytes at full precision and read back onto `device`, as a checkpoint is.
-fn through_bytes<R: burn::record::Record<B>>(record: R, device: &burn::tensor::Device<B>) -> R {
+fn through_bytes<R: burn::record::Record>(record: R, device: &burn::tensor::Device) -> R {
     let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
     let bytes = recorder.record(record, ()).unwrap();
     recorder.load(bytes, device).unwrap()
@@ -14,7 +14,7 @@ fn through_bytes<R: burn::record::Record<B>>(record: R, device: &burn::tensor::D
 #[test]
 fn record_round_trip_continues_identically() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let cfg = config(ProjectionMode::ConflictOnly).with_target(ProjectionTarget::Update);
     let mut optim = cfg
         .init(AdamWConfig::new().init(), &model, bases(&model))
@@ -41,7 +41,7 @@ fn record_round_trip_continues_identically() {
 fn a_record_loads_into_a_wrapper_built_for_a_fresh_copy_of_the_model() {
     let device = Default::default();
     let cfg = config(ProjectionMode::ConflictOnly).with_refresh(crate::RefreshPolicy::Never);
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut optim = cfg
         .init(AdamWConfig::new().init(), &model, bases(&model))
         .unwrap();
@@ -50,12 +50,12 @@ fn a_record_loads_into_a_wrapper_built_for_a_fresh_copy_of_the_model() {
     let optim_record = through_bytes(optim.to_record(), &device);
     let model_record = through_bytes(model.clone().into_record(), &device);
 
-    let fresh = Net::<B>::new(&device);
+    let fresh = Net::new(&device);
     assert_ne!(fresh.attn.weight.id, model.attn.weight.id, "new ids");
     let mut restored = cfg
         .init(AdamWConfig::new().init(), &fresh, [])
         .unwrap()
-        .try_load_record::<Net<B>>(optim_record)
+        .try_load_record::<Net>(optim_record)
         .unwrap();
     assert_eq!(restored.bases().len(), 3);
 
@@ -76,7 +76,7 @@ fn a_record_loads_into_a_wrapper_built_for_a_fresh_copy_of_the_model() {
 #[test]
 fn init_rejects_bases_that_do_not_fit() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let basis = |d_in, d_out| {
         Gaussian::new(0)
             .basis(d_in, d_out, 1)
@@ -84,7 +84,7 @@ fn init_rejects_bases_that_do_not_fit() {
     };
     let init = |bases: Vec<(ParamId, LowRankBasis<Inner>)>| {
         config(ProjectionMode::ConflictOnly)
-            .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases)
+            .init(SgdConfig::new().init::<B, Net>(), &model, bases)
             .map(|_| ())
     };
 
@@ -115,7 +115,7 @@ fn init_rejects_bases_that_do_not_fit() {
     );
     let bad_regex = SpfConfig::new()
         .with_estimator(SubspaceConfig::new().with_filter(ParamFilter::path_regex("(")))
-        .init(SgdConfig::new().init::<B, Net<B>>(), &model, []);
+        .init(SgdConfig::new().init::<B, Net>(), &model, []);
     assert!(matches!(
         bad_regex,
         Err(SpfError::Subspace(SubspaceError::InvalidFilter { .. }))
@@ -125,10 +125,10 @@ fn init_rejects_bases_that_do_not_fit() {
 #[test]
 fn bases_are_truncated_to_the_configured_rank() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let optim = config(ProjectionMode::ConflictOnly)
         .with_estimator(estimator().with_rank(RankPolicy::Fixed(1)))
-        .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases(&model))
+        .init(SgdConfig::new().init::<B, Net>(), &model, bases(&model))
         .unwrap();
     assert!(optim.bases().values().all(|b| b.rank() == 1));
 }
@@ -136,13 +136,13 @@ fn bases_are_truncated_to_the_configured_rank() {
 #[test]
 fn load_record_rejects_records_that_do_not_fit() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let cfg = config(ProjectionMode::ConflictOnly);
     let optim = cfg
-        .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases(&model))
+        .init(SgdConfig::new().init::<B, Net>(), &model, bases(&model))
         .unwrap();
     let fresh = || {
-        cfg.init(SgdConfig::new().init::<B, Net<B>>(), &model, [])
+        cfg.init(SgdConfig::new().init::<B, Net>(), &model, [])
             .unwrap()
     };
 
@@ -150,7 +150,7 @@ fn load_record_rejects_records_that_do_not_fit() {
     record.version = RECORD_VERSION + 1;
     assert_eq!(
         fresh()
-            .try_load_record::<Net<B>>(record)
+            .try_load_record::<Net>(record)
             .err()
             .map(|e| e.error),
         Some(SpfError::UnsupportedRecordVersion {
@@ -165,7 +165,7 @@ fn load_record_rejects_records_that_do_not_fit() {
     renamed.params[0].path = "elsewhere.weight".into();
     assert!(matches!(
         fresh()
-            .try_load_record::<Net<B>>(renamed)
+            .try_load_record::<Net>(renamed)
             .map_err(|e| e.error),
         Err(SpfError::RecordMismatch { .. })
     ));
@@ -173,7 +173,7 @@ fn load_record_rejects_records_that_do_not_fit() {
     fewer.params.pop();
     assert!(matches!(
         fresh()
-            .try_load_record::<Net<B>>(fewer)
+            .try_load_record::<Net>(fewer)
             .map_err(|e| e.error),
         Err(SpfError::RecordMismatch { .. })
     ));
@@ -187,7 +187,7 @@ fn load_record_rejects_records_that_do_not_fit() {
     record.bases[0].v = Tensor::from_inner(v);
     assert!(matches!(
         fresh()
-            .try_load_record::<Net<B>>(record)
+            .try_load_record::<Net>(record)
             .map_err(|e| e.error),
         Err(SpfError::ShapeMismatch { .. })
     ));
@@ -197,7 +197,7 @@ fn load_record_rejects_records_that_do_not_fit() {
     record.bases[0].u = record.bases[0].u.clone().mul_scalar(2.0);
     assert!(matches!(
         fresh()
-            .try_load_record::<Net<B>>(record)
+            .try_load_record::<Net>(record)
             .map_err(|e| e.error),
         Err(SpfError::InvalidBasis { .. })
     ));
@@ -208,7 +208,7 @@ fn load_record_rejects_records_that_do_not_fit() {
 #[test]
 fn a_refused_record_hands_the_optimizer_back_unchanged() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut optim = config(ProjectionMode::ConflictOnly)
         .init(AdamWConfig::new().init(), &model, bases(&model))
         .unwrap();
@@ -217,7 +217,7 @@ fn a_refused_record_hands_the_optimizer_back_unchanged() {
 
     let mut record = optim.to_record();
     record.bases[0].u = record.bases[0].u.clone().mul_scalar(2.0);
-    let refused = optim.try_load_record::<Net<B>>(record).err().unwrap();
+    let refused = optim.try_load_record::<Net>(record).err().unwrap();
     assert!(matches!(refused.error, SpfError::InvalidBasis { .. }));
     let mut back = *refused.optimizer;
     assert_eq!(back.steps(), 3);
@@ -238,7 +238,7 @@ fn a_refused_record_hands_the_optimizer_back_unchanged() {
 fn bases_loaded_onto_another_device_move_to_their_parameters() {
     use burn::backend::wgpu::WgpuDevice;
     let (here, there) = (WgpuDevice::DefaultDevice, WgpuDevice::Cpu);
-    let model = Net::<B>::new(&here);
+    let model = Net::new(&here);
     let cfg = config(ProjectionMode::ConflictOnly);
     let mut optim = cfg
         .init(SgdConfig::new().init(), &model, bases(&model))

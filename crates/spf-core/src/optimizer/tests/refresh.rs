@@ -6,11 +6,11 @@ use spf_subspace::{SafetySubspace, SketchConfig};
 
 /// The safety loss: fit two fixed inputs to fixed targets (a two-objective problem with the
 /// regression loss of `grads`).
-fn safety_loss(model: &Net<B>) -> Tensor<B, 1> {
+fn safety_loss(model: &Net) -> Tensor<1> {
     let device = Default::default();
     let mut rng = Gaussian::new(77);
-    let x = upload::<B>(&rng.matrix(2, 4), &device);
-    let y = upload::<B>(&rng.matrix(2, 3), &device);
+    let x = upload(&rng.matrix(2, 4), &device);
+    let y = upload(&rng.matrix(2, 3), &device);
     (model.forward(x) - y).square().mean()
 }
 
@@ -32,7 +32,7 @@ fn refreshing(policy: RefreshPolicy, target: ProjectionTarget) -> SpfConfig {
 fn frozen_parameters_pass_through_and_keep_their_bases() {
     let device = Default::default();
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
-        let mut model = Net::<B>::new(&device);
+        let mut model = Net::new(&device);
         model.attn = model.attn.no_grad();
         let mut optim = refreshing(RefreshPolicy::Every(1), target)
             .init(AdamWConfig::new().init(), &model, bases(&model))
@@ -82,7 +82,7 @@ fn frozen_parameters_pass_through_and_keep_their_bases() {
 #[test]
 fn every_one_re_estimates_before_every_step() {
     let device = Default::default();
-    let mut model = Net::<B>::new(&device);
+    let mut model = Net::new(&device);
     let config = refreshing(RefreshPolicy::Every(1), ProjectionTarget::Gradient);
     let mut optim = config
         .init(AdamWConfig::new().init(), &model, [])
@@ -118,7 +118,7 @@ fn every_one_re_estimates_before_every_step() {
 #[test]
 fn bases_given_at_init_count_as_step_zero() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut optim = refreshing(RefreshPolicy::Every(2), ProjectionTarget::Gradient)
         .init(AdamWConfig::new().init(), &model, bases(&model))
         .unwrap()
@@ -136,7 +136,7 @@ fn bases_given_at_init_count_as_step_zero() {
 #[test]
 fn record_round_trip_resumes_refreshing_identically() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let config = refreshing(RefreshPolicy::Every(1), ProjectionTarget::Update);
     let fresh = || {
         config
@@ -164,8 +164,8 @@ struct Flaky {
     good: usize,
 }
 
-impl SafetyGradientSource<Net<B>, B> for Flaky {
-    fn safety_gradients(&mut self, module: &Net<B>) -> Result<GradientsParams, SourceError> {
+impl SafetyGradientSource<Net, B> for Flaky {
+    fn safety_gradients(&mut self, module: &Net) -> Result<GradientsParams, SourceError> {
         if self.good == 0 {
             return Err("safety batch unavailable".into());
         }
@@ -180,7 +180,7 @@ impl SafetyGradientSource<Net<B>, B> for Flaky {
 #[test]
 fn failed_refresh_keeps_the_previous_bases_and_is_counted() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut optim = refreshing(RefreshPolicy::Every(1), ProjectionTarget::Gradient)
         .init(AdamWConfig::new().init(), &model, [])
         .unwrap()
@@ -210,9 +210,9 @@ fn failed_refresh_keeps_the_previous_bases_and_is_counted() {
 
     // Without a source, refreshes fail the same way.
     let mut sourceless = refreshing(RefreshPolicy::Every(1), ProjectionTarget::Gradient)
-        .init(AdamWConfig::new().init(), &Net::<B>::new(&device), [])
+        .init(AdamWConfig::new().init(), &Net::new(&device), [])
         .unwrap();
-    let m = Net::<B>::new(&device);
+    let m = Net::new(&device);
     let g = grads(&m, 0);
     let _ = sourceless.step(1e-2, m, g);
     assert_eq!(sourceless.last_stats().refresh.failures, 1);
@@ -221,7 +221,7 @@ fn failed_refresh_keeps_the_previous_bases_and_is_counted() {
 #[test]
 fn adaptive_period_doubles_while_the_subspace_is_settled() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let policy = RefreshPolicy::Adaptive {
         initial: 1,
         max: 4,
@@ -259,7 +259,7 @@ fn adaptive_period_doubles_while_the_subspace_is_settled() {
 #[test]
 fn resume_obeys_the_configured_refresh_policy() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let adaptive = |initial, max| RefreshPolicy::Adaptive {
         initial,
         max,
@@ -328,7 +328,7 @@ fn resume_obeys_the_configured_refresh_policy() {
 #[test]
 fn resume_restores_the_last_overlap_error_and_non_finite_counts() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let config = refreshing(RefreshPolicy::Every(1), ProjectionTarget::Gradient)
         .with_non_finite(crate::NonFinitePolicy::SkipStep);
     let mut first = config

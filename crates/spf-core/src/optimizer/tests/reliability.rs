@@ -3,7 +3,7 @@
 use super::*;
 use crate::{NonFinitePolicy, RefreshPolicy};
 
-fn poisoned_grads(model: &Net<B>, seed: u64, value: f32) -> GradientsParams {
+fn poisoned_grads(model: &Net, seed: u64, value: f32) -> GradientsParams {
     let mut g = grads(model, seed);
     let mut w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
     w = w.slice_assign(
@@ -16,8 +16,8 @@ fn poisoned_grads(model: &Net<B>, seed: u64, value: f32) -> GradientsParams {
 
 fn wrapper(
     policy: NonFinitePolicy,
-    model: &Net<B>,
-) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B>, B> {
+    model: &Net,
+) -> SafetyProjectedOptimizer<impl Optimizer<Net, B>, B> {
     adamw(
         config(ProjectionMode::ConflictOnly).with_non_finite(policy),
         model,
@@ -27,7 +27,7 @@ fn wrapper(
 #[test]
 fn non_finite_gradient_is_an_error_and_loses_nothing() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let mut optim = wrapper(NonFinitePolicy::Error, &model);
         let err = optim
@@ -57,7 +57,7 @@ fn non_finite_gradient_is_an_error_and_loses_nothing() {
 #[test]
 fn huge_finite_gradients_are_not_mistaken_for_non_finite_ones() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut g = grads(&model, 1);
     let w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
     let huge = Tensor::<Inner, 2>::full(w.dims(), f32::MAX / 20.0, &device);
@@ -77,7 +77,7 @@ fn huge_finite_gradients_are_not_mistaken_for_non_finite_ones() {
 #[should_panic(expected = "non-finite gradient for attn.weight")]
 fn optimizer_step_panics_with_the_error_message() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut optim = wrapper(NonFinitePolicy::Error, &model);
     let _ = optim.step(1e-2, model.clone(), poisoned_grads(&model, 1, f32::NAN));
 }
@@ -85,7 +85,7 @@ fn optimizer_step_panics_with_the_error_message() {
 #[test]
 fn skip_step_leaves_parameters_and_state_untouched() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut optim = wrapper(NonFinitePolicy::SkipStep, &model);
     let skipped = optim.step(1e-2, model.clone(), poisoned_grads(&model, 1, f32::NAN));
     assert_same(&skipped, &model, "a skipped step");
@@ -105,7 +105,7 @@ fn skip_step_leaves_parameters_and_state_untouched() {
 #[test]
 fn zero_non_finite_steps_on_the_cleaned_gradient() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut optim = wrapper(NonFinitePolicy::ZeroNonFinite, &model);
     let stepped = optim.step(
         1e-2,
@@ -125,7 +125,7 @@ fn zero_non_finite_steps_on_the_cleaned_gradient() {
 #[test]
 fn learning_rate_must_be_finite_and_non_negative() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     for lr in [f64::NAN, f64::INFINITY, -1e-3] {
         let mut optim = wrapper(NonFinitePolicy::Error, &model);
         let err = optim
@@ -139,13 +139,13 @@ fn learning_rate_must_be_finite_and_non_negative() {
     }
     // Zero is a valid (if idle) rate: SGD leaves every parameter where it was.
     let mut sgd = config(ProjectionMode::ConflictOnly)
-        .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases(&model))
+        .init(SgdConfig::new().init::<B, Net>(), &model, bases(&model))
         .unwrap();
     let same = sgd.try_step(0.0, model.clone(), grads(&model, 1)).unwrap();
     assert_same(&same, &model, "learning rate 0");
 }
 
-fn refreshing_every_step(model: &Net<B>) -> SafetyProjectedOptimizer<impl Optimizer<Net<B>, B>, B> {
+fn refreshing_every_step(model: &Net) -> SafetyProjectedOptimizer<impl Optimizer<Net, B>, B> {
     adamw(
         config(ProjectionMode::ConflictOnly).with_refresh(RefreshPolicy::Every(1)),
         model,
@@ -155,9 +155,9 @@ fn refreshing_every_step(model: &Net<B>) -> SafetyProjectedOptimizer<impl Optimi
 #[test]
 fn a_panicking_safety_source_is_a_counted_failure() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut optim = refreshing_every_step(&model)
-        .with_safety_source(|_: &Net<B>| -> Tensor<B, 1> { panic!("safety data went away") });
+        .with_safety_source(|_: &Net| -> Tensor<1> { panic!("safety data went away") });
     train(&mut optim, model.clone(), 0..2);
     let stats = &optim.last_stats().refresh;
     assert_eq!((stats.count, stats.failures), (0, 1));
@@ -174,9 +174,9 @@ fn a_panicking_safety_source_is_a_counted_failure() {
 #[test]
 fn a_non_finite_safety_gradient_is_a_counted_failure() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut optim = refreshing_every_step(&model)
-        .with_safety_source(|m: &Net<B>| m.cube.val().sum().mul_scalar(f32::NAN));
+        .with_safety_source(|m: &Net| m.cube.val().sum().mul_scalar(f32::NAN));
     train(&mut optim, model.clone(), 0..2);
     let stats = &optim.last_stats().refresh;
     assert_eq!((stats.count, stats.failures), (0, 1));
@@ -190,9 +190,9 @@ fn a_non_finite_safety_gradient_is_a_counted_failure() {
 #[test]
 fn an_all_zero_safety_gradient_leaves_nothing_to_protect() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
-    let mut optim = refreshing_every_step(&model).with_safety_source(|m: &Net<B>| {
-        let x = Tensor::<B, 2>::ones([1, 4], &Default::default());
+    let model = Net::new(&device);
+    let mut optim = refreshing_every_step(&model).with_safety_source(|m: &Net| {
+        let x = Tensor::<2>::ones([1, 4], &Default::default());
         m.forward(x).sum().mul_scalar(0.0)
     });
     train(&mut optim, model.clone(), 0..2);
@@ -208,9 +208,9 @@ fn an_all_zero_safety_gradient_leaves_nothing_to_protect() {
 #[test]
 fn an_empty_safety_batch_is_a_counted_failure() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
-    let empty = move |m: &Net<B>| {
-        let x = Tensor::<B, 2>::zeros([0, 4], &Default::default());
+    let model = Net::new(&device);
+    let empty = move |m: &Net| {
+        let x = Tensor::<2>::zeros([0, 4], &Default::default());
         m.forward(x).mean()
     };
     let mut optim = refreshing_every_step(&model).with_safety_source(empty);
@@ -227,14 +227,14 @@ fn an_empty_safety_batch_is_a_counted_failure() {
 #[derive(Clone)]
 struct Panicking;
 
-impl Optimizer<Net<B>, B> for Panicking {
+impl Optimizer<Net, B> for Panicking {
     type Record = ();
 
-    fn step(&mut self, _lr: f64, _module: Net<B>, _grads: GradientsParams) -> Net<B> {
+    fn step(&mut self, _lr: f64, _module: Net, _grads: GradientsParams) -> Net {
         panic!("moment shape [32, 3] does not match [4, 3]")
     }
 
-    fn step_multi(&mut self, _lr: f64, _module: Net<B>, _grads: MultiGradientsParams) -> Net<B> {
+    fn step_multi(&mut self, _lr: f64, _module: Net, _grads: MultiGradientsParams) -> Net {
         panic!("unused")
     }
 
@@ -248,7 +248,7 @@ impl Optimizer<Net<B>, B> for Panicking {
 #[test]
 fn a_panicking_inner_optimizer_is_an_error_with_the_module_handed_back() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut optim = config(ProjectionMode::ConflictOnly)
         .init(Panicking, &model, bases(&model))
         .unwrap();
@@ -272,7 +272,7 @@ fn a_panicking_inner_optimizer_is_an_error_with_the_module_handed_back() {
 #[test]
 fn a_gradient_of_the_wrong_shape_is_refused_naming_its_parameter() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
         for (path, wrong) in [("attn.weight", true), ("head.weight", false)] {
             let cfg = config(ProjectionMode::ConflictOnly)
@@ -281,7 +281,7 @@ fn a_gradient_of_the_wrong_shape_is_refused_naming_its_parameter() {
             let mut optim = cfg
                 .init(AdamWConfig::new().init(), &model, bases(&model))
                 .unwrap()
-                .with_safety_source(|m: &Net<B>| {
+                .with_safety_source(|m: &Net| {
                     m.forward(Tensor::ones([2, 4], &Default::default())).sum()
                 });
             let mut twin = optim.clone();
@@ -319,7 +319,7 @@ fn a_gradient_of_the_wrong_shape_is_refused_naming_its_parameter() {
 }
 
 /// A copy of `grads` (burn's gradients cannot be cloned), for the parameters of `model`.
-fn grads_like(grads: &GradientsParams, model: &Net<B>) -> GradientsParams {
+fn grads_like(grads: &GradientsParams, model: &Net) -> GradientsParams {
     let mut copy = GradientsParams::new();
     let weights = [&model.attn.weight, &model.mlp.weight, &model.head.weight];
     for id in weights.iter().map(|w| w.id) {

@@ -4,7 +4,7 @@ use super::*;
 use crate::screen::SampleScreen;
 
 /// Gradients with only the attention weight set, to `g`.
-fn attn_only(model: &Net<B>, g: &Mat<f64>) -> GradientsParams {
+fn attn_only(model: &Net, g: &Mat<f64>) -> GradientsParams {
     let mut grads = GradientsParams::new();
     grads.register(
         model.attn.weight.id,
@@ -17,7 +17,7 @@ fn attn_only(model: &Net<B>, g: &Mat<f64>) -> GradientsParams {
 fn measure_reports_what_the_step_then_does_and_changes_nothing() {
     let device = Default::default();
     for mode in ProjectionMode::ALL {
-        let model = Net::<B>::new(&device);
+        let model = Net::new(&device);
         let mut optim = config(mode)
             .init(SgdConfig::new().init(), &model, bases(&model))
             .unwrap();
@@ -41,9 +41,9 @@ fn measure_reports_what_the_step_then_does_and_changes_nothing() {
 #[test]
 fn screen_scores_a_gradient_against_safety_one_and_along_it_zero() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let optim = config(ProjectionMode::ConflictOnly)
-        .init(SgdConfig::new().init::<B, Net<B>>(), &model, bases(&model))
+        .init(SgdConfig::new().init::<B, Net>(), &model, bases(&model))
         .unwrap();
     // The same draw as `bases`: its first basis is the attention weight's.
     let d = Gaussian::new(1234).basis(4, 6, 3).d();

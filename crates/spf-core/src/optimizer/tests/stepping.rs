@@ -8,7 +8,7 @@ fn sgd_step_equals_manual_step_on_projected_gradients() {
     let device = Default::default();
     let lr = 0.05;
     for mode in ProjectionMode::ALL {
-        let model = Net::<B>::new(&device);
+        let model = Net::new(&device);
         let optim = config(mode)
             .init(SgdConfig::new().init(), &model, bases(&model))
             .unwrap();
@@ -50,11 +50,11 @@ fn sgd_step_equals_manual_step_on_projected_gradients() {
 #[test]
 fn adamw_gradient_target_equals_adamw_on_projected_gradients() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let mut wrapped = config(ProjectionMode::ConflictOnly)
         .init(AdamWConfig::new().init(), &model, bases(&model))
         .unwrap();
-    let mut plain = AdamWConfig::new().init::<B, Net<B>>();
+    let mut plain = AdamWConfig::new().init::<B, Net>();
     let (mut a, mut b) = (model.clone(), model);
     for seed in 0..3 {
         let grads_a = grads(&a, seed);
@@ -66,7 +66,7 @@ fn adamw_gradient_target_equals_adamw_on_projected_gradients() {
 }
 
 /// `u_iᵀ ΔW v_i` for each direction of each protected weight.
-fn update_coefficients(before: &Net<B>, after: &Net<B>) -> Vec<f64> {
+fn update_coefficients(before: &Net, after: &Net) -> Vec<f64> {
     let old = params(before);
     let new = params(after);
     let mut out = Vec::new();
@@ -84,13 +84,13 @@ fn update_coefficients(before: &Net<B>, after: &Net<B>) -> Vec<f64> {
 #[test]
 fn adamw_update_target_leaves_no_conflicting_coefficient() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let lr = 1e-2;
     // An AdamW update is about lr per coordinate; rounding the parameters and the update in f32
     // bounds what is left of a removed coefficient.
     let tol = 64.0 * f64::from(f32::EPSILON) * lr;
 
-    let mut plain = AdamWConfig::new().init::<B, Net<B>>();
+    let mut plain = AdamWConfig::new().init::<B, Net>();
     let raw = plain.step(lr, model.clone(), grads(&model, 3));
     let raw_worst = update_coefficients(&model, &raw)
         .into_iter()
@@ -133,9 +133,9 @@ fn adamw_update_target_leaves_no_conflicting_coefficient() {
 #[test]
 fn unprotected_parameters_pass_through_bit_for_bit() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
-        let mut plain = AdamWConfig::new().init::<B, Net<B>>();
+        let mut plain = AdamWConfig::new().init::<B, Net>();
         // mlp.weight is targeted but gets no basis; head and every bias are not targeted.
         let only_attn = bases(&model).into_iter().take(1);
         let mut wrapped = config(ProjectionMode::Orthogonal)
@@ -165,8 +165,8 @@ fn unprotected_parameters_pass_through_bit_for_bit() {
 /// the summed gradients.
 #[test]
 fn step_multi_replicas_apply_the_step_on_summed_gradients() {
-    let device: burn::tensor::Device<B> = Default::default();
-    let model = Net::<B>::new(&device);
+    let device: burn::tensor::Device = Default::default();
+    let model = Net::new(&device);
     let seeds = [7, 8, 9];
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
         let build = || {
@@ -227,7 +227,7 @@ fn sum_of<const D: usize>(all: &[GradientsParams], id: ParamId) -> Tensor<Inner,
 #[test]
 fn vector_policy_pcgrad_projects_biases_against_their_safety_gradient() {
     let device = Default::default();
-    let model = Net::<B>::new(&device);
+    let model = Net::new(&device);
     let bias = model.attn.bias.as_ref().unwrap();
     // The safety gradient of the bias is the negated utility gradient: a full conflict.
     let g: Tensor<Inner, 1> = grads(&model, 4).get(bias.id).unwrap();
