@@ -1,47 +1,93 @@
-//! Crash-safe, validated checkpoint files, in burn's named MessagePack format at full precision
-//! (`NamedMpkFileRecorder<FullPrecisionSettings>`, the `.mpk` files burn-train writes too).
+//! Crash-safe, validated checkpoint files in burnpack, burn 0.22's record format: the wrapper's
+//! [`SpfRecord`], and burn's own module and optimizer records, which burn-train writes too.
 //!
-//! - **Saving.** burn's file recorders delete an existing file before writing its replacement,
-//!   so a crash in between loses the previous checkpoint. [`save_atomic`] writes to a temporary
-//!   file in the same directory, flushes it to disk, and renames it over the target: a reader sees
-//!   the old file or the new one, never a torn one.
-//! - **Loading.** burn 0.21's ndarray backend builds tensors with `from_shape_vec_unchecked`, so a
-//!   file whose tensor claims more elements than its bytes hold corrupts the heap (found by this
-//!   crate's record fuzzer: `corrupted size vs. prev_size`, SIGABRT). [`load`] therefore decodes
-//!   the file as plain MessagePack first and checks every tensor — `bytes`, `shape` and `dtype` —
-//!   before burn sees it. Every failure (a missing, empty, truncated or corrupt file, a tensor
-//!   that does not add up, a panic while decoding) is an [`SpfError::Checkpoint`].
+//! - **Saving.** [`save_atomic`] writes to a temporary file of its own in the same directory,
+//!   flushes it to disk, and renames it over the target: a reader sees the old file or the new
+//!   one, never a torn one.
+//! - **Loading.** burn 0.21's ndarray backend built tensors from a record without checking that
+//!   their bytes matched their shape, so a corrupt file corrupted the heap (found by this crate's
+//!   record fuzzer). [`load`] therefore reads the burnpack container first and checks every
+//!   tensor's byte count against its shape and dtype before burn builds anything from it. Every
+//!   failure (a missing, empty, truncated or corrupt file, a tensor that does not add up, a panic
+//!   while decoding) is an [`SpfError::Checkpoint`].
 //!
-//! Paths follow burn's rule: the `.mpk` extension replaces any extension of `path`.
+//! Paths follow burn's rule: the `.bpk` extension replaces any extension of `path`.
 
 use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use burn::record::{FileRecorder, FullPrecisionSettings, NamedMpkFileRecorder, Record, Recorder};
-use rmpv::Value;
+use burn::optim::OptimizerRecord;
+use burn::store::ModuleRecord;
+use burn_pack::{Bytes, Reader};
 
 use crate::error::{SpfError, panic_message};
+use crate::record::{SpfRecord, check_pack};
 
-/// The recorder behind every checkpoint file.
-pub type CheckpointRecorder = NamedMpkFileRecorder<FullPrecisionSettings>;
+/// A record that is saved as burnpack bytes: burn's [`ModuleRecord`] and [`OptimizerRecord`],
+/// and the wrapper's [`SpfRecord`].
+pub trait PackedRecord: Sized {
+    /// The record as burnpack bytes.
+    ///
+    /// # Errors
+    ///
+    /// Why burn could not write it.
+    fn into_pack(self) -> Result<Bytes, String>;
 
-/// Writes `record` to `path` (with the `.mpk` extension) atomically and durably; returns the
+    /// The record that burnpack bytes hold; the bytes have passed [`load`]'s checks.
+    ///
+    /// # Errors
+    ///
+    /// Why they are not such a record.
+    fn from_pack(bytes: Bytes) -> Result<Self, String>;
+}
+
+impl PackedRecord for ModuleRecord {
+    fn into_pack(self) -> Result<Bytes, String> {
+        self.into_bytes().map_err(|e| e.to_string())
+    }
+
+    fn from_pack(bytes: Bytes) -> Result<Self, String> {
+        ModuleRecord::from_bytes(bytes).map_err(|e| e.to_string())
+    }
+}
+
+impl PackedRecord for OptimizerRecord {
+    fn into_pack(self) -> Result<Bytes, String> {
+        self.into_bytes().map_err(|e| e.to_string())
+    }
+
+    fn from_pack(bytes: Bytes) -> Result<Self, String> {
+        OptimizerRecord::from_bytes(bytes).map_err(|e| e.to_string())
+    }
+}
+
+impl PackedRecord for SpfRecord {
+    fn into_pack(self) -> Result<Bytes, String> {
+        self.into_bytes()
+    }
+
+    fn from_pack(bytes: Bytes) -> Result<Self, String> {
+        SpfRecord::from_pack(Reader::from_bytes(bytes).map_err(|e| e.to_string())?)
+    }
+}
+
+/// Writes `record` to `path` (with the `.bpk` extension) atomically and durably; returns the
 /// file written.
 ///
 /// The record goes to a temporary file of its own in the same directory (named after `path`,
-/// this process and a counter, so concurrent saves never share one), which is flushed to disk
-/// through a handle opened for writing, renamed over the target, and the directory is flushed
-/// so that the rename itself survives a power loss. Concurrent saves to one path each land
-/// whole: the last rename wins.
+/// this process and a counter, so concurrent saves never share one), which is flushed to disk,
+/// renamed over the target, and the directory is flushed so that the rename itself survives a
+/// power loss. Concurrent saves to one path each land whole: the last rename wins.
 ///
 /// # Errors
 ///
-/// [`SpfError::Checkpoint`] when the temporary file cannot be written, flushed or renamed, or the
-/// directory cannot be flushed. The previous checkpoint at `path` is then untouched, and the
-/// temporary file is removed.
-pub fn save_atomic<R: Record>(
+/// [`SpfError::Checkpoint`] when the record cannot be encoded, or the temporary file cannot be
+/// written, flushed or renamed, or the directory cannot be flushed. The previous checkpoint at
+/// `path` is then untouched, and the temporary file is removed.
+pub fn save_atomic<R: PackedRecord>(
     record: R,
     path: impl AsRef<Path>,
 ) -> Result<PathBuf, SpfError> {
@@ -58,28 +104,24 @@ pub fn save_atomic<R: Record>(
 
 /// The first half of [`save_atomic`]: the record written to a temporary file of this save's own
 /// and flushed to disk. A crash after this leaves the previous checkpoint intact.
-pub(crate) fn write_partial<R: Record>(
-    record: R,
-    path: &Path,
-) -> Result<PathBuf, SpfError> {
+pub(crate) fn write_partial<R: PackedRecord>(record: R, path: &Path) -> Result<PathBuf, SpfError> {
     static SAVES: AtomicU64 = AtomicU64::new(0);
     let stem = path
         .file_stem()
         .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
     let save = SAVES.fetch_add(1, Ordering::Relaxed);
-    // A leading dot and no extension: burn's recorder appends its own extension to this name.
     let partial = path.with_file_name(format!(".{stem}-{}-{save}-partial", std::process::id()));
     let written = file_of(&partial);
-    let flushed = CheckpointRecorder::new()
-        .record(record, partial.clone())
-        .map_err(|err| failure(&partial, err))
-        .and_then(|()| {
-            OpenOptions::new()
-                .write(true)
-                .open(&written)
-                .and_then(|file| file.sync_all())
-                .map_err(|err| failure(&written, err))
-        });
+    let bytes = record.into_pack().map_err(|err| failure(&written, err))?;
+    let flushed = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&written)
+        .and_then(|mut file| {
+            file.write_all(&bytes)?;
+            file.sync_all()
+        })
+        .map_err(|err| failure(&written, err));
     if let Err(err) = flushed {
         let _ = fs::remove_file(&written);
         return Err(err);
@@ -101,23 +143,21 @@ fn sync_parent(file: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads a record written by [`save_atomic`] onto `device`, after checking every tensor in it.
+/// Reads a record written by [`save_atomic`], after checking every tensor in it. The tensors stay
+/// host data; a module or optimizer that loads the record places them on its own devices.
 ///
 /// # Errors
 ///
 /// [`SpfError::Checkpoint`] for a missing, empty, truncated or corrupt file, a tensor whose bytes
 /// do not match its shape and dtype, or a panic while burn decodes it.
-pub fn load<R: Record>(
-    path: impl AsRef<Path>,
-    device: &Device,
-) -> Result<R, SpfError> {
+pub fn load<R: PackedRecord>(path: impl AsRef<Path>) -> Result<R, SpfError> {
     let target = file_of(path.as_ref());
     let bytes = fs::read(&target).map_err(|err| failure(&target, err))?;
-    let value = rmpv::decode::read_value(&mut bytes.as_slice())
-        .map_err(|err| failure(&target, format!("not MessagePack: {err}")))?;
-    check_tensors(&value).map_err(|err| failure(&target, err))?;
-    let recorder = CheckpointRecorder::new();
-    match catch_unwind(AssertUnwindSafe(|| recorder.load(target.clone(), device))) {
+    let decoded = catch_unwind(AssertUnwindSafe(|| {
+        check_pack(Bytes::from_bytes_vec(bytes.clone()))?;
+        R::from_pack(Bytes::from_bytes_vec(bytes))
+    }));
+    match decoded {
         Ok(Ok(record)) => Ok(record),
         Ok(Err(err)) => Err(failure(&target, err)),
         Err(panic) => Err(failure(
@@ -128,73 +168,7 @@ pub fn load<R: Record>(
 }
 
 fn file_of(path: &Path) -> PathBuf {
-    path.with_extension(<CheckpointRecorder as FileRecorder>::file_extension())
-}
-
-/// Every map with `bytes`, `shape` and `dtype` keys is a tensor: its byte count must be the
-/// product of its shape times its element size.
-fn check_tensors(value: &Value) -> Result<(), String> {
-    match value {
-        Value::Map(entries) => {
-            let field = |name: &str| {
-                entries
-                    .iter()
-                    .find(|(key, _)| key.as_str() == Some(name))
-                    .map(|(_, v)| v)
-            };
-            if let (Some(bytes), Some(shape), Some(dtype)) =
-                (field("bytes"), field("shape"), field("dtype"))
-            {
-                return check_tensor(bytes, shape, dtype);
-            }
-            entries.iter().try_for_each(|(_, v)| check_tensors(v))
-        }
-        Value::Array(items) => items.iter().try_for_each(check_tensors),
-        _ => Ok(()),
-    }
-}
-
-fn check_tensor(bytes: &Value, shape: &Value, dtype: &Value) -> Result<(), String> {
-    let bytes = match bytes {
-        Value::Binary(bytes) => bytes.len(),
-        _ => return Err("tensor bytes are not a byte string".into()),
-    };
-    let Value::Array(dims) = shape else {
-        return Err("tensor shape is not an array".into());
-    };
-    let elements = dims.iter().try_fold(1u64, |n, dim| {
-        dim.as_u64()
-            .and_then(|d| n.checked_mul(d))
-            .ok_or_else(|| "tensor shape is not a list of sizes".to_string())
-    })?;
-    let size = element_size(dtype).ok_or_else(|| format!("unsupported tensor dtype {dtype}"))?;
-    let expected = elements
-        .checked_mul(size)
-        .ok_or_else(|| "tensor shape overflows".to_string())?;
-    if expected != bytes as u64 {
-        return Err(format!(
-            "tensor of {elements} {dtype} elements holds {bytes} bytes, not {expected}"
-        ));
-    }
-    Ok(())
-}
-
-/// Bytes per element of the dtypes a record holds; quantized tensors are not supported.
-fn element_size(dtype: &Value) -> Option<u64> {
-    match dtype {
-        Value::String(name) => match name.as_str()? {
-            "F64" | "I64" | "U64" => Some(8),
-            "F32" | "Flex32" | "I32" | "U32" => Some(4),
-            "F16" | "BF16" | "I16" | "U16" => Some(2),
-            "I8" | "U8" => Some(1),
-            _ => None,
-        },
-        // `Bool(BoolStore)` is a one-entry map; every store of 0.21 uses one byte per element.
-        Value::Map(entries) if entries.len() == 1 && entries[0].0.as_str() == Some("Bool") => {
-            Some(1)
-        }
-        _ => None,
-    }
+    path.with_extension(burn_pack::EXTENSION)
 }
 
 fn failure(path: &Path, err: impl ToString) -> SpfError {

@@ -11,7 +11,7 @@
 
 use std::cell::Cell;
 
-use burn::tensor::{Tensor};
+use burn::tensor::Tensor;
 
 thread_local! {
     /// Reads made on this thread; a step runs on the thread that calls it.

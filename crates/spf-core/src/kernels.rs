@@ -10,11 +10,7 @@
 use burn::tensor::Tensor;
 
 /// `g − a·b`, for `a: [d_in, k]` and `b: [k, d_out]`.
-pub(crate) fn subtract_product(
-    g: Tensor<2>,
-    a: Tensor<2>,
-    b: Tensor<2>,
-) -> Tensor<2> {
+pub(crate) fn subtract_product(g: Tensor<2>, a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
     g - a.matmul(b)
 }
 

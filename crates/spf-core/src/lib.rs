@@ -19,7 +19,7 @@
 //!   engine, across devices and nodes.
 
 mod bases;
-// PORT pub mod checkpoint;
+pub mod checkpoint;
 // PORT pub mod collective;
 mod config;
 mod error;
@@ -28,7 +28,7 @@ mod kernels;
 mod non_finite;
 mod optimizer;
 pub mod projection;
-// PORT mod record;
+mod record;
 mod refresh;
 // PORT pub mod screen;
 mod state;
@@ -43,7 +43,7 @@ pub use config::{NonFinitePolicy, ProjectionTarget, SpfConfig, StatsPolicy};
 pub use error::{LoadError, SpfError, StepError};
 pub use optimizer::SafetyProjectedOptimizer;
 pub use projection::{Projected, ProjectionMode, ProjectionStats, project, project_without_stats};
-// PORT pub use record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};
+pub use record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};
 pub use refresh::{NoSafetySource, RefreshPolicy, RefreshStats, SafetyGradientSource, SourceError};
 pub use spf_subspace::{ParamFilter, RankPolicy, SubspaceConfig, VectorPolicy};
 pub use stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};

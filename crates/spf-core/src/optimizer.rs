@@ -21,9 +21,10 @@ use spf_subspace::LowRankBasis;
 
 use crate::bases::admit;
 use crate::config::{NonFinitePolicy, ProjectionTarget, SpfConfig, StatsPolicy};
-use crate::error::{SpfError, StepError, panic_message};
+use crate::error::{LoadError, SpfError, StepError, panic_message};
 use crate::host;
 use crate::non_finite::ended;
+use crate::record::SpfRecord;
 use crate::refresh::{NoSafetySource, SafetyGradientSource};
 use crate::state::State;
 use crate::stats::{StatsFeed, StepStats};
@@ -186,7 +187,60 @@ impl<S> SafetyProjectedOptimizer<S> {
         })
     }
 
-    /// [`Optimizer::step`] that reports what it refuses instead of panicking: an invalid learning
+    /// The wrapper's state as a record: the inner optimizer's record, the bases, the step
+    /// counter, the refresh state and the non-finite counts.
+    pub fn to_record(&self) -> SpfRecord {
+        self.state.to_record(self.inner.to_record())
+    }
+
+    /// Restores a record saved by [`Self::to_record`], checking it against the module the
+    /// wrapper was built for.
+    ///
+    /// The record may come from a wrapper built for another instance of the same architecture
+    /// (same parameter paths and shapes, other ids), as when burn-train resumes from a checkpoint
+    /// in a fresh process: the wrapper then adopts the saved ids, which the module takes on when
+    /// its own record, saved with this one, is loaded. A step on a module that has none of those
+    /// ids is refused with [`SpfError::ModuleMismatch`].
+    ///
+    /// The record restores the bases, the step counter, the refresh counts (the random state of
+    /// the refresh sketches), the last refresh's overlap and error, and the non-finite counts.
+    /// The *configuration* is the wrapper's own, not the record's: the refresh period follows
+    /// the [`RefreshPolicy`](crate::RefreshPolicy) given at `init` (`Never` never refreshes,
+    /// `Every(n)` refreshes every `n` steps from the last estimate, `Adaptive` resumes the saved
+    /// period clamped to its bounds), so a run resumed under another policy obeys the new one.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError`], holding this wrapper unchanged (the inner optimizer's state included), with
+    /// [`SpfError::UnsupportedRecordVersion`], [`SpfError::RecordMismatch`] when the record's
+    /// parameter paths are not the module's, [`SpfError::InvalidBasis`] for factors that do not
+    /// form a valid basis, or the errors of [`Self::insert_bases`] for a basis that does not fit
+    /// its parameter. On success the bases in the record replace the current ones.
+    pub fn try_load_record(mut self, record: SpfRecord) -> Result<Self, LoadError<Self>> {
+        // Everything is checked before anything changes, so a refused record loses nothing.
+        match self.state.restore(record) {
+            Ok(inner) => {
+                self.inner = self.inner.load_record(inner);
+                Ok(self)
+            }
+            Err(error) => Err(LoadError {
+                optimizer: Box::new(self),
+                error,
+            }),
+        }
+    }
+
+    /// [`Self::try_load_record`], panicking on a record that does not fit.
+    ///
+    /// # Panics
+    ///
+    /// With the message of the [`SpfError`] that [`Self::try_load_record`] returns.
+    pub fn load_record(self, record: SpfRecord) -> Self {
+        self.try_load_record(record)
+            .unwrap_or_else(|err| panic!("cannot load SPF optimizer record: {}", err.error))
+    }
+
+    /// [`Self::step`] that reports what it refuses instead of panicking: an invalid learning
     /// rate, a gradient that does not have its parameter's shape, and non-finite gradients under
     /// [`NonFinitePolicy::Error`]. The module comes back untouched in the error. These are found
     /// before anything changes: neither the bases nor the inner optimizer have changed (the
@@ -357,7 +411,12 @@ impl<S> SafetyProjectedOptimizer<S> {
     /// With the message of the [`SpfError`] that `try_step` returns (an invalid learning rate, or
     /// non-finite gradients under [`NonFinitePolicy::Error`]), and if a gradient does not have the
     /// shape of its parameter, which burn's autodiff never produces.
-    pub fn step<M>(&mut self, lr: impl Into<ModuleLearningRate>, module: M, grads: GradientsParams) -> M
+    pub fn step<M>(
+        &mut self,
+        lr: impl Into<ModuleLearningRate>,
+        module: M,
+        grads: GradientsParams,
+    ) -> M
     where
         M: Module,
         S: SafetyGradientSource<M>,

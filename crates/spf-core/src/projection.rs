@@ -41,7 +41,7 @@ mod pending;
 mod readout;
 mod stats;
 
-use burn::tensor::{Tensor};
+use burn::tensor::Tensor;
 use spf_subspace::LowRankBasis;
 
 use crate::error::SpfError;
@@ -159,11 +159,7 @@ mod tests {
         })
     }
 
-    fn project_host(
-        g: &Mat<f64>,
-        basis: &HostBasis,
-        mode: ProjectionMode,
-    ) -> Projected {
+    fn project_host(g: &Mat<f64>, basis: &HostBasis, mode: ProjectionMode) -> Projected {
         let device = Default::default();
         project(upload(g, &device), &basis.to_device(&device), mode).unwrap()
     }

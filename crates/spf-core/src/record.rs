@@ -1,12 +1,14 @@
 //! [`SpfRecord`]: the wrapper's saved state, versioned, and the conversion of the wrapper's
-//! state to it and back (checked before anything changes).
+//! state to it and back (checked before anything changes). Its file format, burnpack, is in
+//! `record/pack.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use burn::module::ParamId;
-use burn::record::Record;
-use burn::tensor::{Tensor};
+use burn::optim::OptimizerRecord;
+use burn::tensor::{Device, Tensor, TensorData};
+use spf_subspace::SubspaceError;
 use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::{Admitted, ProtectedBases, admit};
@@ -15,12 +17,17 @@ use crate::refresh::{RefreshState, RefreshStats};
 use crate::state::State;
 use crate::stats::NonFiniteStats;
 
+mod pack;
+
+pub(crate) use pack::check_pack;
+
 /// The record format this build writes and reads.
 ///
-/// Version 3 added the last refresh's overlap and error and the non-finite counts; a version-2
-/// file does not decode as version 3 (burn's records have no optional fields), so it is refused
-/// with [`SpfError::Checkpoint`](crate::SpfError::Checkpoint) by [`checkpoint::load`](crate::checkpoint::load).
-pub const RECORD_VERSION: u32 = 3;
+/// Version 4 is the first on burn 0.22: a burnpack file (burn 0.22's own format) holding the
+/// inner optimizer's burnpack record. Files of versions up to 3 (burn 0.21's MessagePack) are
+/// refused with [`SpfError::Checkpoint`](crate::SpfError::Checkpoint), since they are not
+/// burnpack.
+pub const RECORD_VERSION: u32 = 4;
 
 /// The saved state of a [`SafetyProjectedOptimizer`](crate::SafetyProjectedOptimizer): the inner
 /// optimizer's record, every basis keyed by parameter id, the step counter and the refresh state.
@@ -30,12 +37,15 @@ pub const RECORD_VERSION: u32 = 3;
 /// wrapper built for a fresh copy of the same architecture (new ids) can load it and adopt the
 /// saved ids, which the module takes on when its own record is loaded: this is what resuming
 /// from burn-train's checkpoints does.
-#[derive(Record)]
-pub struct SpfRecord<R: Record, B: Backend> {
+///
+/// Like burn 0.22's own records it holds host data ([`TensorData`]), not tensors on a device:
+/// the bases move to the parameters' device at the first step after loading.
+#[derive(Debug)]
+pub struct SpfRecord {
     /// [`RECORD_VERSION`] at the time of saving.
     pub version: u32,
     /// The inner optimizer's record.
-    pub inner: R,
+    pub inner: OptimizerRecord,
     /// Every float parameter of the module: its id and module path, sorted by id.
     pub params: Vec<ParamPath>,
     /// Optimizer steps taken.
@@ -62,20 +72,20 @@ pub struct SpfRecord<R: Record, B: Backend> {
 }
 
 /// The saved factors of one [`LowRankBasis`](spf_subspace::LowRankBasis).
-#[derive(Record)]
+#[derive(Debug, Clone)]
 pub struct BasisRecord {
     /// The parameter's id, [`ParamId::val`](burn::module::ParamId::val).
     pub param: u64,
     /// `U: [d_in, k]`.
-    pub u: Tensor<2>,
+    pub u: TensorData,
     /// `σ: [k]`.
-    pub sigma: Tensor<1>,
+    pub sigma: TensorData,
     /// `V: [d_out, k]`.
-    pub v: Tensor<2>,
+    pub v: TensorData,
 }
 
 /// A parameter id and the module path it belongs to.
-#[derive(Record)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamPath {
     /// [`ParamId::val`](burn::module::ParamId::val).
     pub param: u64,
@@ -85,7 +95,7 @@ pub struct ParamPath {
 
 impl State {
     /// The record of this state, holding the inner optimizer's record `inner`.
-    pub(crate) fn to_record<R: Record>(&self, inner: R) -> SpfRecord<R, B> {
+    pub(crate) fn to_record(&self, inner: OptimizerRecord) -> SpfRecord {
         SpfRecord {
             version: RECORD_VERSION,
             inner,
@@ -111,7 +121,7 @@ impl State {
     ///
     /// As [`SafetyProjectedOptimizer::try_load_record`](crate::SafetyProjectedOptimizer::try_load_record);
     /// everything is checked before anything changes, so on error the state is as it was.
-    pub(crate) fn restore<R: Record>(&mut self, record: SpfRecord<R, B>) -> Result<R, SpfError> {
+    pub(crate) fn restore(&mut self, record: SpfRecord) -> Result<OptimizerRecord, SpfError> {
         let (targets, bases) = self.checked(&record)?;
         self.targets = targets;
         self.bases.replace(bases);
@@ -137,10 +147,7 @@ impl State {
 
     /// The targets (re-keyed to the record's ids where they differ) and the admitted bases of
     /// `record`, checked against this state; nothing is changed.
-    fn checked<R: Record>(
-        &self,
-        record: &SpfRecord<R, B>,
-    ) -> Result<(Arc<Targets>, Admitted), SpfError> {
+    fn checked(&self, record: &SpfRecord) -> Result<(Arc<Targets>, Admitted), SpfError> {
         if record.version != RECORD_VERSION {
             return Err(SpfError::UnsupportedRecordVersion {
                 found: record.version,
@@ -152,24 +159,22 @@ impl State {
             None => self.targets.clone(),
         };
         let max_rank = self.config.estimator.rank.max_rank();
-        let bases = saved_bases(&record.bases, &targets, max_rank)?;
+        let bases = saved_bases(&record.bases, &targets, max_rank, &Device::default())?;
         Ok((targets, bases))
     }
 }
 
 /// Every basis as a record, sorted by parameter id.
-fn basis_records(
-    bases: &ProtectedBases,
-) -> Vec<BasisRecord> {
+fn basis_records(bases: &ProtectedBases) -> Vec<BasisRecord> {
     let mut records: Vec<_> = bases
         .iter()
         .map(|(id, basis)| {
             let (u, sigma, v) = basis.clone().into_parts();
             BasisRecord {
                 param: id.val(),
-                u: Tensor::from_inner(u),
-                sigma: Tensor::from_inner(sigma),
-                v: Tensor::from_inner(v),
+                u: u.into_data(),
+                sigma: sigma.into_data(),
+                v: v.into_data(),
             }
         })
         .collect();
@@ -190,7 +195,7 @@ fn param_paths(targets: &Targets) -> Vec<ParamPath> {
     params
 }
 
-/// The saved bases, checked as bases and admitted against `targets`.
+/// The saved bases, on `device`, checked as bases and admitted against `targets`.
 ///
 /// # Errors
 ///
@@ -200,14 +205,18 @@ fn saved_bases(
     saved: &[BasisRecord],
     targets: &Targets,
     max_rank: usize,
+    device: &Device,
 ) -> Result<Admitted, SpfError> {
     let mut bases = Vec::with_capacity(saved.len());
     for saved in saved {
         let id = ParamId::from(saved.param);
         let path = targets.get(&id).map(|t| t.path.to_string());
-        let (u, sigma, v) = (saved.u.clone(), saved.sigma.clone(), saved.v.clone());
-        let basis = LowRankBasis::new(u.inner(), sigma.inner(), v.inner())
-            .map_err(|source| SpfError::InvalidBasis { path, source })?;
+        let invalid = |source| SpfError::InvalidBasis {
+            path: path.clone(),
+            source,
+        };
+        let (u, sigma, v) = factors(saved, device).map_err(invalid)?;
+        let basis = LowRankBasis::new(u, sigma, v).map_err(invalid)?;
         bases.push((id, basis));
     }
     admit(targets, max_rank, bases)
@@ -255,4 +264,22 @@ fn rekeyed(targets: &Targets, saved: &[ParamPath]) -> Result<Option<Targets>, Sp
         )));
     }
     Ok(Some(rekeyed))
+}
+
+/// The saved factors `(U, σ, V)` on `device`, refused unless they are a matrix, a vector and a
+/// matrix (what else is wrong with them, [`LowRankBasis::new`] finds).
+fn factors(
+    saved: &BasisRecord,
+    device: &Device,
+) -> Result<(Tensor<2>, Tensor<1>, Tensor<2>), SubspaceError> {
+    let shapes = [&saved.u, &saved.sigma, &saved.v].map(|data| data.shape().to_vec());
+    if [shapes[0].len(), shapes[1].len(), shapes[2].len()] != [2, 1, 2] {
+        let [u, sigma, v] = shapes;
+        return Err(SubspaceError::ShapeMismatch { u, sigma, v });
+    }
+    Ok((
+        Tensor::from_data(saved.u.clone(), device),
+        Tensor::from_data(saved.sigma.clone(), device),
+        Tensor::from_data(saved.v.clone(), device),
+    ))
 }

@@ -337,10 +337,7 @@ impl ModuleVisitor for NonFiniteZeroing<'_> {
 
 /// `basis` on `device`: borrowed when it is there already, else a moved copy (a record loaded onto
 /// one device while the parameters live on another).
-fn on_device<'b>(
-    basis: &'b LowRankBasis,
-    device: &Device,
-) -> Cow<'b, LowRankBasis> {
+fn on_device<'b>(basis: &'b LowRankBasis, device: &Device) -> Cow<'b, LowRankBasis> {
     if basis.device() == *device {
         Cow::Borrowed(basis)
     } else {
@@ -485,10 +482,7 @@ pub(crate) fn replace_updates<M: Module>(
 
 /// Moves every basis onto its parameter's device; returns how many of `module`'s parameters
 /// have a basis.
-pub(crate) fn place_bases<M: Module>(
-    module: &M,
-    bases: &mut Bases,
-) -> usize {
+pub(crate) fn place_bases<M: Module>(module: &M, bases: &mut Bases) -> usize {
     let mut placement = BasisPlacement { bases, found: 0 };
     module.visit(&mut placement);
     placement.found
@@ -515,10 +509,7 @@ impl Probes {
 }
 
 /// Sums every gradient of `module` in `grads`, on the device; nothing is read.
-pub(crate) fn probe_gradients<M: Module>(
-    module: &M,
-    grads: &GradientsParams,
-) -> Probes {
+pub(crate) fn probe_gradients<M: Module>(module: &M, grads: &GradientsParams) -> Probes {
     let mut probe = NonFiniteProbe {
         grads,
         only: None,
@@ -555,11 +546,7 @@ pub(crate) fn non_finite_among<M: Module>(
 }
 
 /// Replaces the NaN and ±Inf entries of the gradients of `ids` with 0.
-pub(crate) fn zero_non_finite<M: Module>(
-    module: &M,
-    grads: &mut GradientsParams,
-    ids: &[ParamId],
-) {
+pub(crate) fn zero_non_finite<M: Module>(module: &M, grads: &mut GradientsParams, ids: &[ParamId]) {
     module.visit(&mut NonFiniteZeroing { grads, ids });
 }
 

@@ -4,7 +4,7 @@
 //! the tests hold the device projection to. Adding a mode is one new variant and one new arm in
 //! each method of this file; nothing else matches on the mode.
 
-use burn::tensor::{Tensor};
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use spf_subspace::LowRankBasis;
 
@@ -80,11 +80,7 @@ impl ProjectionMode {
 
     /// `r`, the coefficients of `U diag(r) Vᵀ` that the rank-`k` modes subtract, from `c`, on
     /// the device; `None` for the subspace modes and for `Pcgrad` against `D = 0`.
-    pub(crate) fn removal(
-        self,
-        c: &Tensor<1>,
-        basis: &LowRankBasis,
-    ) -> Option<Tensor<1>> {
+    pub(crate) fn removal(self, c: &Tensor<1>, basis: &LowRankBasis) -> Option<Tensor<1>> {
         match self {
             // r_i = c_i where direction i conflicts (c_i < 0), else 0.
             Self::ConflictOnly => Some(c.clone().clamp_max(0.0)),

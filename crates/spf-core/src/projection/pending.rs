@@ -1,7 +1,7 @@
 //! [`Pending`]: one projection on the device before anything is read back, its removal applied
 //! in place, and its readout for the statistics.
 
-use burn::tensor::{Tensor};
+use burn::tensor::Tensor;
 use spf_subspace::LowRankBasis;
 
 use super::mode::ProjectionMode;

@@ -2,7 +2,7 @@
 //! the [`Readout`] of a projection whose read is deferred, a finished projection awaiting its
 //! read ([`Measured`]), and the energies that rebuild `‖G‖²` at extreme magnitudes.
 
-use burn::tensor::{Tensor};
+use burn::tensor::Tensor;
 
 use super::mode::ProjectionMode;
 use super::stats::ProjectionStats;

@@ -45,7 +45,7 @@ fn unmarked(model: &Net) -> Vec<String> {
 
 fn poisoned(model: &Net, seed: u64) -> GradientsParams {
     let mut g = grads(model, seed);
-    let w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
+    let w: Tensor<2> = g.remove(model.attn.weight.id).unwrap();
     let nan = Tensor::full([1, 1], f32::NAN, &Default::default());
     g.register(model.attn.weight.id, w.slice_assign([0..1, 0..1], nan));
     g

@@ -84,7 +84,7 @@ fn the_probe_acts_the_same_inside_the_statistics_read_or_alone() {
                     .with_stats(stats);
                 let mut optim = adamw(config, &model);
                 let mut g = grads(&model, 1);
-                let w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
+                let w: Tensor<2> = g.remove(model.attn.weight.id).unwrap();
                 let w = w
                     .clone()
                     .slice_assign([0..2, 0..1], Tensor::full([2, 1], bad, &Default::default()));
@@ -157,10 +157,10 @@ fn statistics_read_after_the_step_are_exact_at_extreme_magnitudes() {
         let mut g = grads(&model, 5);
         for (id, _) in bases(&model) {
             if id == model.cube.id {
-                let t: Tensor<Inner, 3> = g.remove(id).unwrap();
+                let t: Tensor<3> = g.remove(id).unwrap();
                 g.register(id, t.mul_scalar(scale));
             } else {
-                let t: Tensor<Inner, 2> = g.remove(id).unwrap();
+                let t: Tensor<2> = g.remove(id).unwrap();
                 g.register(id, t.mul_scalar(scale));
             }
         }

@@ -82,9 +82,9 @@ fn init_rejects_bases_that_do_not_fit() {
             .basis(d_in, d_out, 1)
             .to_device::<Inner>(&device)
     };
-    let init = |bases: Vec<(ParamId, LowRankBasis<Inner>)>| {
+    let init = |bases: Vec<(ParamId, LowRankBasis)>| {
         config(ProjectionMode::ConflictOnly)
-            .init(SgdConfig::new().init::<B, Net>(), &model, bases)
+            .init(SgdConfig::new().init(), &model, bases)
             .map(|_| ())
     };
 
@@ -115,7 +115,7 @@ fn init_rejects_bases_that_do_not_fit() {
     );
     let bad_regex = SpfConfig::new()
         .with_estimator(SubspaceConfig::new().with_filter(ParamFilter::path_regex("(")))
-        .init(SgdConfig::new().init::<B, Net>(), &model, []);
+        .init(SgdConfig::new().init(), &model, []);
     assert!(matches!(
         bad_regex,
         Err(SpfError::Subspace(SubspaceError::InvalidFilter { .. }))
@@ -128,7 +128,7 @@ fn bases_are_truncated_to_the_configured_rank() {
     let model = Net::new(&device);
     let optim = config(ProjectionMode::ConflictOnly)
         .with_estimator(estimator().with_rank(RankPolicy::Fixed(1)))
-        .init(SgdConfig::new().init::<B, Net>(), &model, bases(&model))
+        .init(SgdConfig::new().init(), &model, bases(&model))
         .unwrap();
     assert!(optim.bases().values().all(|b| b.rank() == 1));
 }
@@ -139,10 +139,10 @@ fn load_record_rejects_records_that_do_not_fit() {
     let model = Net::new(&device);
     let cfg = config(ProjectionMode::ConflictOnly);
     let optim = cfg
-        .init(SgdConfig::new().init::<B, Net>(), &model, bases(&model))
+        .init(SgdConfig::new().init(), &model, bases(&model))
         .unwrap();
     let fresh = || {
-        cfg.init(SgdConfig::new().init::<B, Net>(), &model, [])
+        cfg.init(SgdConfig::new().init(), &model, [])
             .unwrap()
     };
 

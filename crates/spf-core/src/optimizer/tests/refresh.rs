@@ -164,7 +164,7 @@ struct Flaky {
     good: usize,
 }
 
-impl SafetyGradientSource<Net, B> for Flaky {
+impl SafetyGradientSource<Net> for Flaky {
     fn safety_gradients(&mut self, module: &Net) -> Result<GradientsParams, SourceError> {
         if self.good == 0 {
             return Err("safety batch unavailable".into());
@@ -338,7 +338,7 @@ fn resume_restores_the_last_overlap_error_and_non_finite_counts() {
     // Steps 1 and 2 refresh (the bases from init count as step 0), step 3's refresh fails.
     let mut m = train(&mut first, model.clone(), 0..4);
     let mut poisoned = grads(&m, 4);
-    let w: Tensor<Inner, 2> = poisoned.remove(m.attn.weight.id).unwrap();
+    let w: Tensor<2> = poisoned.remove(m.attn.weight.id).unwrap();
     poisoned.register(m.attn.weight.id, w.mul_scalar(f32::NAN));
     m = first.step(1e-2, m, poisoned);
     let before = first.last_stats().clone();

@@ -5,7 +5,7 @@ use crate::{NonFinitePolicy, RefreshPolicy};
 
 fn poisoned_grads(model: &Net, seed: u64, value: f32) -> GradientsParams {
     let mut g = grads(model, seed);
-    let mut w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
+    let mut w: Tensor<2> = g.remove(model.attn.weight.id).unwrap();
     w = w.slice_assign(
         [0..1, 0..1],
         Tensor::full([1, 1], value, &Default::default()),
@@ -14,10 +14,7 @@ fn poisoned_grads(model: &Net, seed: u64, value: f32) -> GradientsParams {
     g
 }
 
-fn wrapper(
-    policy: NonFinitePolicy,
-    model: &Net,
-) -> SafetyProjectedOptimizer<impl Optimizer<Net, B>, B> {
+fn wrapper(policy: NonFinitePolicy, model: &Net) -> SafetyProjectedOptimizer {
     adamw(
         config(ProjectionMode::ConflictOnly).with_non_finite(policy),
         model,
@@ -59,8 +56,8 @@ fn huge_finite_gradients_are_not_mistaken_for_non_finite_ones() {
     let device = Default::default();
     let model = Net::new(&device);
     let mut g = grads(&model, 1);
-    let w: Tensor<Inner, 2> = g.remove(model.attn.weight.id).unwrap();
-    let huge = Tensor::<Inner, 2>::full(w.dims(), f32::MAX / 20.0, &device);
+    let w: Tensor<2> = g.remove(model.attn.weight.id).unwrap();
+    let huge = Tensor::<2>::full(w.dims(), f32::MAX / 20.0, &device);
     assert!(
         !huge.clone().sum().into_scalar().is_finite(),
         "the sum overflows"
@@ -139,13 +136,13 @@ fn learning_rate_must_be_finite_and_non_negative() {
     }
     // Zero is a valid (if idle) rate: SGD leaves every parameter where it was.
     let mut sgd = config(ProjectionMode::ConflictOnly)
-        .init(SgdConfig::new().init::<B, Net>(), &model, bases(&model))
+        .init(SgdConfig::new().init(), &model, bases(&model))
         .unwrap();
     let same = sgd.try_step(0.0, model.clone(), grads(&model, 1)).unwrap();
     assert_same(&same, &model, "learning rate 0");
 }
 
-fn refreshing_every_step(model: &Net) -> SafetyProjectedOptimizer<impl Optimizer<Net, B>, B> {
+fn refreshing_every_step(model: &Net) -> SafetyProjectedOptimizer {
     adamw(
         config(ProjectionMode::ConflictOnly).with_refresh(RefreshPolicy::Every(1)),
         model,
@@ -291,8 +288,8 @@ fn a_gradient_of_the_wrong_shape_is_refused_naming_its_parameter() {
             } else {
                 model.head.weight.id
             };
-            let _: Option<Tensor<Inner, 2>> = bad.remove(id);
-            bad.register(id, Tensor::<Inner, 2>::zeros([2, 7], &device));
+            let _: Option<Tensor<2>> = bad.remove(id);
+            bad.register(id, Tensor::<2>::zeros([2, 7], &device));
             let expected = |error: &SpfError| {
                 matches!(error, SpfError::ShapeMismatch { path: Some(p), found, .. }
                     if p == path && *found == vec![2, 7])
@@ -323,7 +320,7 @@ fn grads_like(grads: &GradientsParams, model: &Net) -> GradientsParams {
     let mut copy = GradientsParams::new();
     let weights = [&model.attn.weight, &model.mlp.weight, &model.head.weight];
     for id in weights.iter().map(|w| w.id) {
-        if let Some(g) = grads.get::<Inner, 2>(id) {
+        if let Some(g) = grads.get::<2>(id) {
             copy.register(id, g);
         }
     }

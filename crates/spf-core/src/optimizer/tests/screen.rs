@@ -43,7 +43,7 @@ fn screen_scores_a_gradient_against_safety_one_and_along_it_zero() {
     let device = Default::default();
     let model = Net::new(&device);
     let optim = config(ProjectionMode::ConflictOnly)
-        .init(SgdConfig::new().init::<B, Net>(), &model, bases(&model))
+        .init(SgdConfig::new().init(), &model, bases(&model))
         .unwrap();
     // The same draw as `bases`: its first basis is the attention weight's.
     let d = Gaussian::new(1234).basis(4, 6, 3).d();

@@ -29,10 +29,10 @@ fn sgd_step_equals_manual_step_on_projected_gradients() {
         let projected = projected_grads(&model, 1, mode);
         for (id, w) in params(&model) {
             let g = rank_of(&model, id).map_or_else(
-                || download(expected.get::<Inner, 1>(id).unwrap().unsqueeze_dim(1)),
+                || download(expected.get::<1>(id).unwrap().unsqueeze_dim(1)),
                 |rank| match rank {
-                    3 => download(projected.get::<Inner, 3>(id).unwrap().reshape([3, 4])),
-                    _ => download(projected.get::<Inner, 2>(id).unwrap()),
+                    3 => download(projected.get::<3>(id).unwrap().reshape([3, 4])),
+                    _ => download(projected.get::<2>(id).unwrap()),
                 },
             );
             let manual = &w - lr * &g;
@@ -54,7 +54,7 @@ fn adamw_gradient_target_equals_adamw_on_projected_gradients() {
     let mut wrapped = config(ProjectionMode::ConflictOnly)
         .init(AdamWConfig::new().init(), &model, bases(&model))
         .unwrap();
-    let mut plain = AdamWConfig::new().init::<B, Net>();
+    let mut plain = AdamWConfig::new().init();
     let (mut a, mut b) = (model.clone(), model);
     for seed in 0..3 {
         let grads_a = grads(&a, seed);
@@ -90,7 +90,7 @@ fn adamw_update_target_leaves_no_conflicting_coefficient() {
     // bounds what is left of a removed coefficient.
     let tol = 64.0 * f64::from(f32::EPSILON) * lr;
 
-    let mut plain = AdamWConfig::new().init::<B, Net>();
+    let mut plain = AdamWConfig::new().init();
     let raw = plain.step(lr, model.clone(), grads(&model, 3));
     let raw_worst = update_coefficients(&model, &raw)
         .into_iter()
@@ -135,7 +135,7 @@ fn unprotected_parameters_pass_through_bit_for_bit() {
     let device = Default::default();
     let model = Net::new(&device);
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
-        let mut plain = AdamWConfig::new().init::<B, Net>();
+        let mut plain = AdamWConfig::new().init();
         // mlp.weight is targeted but gets no basis; head and every bias are not targeted.
         let only_attn = bases(&model).into_iter().take(1);
         let mut wrapped = config(ProjectionMode::Orthogonal)
@@ -217,7 +217,7 @@ fn step_multi_replicas_apply_the_step_on_summed_gradients() {
 }
 
 /// `Σ_g g[id]` over the gradient sets, in their order.
-fn sum_of<const D: usize>(all: &[GradientsParams], id: ParamId) -> Tensor<Inner, D> {
+fn sum_of<const D: usize>(all: &[GradientsParams], id: ParamId) -> Tensor<D> {
     all.iter()
         .map(|g| g.get::<Inner, D>(id).unwrap())
         .reduce(|a, b| a + b)
@@ -230,7 +230,7 @@ fn vector_policy_pcgrad_projects_biases_against_their_safety_gradient() {
     let model = Net::new(&device);
     let bias = model.attn.bias.as_ref().unwrap();
     // The safety gradient of the bias is the negated utility gradient: a full conflict.
-    let g: Tensor<Inner, 1> = grads(&model, 4).get(bias.id).unwrap();
+    let g: Tensor<1> = grads(&model, 4).get(bias.id).unwrap();
     let safety = LowRankBasis::from_vector(g.clone().neg().add_scalar(0.01)).unwrap();
     let mut optim = SpfConfig::new()
         .with_mode(ProjectionMode::Orthogonal) // ignored for vectors
