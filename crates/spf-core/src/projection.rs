@@ -74,12 +74,11 @@ pub struct Projected {
 /// # Example
 ///
 /// ```
-/// use burn::backend::NdArray;
 /// use burn::tensor::Tensor;
 /// use spf_core::{ProjectionMode, project};
 /// use spf_subspace::LowRankBasis;
 ///
-/// let device = Default::default();
+/// let device = burn::tensor::Device::default();
 /// // One safety direction B_1 = e_1 e_1ᵀ.
 /// let basis = LowRankBasis::new(
 ///     Tensor::<2>::from_floats([[1.0], [0.0]], &device),
@@ -124,7 +123,7 @@ pub fn project_without_stats(
 mod tests {
     use super::*;
     use crate::testing::{
-        Gaussian, HostBasis, TestBackend, download, max_abs_diff, reference_projection, round_f32,
+        Gaussian, HostBasis, download, max_abs_diff, reference_projection, round_f32, test_device,
         upload,
     };
     use faer::Mat;
@@ -160,7 +159,7 @@ mod tests {
     }
 
     fn project_host(g: &Mat<f64>, basis: &HostBasis, mode: ProjectionMode) -> Projected {
-        let device = Default::default();
+        let device = test_device();
         project(upload(g, &device), &basis.to_device(&device), mode).unwrap()
     }
 
@@ -250,7 +249,7 @@ mod tests {
         }
         let u_perp = Mat::<f64>::identity(9, 9) - &basis.u * basis.u.transpose();
         g += u_perp * rng.matrix(9, 5);
-        let device = Default::default();
+        let device = test_device();
         let g = upload(&g, &device);
         for mode in [ProjectionMode::ConflictOnly, ProjectionMode::Pcgrad] {
             let out = project(g.clone(), &basis.to_device(&device), mode).unwrap();
@@ -261,7 +260,7 @@ mod tests {
 
     #[test]
     fn empty_basis_changes_nothing() {
-        let device = Default::default();
+        let device = test_device();
         let g = upload(&Gaussian::new(3).matrix(4, 6), &device);
         for mode in ProjectionMode::ALL {
             let out = project(g.clone(), &LowRankBasis::empty(4, 6, &device), mode).unwrap();
@@ -310,17 +309,16 @@ mod tests {
     }
 
     #[test]
-    fn f64_backends_project_at_f64_precision() {
-        // Host-side coefficients reach the device as f64, so an f64 backend is not held to f32.
-        type F64 = burn::backend::NdArray<f64>;
-        let device = Default::default();
+    fn f64_tensors_project_at_f64_precision() {
+        // Host-side coefficients reach the device as f64, so f64 tensors are not held to f32.
+        let device = (&test_device(), burn::tensor::DType::F64);
         let mut rng = Gaussian::new(21);
         let basis = rng.basis(12, 9, 4);
         let g = rng.matrix(12, 9);
         let expected = reference_projection(&g, &basis, ProjectionMode::ConflictOnly);
         let out = project(
-            upload::<F64>(&g, &device),
-            &basis.to_device(&device),
+            upload(&g, device),
+            &basis.to_device(device),
             ProjectionMode::ConflictOnly,
         )
         .unwrap();
@@ -331,7 +329,7 @@ mod tests {
 
     #[test]
     fn wrong_shape_is_an_error() {
-        let device = Default::default();
+        let device = test_device();
         let g = Tensor::<2>::zeros([3, 4], &device);
         let err = project(
             g,

@@ -108,8 +108,15 @@ where
     M: Module,
     F: FnMut(&M) -> Tensor<1> + Clone + Send,
 {
+    /// The gradients of the closure's loss, refused when the loss is not finite: the mean over
+    /// an empty safety batch is NaN, but burn 0.22's backward pass gives it zero gradients, which
+    /// would estimate rank-0 bases and silently end the protection.
     fn safety_gradients(&mut self, module: &M) -> Result<GradientsParams, SourceError> {
         let loss = self(module);
+        let value = loss.clone().sum().into_scalar::<f64>();
+        if !value.is_finite() {
+            return Err(format!("the safety loss is {value}, not finite").into());
+        }
         Ok(GradientsParams::from_grads(loss.backward(), module))
     }
 }

@@ -9,7 +9,7 @@
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::tanh;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorCreationOptions, TensorData};
 use faer::Mat;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -174,12 +174,14 @@ impl HostBasis {
             .collect()
     }
 
-    /// The basis on a device, checked by [`LowRankBasis::new`] at `f32` accuracy.
-    pub fn to_device(&self, device: &Device) -> LowRankBasis {
+    /// The basis on a device (and in a dtype: a device alone means its default float type),
+    /// checked by [`LowRankBasis::new`] at `f32` accuracy.
+    pub fn to_device(&self, options: impl Into<TensorCreationOptions>) -> LowRankBasis {
+        let options: TensorCreationOptions = options.into();
         let k = self.rank();
-        let sigma = Tensor::from_data(TensorData::new(self.sigma.clone(), [k]), device);
-        LowRankBasis::new(upload(&self.u, device), sigma, upload(&self.v, device))
-            .expect("QR and SVD factors are orthonormal")
+        let sigma = Tensor::from_data(TensorData::new(self.sigma.clone(), [k]), options.clone());
+        let (u, v) = (upload(&self.u, options.clone()), upload(&self.v, options));
+        LowRankBasis::new(u, sigma, v).expect("QR and SVD factors are orthonormal")
     }
 }
 
@@ -210,12 +212,15 @@ pub fn max_abs_diff(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
     worst
 }
 
-/// `m` on the device, in the device's float type.
-pub fn upload(m: &Mat<impl Copy + Into<f64>>, device: &Device) -> Tensor<2> {
+/// `m` on a device (and in a dtype: a device alone means its default float type).
+pub fn upload(
+    m: &Mat<impl Copy + Into<f64>>,
+    options: impl Into<TensorCreationOptions>,
+) -> Tensor<2> {
     let values: Vec<f64> = (0..m.nrows())
         .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)].into()))
         .collect();
-    Tensor::from_data(TensorData::new(values, [m.nrows(), m.ncols()]), device)
+    Tensor::from_data(TensorData::new(values, [m.nrows(), m.ncols()]), options)
 }
 
 /// A device matrix back on the host.

@@ -46,14 +46,14 @@ fn unmarked(model: &Net) -> Vec<String> {
 fn poisoned(model: &Net, seed: u64) -> GradientsParams {
     let mut g = grads(model, seed);
     let w: Tensor<2> = g.remove(model.attn.weight.id).unwrap();
-    let nan = Tensor::full([1, 1], f32::NAN, &Default::default());
+    let nan = Tensor::full([1, 1], f32::NAN, &test_device());
     g.register(model.attn.weight.id, w.slice_assign([0..1, 0..1], nan));
     g
 }
 
 #[test]
 fn every_step_keeps_the_distributed_mark() {
-    let device = Default::default();
+    let device = test_device();
     let policies = [
         NonFinitePolicy::Error,
         NonFinitePolicy::SkipStep,
@@ -71,7 +71,7 @@ fn every_step_keeps_the_distributed_mark() {
                 .with_non_finite(policy)
                 .with_refresh(RefreshPolicy::Every(2));
             let mut optim = adamw(config, &model).with_safety_source(|m: &Net| {
-                let x = Tensor::<2>::ones([2, 4], &Default::default());
+                let x = Tensor::<2>::ones([2, 4], &test_device());
                 m.forward(x).square().mean()
             });
             for step in 0..5 {

@@ -9,7 +9,7 @@ fn a_step_reads_from_the_device_once_or_not_at_all() {
     use NonFinitePolicy::{Error, Unchecked};
     use ProjectionTarget::{Gradient, Update};
     use StatsPolicy::{EveryStep, Off};
-    let model = Net::new(&Default::default());
+    let model = Net::new(&test_device());
     // (statistics, probe, target, reads per step): the probe shares the statistics' read,
     // except under the Update target, whose statistics come after the inner step.
     let cases = [
@@ -48,7 +48,7 @@ fn a_step_reads_from_the_device_once_or_not_at_all() {
 
 #[test]
 fn reading_the_statistics_or_not_takes_the_same_step() {
-    let model = Net::new(&Default::default());
+    let model = Net::new(&test_device());
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
         for mode in ProjectionMode::ALL {
             let run = |stats: StatsPolicy| {
@@ -71,7 +71,7 @@ fn reading_the_statistics_or_not_takes_the_same_step() {
 
 #[test]
 fn the_probe_acts_the_same_inside_the_statistics_read_or_alone() {
-    let model = Net::new(&Default::default());
+    let model = Net::new(&test_device());
     for policy in [
         NonFinitePolicy::Error,
         NonFinitePolicy::SkipStep,
@@ -87,7 +87,7 @@ fn the_probe_acts_the_same_inside_the_statistics_read_or_alone() {
                 let w: Tensor<2> = g.remove(model.attn.weight.id).unwrap();
                 let w = w
                     .clone()
-                    .slice_assign([0..2, 0..1], Tensor::full([2, 1], bad, &Default::default()));
+                    .slice_assign([0..2, 0..1], Tensor::full([2, 1], bad, &test_device()));
                 g.register(model.attn.weight.id, w);
                 let outcome = optim.try_step(1e-2, model.clone(), g);
                 let (module, error) = match outcome {
@@ -152,7 +152,7 @@ fn the_step_path_reads_only_through_the_counted_function() {
 /// shares, cosines and (scaled) energies as at magnitude 1.
 #[test]
 fn statistics_read_after_the_step_are_exact_at_extreme_magnitudes() {
-    let model = Net::new(&Default::default());
+    let model = Net::new(&test_device());
     let scaled = |scale: f32| {
         let mut g = grads(&model, 5);
         for (id, _) in bases(&model) {

@@ -5,16 +5,14 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::Linear;
-use burn::optim::{AdamWConfig, GradientsParams, MultiGradientsParams, Optimizer, SgdConfig};
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
-use burn::tensor::backend::DeviceOps;
-use burn::tensor::{Tensor, TensorData, activation::tanh};
+use burn::optim::{AdamWConfig, GradientsParams, MultiGradientsParams, SgdConfig};
+use burn::tensor::{Device, Tensor, TensorData, activation::tanh};
 use faer::Mat;
 
 use super::*;
-use crate::testing::{Gaussian, download, upload};
+use crate::checkpoint::PackedRecord;
+use crate::testing::{Gaussian, download, test_device, upload};
 use crate::{ParamFilter, ProjectionMode, RankPolicy, SubspaceConfig, VectorPolicy, project};
-use spf_subspace::SubspaceError;
 
 /// Three layers named so that a path filter can tell them apart, and a rank-3 parameter.
 #[derive(Module, Debug)]
@@ -26,9 +24,10 @@ struct Net {
 }
 
 impl Net {
-    /// Seeded and initialized eagerly: clones of a lazily initialized module would each draw
-    /// their own random weights.
+    /// Seeded and initialized eagerly (clones of a lazily initialized module would each draw
+    /// their own random weights), on `device` with autodiff.
     fn new(device: &Device) -> Self {
+        let device = &device.clone().autodiff();
         let mut rng = Gaussian::new(99);
         let mut param = |dims: &[usize]| {
             let n = dims.iter().product();
@@ -60,7 +59,7 @@ impl Net {
 
 /// The gradients of a seeded regression loss at `model`.
 fn grads(model: &Net, seed: u64) -> GradientsParams {
-    let device = Default::default();
+    let device = test_device();
     let mut rng = Gaussian::new(seed);
     let x = upload(&rng.matrix(8, 4), &device);
     let y = upload(&rng.matrix(8, 3), &device);
@@ -70,7 +69,7 @@ fn grads(model: &Net, seed: u64) -> GradientsParams {
 
 /// Random bases for the two protected weights and the rank-3 cube (viewed as 3 × 4).
 fn bases(model: &Net) -> Vec<(ParamId, LowRankBasis)> {
-    let device = Default::default();
+    let device = test_device();
     let mut rng = Gaussian::new(1234);
     vec![
         (model.attn.weight.id, rng.basis(4, 6, 3).to_device(&device)),
@@ -90,7 +89,7 @@ fn config(mode: ProjectionMode) -> SpfConfig {
 /// AdamW wrapped with `config` around the fixture bases.
 fn adamw(config: SpfConfig, model: &Net) -> SafetyProjectedOptimizer {
     config
-        .init(AdamWConfig::new().init(), model, bases(model))
+        .init(AdamWConfig::new().build(), model, bases(model))
         .unwrap()
 }
 
@@ -143,6 +142,21 @@ fn train<S: SafetyGradientSource<Net>>(
         model = optim.step(1e-2, model, g);
     }
     model
+}
+
+/// `record` as the burnpack bytes a checkpoint holds.
+fn encode(record: SpfRecord) -> burn_pack::Bytes {
+    PackedRecord::into_pack(record).unwrap()
+}
+
+/// The record burnpack bytes hold.
+fn decode(bytes: &burn_pack::Bytes) -> SpfRecord {
+    <SpfRecord as PackedRecord>::from_pack(bytes.clone()).unwrap()
+}
+
+/// `record` through its burnpack bytes and back, as a checkpoint takes it.
+fn round_trip(record: SpfRecord) -> SpfRecord {
+    decode(&encode(record))
 }
 
 /// Every parameter of `a` and `b` is bit-identical.

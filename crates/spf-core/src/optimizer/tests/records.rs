@@ -13,7 +13,7 @@ fn through_bytes<R: burn::record::Record>(record: R, device: &burn::tensor::Devi
 
 #[test]
 fn record_round_trip_continues_identically() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let cfg = config(ProjectionMode::ConflictOnly).with_target(ProjectionTarget::Update);
     let mut optim = cfg
@@ -39,7 +39,7 @@ fn record_round_trip_continues_identically() {
 /// continues exactly. Stepping a module that never loaded its record is refused.
 #[test]
 fn a_record_loads_into_a_wrapper_built_for_a_fresh_copy_of_the_model() {
-    let device = Default::default();
+    let device = test_device();
     let cfg = config(ProjectionMode::ConflictOnly).with_refresh(crate::RefreshPolicy::Never);
     let model = Net::new(&device);
     let mut optim = cfg
@@ -75,7 +75,7 @@ fn a_record_loads_into_a_wrapper_built_for_a_fresh_copy_of_the_model() {
 
 #[test]
 fn init_rejects_bases_that_do_not_fit() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let basis = |d_in, d_out| {
         Gaussian::new(0)
@@ -124,7 +124,7 @@ fn init_rejects_bases_that_do_not_fit() {
 
 #[test]
 fn bases_are_truncated_to_the_configured_rank() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let optim = config(ProjectionMode::ConflictOnly)
         .with_estimator(estimator().with_rank(RankPolicy::Fixed(1)))
@@ -135,7 +135,7 @@ fn bases_are_truncated_to_the_configured_rank() {
 
 #[test]
 fn load_record_rejects_records_that_do_not_fit() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let cfg = config(ProjectionMode::ConflictOnly);
     let optim = cfg
@@ -207,7 +207,7 @@ fn load_record_rejects_records_that_do_not_fit() {
 /// optimizer's state (before, `try_load_record` consumed the wrapper and lost all three).
 #[test]
 fn a_refused_record_hands_the_optimizer_back_unchanged() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let mut optim = config(ProjectionMode::ConflictOnly)
         .init(AdamWConfig::new().init(), &model, bases(&model))

@@ -7,7 +7,7 @@ use spf_subspace::{SafetySubspace, SketchConfig};
 /// The safety loss: fit two fixed inputs to fixed targets (a two-objective problem with the
 /// regression loss of `grads`).
 fn safety_loss(model: &Net) -> Tensor<1> {
-    let device = Default::default();
+    let device = test_device();
     let mut rng = Gaussian::new(77);
     let x = upload(&rng.matrix(2, 4), &device);
     let y = upload(&rng.matrix(2, 3), &device);
@@ -30,7 +30,7 @@ fn refreshing(policy: RefreshPolicy, target: ProjectionTarget) -> SpfConfig {
 /// is projected again once unfrozen.
 #[test]
 fn frozen_parameters_pass_through_and_keep_their_bases() {
-    let device = Default::default();
+    let device = test_device();
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
         let mut model = Net::new(&device);
         model.attn = model.attn.no_grad();
@@ -55,7 +55,7 @@ fn frozen_parameters_pass_through_and_keep_their_bases() {
         // The bases given at init serve step 0; steps 1 and 2 re-estimate.
         assert_eq!(optim.last_stats().refresh.count, 2, "{target:?}");
         assert_eq!(optim.bases()[&attn].u().to_data(), basis_before);
-        let projected = |optim: &SafetyProjectedOptimizer<_, B, _>| {
+        let projected = |optim: &SafetyProjectedOptimizer<_>| {
             optim
                 .last_stats()
                 .tensors
@@ -81,7 +81,7 @@ fn frozen_parameters_pass_through_and_keep_their_bases() {
 
 #[test]
 fn every_one_re_estimates_before_every_step() {
-    let device = Default::default();
+    let device = test_device();
     let mut model = Net::new(&device);
     let config = refreshing(RefreshPolicy::Every(1), ProjectionTarget::Gradient);
     let mut optim = config
@@ -117,7 +117,7 @@ fn every_one_re_estimates_before_every_step() {
 
 #[test]
 fn bases_given_at_init_count_as_step_zero() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let mut optim = refreshing(RefreshPolicy::Every(2), ProjectionTarget::Gradient)
         .init(AdamWConfig::new().init(), &model, bases(&model))
@@ -135,7 +135,7 @@ fn bases_given_at_init_count_as_step_zero() {
 
 #[test]
 fn record_round_trip_resumes_refreshing_identically() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let config = refreshing(RefreshPolicy::Every(1), ProjectionTarget::Update);
     let fresh = || {
@@ -149,9 +149,7 @@ fn record_round_trip_resumes_refreshing_identically() {
 
     let mut first = fresh();
     let halfway = train(&mut first, model.clone(), 0..4);
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder.record(first.to_record(), ()).unwrap();
-    let mut second = fresh().load_record(recorder.load(bytes, &device).unwrap());
+    let mut second = fresh().load_record(round_trip(first.to_record()));
     let resumed = train(&mut second, halfway, 4..7);
     assert_eq!(second.last_stats().refresh.count, 7);
 
@@ -179,7 +177,7 @@ impl SafetyGradientSource<Net> for Flaky {
 
 #[test]
 fn failed_refresh_keeps_the_previous_bases_and_is_counted() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let mut optim = refreshing(RefreshPolicy::Every(1), ProjectionTarget::Gradient)
         .init(AdamWConfig::new().init(), &model, [])
@@ -220,7 +218,7 @@ fn failed_refresh_keeps_the_previous_bases_and_is_counted() {
 
 #[test]
 fn adaptive_period_doubles_while_the_subspace_is_settled() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let policy = RefreshPolicy::Adaptive {
         initial: 1,
@@ -258,7 +256,7 @@ fn adaptive_period_doubles_while_the_subspace_is_settled() {
 /// kept refreshing under `Never`, and one saved under `Never` never refreshed under `Every`.)
 #[test]
 fn resume_obeys_the_configured_refresh_policy() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let adaptive = |initial, max| RefreshPolicy::Adaptive {
         initial,
@@ -272,14 +270,13 @@ fn resume_obeys_the_configured_refresh_policy() {
         adaptive(1, 4),
         adaptive(3, 6),
     ];
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
     for saved in policies {
         let mut first = refreshing(saved, ProjectionTarget::Gradient)
             .init(AdamWConfig::new().init(), &model, bases(&model))
             .unwrap()
             .with_safety_source(safety_loss);
         let halfway = train(&mut first, model.clone(), 0..4);
-        let bytes = recorder.record(first.to_record(), ()).unwrap();
+        let bytes = encode(first.to_record());
         let saved_counts = first.last_stats().refresh.clone();
         for loaded in policies {
             let context = format!("saved under {saved:?}, loaded under {loaded:?}");
@@ -287,7 +284,7 @@ fn resume_obeys_the_configured_refresh_policy() {
                 .init(AdamWConfig::new().init(), &model, [])
                 .unwrap()
                 .with_safety_source(safety_loss)
-                .load_record(recorder.load(bytes.clone(), &device).unwrap());
+                .load_record(decode(&bytes));
             // Which of the next six steps refresh, and the period the wrapper reports.
             let mut refreshed = Vec::new();
             let mut m = halfway.clone();
@@ -327,7 +324,7 @@ fn resume_obeys_the_configured_refresh_policy() {
 /// and load (before, only the counts did; the others restarted at zero).
 #[test]
 fn resume_restores_the_last_overlap_error_and_non_finite_counts() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let config = refreshing(RefreshPolicy::Every(1), ProjectionTarget::Gradient)
         .with_non_finite(crate::NonFinitePolicy::SkipStep);
@@ -348,14 +345,13 @@ fn resume_restores_the_last_overlap_error_and_non_finite_counts() {
         (1, 1)
     );
 
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder.record(first.to_record(), ()).unwrap();
+    let bytes = encode(first.to_record());
     let resume = |good: usize| {
         let mut second = config
             .init(AdamWConfig::new().init(), &model, [])
             .unwrap()
             .with_safety_source(Flaky { good })
-            .load_record(recorder.load(bytes.clone(), &device).unwrap());
+            .load_record(decode(&bytes));
         second.step(1e-2, m.clone(), grads(&m, 5));
         second.last_stats().clone()
     };

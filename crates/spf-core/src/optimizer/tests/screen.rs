@@ -8,14 +8,14 @@ fn attn_only(model: &Net, g: &Mat<f64>) -> GradientsParams {
     let mut grads = GradientsParams::new();
     grads.register(
         model.attn.weight.id,
-        upload::<Inner>(g, &Default::default()),
+        upload::<Inner>(g, &test_device()),
     );
     grads
 }
 
 #[test]
 fn measure_reports_what_the_step_then_does_and_changes_nothing() {
-    let device = Default::default();
+    let device = test_device();
     for mode in ProjectionMode::ALL {
         let model = Net::new(&device);
         let mut optim = config(mode)
@@ -40,7 +40,7 @@ fn measure_reports_what_the_step_then_does_and_changes_nothing() {
 
 #[test]
 fn screen_scores_a_gradient_against_safety_one_and_along_it_zero() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let optim = config(ProjectionMode::ConflictOnly)
         .init(SgdConfig::new().init(), &model, bases(&model))

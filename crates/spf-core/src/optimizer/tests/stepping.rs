@@ -5,7 +5,7 @@ use super::*;
 
 #[test]
 fn sgd_step_equals_manual_step_on_projected_gradients() {
-    let device = Default::default();
+    let device = test_device();
     let lr = 0.05;
     for mode in ProjectionMode::ALL {
         let model = Net::new(&device);
@@ -49,7 +49,7 @@ fn sgd_step_equals_manual_step_on_projected_gradients() {
 
 #[test]
 fn adamw_gradient_target_equals_adamw_on_projected_gradients() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let mut wrapped = config(ProjectionMode::ConflictOnly)
         .init(AdamWConfig::new().init(), &model, bases(&model))
@@ -83,7 +83,7 @@ fn update_coefficients(before: &Net, after: &Net) -> Vec<f64> {
 
 #[test]
 fn adamw_update_target_leaves_no_conflicting_coefficient() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let lr = 1e-2;
     // An AdamW update is about lr per coordinate; rounding the parameters and the update in f32
@@ -132,7 +132,7 @@ fn adamw_update_target_leaves_no_conflicting_coefficient() {
 
 #[test]
 fn unprotected_parameters_pass_through_bit_for_bit() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
         let mut plain = AdamWConfig::new().init();
@@ -194,10 +194,10 @@ fn step_multi_replicas_apply_the_step_on_summed_gradients() {
                 let multi = MultiGradientsParams {
                     grads: seeds
                         .iter()
-                        .map(|&s| (grads(&model, s), device.id()))
+                        .map(|&s| (grads(&model, s), device.clone()))
                         .collect(),
                 };
-                let stepped = optim.step_multi(1e-2, model.clone(), multi);
+                let stepped = optim.try_step_multi(1e-2, model.clone(), multi).unwrap();
                 (stepped, optim.last_stats().clone())
             })
             .collect();
@@ -219,14 +219,14 @@ fn step_multi_replicas_apply_the_step_on_summed_gradients() {
 /// `Σ_g g[id]` over the gradient sets, in their order.
 fn sum_of<const D: usize>(all: &[GradientsParams], id: ParamId) -> Tensor<D> {
     all.iter()
-        .map(|g| g.get::<Inner, D>(id).unwrap())
+        .map(|g| g.get::<D>(id).unwrap())
         .reduce(|a, b| a + b)
         .unwrap()
 }
 
 #[test]
 fn vector_policy_pcgrad_projects_biases_against_their_safety_gradient() {
-    let device = Default::default();
+    let device = test_device();
     let model = Net::new(&device);
     let bias = model.attn.bias.as_ref().unwrap();
     // The safety gradient of the bias is the negated utility gradient: a full conflict.
