@@ -70,7 +70,7 @@ impl PackedRecord for SpfRecord {
     }
 
     fn from_pack(bytes: Bytes) -> Result<Self, String> {
-        SpfRecord::from_pack(Reader::from_bytes(bytes).map_err(|e| e.to_string())?)
+        SpfRecord::from_reader(Reader::from_bytes(bytes).map_err(|e| e.to_string())?)
     }
 }
 
@@ -184,7 +184,6 @@ mod tests {
     use crate::testing::test_device;
     use burn::module::Module;
     use burn::nn::{Linear, LinearConfig};
-    use burn::tensor::DType;
 
     /// A scratch directory removed on drop.
     struct Scratch(PathBuf);

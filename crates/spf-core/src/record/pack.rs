@@ -30,7 +30,7 @@ impl SpfRecord {
     /// # Errors
     ///
     /// When burn cannot write the inner optimizer's record or the container.
-    pub(crate) fn into_pack(self) -> Result<Writer, PackError> {
+    pub(crate) fn into_writer(self) -> Result<Writer, PackError> {
         let scalars = self.scalars();
         let inner = self.inner.into_bytes().map_err(|e| e.to_string())?;
         let inner_len = inner.len();
@@ -65,9 +65,9 @@ impl SpfRecord {
     ///
     /// # Errors
     ///
-    /// As [`Self::into_pack`].
+    /// As [`Self::into_writer`].
     pub(crate) fn into_bytes(self) -> Result<Bytes, PackError> {
-        self.into_pack()?.into_bytes().map_err(|e| e.to_string())
+        self.into_writer()?.into_bytes().map_err(|e| e.to_string())
     }
 
     /// The record a burnpack container holds.
@@ -76,7 +76,7 @@ impl SpfRecord {
     ///
     /// When the container is not an SPF record, or an entry is missing, of the wrong type, or
     /// its bytes do not match its shape and type.
-    pub(crate) fn from_pack(reader: Reader) -> Result<Self, PackError> {
+    pub(crate) fn from_reader(reader: Reader) -> Result<Self, PackError> {
         let metadata = reader.metadata().clone();
         if metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
             return Err("not an SPF record (no SPF format mark)".into());
