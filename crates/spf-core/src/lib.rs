@@ -30,7 +30,7 @@ mod optimizer;
 pub mod projection;
 mod record;
 mod refresh;
-// PORT pub mod screen;
+pub mod screen;
 mod state;
 mod stats;
 mod visitors;

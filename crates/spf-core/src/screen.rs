@@ -22,7 +22,7 @@
 //! the loop computes each sample's gradient (a backward pass per sample), asks
 //! [`SampleScreen::score`], and steps on the samples [`SampleScreen::keeps`].
 
-use burn::module::AutodiffModule;
+use burn::module::Module;
 use burn::optim::GradientsParams;
 
 use crate::error::SpfError;
@@ -61,8 +61,8 @@ impl SampleScreen {
     /// # Errors
     ///
     /// As [`SafetyProjectedOptimizer::measure`]: a gradient that is not of its parameter's shape.
-    pub fn score<O, M, B, S>(
-        optim: &SafetyProjectedOptimizer<O, B, S>,
+    pub fn score<M, S>(
+        optim: &SafetyProjectedOptimizer<S>,
         module: &M,
         grads: GradientsParams,
     ) -> Result<f64, SpfError>

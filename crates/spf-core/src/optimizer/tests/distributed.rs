@@ -1,13 +1,12 @@
-//! Under burn's `distributed` feature (burn-train's DDP), each parameter carries a mark that
-//! makes the backward pass all-reduce its gradient; burn's optimizers renew it at every step.
-//! Every path through the wrapper must hand back marked parameters, or the next backward stops
-//! synchronizing: both targets, every `NonFinitePolicy`, refused and refreshing steps. This
-//! needs a CubeCL backend (`--features test-wgpu,distributed`; burn 0.21 builds `distributed`
-//! only beside one), and runs without a communication server: marking and stepping do not
-//! communicate, the backward pass of a marked parameter only registers it.
+//! Under burn-train's DDP, each parameter carries a mark that makes the backward pass all-reduce
+//! its gradient; burn's optimizers renew it at every step. Every path through the wrapper must
+//! hand back marked parameters, or the next backward stops synchronizing: both targets, every
+//! `NonFinitePolicy`, refused and refreshing steps. burn 0.22 marks parameters on its CubeCL
+//! backends only (WGPU, CUDA, ROCm, CubeCL's CPU); the CPU's `flex` panics on the mark, so this
+//! runs with `--features test-wgpu`, without a communication server: marking and stepping do
+//! not communicate, the backward pass of a marked parameter only registers it.
 
 use burn::module::ModuleMapper;
-use burn::tensor::backend::distributed::DistributedParamId;
 
 use super::*;
 use crate::{NonFinitePolicy, ProjectionTarget, RefreshPolicy};
@@ -18,7 +17,7 @@ struct Mark;
 impl ModuleMapper for Mark {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let id = param.id;
-        param.map(|t| t.set_distributed(DistributedParamId::from(id.val())))
+        param.map(|t| t.set_distributed(id))
     }
 }
 

@@ -196,10 +196,11 @@ fn projected_grads(model: &Net, seed: u64, mode: ProjectionMode) -> GradientsPar
     grads
 }
 
-// PORT distributed
+#[cfg(feature = "test-wgpu")]
+mod distributed;
 mod host_reads;
 mod records;
 mod refresh;
 mod reliability;
-// PORT mod screen;
+mod screen;
 mod stepping;

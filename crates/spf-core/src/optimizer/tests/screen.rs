@@ -8,7 +8,7 @@ fn attn_only(model: &Net, g: &Mat<f64>) -> GradientsParams {
     let mut grads = GradientsParams::new();
     grads.register(
         model.attn.weight.id,
-        upload::<Inner>(g, &test_device()),
+        upload(g, &test_device()),
     );
     grads
 }
