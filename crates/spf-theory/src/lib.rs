@@ -5,21 +5,24 @@
 //! `cargo test -p spf-theory -- --nocapture` prints one `margin` line per check; the long sweeps
 //! are `#[ignore]`d and run with `-- --ignored`.
 
-use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, Param};
-use burn::optim::{GradientsParams, Optimizer, SgdConfig};
-use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{DType, Device, Tensor};
 use faer::Mat;
 use spf_core::{ProjectionMode, RankPolicy, SpfConfig, SubspaceConfig, project};
 
 /// The fixtures this crate shares with spf-core's unit tests (spf-core's `testing` feature).
 pub use spf_core::testing::{Gaussian, HostBasis, download, inner, round_f32, upload};
 
-/// The default backend of the library, for the projection invariants.
-pub type F32 = NdArray<f32>;
-/// An `f64` backend, for the theorems, whose constants are then exact to `1e-16`.
-pub type F64 = NdArray<f64>;
+/// The library's default float type, for the projection invariants.
+pub const F32: DType = DType::F32;
+/// `f64`, for the theorems, whose constants are then exact to `1e-16`.
+pub const F64: DType = DType::F64;
+
+/// The device the checks compute on: burn's default (the CPU here).
+pub fn test_device() -> Device {
+    Device::default()
+}
 
 /// How a check obtains `G̃ = P(G)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,39 +36,38 @@ pub enum Path {
 
 /// A module with one matrix parameter.
 #[derive(Module, Debug)]
-pub struct Matrix<B: Backend> {
+pub struct Matrix {
     /// The parameter `W`.
-    pub w: Param<Tensor<B, 2>>,
+    pub w: Param<Tensor<2>>,
 }
 
 /// `P(G)` for the basis and mode, by `path`, on the `f32` backend.
 pub fn projected(g: &Mat<f64>, basis: &HostBasis, mode: ProjectionMode, path: Path) -> Mat<f64> {
-    let device = Default::default();
-    let device_basis = basis.to_device::<F32>(&device);
+    let device = test_device();
+    let device_basis = basis.to_device((&device, F32));
     match path {
         Path::Direct => download(
-            project(upload::<F32>(g, &device), &device_basis, mode)
+            project(upload(g, (&device, F32)), &device_basis, mode)
                 .unwrap()
                 .grad,
         ),
         Path::Wrapper => {
-            type B = Autodiff<F32>;
             let zero = Mat::<f64>::zeros(g.nrows(), g.ncols());
-            let module = Matrix::<B> {
-                w: Param::from_tensor(Tensor::from_inner(upload::<F32>(&zero, &device))),
+            let module = Matrix {
+                w: Param::from_tensor(upload(&zero, (&device.clone().autodiff(), F32))),
             };
             let config = SpfConfig::new()
                 .with_mode(mode)
                 .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(basis.rank())));
             let mut optim = config
                 .init(
-                    SgdConfig::new().init::<B, Matrix<B>>(),
+                    SgdConfig::new().init(),
                     &module,
                     [(module.w.id, device_basis)],
                 )
                 .unwrap();
             let mut grads = GradientsParams::new();
-            grads.register(module.w.id, upload::<F32>(g, &device));
+            grads.register(module.w.id, upload(g, (&device, F32)));
             let stepped = optim.step(1.0, module, grads);
             let w = download(stepped.w.val().inner());
             Mat::from_fn(w.nrows(), w.ncols(), |i, j| -w[(i, j)])
@@ -219,10 +221,9 @@ pub fn fine_tune(
     steps: usize,
     method: Method,
 ) -> Trajectory {
-    type B = Autodiff<F64>;
-    let device = Default::default();
-    let mut module = Matrix::<B> {
-        w: Param::from_tensor(Tensor::from_inner(upload::<F64>(theta0, &device))),
+    let device = test_device();
+    let mut module = Matrix {
+        w: Param::from_tensor(upload(theta0, (&device.clone().autodiff(), F64))),
     };
     let id = module.w.id;
     let (mode, rank) = match method {
@@ -232,9 +233,7 @@ pub fn fine_tune(
     let config = SpfConfig::new()
         .with_mode(mode)
         .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(rank)));
-    let mut optim = config
-        .init(SgdConfig::new().init::<B, Matrix<B>>(), &module, [])
-        .unwrap();
+    let mut optim = config.init(SgdConfig::new().init(), &module, []).unwrap();
 
     let mut theta = theta0.clone();
     let mut run = Trajectory::default();
@@ -253,13 +252,13 @@ pub fn fine_tune(
                 0.0
             });
             optim
-                .insert_bases([(id, basis.to_device::<F64>(&device))])
+                .insert_bases([(id, basis.to_device((&device, F64)))])
                 .unwrap();
         }
         let g = utility.gradient(&theta);
         run.gradient_energy.push(g.squared_norm_l2());
         let mut grads = GradientsParams::new();
-        grads.register(id, upload::<F64>(&g, &device));
+        grads.register(id, upload(&g, (&device, F64)));
         module = optim.step(eta, module, grads);
         let next = download(module.w.val().inner());
         let step = (&theta - &next) * faer::Scale(1.0 / eta);

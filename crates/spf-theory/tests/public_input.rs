@@ -16,7 +16,6 @@
 //! overflows) so that the properties run fast; values, counts and settings are the whole range
 //! of their types.
 
-use burn::backend::{Autodiff, NdArray};
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::optim::{GradientsParams, SgdConfig};
@@ -33,9 +32,7 @@ use spf_subspace::{
     LowRankBasis, RandomizedSvd, RandomizedSvdConfig, SafetySubspace, SketchConfig,
     captured_energy, direction_overlap, principal_angles, rank_for_energy, subspace_overlap,
 };
-
-type Inner = NdArray;
-type B = Autodiff<Inner>;
+use spf_theory::test_device;
 
 /// Any `f32`, NaN and ±Inf included, but mostly ordinary numbers.
 fn value() -> impl Strategy<Value = f32> {
@@ -53,19 +50,17 @@ fn matrix() -> impl Strategy<Value = (usize, usize, Vec<f32>)> {
     })
 }
 
-fn tensor2<BB: burn::tensor::backend::Backend>(
-    (rows, cols, values): &(usize, usize, Vec<f32>),
-) -> Tensor<BB, 2> {
+fn tensor2((rows, cols, values): &(usize, usize, Vec<f32>)) -> Tensor<2> {
     Tensor::from_data(
         TensorData::new(values.clone(), [*rows, *cols]),
-        &Default::default(),
+        &test_device(),
     )
 }
 
-fn tensor1(values: &[f32]) -> Tensor<Inner, 1> {
+fn tensor1(values: &[f32]) -> Tensor<1> {
     Tensor::from_data(
         TensorData::new(values.to_vec(), [values.len()]),
-        &Default::default(),
+        &test_device(),
     )
 }
 
@@ -159,8 +154,8 @@ fn spf_config() -> impl Strategy<Value = SpfConfig> {
 }
 
 /// A 3 → 2 linear layer with the given weights (6 values) and bias (2 values).
-fn layer(weights: &[f32], bias: &[f32]) -> Linear<B> {
-    let device = Default::default();
+fn layer(weights: &[f32], bias: &[f32]) -> Linear {
+    let device = test_device().autodiff();
     Linear {
         weight: Param::from_data(TensorData::new(weights.to_vec(), [3, 2]), &device),
         bias: Some(Param::from_data(
@@ -171,8 +166,8 @@ fn layer(weights: &[f32], bias: &[f32]) -> Linear<B> {
 }
 
 /// The gradients of `Σ (x W + b)` at `model`, for an input row `x`.
-fn grads(model: &Linear<B>, x: &[f32]) -> GradientsParams {
-    let input = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [1, 3]), &Default::default());
+fn grads(model: &Linear, x: &[f32]) -> GradientsParams {
+    let input = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [1, 3]), &test_device());
     GradientsParams::from_grads(model.forward(input).sum().backward(), model)
 }
 
@@ -187,7 +182,7 @@ proptest! {
         tolerance in prop_oneof![Just(1e-3), any::<f64>()],
         vector in proptest::collection::vec(value(), 0..=5),
     ) {
-        let (u, s, v) = (tensor2::<Inner>(&u), tensor1(&sigma), tensor2::<Inner>(&v));
+        let (u, s, v) = (tensor2(&u), tensor1(&sigma), tensor2(&v));
         let _ = LowRankBasis::with_tolerance(u.clone(), s.clone(), v.clone(), tolerance);
         let _ = LowRankBasis::new(u, s, v);
         let _ = LowRankBasis::from_vector(tensor1(&vector));
@@ -203,7 +198,7 @@ proptest! {
         let config = RandomizedSvdConfig::new(rank)
             .with_sketch(sketch)
             .with_rank_tolerance(rank_tolerance);
-        let _ = RandomizedSvd::new(config).compute(&tensor2::<Inner>(&a));
+        let _ = RandomizedSvd::new(config).compute(&tensor2(&a));
     }
 
     #[test]
@@ -221,15 +216,15 @@ proptest! {
         let _ = SafetySubspace::estimate(&model, &g, &config.estimator);
         let (u, s, v) = basis;
         let given: Vec<_> =
-            LowRankBasis::new(tensor2::<Inner>(&u), tensor1(&s), tensor2::<Inner>(&v))
+            LowRankBasis::new(tensor2(&u), tensor1(&s), tensor2(&v))
                 .into_iter()
                 .map(|b| (model.weight.id, b))
                 .collect();
         let Ok(optim) = config.init(SgdConfig::new().init(), &model, given) else {
             return Ok(());
         };
-        let source = move |m: &Linear<B>| {
-            let input = Tensor::<B, 2>::ones([1, 3], &Default::default());
+        let source = move |m: &Linear| {
+            let input = Tensor::<2>::ones([1, 3], &test_device());
             m.forward(input).sum()
         };
         let mut optim = optim.with_safety_source(source);
@@ -246,8 +241,8 @@ proptest! {
         // A gradient of any shape for the weight: measured, screened and stepped on.
         let misshaped = || {
             let mut g = grads(&model, &x);
-            let _: Option<Tensor<Inner, 2>> = g.remove(model.weight.id);
-            g.register(model.weight.id, tensor2::<Inner>(&other));
+            let _: Option<Tensor<2>> = g.remove(model.weight.id);
+            g.register(model.weight.id, tensor2(&other));
             g
         };
         let _ = optim.measure(&model, misshaped());
@@ -263,13 +258,13 @@ proptest! {
     ) {
         let (u, s, v) = basis;
         if let Ok(basis) = LowRankBasis::with_tolerance(
-            tensor2::<Inner>(&u),
+            tensor2(&u),
             tensor1(&s),
-            tensor2::<Inner>(&v),
+            tensor2(&v),
             f64::MAX,
         ) {
-            let _ = project(tensor2::<Inner>(&grad), &basis, mode);
-            let _ = project_without_stats(tensor2::<Inner>(&grad), &basis, mode);
+            let _ = project(tensor2(&grad), &basis, mode);
+            let _ = project_without_stats(tensor2(&grad), &basis, mode);
             let _ = direction_overlap(&basis, &basis);
         }
     }
@@ -286,12 +281,12 @@ proptest! {
         rows in prop_oneof![0usize..6, (usize::MAX / 2)..=usize::MAX],
         cols in 0usize..6,
     ) {
-        let a = tensor2::<Inner>(&a);
+        let a = tensor2(&a);
         let l = l.min(8);
-        let _ = gaussian_sketch::<Inner>(rows, cols, seed, &Default::default());
+        let _ = gaussian_sketch(rows, cols, seed, &test_device());
         let _ = range_finder(&a, l, power_iterations, seed);
-        let _ = orthonormalize(tensor2::<Inner>(&q));
-        let _ = truncated_svd(&a, tensor2::<Inner>(&q), k, tolerance);
+        let _ = orthonormalize(tensor2(&q));
+        let _ = truncated_svd(&a, tensor2(&q), k, tolerance);
     }
 
     #[test]
@@ -299,7 +294,7 @@ proptest! {
         m in matrix(),
         dims in proptest::collection::vec(0usize..6, 3),
     ) {
-        let t = tensor2::<Inner>(&m);
+        let t = tensor2(&m);
         let _ = view_2d(&dims);
         let flat = into_2d(t.clone());
         let _ = from_2d(flat.clone(), [dims[0], dims[1], dims[2]]);
@@ -318,8 +313,8 @@ proptest! {
     ) {
         let _ = rank_for_energy(&sigma, total, threshold, max_rank);
         let _ = captured_energy(&sigma, total);
-        let _ = principal_angles(&tensor2::<Inner>(&u1), &tensor2::<Inner>(&u2));
-        let _ = subspace_overlap(&tensor2::<Inner>(&u1), &tensor2::<Inner>(&u2));
+        let _ = principal_angles(&tensor2(&u1), &tensor2(&u2));
+        let _ = subspace_overlap(&tensor2(&u1), &tensor2(&u2));
         let _ = SampleScreen::new(threshold);
     }
 }

@@ -5,7 +5,7 @@
 
 use faer::Mat;
 use spf_subspace::rsvd::range_finder;
-use spf_theory::{F64, Gaussian, Margin, download, upload};
+use spf_theory::{F64, Gaussian, Margin, download, test_device, upload};
 
 const M: usize = 60;
 const N: usize = 40;
@@ -22,8 +22,8 @@ fn with_spectrum(spectrum: &[f64], seed: u64) -> Mat<f64> {
 
 fn check(name: &str, spectrum: &[f64], seeds: u64) {
     let a = with_spectrum(spectrum, 7);
-    let device = Default::default();
-    let a_device = upload::<F64>(&a, &device);
+    let device = test_device();
+    let a_device = upload(&a, (&device, F64));
     let tail: f64 = spectrum[K..].iter().map(|s| s * s).sum::<f64>().sqrt();
     for p in [2usize, 4, 8] {
         let mean: f64 = (0..seeds)
