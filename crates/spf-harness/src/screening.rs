@@ -6,9 +6,8 @@
 //! remove ([`spf_core::screen`] has the mathematics); a sample scoring above the threshold leaves
 //! the batch, and the step is taken on the rest.
 
-use burn::module::AutodiffModule;
+use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use spf_core::screen::SampleScreen;
 use spf_core::{SafetyGradientSource, SpfError};
@@ -60,17 +59,16 @@ impl<F: Fn(usize) -> bool> RunScreen<F> {
     /// The [`SpfError`] of a sample's gradient that does not fit the model (see
     /// [`SafetyProjectedOptimizer::measure`](spf_core::SafetyProjectedOptimizer::measure)); the
     /// batch is left as it was.
-    pub fn batch<M, B, S>(
+    pub fn batch<M, S>(
         &mut self,
-        stepper: &Stepper<M, B, S>,
+        stepper: &Stepper<S>,
         model: &M,
         picked: &mut Vec<usize>,
         mut gradient_of: impl FnMut(usize) -> GradientsParams,
     ) -> Result<(), SpfError>
     where
-        M: AutodiffModule<B>,
-        B: AutodiffBackend,
-        S: SafetyGradientSource<M, B>,
+        M: Module,
+        S: SafetyGradientSource<M>,
     {
         let Stepper::Spf { optim, .. } = stepper else {
             return Ok(());
@@ -191,12 +189,9 @@ impl ScreenCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::{Autodiff, NdArray};
     use burn::nn::{Linear, LinearConfig};
-    use burn::tensor::Tensor;
+    use burn::tensor::{Device, Tensor};
     use spf_core::SpfConfig;
-
-    type B = Autodiff<NdArray>;
 
     /// Samples whose input is the safety sample's gradient agree with the safety loss (score
     /// 0), samples with the negated input conflict with it (score 1): at threshold 0 the screen
@@ -204,14 +199,15 @@ mod tests {
     /// on purpose) is neither scored nor dropped.
     #[test]
     fn at_threshold_zero_exactly_the_positive_scores_leave_and_the_defences_own_stay() {
-        let device = Default::default();
-        let model: Linear<B> = LinearConfig::new(4, 3).init(&device);
-        let x = Tensor::<B, 2>::from_floats([[1.0, -2.0, 0.5, 3.0]], &device);
-        let loss = move |m: &Linear<B>, x: Tensor<B, 2>| m.forward(x).sum();
+        let device = Device::default().autodiff();
+        let model: Linear = LinearConfig::new(4, 3).init(&device);
+        let x = Tensor::<2>::from_floats([[1.0, -2.0, 0.5, 3.0]], &device);
+        let loss = move |m: &Linear, x: Tensor<2>| m.forward(x).sum();
         let safety_x = x.clone();
-        let source = move |m: &Linear<B>| loss(m, safety_x.clone());
+        let source = move |m: &Linear| loss(m, safety_x.clone());
         let stepper =
-            Stepper::spf::<Box<dyn std::error::Error>>(&SpfConfig::new(), &model, source).unwrap();
+            Stepper::spf::<_, Box<dyn std::error::Error>>(&SpfConfig::new(), &model, source)
+                .unwrap();
         let input = |i: usize| {
             if i.is_multiple_of(2) {
                 x.clone()

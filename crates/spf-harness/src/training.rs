@@ -2,28 +2,23 @@
 //! the optimizer of a method, plain AdamW or AdamW wrapped by SPF ([`Stepper`]), the order of
 //! the batches ([`BatchOrder`]), and what the projection did over a run ([`ProjectionSummary`]).
 
-use burn::module::AutodiffModule;
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use spf_core::{SafetyGradientSource, SafetyProjectedOptimizer, SpfConfig, SpfError};
 use spf_subspace::{SafetySubspace, SubspaceError};
 
-/// AdamW (burn's defaults) for the module `M`.
-pub type AdamWOf<M, B> = OptimizerAdaptor<AdamW, M, B>;
-
 /// The optimizer of one run: plain AdamW (SFT, and the data baselines), or AdamW wrapped by SPF
 /// with its bases estimated from, and refreshed by, a safety source `S`.
-pub enum Stepper<M: AutodiffModule<B>, B: AutodiffBackend, S> {
-    /// Plain AdamW.
-    Plain(AdamWOf<M, B>),
+pub enum Stepper<S> {
+    /// Plain AdamW (burn's defaults).
+    Plain(ModuleOptimizer),
     /// AdamW under SPF, and the running sums of its projection statistics.
     Spf {
         /// The wrapper.
-        optim: Box<SafetyProjectedOptimizer<AdamWOf<M, B>, B, S>>,
+        optim: Box<SafetyProjectedOptimizer<S>>,
         /// Sums over the steps so far.
         sums: ProjectionSummary,
         /// Steps taken.
@@ -31,15 +26,10 @@ pub enum Stepper<M: AutodiffModule<B>, B: AutodiffBackend, S> {
     },
 }
 
-impl<M, B, S> Stepper<M, B, S>
-where
-    M: AutodiffModule<B>,
-    B: AutodiffBackend,
-    S: SafetyGradientSource<M, B>,
-{
+impl<S> Stepper<S> {
     /// Plain AdamW.
     pub fn plain() -> Self {
-        Self::Plain(AdamWConfig::new().init::<B, M>())
+        Self::Plain(AdamWConfig::new().init())
     }
 
     /// AdamW under SPF as `config` says, its bases estimated at `model` from `source`'s safety
@@ -49,8 +39,10 @@ where
     ///
     /// The caller's error `E` made from the [`SpfError`] when the source fails or the wrapper
     /// rejects the bases, or from the [`SubspaceError`] when the estimate fails.
-    pub fn spf<E>(config: &SpfConfig, model: &M, mut source: S) -> Result<Self, E>
+    pub fn spf<M, E>(config: &SpfConfig, model: &M, mut source: S) -> Result<Self, E>
     where
+        M: Module,
+        S: SafetyGradientSource<M>,
         E: From<SpfError> + From<SubspaceError>,
     {
         let grads = source
@@ -58,7 +50,7 @@ where
             .map_err(|err| SpfError::SafetySource(err.to_string()))?;
         let subspace = SafetySubspace::estimate(model, &grads, &config.estimator)?;
         let optim = config
-            .init(AdamWConfig::new().init::<B, M>(), model, subspace)?
+            .init(AdamWConfig::new().build(), model, subspace)?
             .with_safety_source(source);
         Ok(Self::Spf {
             optim: Box::new(optim),
@@ -72,7 +64,11 @@ where
     /// # Errors
     ///
     /// The [`SpfError`] with which the wrapper refuses the step (a non-finite gradient, say).
-    pub fn step(&mut self, lr: f64, model: M, grads: GradientsParams) -> Result<M, SpfError> {
+    pub fn step<M>(&mut self, lr: f64, model: M, grads: GradientsParams) -> Result<M, SpfError>
+    where
+        M: Module,
+        S: SafetyGradientSource<M>,
+    {
         match self {
             Self::Plain(optim) => Ok(optim.step(lr, model, grads)),
             Self::Spf { optim, sums, steps } => {
