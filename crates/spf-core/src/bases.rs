@@ -8,16 +8,10 @@ use spf_subspace::{LowRankBasis, Targets, direction_overlap};
 
 use crate::error::SpfError;
 
-/// The bases of the protected parameters, keyed by parameter id, on the backend the gradients
+/// The bases of the protected parameters, keyed by parameter id, on the devices the gradients
 /// live on. Every basis in it was admitted by [`admit`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct ProtectedBases(HashMap<ParamId, LowRankBasis>);
-
-impl Default for ProtectedBases {
-    fn default() -> Self {
-        Self(HashMap::new())
-    }
-}
 
 impl ProtectedBases {
     /// The bases as a map, as the wrapper publishes them.

@@ -3,7 +3,7 @@
 //! the batches ([`BatchOrder`]), and what the projection did over a run ([`ProjectionSummary`]).
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, MultiGradientsParams};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -73,11 +73,37 @@ impl<S> Stepper<S> {
             Self::Plain(optim) => Ok(optim.step(lr, model, grads)),
             Self::Spf { optim, sums, steps } => {
                 let model = optim.try_step(lr, model, grads).map_err(|e| e.error)?;
-                let stats = optim.last_stats();
-                sums.conflict_share += stats.conflict_share();
-                sums.removed_energy_share += stats.removed_energy_share();
-                sums.refreshes = stats.refresh.count;
-                sums.refresh_failures = stats.refresh.failures;
+                sums.add(optim.last_stats());
+                *steps += 1;
+                Ok(model)
+            }
+        }
+    }
+
+    /// One step at learning rate `lr` on gradients from several devices (burn-train's
+    /// multi-device strategy): burn sums each parameter's gradients on one device, and the step
+    /// is [`Self::step`] on the sum.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::step`].
+    pub fn step_multi<M>(
+        &mut self,
+        lr: f64,
+        model: M,
+        grads: MultiGradientsParams,
+    ) -> Result<M, SpfError>
+    where
+        M: Module,
+        S: SafetyGradientSource<M>,
+    {
+        match self {
+            Self::Plain(optim) => Ok(optim.step_multi(lr, model, grads)),
+            Self::Spf { optim, sums, steps } => {
+                let model = optim
+                    .try_step_multi(lr, model, grads)
+                    .map_err(|e| e.error)?;
+                sums.add(optim.last_stats());
                 *steps += 1;
                 Ok(model)
             }
@@ -112,6 +138,16 @@ pub struct ProjectionSummary {
     pub refreshes: usize,
     /// Failed refreshes.
     pub refresh_failures: usize,
+}
+
+impl ProjectionSummary {
+    /// Adds one step's statistics to the sums (the refresh counts are running totals already).
+    fn add(&mut self, stats: &spf_core::StepStats) {
+        self.conflict_share += stats.conflict_share();
+        self.removed_energy_share += stats.removed_energy_share();
+        self.refreshes = stats.refresh.count;
+        self.refresh_failures = stats.refresh.failures;
+    }
 }
 
 /// Epochs over a set of `len` examples in batches of `batch_size`, the order shuffled afresh

@@ -1,9 +1,9 @@
 //! The ablations: the default defence with one knob moved at a time ([`ablation_grid`]), each
 //! cell fine-tuned at shares 0 and 0.1 on the first seed ([`ablate`]).
 
+use burn::tensor::Device;
 use std::path::Path;
 
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use spf_core::RefreshPolicy;
 use spf_harness::progress::Progress;
@@ -134,15 +134,15 @@ pub fn ablation_grid(base: &DefenceConfig) -> Vec<AblationCell> {
 /// # Errors
 ///
 /// As [`run`](crate::experiment::run).
-pub fn ablate<B: AutodiffBackend>(
+pub fn ablate(
     config: &ExperimentConfig,
-    device: &B::Device,
+    device: &Device,
     cache: Option<&Path>,
     progress: &mut dyn Progress,
 ) -> Result<Vec<Ablation>, LabError> {
     let (world, sets) = world_and_sets(config)?;
     let seed = config.seeds[0];
-    let aligned = aligned_model::<B>(config, &world, seed, cache, device, progress)?;
+    let aligned = aligned_model(config, &world, seed, cache, device, progress)?;
     let grid = ablation_grid(&config.defence);
     let shares = [0.0, 0.1];
     progress.start(

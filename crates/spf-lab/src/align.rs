@@ -2,8 +2,8 @@
 //! harmful prompt, with plain AdamW on freshly drawn batches.
 
 use burn::config::Config;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::Device;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -36,21 +36,21 @@ pub struct AlignConfig {
 }
 
 /// Trains a fresh model from seed `seed`; `progress` counts steps.
-pub fn align<B: AutodiffBackend>(
+pub fn align(
     world: &World,
     model: &TransformerConfig,
     config: &AlignConfig,
     seed: u64,
-    device: &B::Device,
+    device: &Device,
     progress: &mut dyn Progress,
-) -> Result<Transformer<B>, LabError> {
+) -> Result<Transformer, LabError> {
     if config.tasks.is_empty() {
         return Err(LabError::Config("alignment needs at least one task".into()));
     }
-    B::seed(device, seed);
+    device.seed(seed);
     let vocab = world.vocab();
-    let mut net = model.init::<B>(vocab.size(), vocab.max_len(), device);
-    let mut optim = AdamWConfig::new().init::<B, Transformer<B>>();
+    let mut net = model.init(vocab.size(), vocab.max_len(), device);
+    let mut optim = AdamWConfig::new().init();
     let mut rng = StdRng::seed_from_u64(seed ^ salt::ALIGN_DATA);
     progress.start("align", config.steps as u64);
     for step in 0..config.steps {

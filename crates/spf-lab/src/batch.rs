@@ -4,8 +4,8 @@
 //! inside the answer count, so the loss is the mean negative log-likelihood of the answer
 //! tokens given the prompt: `L = −(1/|A|) Σ_{(b,t)∈A} log p(s_{b,t+1} | s_{b,≤t})`.
 
+use burn::tensor::Device;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::Transformer;
@@ -13,18 +13,18 @@ use crate::world::{Example, PAD, Vocab};
 
 /// A padded batch of sequences.
 #[derive(Debug, Clone)]
-pub struct Batch<B: Backend> {
+pub struct Batch {
     /// Input tokens `[n, T]`.
-    pub inputs: Tensor<B, 2, Int>,
+    pub inputs: Tensor<2, Int>,
     /// Next-token targets `[n, T]`.
-    pub targets: Tensor<B, 2, Int>,
+    pub targets: Tensor<2, Int>,
     /// 1 where the target is an answer token, else 0, `[n, T]`.
-    pub mask: Tensor<B, 2>,
+    pub mask: Tensor<2>,
 }
 
-impl<B: Backend> Batch<B> {
+impl Batch {
     /// The batch of `examples`, padded to the world's longest sequence.
-    pub fn new(vocab: &Vocab, examples: &[Example], device: &B::Device) -> Self {
+    pub fn new(vocab: &Vocab, examples: &[Example], device: &Device) -> Self {
         let len = vocab.max_len() - 1;
         let n = examples.len();
         let mut inputs = vec![i64::from(PAD); n * len];
@@ -62,7 +62,7 @@ impl<B: Backend> Batch<B> {
 }
 
 /// The mean answer-token negative log-likelihood of `batch` under `model`, `[1]`.
-pub fn answer_loss<B: Backend>(model: &Transformer<B>, batch: &Batch<B>) -> Tensor<B, 1> {
+pub fn answer_loss(model: &Transformer, batch: &Batch) -> Tensor<1> {
     let logp = log_softmax(model.forward(batch.inputs.clone()), 2);
     let picked = logp
         .gather(2, batch.targets.clone().unsqueeze_dim(2))

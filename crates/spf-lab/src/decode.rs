@@ -1,7 +1,7 @@
 //! Greedy decoding, and exact-match accuracy on it. The harmful score, which reads the same
 //! answers, is in [`eval`](crate::eval).
 
-use burn::tensor::backend::Backend;
+use burn::tensor::Device;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::Transformer;
@@ -9,11 +9,11 @@ use crate::world::{EOS, Example, Vocab};
 
 /// Greedy answers to `prompts` (all of the world's prompt length), each cut before its first
 /// `<eos>` or at the longest answer.
-pub fn greedy<B: Backend>(
-    model: &Transformer<B>,
+pub fn greedy(
+    model: &Transformer,
     vocab: &Vocab,
     prompts: &[Example],
-    device: &B::Device,
+    device: &Device,
 ) -> Vec<Vec<u32>> {
     let n = prompts.len();
     if n == 0 {
@@ -24,7 +24,7 @@ pub fn greedy<B: Backend>(
         .flat_map(|e| vocab.prompt(e))
         .map(i64::from)
         .collect();
-    let mut sequence: Tensor<B, 2, Int> =
+    let mut sequence: Tensor<2, Int> =
         Tensor::from_data(TensorData::new(tokens, [n, vocab.prompt_len()]), device);
     let steps = vocab.max_answer_len();
     for _ in 0..steps {
@@ -49,12 +49,7 @@ pub fn greedy<B: Backend>(
 }
 
 /// The share of `examples` whose greedy answer is exactly the target answer, in `[0, 1]`.
-pub fn accuracy<B: Backend>(
-    model: &Transformer<B>,
-    vocab: &Vocab,
-    examples: &[Example],
-    device: &B::Device,
-) -> f64 {
+pub fn accuracy(model: &Transformer, vocab: &Vocab, examples: &[Example], device: &Device) -> f64 {
     let answers = greedy(model, vocab, examples, device);
     let hits = answers
         .iter()

@@ -37,9 +37,6 @@ pub enum LabError {
     /// The synthetic world refused its configuration or ran out of prompts of a split.
     #[error("world: {0}")]
     World(#[from] crate::world::WorldError),
-    /// burn-collective failed to register a replica or to all-reduce its gradients.
-    #[error("burn-collective: {0}")]
-    Collective(String),
     /// The configuration asks for something the lab cannot do.
     #[error("invalid configuration: {0}")]
     Config(String),

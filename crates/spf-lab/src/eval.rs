@@ -1,8 +1,7 @@
 //! Stage 3, evaluation: the held-out sets, and every number measured on a model.
 
-use burn::module::AutodiffModule;
-use burn::tensor::ElementConversion;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::module::Module;
+use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, answer_loss};
@@ -92,13 +91,13 @@ impl Scores {
 }
 
 /// Measures `model` after `step` steps; `safety_sample` is the defence's safety batch.
-pub fn score<B: AutodiffBackend>(
-    model: &Transformer<B>,
+pub fn score(
+    model: &Transformer,
     world: &World,
     sets: &EvalSets,
     safety_sample: &[Example],
     step: usize,
-    device: &B::Device,
+    device: &Device,
 ) -> Scores {
     let model = model.valid();
     let vocab = world.vocab();
@@ -138,17 +137,12 @@ pub fn score<B: AutodiffBackend>(
     }
 }
 
-fn nll<B: Backend>(
-    model: &Transformer<B>,
-    world: &World,
-    set: &[Example],
-    device: &B::Device,
-) -> f64 {
+fn nll(model: &Transformer, world: &World, set: &[Example], device: &Device) -> f64 {
     if set.is_empty() {
         return 0.0;
     }
     let batch = Batch::new(world.vocab(), set, device);
-    answer_loss(model, &batch).into_scalar().elem()
+    answer_loss(model, &batch).into_scalar::<f64>()
 }
 
 fn mean(flags: &[bool]) -> f64 {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -63,7 +63,7 @@ pub struct ExperimentConfig {
     /// The ranks at which the insights are measured.
     #[config(default = "vec![1, 2, 4, 8, 16]")]
     pub insight_ranks: Vec<usize>,
-    /// Data-parallel replicas of each fine-tuning run (burn-collective; see
+    /// Data-parallel replicas of each fine-tuning run (burn-train's multi-device step; see
     /// [`crate::replicas`]); 1 is the single-device run.
     #[config(default = 1)]
     pub replicas: usize,
@@ -197,25 +197,23 @@ impl Results {
 /// # Errors
 ///
 /// [`LabError::Checkpoint`] when the checkpoint cannot be read or written.
-pub fn aligned_model<B: AutodiffBackend>(
+pub fn aligned_model(
     config: &ExperimentConfig,
     world: &World,
     seed: u64,
     cache: Option<&Path>,
-    device: &B::Device,
+    device: &Device,
     progress: &mut dyn Progress,
-) -> Result<Transformer<B>, LabError> {
+) -> Result<Transformer, LabError> {
     let Some(dir) = cache else {
         return align(world, &config.model, &config.align, seed, device, progress);
     };
     let key = serde_json::to_string(&(&config.world, &config.model, &config.align, seed))?;
     let path = dir.join(format!("aligned-{:016x}", fnv::of_str(&key)));
     let vocab = world.vocab();
-    if path.with_extension("mpk").exists() {
-        let fresh = config
-            .model
-            .init::<B>(vocab.size(), vocab.max_len(), device);
-        let record = checkpoint::load(&path, device).map_err(LabError::Checkpoint)?;
+    if path.with_extension("bpk").exists() {
+        let fresh = config.model.init(vocab.size(), vocab.max_len(), device);
+        let record = checkpoint::load(&path).map_err(LabError::Checkpoint)?;
         return Ok(fresh.load_record(record));
     }
     let model = align(world, &config.model, &config.align, seed, device, progress)?;
@@ -223,8 +221,7 @@ pub fn aligned_model<B: AutodiffBackend>(
         path: dir.to_path_buf(),
         source,
     })?;
-    checkpoint::save_atomic::<B, _>(model.clone().into_record(), &path)
-        .map_err(LabError::Checkpoint)?;
+    checkpoint::save_atomic(model.clone().into_record(), &path).map_err(LabError::Checkpoint)?;
     Ok(model)
 }
 
@@ -234,19 +231,19 @@ pub fn aligned_model<B: AutodiffBackend>(
 ///
 /// [`LabError::Config`] for a configuration [`ExperimentConfig::validate`] rejects; otherwise
 /// whatever a stage reports.
-pub fn run<B: AutodiffBackend>(
+pub fn run(
     config: &ExperimentConfig,
     backend: &str,
-    device: &B::Device,
+    device: &Device,
     cache: Option<&Path>,
     progress: &mut dyn Progress,
 ) -> Result<Results, LabError> {
     let started = Instant::now();
     let (world, sets) = world_and_sets(config)?;
-    let devices = replica_devices::<B>(config.replicas, device);
+    let devices = replica_devices(config.replicas, device);
     let mut seeds = Vec::new();
     for &seed in &config.seeds {
-        let aligned = aligned_model::<B>(config, &world, seed, cache, device, progress)?;
+        let aligned = aligned_model(config, &world, seed, cache, device, progress)?;
         let safety = safety_batch(
             &world,
             &config.defence,
@@ -312,13 +309,13 @@ pub(crate) fn world_and_sets(config: &ExperimentConfig) -> Result<(World, EvalSe
     Ok((world, sets))
 }
 
-fn seed_insights<B: AutodiffBackend>(
+fn seed_insights(
     config: &ExperimentConfig,
     world: &World,
-    aligned: &Transformer<B>,
+    aligned: &Transformer,
     safety: &[crate::world::Example],
     seed: u64,
-    device: &B::Device,
+    device: &Device,
 ) -> Result<Insights, LabError> {
     let mut rng = StdRng::seed_from_u64(seed ^ salt::INSIGHTS);
     let tasks = &config.align.tasks;
@@ -407,11 +404,8 @@ pub fn summarise(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::{Autodiff, NdArray};
 
     use spf_core::SpfError;
-
-    type B = Autodiff<NdArray>;
 
     #[test]
     fn mean_and_std_over_seeds() {
@@ -457,11 +451,11 @@ mod tests {
             )
             .with_eval_prompts(8);
         let (world, sets) = world_and_sets(&config).unwrap();
-        let device = Default::default();
+        let device = burn::tensor::Device::default().autodiff();
         let silent = &mut spf_harness::progress::Silent;
         // One aligned model for every run (alignment seeds burn's global generator, which
         // tests running in parallel share).
-        let aligned = aligned_model::<B>(&config, &world, 0, None, &device, silent).unwrap();
+        let aligned = aligned_model(&config, &world, 0, None, &device, silent).unwrap();
         let run = |method, screen: Option<f64>| {
             let defence = DefenceConfig::new().with_screen(screen);
             let safety =
@@ -513,19 +507,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("spf-lab-cache-{}", std::process::id()));
         let config = ExperimentConfig::new().with_align(AlignConfig::new().with_steps(3));
         let world = World::new(config.world.clone()).unwrap();
-        let device = Default::default();
+        let device = burn::tensor::Device::default().autodiff();
         let silent = &mut spf_harness::progress::Silent;
-        let trained = aligned_model::<B>(&config, &world, 4, Some(&dir), &device, silent).unwrap();
-        let loaded = aligned_model::<B>(&config, &world, 4, Some(&dir), &device, silent).unwrap();
-        let other = aligned_model::<B>(&config, &world, 5, Some(&dir), &device, silent).unwrap();
-        let tokens = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+        let trained = aligned_model(&config, &world, 4, Some(&dir), &device, silent).unwrap();
+        let loaded = aligned_model(&config, &world, 4, Some(&dir), &device, silent).unwrap();
+        let other = aligned_model(&config, &world, 5, Some(&dir), &device, silent).unwrap();
+        let tokens = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
             burn::tensor::TensorData::new(vec![1i64, 4, 30, 8, 9, 2], [1, 6]),
             &device,
         );
-        let weights = |m: &Transformer<B>| {
+        let weights = |m: &Transformer| {
             m.forward(tokens.clone())
                 .into_data()
-                .to_vec::<f32>()
+                .try_to_vec::<f32>()
                 .unwrap()
         };
         assert_eq!(weights(&trained), weights(&loaded));

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use burn::config::Config;
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -279,11 +279,11 @@ impl Run {
 
 /// Everything a run needs besides the method and the share.
 #[derive(Debug)]
-pub struct Stage<'a, B: AutodiffBackend> {
+pub struct Stage<'a> {
     /// The world.
     pub world: &'a World,
     /// The aligned model every run starts from.
-    pub aligned: &'a Transformer<B>,
+    pub aligned: &'a Transformer,
     /// The fine-tuning data and schedule.
     pub finetune: &'a FinetuneConfig,
     /// The SPF settings.
@@ -293,10 +293,10 @@ pub struct Stage<'a, B: AutodiffBackend> {
     /// The defence's safety batch.
     pub safety: &'a [Example],
     /// The device.
-    pub device: &'a B::Device,
+    pub device: &'a Device,
 }
 
-impl<B: AutodiffBackend> Stage<'_, B> {
+impl Stage<'_> {
     /// Fine-tunes a copy of the aligned model with `method` on the set of share `p` and seed
     /// `seed`, recording the safety–utility gradient cosine as `probe` says. `progress` counts
     /// steps.
@@ -315,7 +315,7 @@ impl<B: AutodiffBackend> Stage<'_, B> {
     ) -> Result<Run, LabError> {
         let vocab = self.world.vocab();
         let set = finetune_set(self.world, self.finetune, p, method, seed)?;
-        let safety = Batch::<B>::new(vocab, self.safety, self.device);
+        let safety = Batch::new(vocab, self.safety, self.device);
         let mut order = StdRng::seed_from_u64(seed ^ salt::BATCH_ORDER);
         let mut batches = BatchOrder::new(set.len(), self.finetune.batch_size);
 
@@ -331,7 +331,7 @@ impl<B: AutodiffBackend> Stage<'_, B> {
         let steps = self.finetune.steps;
         // The steps' wall time leaves out what only measures: the scoring and the probe.
         let (started, mut measuring) = (Instant::now(), 0.0);
-        let gradient = |model: &Transformer<B>, examples: &[Example]| {
+        let gradient = |model: &Transformer, examples: &[Example]| {
             let batch = Batch::new(vocab, examples, self.device);
             GradientsParams::from_grads(answer_loss(model, &batch).backward(), model)
         };
@@ -380,7 +380,7 @@ impl<B: AutodiffBackend> Stage<'_, B> {
     /// after the last); returns the seconds that took.
     pub(crate) fn score_if_due(
         &self,
-        model: &Transformer<B>,
+        model: &Transformer,
         step: usize,
         curve: &mut Vec<Scores>,
     ) -> f64 {
@@ -392,20 +392,17 @@ impl<B: AutodiffBackend> Stage<'_, B> {
         at.elapsed().as_secs_f64()
     }
 
-    pub(crate) fn score(&self, model: &Transformer<B>, step: usize) -> Scores {
+    pub(crate) fn score(&self, model: &Transformer, step: usize) -> Scores {
         score(model, self.world, self.sets, self.safety, step, self.device)
     }
 }
 
 /// The safety loss on the defence's safety batch, as the wrapper's refresh source.
 #[derive(Clone)]
-pub(crate) struct SafetySource<B: AutodiffBackend>(Batch<B>);
+pub(crate) struct SafetySource(Batch);
 
-impl<B: AutodiffBackend> SafetyGradientSource<Transformer<B>, B> for SafetySource<B> {
-    fn safety_gradients(
-        &mut self,
-        module: &Transformer<B>,
-    ) -> Result<GradientsParams, SourceError> {
+impl SafetyGradientSource<Transformer> for SafetySource {
+    fn safety_gradients(&mut self, module: &Transformer) -> Result<GradientsParams, SourceError> {
         let loss = answer_loss(module, &self.0);
         Ok(GradientsParams::from_grads(loss.backward(), module))
     }
@@ -413,12 +410,12 @@ impl<B: AutodiffBackend> SafetyGradientSource<Transformer<B>, B> for SafetySourc
 
 /// The optimizer of `method`: plain AdamW, or AdamW under SPF with the defence's settings, its
 /// bases estimated at `aligned` from the safety batch.
-pub(crate) fn stepper<B: AutodiffBackend>(
+pub(crate) fn stepper(
     method: Method,
     defence: &DefenceConfig,
-    aligned: &Transformer<B>,
-    safety: &Batch<B>,
-) -> Result<Stepper<Transformer<B>, B, SafetySource<B>>, LabError> {
+    aligned: &Transformer,
+    safety: &Batch,
+) -> Result<Stepper<SafetySource>, LabError> {
     let Some((mode, target)) = method.projection() else {
         return Ok(Stepper::plain());
     };

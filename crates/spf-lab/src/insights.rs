@@ -13,9 +13,7 @@
 use std::collections::HashMap;
 
 use burn::optim::GradientsParams;
-use burn::tensor::ElementConversion;
 use burn::tensor::Tensor;
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use spf_subspace::{
     ParamFilter, RandomizedSvd, RandomizedSvdConfig, Targets, VectorPolicy, captured_energy,
@@ -27,7 +25,7 @@ use crate::error::LabError;
 use crate::model::Transformer;
 
 /// Every weight matrix of `model` (every parameter of rank 2).
-fn matrices<B: AutodiffBackend>(model: &Transformer<B>) -> Result<Targets, LabError> {
+fn matrices(model: &Transformer) -> Result<Targets, LabError> {
     Ok(Targets::of(model, &ParamFilter::All, VectorPolicy::Skip)?)
 }
 
@@ -37,13 +35,13 @@ fn matrices<B: AutodiffBackend>(model: &Transformer<B>) -> Result<Targets, LabEr
 /// # Errors
 ///
 /// [`LabError::Subspace`] only if the module's parameters cannot be walked.
-pub fn gradient_cosine<B: AutodiffBackend>(
-    model: &Transformer<B>,
+pub fn gradient_cosine(
+    model: &Transformer,
     a: &GradientsParams,
     b: &GradientsParams,
 ) -> Result<f64, LabError> {
     let targets = matrices(model)?;
-    let scalar = |t: Tensor<B::InnerBackend, 2>| -> f64 { t.sum().into_scalar().elem() };
+    let scalar = |t: Tensor<2>| -> f64 { t.sum().into_scalar::<f64>() };
     let gb: HashMap<_, _> = targets.gradients(model, b).into_iter().collect();
     let nb: f64 = gb.values().map(|y| scalar(y.clone().square())).sum();
     let (mut dot, mut na) = (0.0, 0.0);
@@ -81,15 +79,15 @@ pub struct Insights {
 /// # Errors
 ///
 /// [`LabError::Subspace`] when a randomized SVD fails.
-pub fn measure<B: AutodiffBackend>(
-    model: &Transformer<B>,
-    safety_sample: &Batch<B>,
-    safety_batch: &Batch<B>,
-    utility_batch: &Batch<B>,
+pub fn measure(
+    model: &Transformer,
+    safety_sample: &Batch,
+    safety_batch: &Batch,
+    utility_batch: &Batch,
     ranks: &[usize],
 ) -> Result<Insights, LabError> {
     let targets = matrices(model)?;
-    let grads = |batch: &Batch<B>| -> Vec<Tensor<B::InnerBackend, 2>> {
+    let grads = |batch: &Batch| -> Vec<Tensor<2>> {
         let g = GradientsParams::from_grads(answer_loss(model, batch).backward(), model);
         let found = targets.gradients(model, &g);
         found.into_iter().map(|(_, g)| g).collect()
@@ -114,9 +112,7 @@ pub fn measure<B: AutodiffBackend>(
         let b1 = svd.compute(g1)?;
         let bb = svd.compute(gb)?;
         let bu = svd.compute(gu)?;
-        let energy = |g: &Tensor<B::InnerBackend, 2>| -> f64 {
-            g.clone().square().sum().into_scalar().elem()
-        };
+        let energy = |g: &Tensor<2>| -> f64 { g.clone().square().sum().into_scalar::<f64>() };
         let (e1, eb, eu) = (energy(g1), energy(gb), energy(gu));
         for (i, &k) in ranks.iter().enumerate() {
             let head = |s: &[f64]| s[..k.min(s.len())].to_vec();

@@ -21,7 +21,7 @@
 //! root package is the command-line front end; docs/results.md holds its measured numbers.
 //!
 //! ```
-//! use burn::backend::{Autodiff, NdArray};
+//! use burn::tensor::Device;
 //! use spf_lab::experiment::ExperimentConfig;
 //! use spf_lab::finetune::{FinetuneConfig, Method};
 //! use spf_harness::progress::Silent;
@@ -35,8 +35,8 @@
 //!     .with_shares(vec![0.1])
 //!     .with_seeds(vec![0])
 //!     .with_eval_prompts(8);
-//! let device = Default::default();
-//! let results = spf_lab::experiment::run::<Autodiff<NdArray>>(&config, "cpu", &device, None, &mut Silent)?;
+//! let device = Device::default().autodiff();
+//! let results = spf_lab::experiment::run(&config, "cpu", &device, None, &mut Silent)?;
 //! let spf = results.get(Method::SpfConflictOnly, 0.1).expect("it ran");
 //! assert_eq!(spf.p, 0.1);
 //! // SPF projected: some safety directions conflicted with the fine-tuning gradient.

@@ -13,7 +13,7 @@ use burn::nn::attention::{
 use burn::nn::{
     Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, Relu,
 };
-use burn::tensor::backend::Backend;
+use burn::tensor::Device;
 use burn::tensor::{Bool, Int, Tensor};
 
 /// The transformer's sizes.
@@ -36,12 +36,7 @@ pub struct TransformerConfig {
 impl TransformerConfig {
     /// A freshly initialised model over `vocab_size` token ids and sequences of up to `max_len`
     /// positions, on `device` (burn's default initialisers, seeded by `B::seed`).
-    pub fn init<B: Backend>(
-        &self,
-        vocab_size: usize,
-        max_len: usize,
-        device: &B::Device,
-    ) -> Transformer<B> {
+    pub fn init(&self, vocab_size: usize, max_len: usize, device: &Device) -> Transformer {
         let norm = || LayerNormConfig::new(self.d_model).init(device);
         let blocks = (0..self.layers)
             .map(|_| Block {
@@ -69,46 +64,46 @@ impl TransformerConfig {
 
 /// The decoder-only transformer.
 #[derive(Module, Debug)]
-pub struct Transformer<B: Backend> {
-    token: Embedding<B>,
-    position: Embedding<B>,
-    blocks: Vec<Block<B>>,
-    norm: LayerNorm<B>,
-    head: Linear<B>,
+pub struct Transformer {
+    token: Embedding,
+    position: Embedding,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    head: Linear,
 }
 
 /// One pre-norm block.
 #[derive(Module, Debug)]
-pub struct Block<B: Backend> {
-    attn_norm: LayerNorm<B>,
-    attn: MultiHeadAttention<B>,
-    mlp_norm: LayerNorm<B>,
-    mlp: Mlp<B>,
+pub struct Block {
+    attn_norm: LayerNorm,
+    attn: MultiHeadAttention,
+    mlp_norm: LayerNorm,
+    mlp: Mlp,
 }
 
 /// The block's MLP.
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
-    up: Linear<B>,
-    down: Linear<B>,
+pub struct Mlp {
+    up: Linear,
+    down: Linear,
     act: Relu,
 }
 
-impl<B: Backend> Transformer<B> {
+impl Transformer {
     /// Logits `[batch, T, vocab]` for tokens `[batch, T]`; position `t`'s logits depend on
     /// tokens `1..=t` only.
     ///
     /// # Panics
     ///
     /// If `T` exceeds the `max_len` the model was built with.
-    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let [batch, len] = tokens.dims();
         let device = tokens.device();
-        let positions = Tensor::<B, 1, Int>::arange(0..len as i64, &device)
+        let positions = Tensor::<1, Int>::arange(0..len as i64, &device)
             .reshape([1, len])
             .expand([batch, len]);
         let mut h = self.token.forward(tokens) + self.position.forward(positions);
-        let future = generate_autoregressive_mask::<B>(batch, len, &device);
+        let future = generate_autoregressive_mask(batch, len, &device);
         for block in &self.blocks {
             h = block.forward(h, future.clone());
         }
@@ -116,8 +111,8 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
-impl<B: Backend> Block<B> {
-    fn forward(&self, h: Tensor<B, 3>, future: Tensor<B, 3, Bool>) -> Tensor<B, 3> {
+impl Block {
+    fn forward(&self, h: Tensor<3>, future: Tensor<3, Bool>) -> Tensor<3> {
         let input = MhaInput::self_attn(self.attn_norm.forward(h.clone())).mask_attn(future);
         let h = h + self.attn.forward(input).context;
         let mlp = &self.mlp;
@@ -131,29 +126,40 @@ impl<B: Backend> Block<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
     use burn::tensor::{Distribution, TensorData};
-
-    type B = NdArray;
 
     #[test]
     fn forward_has_the_right_shape_and_is_causal() {
-        let device = Default::default();
-        let model = TransformerConfig::new().init::<B>(20, 12, &device);
-        let tokens = Tensor::<B, 2, Int>::random([3, 9], Distribution::Uniform(0.0, 20.0), &device);
+        let device = burn::tensor::Device::default().autodiff();
+        let model = TransformerConfig::new().init(20, 12, &device);
+        let tokens = Tensor::<2, Int>::random([3, 9], Distribution::Uniform(0.0, 20.0), &device);
         let logits = model.forward(tokens.clone());
         assert_eq!(logits.dims(), [3, 9, 20]);
 
         // Change the last token: every earlier position's logits stay exactly the same.
-        let mut data = tokens.to_data().convert::<i64>().to_vec::<i64>().unwrap();
+        let mut data = tokens
+            .to_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap();
         for row in 0..3 {
             data[row * 9 + 8] = (data[row * 9 + 8] + 1) % 20;
         }
-        let changed = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [3, 9]), &device);
+        let changed = Tensor::<2, Int>::from_data(TensorData::new(data, [3, 9]), &device);
         let after = model.forward(changed);
-        let prefix = |l: Tensor<B, 3>| l.slice([0..3, 0..8]).into_data().to_vec::<f32>().unwrap();
+        let prefix = |l: Tensor<3>| {
+            l.slice([0..3, 0..8])
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+        };
         assert_eq!(prefix(logits.clone()), prefix(after.clone()));
-        let last = |l: Tensor<B, 3>| l.slice([0..3, 8..9]).into_data().to_vec::<f32>().unwrap();
+        let last = |l: Tensor<3>| {
+            l.slice([0..3, 8..9])
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+        };
         assert_ne!(
             last(logits),
             last(after),

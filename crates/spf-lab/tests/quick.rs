@@ -1,7 +1,7 @@
-//! The `--quick` pipeline of the finetune example, end to end on ndarray (at one of its two
+//! The `--quick` pipeline of the finetune example, end to end on the CPU (at one of its two
 //! harmful shares).
 
-use burn::backend::{Autodiff, NdArray};
+use burn::tensor::Device;
 use spf_harness::progress::Silent;
 use spf_lab::experiment::{ExperimentConfig, Results, run};
 use spf_lab::finetune::Method;
@@ -16,12 +16,12 @@ const OUT: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/finetune-quick");
 fn quick_pipeline_aligns_attacks_and_reports() {
     // The quick configuration at one harmful share: CI's run of the example covers both.
     let config = ExperimentConfig::quick().with_shares(vec![0.1]);
-    let device = Default::default();
+    let device = Device::default().autodiff();
     // Always align afresh: a model cached by an earlier build would hide a change to alignment.
     let cache = std::path::Path::new(OUT).join("cache");
     let _ = std::fs::remove_dir_all(&cache);
-    let results = run::<Autodiff<NdArray>>(&config, "ndarray", &device, Some(&cache), &mut Silent)
-        .expect("the quick pipeline runs");
+    let results =
+        run(&config, "flex", &device, Some(&cache), &mut Silent).expect("the quick pipeline runs");
     assert!(
         std::fs::read_dir(&cache).is_ok_and(|mut d| d.next().is_some()),
         "the aligned model is cached for the example"
