@@ -55,6 +55,22 @@ pub enum SpfError {
         id: ParamId,
     },
 
+    /// Gradients from several devices hold one parameter's gradient in two float types.
+    #[error("the gradients of `{path}` are {types}: they cannot be summed")]
+    MixedGradientTypes {
+        /// The parameter's module path.
+        path: String,
+        /// The two types met.
+        types: String,
+    },
+
+    /// Gradients of parameters that the module does not have: they would never be applied.
+    #[error("{count} gradient(s) belong to no parameter of the module")]
+    ForeignGradients {
+        /// How many.
+        count: usize,
+    },
+
     /// A record was saved for a module whose parameters (by path) are not this module's.
     #[error("the record does not fit the module: {reason}")]
     RecordMismatch {

@@ -11,16 +11,16 @@
 //! - [`SpfConfig`]: which parameters are protected and how;
 //! - [`RefreshPolicy`] and [`SafetyGradientSource`]: re-estimating the safety subspace as
 //!   training moves the weights;
-//! - [`SafetyProjectedOptimizer`]: the wrapper, a burn [`Optimizer`](burn::optim::Optimizer);
-//! - [`SpfRecord`]: its versioned saved state, and [`checkpoint`]: crash-safe files for it;
+//! - [`SafetyProjectedOptimizer`]: the wrapper around any burn optimizer (a
+//!   [`ModuleOptimizer`](burn::optim::ModuleOptimizer), with its parameter groups), stepping on
+//!   one device's gradients or on several devices' (burn-train's multi-device strategy);
+//! - [`SpfRecord`]: its versioned saved state, and [`checkpoint`]: crash-safe burnpack files for
+//!   it and for burn's module and optimizer records;
 //! - [`screen`]: scoring each training sample's own gradient against the safety subspace, to
-//!   drop the samples that conflict with it most;
-//! - `collective` (feature `collective`): the wrapper under data parallelism on burn's collective
-//!   engine, across devices and nodes.
+//!   drop the samples that conflict with it most.
 
 mod bases;
 pub mod checkpoint;
-// PORT pub mod collective;
 mod config;
 mod error;
 mod host;

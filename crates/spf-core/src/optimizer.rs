@@ -427,11 +427,15 @@ impl<S> SafetyProjectedOptimizer<S> {
 
     /// [`Self::try_step`] on gradients from several devices (burn-train's multi-device
     /// strategy): each parameter's gradients are summed on one device first, by burn's own
-    /// reduction, so every replica applies the same projected update.
+    /// reduction, and the projected step is taken on the sum. A device without some parameter's
+    /// gradient (a branch its shard never took) adds nothing to it. To step on the mean rather
+    /// than the sum, scale each device's loss by the inverse of their number.
     ///
     /// # Errors
     ///
-    /// As [`Self::try_step`].
+    /// As [`Self::try_step`], and before anything changes: [`SpfError::MixedGradientTypes`] when
+    /// one parameter's gradients are of two float types, [`SpfError::ForeignGradients`] when
+    /// some belong to no parameter of `module`.
     pub fn try_step_multi<M>(
         &mut self,
         lr: impl Into<ModuleLearningRate>,
@@ -442,8 +446,10 @@ impl<S> SafetyProjectedOptimizer<S> {
         M: Module,
         S: SafetyGradientSource<M>,
     {
-        let reduced = reduce_gradients(&module, &mut grads);
-        self.try_step(lr, module, reduced)
+        match reduce_gradients(&module, &mut grads) {
+            Ok(reduced) => self.try_step(lr, module, reduced),
+            Err(error) => Err(StepError { module, error }),
+        }
     }
 
     /// The first learning rate of a parameter that is NaN, infinite or negative, if any.

@@ -193,14 +193,36 @@ impl ModuleVisitor for BasisPlacement<'_> {
 }
 
 /// Sums each parameter's gradients over the devices of a [`MultiGradientsParams`], on the device
-/// burn's own reduction picks for it.
+/// burn's own reduction picks for it, after checking that they share one float type (burn would
+/// add an `f32` to an `f64` gradient without a word, or panic).
 struct GradientReduction<'a> {
     multi: &'a mut MultiGradientsParams,
     reduced: GradientsParams,
+    path: Vec<String>,
+    mixed: Option<SpfError>,
 }
 
 impl ModuleVisitor for GradientReduction<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_owned());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let mut dtypes =
+            (self.multi.grads.iter()).filter_map(|(g, _)| g.get::<D>(param.id).map(|g| g.dtype()));
+        if let Some(first) = dtypes.next()
+            && let Some(other) = dtypes.find(|dtype| *dtype != first)
+        {
+            self.mixed.get_or_insert(SpfError::MixedGradientTypes {
+                path: self.path.join("."),
+                types: format!("{first:?} and {other:?}"),
+            });
+            return;
+        }
         if let Some((grad, _device)) = self.multi.remove::<D>(param.id) {
             self.reduced.register(param.id, grad);
         }
@@ -551,14 +573,29 @@ pub(crate) fn zero_non_finite<M: Module>(module: &M, grads: &mut GradientsParams
 }
 
 /// Each parameter's gradients summed over the devices of `multi`, by burn's own reduction.
+///
+/// # Errors
+///
+/// [`SpfError::MixedGradientTypes`] when one parameter's gradients are of two float types, and
+/// [`SpfError::ForeignGradients`] when `multi` holds gradients of parameters `module` does not
+/// have (they would never be applied).
 pub(crate) fn reduce_gradients<M: Module>(
     module: &M,
     multi: &mut MultiGradientsParams,
-) -> GradientsParams {
+) -> Result<GradientsParams, SpfError> {
     let mut reduction = GradientReduction {
         multi,
         reduced: GradientsParams::new(),
+        path: Vec::new(),
+        mixed: None,
     };
     module.visit(&mut reduction);
-    reduction.reduced
+    if let Some(error) = reduction.mixed {
+        return Err(error);
+    }
+    let count = reduction.multi.grads.iter().map(|(g, _)| g.len()).sum();
+    if count > 0 {
+        return Err(SpfError::ForeignGradients { count });
+    }
+    Ok(reduction.reduced)
 }

@@ -1,28 +1,31 @@
-//! What the data-parallel tests share: the regression loss of the tests' MLP, its batches and safety batch, the
-//! wrapper every replica builds, snapshots of a run, the single-replica run on the merged
-//! batches, and the comparison against it.
+//! What the data-parallel tests share: the regression loss of the tests' MLP, its batches and
+//! safety batch, the wrapper both runs build, snapshots of a run, the single-device run on the
+//! merged batches, and the comparison against it.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, Optimizer};
-use burn::optim::{Sgd, SgdConfig};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 pub use spf_core::testing::Mlp;
 use spf_core::{
     ProjectionTarget, RankPolicy, RefreshPolicy, SafetyGradientSource, SafetyProjectedOptimizer,
     SourceError, SpfConfig, SubspaceConfig,
 };
 
-pub type Inner = NdArray;
-pub type B = Autodiff<Inner>;
+/// The device every run computes on: burn's default (the CPU's `flex` here).
+pub fn device() -> Device {
+    Device::default()
+}
+
+/// [`device`] with autodiff, where the models live.
+pub fn autodiff() -> Device {
+    device().autodiff()
+}
 
 pub const SHARD: usize = 8;
 pub const REPLICAS: usize = 2;
@@ -30,11 +33,7 @@ pub const STEPS: usize = 7;
 pub const LR: f64 = 1e-2;
 
 /// The regression loss of `model` on `batch`.
-pub fn loss<B: Backend>(
-    model: &Mlp<B>,
-    (x, y): &(TensorData, TensorData),
-    device: &B::Device,
-) -> Tensor<B, 1> {
+pub fn loss(model: &Mlp, (x, y): &(TensorData, TensorData), device: &Device) -> Tensor<1> {
     let x = Tensor::from_data(x.clone(), device);
     let y = Tensor::from_data(y.clone(), device);
     (model.forward(x) - y).square().mean()
@@ -42,17 +41,17 @@ pub fn loss<B: Backend>(
 
 /// `n` samples of a random regression, drawn with `seed`.
 pub fn samples(n: usize, seed: u64) -> (TensorData, TensorData) {
-    let device = Default::default();
-    Inner::seed(&device, seed);
-    let x = Tensor::<Inner, 2>::random([n, 6], Distribution::Normal(0.0, 1.0), &device);
-    let y = Tensor::<Inner, 2>::random([n, 4], Distribution::Normal(0.0, 1.0), &device);
+    let device = device();
+    device.seed(seed);
+    let x = Tensor::<2>::random([n, 6], Distribution::Normal(0.0, 1.0), &device);
+    let y = Tensor::<2>::random([n, 4], Distribution::Normal(0.0, 1.0), &device);
     (x.into_data(), y.into_data())
 }
 
 /// Rows `from..to` of a batch.
 pub fn rows((x, y): &(TensorData, TensorData), from: usize, to: usize) -> (TensorData, TensorData) {
     let pick = |t: &TensorData| {
-        Tensor::<Inner, 2>::from_data(t.clone(), &Default::default())
+        Tensor::<2>::from_data(t.clone(), &device())
             .slice(from..to)
             .into_data()
     };
@@ -63,20 +62,20 @@ pub fn rows((x, y): &(TensorData, TensorData), from: usize, to: usize) -> (Tenso
 #[derive(Clone)]
 pub struct Safety(pub (TensorData, TensorData));
 
-impl SafetyGradientSource<Mlp<B>, B> for Safety {
-    fn safety_gradients(&mut self, module: &Mlp<B>) -> Result<GradientsParams, SourceError> {
-        let loss = loss(module, &self.0, &Default::default());
+impl SafetyGradientSource<Mlp> for Safety {
+    fn safety_gradients(&mut self, module: &Mlp) -> Result<GradientsParams, SourceError> {
+        let loss = loss(module, &self.0, &device());
         Ok(GradientsParams::from_grads(loss.backward(), module))
     }
 }
 
-pub type Spf = SafetyProjectedOptimizer<OptimizerAdaptor<Sgd<Inner>, Mlp<B>, B>, B, Safety>;
+pub type Spf = SafetyProjectedOptimizer<Safety>;
 
 /// The wrapper every replica (and the single-device run) builds: SGD with momentum under SPF,
 /// the Update target, rank 2, bases estimated at the first step and every 3 steps. SGD rather
 /// than Adam because its step scales with the gradient: a sum where the average belongs (a
 /// learning rate off by the number of replicas) shows, where Adam's normalization would hide it.
-pub fn optimizer(model: &Mlp<B>, safety: &Safety) -> Spf {
+pub fn optimizer(model: &Mlp, safety: &Safety) -> Spf {
     SpfConfig::new()
         .with_target(ProjectionTarget::Update)
         .with_refresh(RefreshPolicy::Every(3))
@@ -94,7 +93,7 @@ pub fn optimizer(model: &Mlp<B>, safety: &Safety) -> Spf {
 
 /// Every parameter's values and every basis's factors (`U`, `Σ`, `V`) after one step, by the
 /// parameter's place in the module (parameter ids are drawn afresh in each process).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     pub params: Vec<Vec<f32>>,
     pub bases: BTreeMap<usize, [Vec<f32>; 3]>,
@@ -103,18 +102,18 @@ pub struct Snapshot {
 
 struct Collect<'a>(&'a mut Vec<(ParamId, Vec<f32>)>);
 
-impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let values = param.val().into_data().to_vec().unwrap();
+impl ModuleVisitor for Collect<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let values = param.val().into_data().try_to_vec().unwrap();
         self.0.push((param.id, values));
     }
 }
 
-fn values<const D: usize>(t: &Tensor<Inner, D>) -> Vec<f32> {
-    t.clone().into_data().to_vec().unwrap()
+fn values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
+    t.clone().into_data().try_to_vec().unwrap()
 }
 
-pub fn snapshot(model: &Mlp<B>, optim: &Spf) -> Snapshot {
+pub fn snapshot(model: &Mlp, optim: &Spf) -> Snapshot {
     let mut params = Vec::new();
     model.visit(&mut Collect(&mut params));
     let place = |id: &ParamId| params.iter().position(|(p, _)| p == id).unwrap();
@@ -138,15 +137,13 @@ pub fn batches() -> Vec<(TensorData, TensorData)> {
 }
 
 /// One replica on the merged batches, steps `0..STEPS`.
-pub fn single(start: &Mlp<B>, safety: &Safety) -> Vec<Snapshot> {
+pub fn single(start: &Mlp, safety: &Safety) -> Vec<Snapshot> {
     let (mut model, mut optim) = (start.clone(), optimizer(start, safety));
     batches()
         .iter()
         .map(|batch| {
-            let grads = GradientsParams::from_grads(
-                loss(&model, batch, &Default::default()).backward(),
-                &model,
-            );
+            let grads =
+                GradientsParams::from_grads(loss(&model, batch, &device()).backward(), &model);
             model = optim.step(LR, model.clone(), grads);
             snapshot(&model, &optim)
         })
@@ -154,9 +151,9 @@ pub fn single(start: &Mlp<B>, safety: &Safety) -> Vec<Snapshot> {
 }
 
 /// The model every run starts from.
-pub fn first_model() -> Mlp<B> {
-    let device = Default::default();
-    B::seed(&device, 7);
+pub fn first_model() -> Mlp {
+    let device = autodiff();
+    device.seed(7);
     // Drawn now: a clone taken before burn's lazy initialization would draw its own values.
     Mlp::new(&[6, 16, 4], &device).materialized()
 }
@@ -222,11 +219,11 @@ pub fn assert_same_steps(one: &[Snapshot], other: &[Snapshot], what: &str) {
 
 /// A model with two parameters of each size: `layers.0.weight` and `layers.1.weight` are both
 /// 4 × 4, `layers.0.bias` and `layers.1.bias` both of length 4.
-pub fn square_model() -> Mlp<B> {
-    Mlp::new(&[4, 4, 4], &Default::default()).materialized()
+pub fn square_model() -> Mlp {
+    Mlp::new(&[4, 4, 4], &autodiff()).materialized()
 }
 
-/// The uneven gradients the data-parallel tests all-reduce: per scenario, which of the square
+/// The uneven gradients the data-parallel tests reduce: per scenario, which of the square
 /// model's four parameters (module order: weight, bias, weight, bias) each of two replicas has a
 /// gradient for.
 pub const UNEVEN: [(&str, [[bool; 4]; 2]); 3] = [
@@ -242,21 +239,18 @@ pub const UNEVEN: [(&str, [[bool; 4]; 2]); 3] = [
 ];
 
 /// Replica `peer`'s gradients: `peer + 1` in every entry of each parameter it `has`.
-pub fn uneven_grads(model: &Mlp<B>, has: [bool; 4], peer: usize) -> GradientsParams {
-    let device = Default::default();
+pub fn uneven_grads(model: &Mlp, has: [bool; 4], peer: usize) -> GradientsParams {
+    let device = device();
     let value = (peer + 1) as f32;
     let mut grads = GradientsParams::new();
     for (layer, (weight, bias)) in model.layers.iter().zip([(0, 1), (2, 3)]) {
         if has[weight] {
-            grads.register(
-                layer.weight.id,
-                Tensor::<Inner, 2>::full([4, 4], value, &device),
-            );
+            grads.register(layer.weight.id, Tensor::<2>::full([4, 4], value, &device));
         }
         if has[bias]
             && let Some(b) = &layer.bias
         {
-            grads.register(b.id, Tensor::<Inner, 1>::full([4], value, &device));
+            grads.register(b.id, Tensor::<1>::full([4], value, &device));
         }
     }
     grads
@@ -264,18 +258,18 @@ pub fn uneven_grads(model: &Mlp<B>, has: [bool; 4], peer: usize) -> GradientsPar
 
 /// The square model's gradients in `grads`, in module order: `None` for a parameter without
 /// one, else its entries.
-pub fn uneven_values(model: &Mlp<B>, grads: &GradientsParams) -> Vec<Option<Vec<f32>>> {
+pub fn uneven_values(model: &Mlp, grads: &GradientsParams) -> Vec<Option<Vec<f32>>> {
     let mut out = Vec::new();
     for layer in &model.layers {
-        out.push(grads.get::<Inner, 2>(layer.weight.id).map(|g| values(&g)));
+        out.push(grads.get::<2>(layer.weight.id).map(|g| values(&g)));
         let bias = layer.bias.as_ref().expect("a bias");
-        out.push(grads.get::<Inner, 1>(bias.id).map(|g| values(&g)));
+        out.push(grads.get::<1>(bias.id).map(|g| values(&g)));
     }
     out
 }
 
-/// What the all-reduced gradients must be: a parameter no replica has gets none; any other the
-/// mean over both replicas, 0 for a replica without it, in every entry.
+/// What the reduced gradients must be: a parameter no replica has gets none; any other the sum
+/// over the replicas that have it, in every entry.
 pub fn uneven_expected(has: [[bool; 4]; 2]) -> Vec<Option<Vec<f32>>> {
     (0..4)
         .map(|param| {
@@ -284,7 +278,7 @@ pub fn uneven_expected(has: [[bool; 4]; 2]) -> Vec<Option<Vec<f32>>> {
                 .map(|peer| (peer + 1) as f32)
                 .sum();
             let len = if param % 2 == 0 { 16 } else { 4 };
-            (has[0][param] || has[1][param]).then(|| vec![sum / 2.0; len])
+            (has[0][param] || has[1][param]).then(|| vec![sum; len])
         })
         .collect()
 }

@@ -78,11 +78,7 @@ fn a_record_loads_into_a_wrapper_built_for_a_fresh_copy_of_the_model() {
 fn init_rejects_bases_that_do_not_fit() {
     let device = test_device();
     let model = Net::new(&device);
-    let basis = |d_in, d_out| {
-        Gaussian::new(0)
-            .basis(d_in, d_out, 1)
-            .to_device(&device)
-    };
+    let basis = |d_in, d_out| Gaussian::new(0).basis(d_in, d_out, 1).to_device(&device);
     let init = |bases: Vec<(ParamId, LowRankBasis)>| {
         config(ProjectionMode::ConflictOnly)
             .init(SgdConfig::new().init(), &model, bases)
@@ -142,18 +138,12 @@ fn load_record_rejects_records_that_do_not_fit() {
     let optim = cfg
         .init(SgdConfig::new().init(), &model, bases(&model))
         .unwrap();
-    let fresh = || {
-        cfg.init(SgdConfig::new().init(), &model, [])
-            .unwrap()
-    };
+    let fresh = || cfg.init(SgdConfig::new().init(), &model, []).unwrap();
 
     let mut record = optim.to_record();
     record.version = RECORD_VERSION + 1;
     assert_eq!(
-        fresh()
-            .try_load_record(record)
-            .err()
-            .map(|e| e.error),
+        fresh().try_load_record(record).err().map(|e| e.error),
         Some(SpfError::UnsupportedRecordVersion {
             found: RECORD_VERSION + 1,
             supported: RECORD_VERSION
@@ -165,17 +155,13 @@ fn load_record_rejects_records_that_do_not_fit() {
     let mut renamed = optim.to_record();
     renamed.params[0].path = "elsewhere.weight".into();
     assert!(matches!(
-        fresh()
-            .try_load_record(renamed)
-            .map_err(|e| e.error),
+        fresh().try_load_record(renamed).map_err(|e| e.error),
         Err(SpfError::RecordMismatch { .. })
     ));
     let mut fewer = optim.to_record();
     fewer.params.pop();
     assert!(matches!(
-        fresh()
-            .try_load_record(fewer)
-            .map_err(|e| e.error),
+        fresh().try_load_record(fewer).map_err(|e| e.error),
         Err(SpfError::RecordMismatch { .. })
     ));
 
@@ -187,9 +173,7 @@ fn load_record_rejects_records_that_do_not_fit() {
     record.bases[0].sigma = sigma.into_data();
     record.bases[0].v = v.into_data();
     assert!(matches!(
-        fresh()
-            .try_load_record(record)
-            .map_err(|e| e.error),
+        fresh().try_load_record(record).map_err(|e| e.error),
         Err(SpfError::ShapeMismatch { .. })
     ));
 
@@ -197,9 +181,7 @@ fn load_record_rejects_records_that_do_not_fit() {
     let mut record = optim.to_record();
     record.bases[0].u = doubled(&record.bases[0].u);
     assert!(matches!(
-        fresh()
-            .try_load_record(record)
-            .map_err(|e| e.error),
+        fresh().try_load_record(record).map_err(|e| e.error),
         Err(SpfError::InvalidBasis { .. })
     ));
 }
@@ -237,7 +219,11 @@ fn a_refused_record_hands_the_optimizer_back_unchanged() {
 #[test]
 fn bases_loaded_onto_another_device_move_to_their_parameters() {
     let here = Device::flex();
-    assert_ne!(here, Device::default(), "the record loads onto another device");
+    assert_ne!(
+        here,
+        Device::default(),
+        "the record loads onto another device"
+    );
     let model = Net::new(&here);
     let cfg = config(ProjectionMode::ConflictOnly);
     let place = |bases: Vec<(ParamId, LowRankBasis)>| {
@@ -253,7 +239,12 @@ fn bases_loaded_onto_another_device_move_to_their_parameters() {
         .init(SgdConfig::new().build(), &model, [])
         .unwrap()
         .load_record(round_trip(optim.to_record()));
-    assert!(restored.bases().values().all(|b| b.device() == Device::default()));
+    assert!(
+        restored
+            .bases()
+            .values()
+            .all(|b| b.device() == Device::default())
+    );
 
     let a = optim.step(1e-2, model.clone(), grads(&model, 2));
     let b = restored.step(1e-2, model.clone(), grads(&model, 2));

@@ -6,10 +6,7 @@ use crate::screen::SampleScreen;
 /// Gradients with only the attention weight set, to `g`.
 fn attn_only(model: &Net, g: &Mat<f64>) -> GradientsParams {
     let mut grads = GradientsParams::new();
-    grads.register(
-        model.attn.weight.id,
-        upload(g, &test_device()),
-    );
+    grads.register(model.attn.weight.id, upload(g, &test_device()));
     grads
 }
 
