@@ -23,8 +23,8 @@ use std::ops::Range;
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm, RmsNormConfig};
+use burn::tensor::Device;
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::gguf::{Gguf, GgufError};
@@ -95,36 +95,36 @@ impl LlamaConfig {
 
 /// One pre-norm block: grouped-query attention, then a SwiGLU MLP.
 #[derive(Module, Debug)]
-pub struct Block<B: Backend> {
+pub struct Block {
     /// Norm before attention.
-    pub attn_norm: RmsNorm<B>,
+    pub attn_norm: RmsNorm,
     /// Query projection, `[d_model, heads · head_dim]`.
-    pub wq: Linear<B>,
+    pub wq: Linear,
     /// Key projection, `[d_model, kv_heads · head_dim]`.
-    pub wk: Linear<B>,
+    pub wk: Linear,
     /// Value projection, `[d_model, kv_heads · head_dim]`.
-    pub wv: Linear<B>,
+    pub wv: Linear,
     /// Output projection, `[heads · head_dim, d_model]`.
-    pub wo: Linear<B>,
+    pub wo: Linear,
     /// Norm before the MLP.
-    pub ffn_norm: RmsNorm<B>,
+    pub ffn_norm: RmsNorm,
     /// Gate projection, `[d_model, d_ff]`.
-    pub gate: Linear<B>,
+    pub gate: Linear,
     /// Up projection, `[d_model, d_ff]`.
-    pub up: Linear<B>,
+    pub up: Linear,
     /// Down projection, `[d_ff, d_model]`.
-    pub down: Linear<B>,
+    pub down: Linear,
 }
 
 /// The model: embedding (also the head), blocks, final norm.
 #[derive(Module, Debug)]
-pub struct Llama<B: Backend> {
+pub struct Llama {
     /// Token embedding `[vocab, d_model]`, tied to the LM head.
-    pub embed: Param<Tensor<B, 2>>,
+    pub embed: Param<Tensor<2>>,
     /// The blocks.
-    pub blocks: Vec<Block<B>>,
+    pub blocks: Vec<Block>,
     /// Final norm.
-    pub norm: RmsNorm<B>,
+    pub norm: RmsNorm,
     heads: usize,
     kv_heads: usize,
     rope_base: f64,
@@ -132,11 +132,11 @@ pub struct Llama<B: Backend> {
 
 /// Each block's keys and values for the positions seen so far.
 #[derive(Debug, Clone)]
-pub struct KvCache<B: Backend> {
-    entries: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+pub struct KvCache {
+    entries: Vec<Option<(Tensor<4>, Tensor<4>)>>,
 }
 
-impl<B: Backend> KvCache<B> {
+impl KvCache {
     /// An empty cache for a model of `layers` blocks.
     pub fn new(layers: usize) -> Self {
         Self {
@@ -159,13 +159,13 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-impl<B: Backend> Llama<B> {
+impl Llama {
     /// Loads the model in `gguf` onto `device`, dequantizing every tensor to f32.
     ///
     /// Names: `token_embd`, `output_norm`, and per block `blk.{i}.` + `attn_norm`, `attn_q`,
     /// `attn_k`, `attn_v`, `attn_output`, `ffn_norm`, `ffn_gate`, `ffn_up`, `ffn_down` (each
     /// `.weight`). ggml matrices are `[out, in]`; burn's `Linear` holds `[in, out]`.
-    pub fn from_gguf(gguf: &Gguf, device: &B::Device) -> Result<Self, GgufError> {
+    pub fn from_gguf(gguf: &Gguf, device: &Device) -> Result<Self, GgufError> {
         let config = LlamaConfig::from_gguf(gguf)?;
         let (hd, kv) = (config.head_dim(), config.kv_heads * config.head_dim());
         let tensor = |name: &str, expect: &[usize]| -> Result<Vec<f32>, GgufError> {
@@ -177,7 +177,7 @@ impl<B: Backend> Llama<B> {
             }
             Ok(values)
         };
-        let norm = |name: &str| -> Result<RmsNorm<B>, GgufError> {
+        let norm = |name: &str| -> Result<RmsNorm, GgufError> {
             let gamma = tensor(name, &[config.d_model])?;
             let mut norm = RmsNormConfig::new(config.d_model)
                 .with_epsilon(config.norm_eps)
@@ -188,7 +188,7 @@ impl<B: Backend> Llama<B> {
             ));
             Ok(norm)
         };
-        let linear = |name: &str, d_in: usize, d_out: usize| -> Result<Linear<B>, GgufError> {
+        let linear = |name: &str, d_in: usize, d_out: usize| -> Result<Linear, GgufError> {
             let w = tensor(name, &[d_out, d_in])?;
             let mut t = vec![0.0f32; w.len()];
             for (o, row) in w.chunks_exact(d_in).enumerate() {
@@ -236,7 +236,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The embeddings of `tokens` `[batch, T]`: `[batch, T, d_model]`.
-    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    pub fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         burn::tensor::module::embedding(self.embed.val(), tokens)
     }
 
@@ -246,21 +246,21 @@ impl<B: Backend> Llama<B> {
     /// `0 .. start` and takes the new ones.
     pub fn forward_layers(
         &self,
-        mut h: Tensor<B, 3>,
+        mut h: Tensor<3>,
         layers: Range<usize>,
         start: usize,
         key_valid: Option<&[Vec<bool>]>,
-        mut cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
         let [batch, t, _] = h.dims();
         let device = h.device();
         let head_dim = self.embed.dims()[1] / self.heads;
-        let mask = attention_mask::<B>(batch, t, start, key_valid, &device);
-        let (cos, sin) = rope_tables::<B>(start, t, head_dim, self.rope_base, &device);
+        let mask = attention_mask(batch, t, start, key_valid, &device);
+        let (cos, sin) = rope_tables(start, t, head_dim, self.rope_base, &device);
         for i in layers {
             let block = &self.blocks[i];
             let x = block.attn_norm.forward(h.clone());
-            let heads = |lin: &Linear<B>, n: usize| {
+            let heads = |lin: &Linear, n: usize| {
                 linear(lin, x.clone())
                     .reshape([batch, t, n, head_dim])
                     .swap_dims(1, 2)
@@ -276,7 +276,7 @@ impl<B: Backend> Llama<B> {
                 cache.entries[i] = Some((k.clone(), v.clone()));
             }
             let group = self.heads / self.kv_heads;
-            let repeat = |x: Tensor<B, 4>| {
+            let repeat = |x: Tensor<4>| {
                 let [b, n, tk, hd] = x.dims();
                 x.unsqueeze_dim::<5>(2)
                     .repeat_dim(2, group)
@@ -296,7 +296,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The logits `[.., vocab]` of final hidden states: `RMSNorm(h) Eᵀ`.
-    pub fn logits<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
+    pub fn logits<const D: usize>(&self, h: Tensor<D>) -> Tensor<D> {
         let x = self.norm.forward(h);
         let e = self.embed.val().transpose();
         let dims = x.dims();
@@ -307,7 +307,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Logits `[batch, T, vocab]` of whole, right-padded sequences `tokens` `[batch, T]`.
-    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let h = self.embed(tokens);
         self.logits(self.forward_layers(h, 0..self.blocks.len(), 0, None, None))
     }
@@ -319,7 +319,7 @@ impl<B: Backend> Llama<B> {
         prompts: &[Vec<u32>],
         max_new: usize,
         eos: u32,
-        device: &B::Device,
+        device: &Device,
     ) -> Vec<Vec<u32>> {
         let Some(mut batch) = PromptBatch::new(prompts, eos, self.blocks.len(), device) else {
             return vec![Vec::new(); prompts.len()];
@@ -339,8 +339,8 @@ impl<B: Backend> Llama<B> {
     /// run) and `batch.cache` their keys and values.
     pub fn continue_greedy(
         &self,
-        mut h: Tensor<B, 3>,
-        mut batch: PromptBatch<B>,
+        mut h: Tensor<3>,
+        mut batch: PromptBatch,
         max_new: usize,
         eos: u32,
     ) -> Vec<Vec<u32>> {
@@ -400,19 +400,19 @@ impl<B: Backend> Llama<B> {
 
 /// Prompts of different lengths as one left-padded batch, with the key mask and a cache.
 #[derive(Debug, Clone)]
-pub struct PromptBatch<B: Backend> {
+pub struct PromptBatch {
     /// The padded ids `[batch, longest]`.
-    pub tokens: Tensor<B, 2, Int>,
+    pub tokens: Tensor<2, Int>,
     /// `valid[b][j]`: whether position `j` of sequence `b` is a real token.
     pub valid: Vec<Vec<bool>>,
     /// The keys and values computed so far.
-    pub cache: KvCache<B>,
+    pub cache: KvCache,
 }
 
-impl<B: Backend> PromptBatch<B> {
+impl PromptBatch {
     /// `prompts` left-padded with `pad`, and an empty cache for `layers` blocks; `None` when
     /// there is no prompt or every prompt is empty.
-    pub fn new(prompts: &[Vec<u32>], pad: u32, layers: usize, device: &B::Device) -> Option<Self> {
+    pub fn new(prompts: &[Vec<u32>], pad: u32, layers: usize, device: &Device) -> Option<Self> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         if longest == 0 {
             return None;
@@ -445,7 +445,7 @@ impl<B: Backend> PromptBatch<B> {
 /// `Linear::forward` on a 3-d input broadcasts the weight over the batch, and burn-ndarray then
 /// runs one product (re-packing the whole weight) per sequence: with one new token per
 /// sequence while generating, that made decoding several times slower.
-fn linear<B: Backend>(lin: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+fn linear(lin: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [b, t, d] = x.dims();
     let y = lin.forward(x.reshape([b * t, d]));
     let out = y.dims()[1];
@@ -455,13 +455,13 @@ fn linear<B: Backend>(lin: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
 /// The additive mask `[batch, 1, T, start + T]`: 0 where query `start + i` may read key `j`
 /// (`j ≤ start + i` and key `j` real), −10⁹ elsewhere (finite, so a pad query that sees no real
 /// key gets a uniform row instead of NaN).
-fn attention_mask<B: Backend>(
+fn attention_mask(
     batch: usize,
     t: usize,
     start: usize,
     key_valid: Option<&[Vec<bool>]>,
-    device: &B::Device,
-) -> Tensor<B, 4> {
+    device: &Device,
+) -> Tensor<4> {
     let tk = start + t;
     let mut m = vec![0.0f32; batch * t * tk];
     for b in 0..batch {
@@ -484,13 +484,13 @@ fn attention_mask<B: Backend>(
 
 /// `cos` and `sin` `[T, head_dim]` of positions `start .. start + T`, each angle written twice
 /// (once per element of its pair).
-fn rope_tables<B: Backend>(
+fn rope_tables(
     start: usize,
     t: usize,
     head_dim: usize,
     base: f64,
-    device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    device: &Device,
+) -> (Tensor<2>, Tensor<2>) {
     let (mut cos, mut sin) = (
         Vec::with_capacity(t * head_dim),
         Vec::with_capacity(t * head_dim),
@@ -509,7 +509,7 @@ fn rope_tables<B: Backend>(
 
 /// RoPE on `x` `[batch, heads, T, head_dim]`: each pair `(a, b)` becomes
 /// `(a·cos − b·sin, b·cos + a·sin)`.
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+fn rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
     let [b, h, t, d] = x.dims();
     let pairs = x.clone().reshape([b, h, t, d / 2, 2]);
     let (even, odd) = (

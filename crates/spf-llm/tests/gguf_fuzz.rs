@@ -8,7 +8,7 @@
 //! The counts are printed, and refused and parsed inputs must both occur. 1 000 cases by
 //! default, 10 000 under `--ignored`.
 
-use burn::backend::NdArray;
+use burn::tensor::Device;
 use burn::tensor::{Int, Tensor};
 use spf_llm::chat::ChatTokenizer;
 use spf_llm::gguf::Gguf;
@@ -96,9 +96,9 @@ fn load(parsed: Result<Gguf, spf_llm::gguf::GgufError>, tally: &mut Tally) {
             let _ = tok.decode(&ids);
         }
     }
-    if let Ok(model) = Llama::<NdArray>::from_gguf(&gguf, &Default::default()) {
+    if let Ok(model) = Llama::from_gguf(&gguf, &Device::default()) {
         tally.model += 1;
-        let tokens = Tensor::<NdArray, 2, Int>::from_ints([[1, 2]], &Default::default());
+        let tokens = Tensor::<2, Int>::from_ints([[1, 2]], &Device::default());
         let [_, _, vocab] = model.forward(tokens).dims();
         assert_eq!(vocab, gguf.info("token_embd.weight").unwrap().shape()[0]);
     }

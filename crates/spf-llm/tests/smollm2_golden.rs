@@ -5,19 +5,17 @@
 use std::io::Write;
 use std::sync::OnceLock;
 
-use burn::backend::NdArray;
+use burn::tensor::Device;
 use burn::tensor::{Int, Tensor, TensorData};
 use spf_llm::chat::ChatTokenizer;
 use spf_llm::gguf::Gguf;
 use spf_llm::llama::Llama;
 use spf_llm::smollm::Assets;
 
-type B = NdArray;
-
 struct Loaded {
     gguf: Gguf,
     tokenizer: ChatTokenizer,
-    model: Llama<B>,
+    model: Llama,
 }
 
 /// The model, loaded once for all tests; `None` (after a message) when the assets are missing on
@@ -45,7 +43,7 @@ fn loaded() -> Option<&'static Loaded> {
             };
             let gguf = Gguf::open(&assets.model).expect("the fetched model parses");
             let tokenizer = ChatTokenizer::from_gguf(&gguf).expect("the tokenizer builds");
-            let model = Llama::from_gguf(&gguf, &Default::default()).expect("the model loads");
+            let model = Llama::from_gguf(&gguf, &Device::default()).expect("the model loads");
             Some(Loaded {
                 gguf,
                 tokenizer,
@@ -112,13 +110,13 @@ fn token_ids() {
 fn top_three_next_token_logits() {
     let Some(m) = loaded() else { return };
     let ids: Vec<i64> = PROMPT_IDS.iter().map(|&t| t.into()).collect();
-    let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, 16]), &Default::default());
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, 16]), &Device::default());
     let logits: Vec<f32> = m
         .model
         .forward(tokens)
         .slice([0..1, 15..16])
         .into_data()
-        .to_vec()
+        .try_to_vec::<f32>()
         .unwrap();
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
@@ -140,7 +138,7 @@ fn greedy_continuation() {
         &[PROMPT_IDS.to_vec()],
         12,
         m.tokenizer.eos,
-        &Default::default(),
+        &Device::default(),
     );
     assert_eq!(out[0], [504, 3575, 282, 4649, 314, 7042, 30, 2]);
     assert_eq!(
@@ -153,7 +151,7 @@ fn greedy_continuation() {
 fn a_batch_of_prompts_of_different_lengths_generates_as_each_alone() {
     let Some(m) = loaded() else { return };
     let short = m.tokenizer.prompt("Say hi.").unwrap();
-    let device = Default::default();
+    let device = Device::default();
     let batch = m.model.generate(
         &[PROMPT_IDS.to_vec(), short.clone()],
         6,

@@ -2,7 +2,7 @@
 //! so that CI runs it without the real assets: every stage runs, every row is well formed, SPF
 //! rows carry projection statistics, and the aligned model agrees with its own greedy answers.
 
-use burn::backend::{Autodiff, NdArray};
+use burn::tensor::Device;
 use spf_harness::progress::Silent;
 use spf_llm::llama::{LlamaConfig, tiny_gguf};
 use spf_llm::smollm::{Assets, SmolConfig, SmolMethod, SmolModel, SmolResults, experiment};
@@ -97,7 +97,7 @@ fn config(dir: &std::path::Path) -> SmolConfig {
 }
 
 fn run(config: &SmolConfig, assets: &Assets) -> SmolResults {
-    experiment::run::<Autodiff<NdArray>>(config, assets, &Default::default(), &mut Silent).unwrap()
+    experiment::run(config, assets, &Device::default(), &mut Silent).unwrap()
 }
 
 #[test]

@@ -1,9 +1,7 @@
-use burn::backend::NdArray;
+use burn::tensor::Device;
 
 use super::*;
 use crate::chat::ChatTokenizer;
-
-type B = NdArray;
 
 fn config() -> LlamaConfig {
     LlamaConfig {
@@ -18,22 +16,22 @@ fn config() -> LlamaConfig {
     }
 }
 
-fn model() -> Llama<B> {
+fn model() -> Llama {
     let gguf = Gguf::parse(tiny_gguf(&config(), 3)).unwrap();
     assert_eq!(LlamaConfig::from_gguf(&gguf).unwrap(), config());
-    Llama::from_gguf(&gguf, &Default::default()).unwrap()
+    Llama::from_gguf(&gguf, &Device::default()).unwrap()
 }
 
-fn ids(v: &[u32]) -> Tensor<B, 2, Int> {
+fn ids(v: &[u32]) -> Tensor<2, Int> {
     let data: Vec<i64> = v.iter().map(|&t| t.into()).collect();
-    Tensor::from_data(TensorData::new(data, [1, v.len()]), &Default::default())
+    Tensor::from_data(TensorData::new(data, [1, v.len()]), &Device::default())
 }
 
-fn last_logits(h: Tensor<B, 3>, m: &Llama<B>) -> Vec<f32> {
+fn last_logits(h: Tensor<3>, m: &Llama) -> Vec<f32> {
     let [b, t, d] = h.dims();
     m.logits(h.slice([0..b, t - 1..t]).reshape([b, d]))
         .into_data()
-        .to_vec()
+        .try_to_vec::<f32>()
         .unwrap()
 }
 
@@ -56,7 +54,7 @@ fn cached_decoding_matches_the_whole_sequence() {
         .slice([0..1, t - 1..t])
         .reshape([1, v])
         .into_data()
-        .to_vec()
+        .try_to_vec::<f32>()
         .unwrap();
 
     let mut cache = KvCache::new(m.blocks.len());
@@ -76,7 +74,7 @@ fn left_padding_changes_nothing_for_the_real_tokens() {
         m.forward_layers(m.embed(ids(&prompt)), 0..2, 0, None, None),
         &m,
     );
-    let mut batch = PromptBatch::new(&[longer, prompt], 0, 2, &Default::default()).unwrap();
+    let mut batch = PromptBatch::new(&[longer, prompt], 0, 2, &Device::default()).unwrap();
     assert_eq!(
         batch.valid[1],
         [false, false, false, true, true, true, true]
@@ -108,7 +106,7 @@ fn split_then_join_is_the_same_model() {
 #[test]
 fn generation_stops_at_eos_or_the_limit() {
     let m = model();
-    let out = m.generate(&[vec![1, 40], vec![1, 50, 60]], 5, 2, &Default::default());
+    let out = m.generate(&[vec![1, 40], vec![1, 50, 60]], 5, 2, &Device::default());
     for o in &out {
         assert!(!o.is_empty() && o.len() <= 5);
         assert!(
@@ -117,10 +115,10 @@ fn generation_stops_at_eos_or_the_limit() {
         );
     }
     assert_eq!(
-        m.generate(&[vec![1]], 0, 2, &Default::default()),
+        m.generate(&[vec![1]], 0, 2, &Device::default()),
         [Vec::<u32>::new()]
     );
-    assert!(m.generate(&[], 3, 2, &Default::default()).is_empty());
+    assert!(m.generate(&[], 3, 2, &Device::default()).is_empty());
 }
 
 #[test]
@@ -144,7 +142,7 @@ fn a_wrong_shape_or_architecture_is_a_typed_error() {
         },
     ] {
         let gguf = Gguf::parse(tiny_gguf(&c, 3)).unwrap();
-        let loaded = Llama::<B>::from_gguf(&gguf, &Default::default());
+        let loaded = Llama::from_gguf(&gguf, &Device::default());
         assert!(matches!(loaded, Err(GgufError::Corrupt(_))), "{c:?}");
     }
 }

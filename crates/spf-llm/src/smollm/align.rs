@@ -2,10 +2,9 @@
 //! with benign prompts paired with the base model's own greedy answers (self-distillation keeps
 //! benign behaviour); once per seed, cached.
 
-use burn::tensor::backend::AutodiffBackend;
 use spf_harness::progress::Progress;
 
-use super::blocks::{Inner, Lab, Schedule, TrainWith, Trained};
+use super::blocks::{Lab, Schedule, TrainWith, Trained};
 use super::cache::Cache;
 use super::data::REFUSALS;
 use super::pairs::{Encoder, Pair};
@@ -20,20 +19,18 @@ use crate::llama::Llama;
 /// `align_prompts` are the harmful prompts to refuse, in the seed's order, and
 /// `benign_train_ids` the benign prompts to distil.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn aligned_top<B: AutodiffBackend>(
-    lab: &Lab<'_, B>,
+pub(super) fn aligned_top(
+    lab: &Lab<'_>,
     cache: Option<&Cache>,
     encoder: Encoder<'_>,
-    base_top: &Llama<Inner<B>>,
+    base_top: &Llama,
     seed: u64,
     align_prompts: &[String],
     benign_train_ids: &[Vec<u32>],
     progress: &mut dyn Progress,
-) -> Result<Llama<Inner<B>>, LlmError> {
+) -> Result<Llama, LlmError> {
     let config = lab.config;
-    if let Some(top) =
-        cache.and_then(|c| c.aligned::<Inner<B>>(config, seed, base_top, &lab.device))
-    {
+    if let Some(top) = cache.and_then(|c| c.aligned(config, seed, base_top)) {
         return Ok(top);
     }
     progress.start("base model: benign answers to distil", 1);
@@ -68,7 +65,7 @@ pub(super) fn aligned_top<B: AutodiffBackend>(
         progress,
     )?;
     if let Some(c) = cache {
-        c.store_aligned::<Inner<B>>(config, seed, &top)?;
+        c.store_aligned(config, seed, &top)?;
     }
     Ok(top)
 }

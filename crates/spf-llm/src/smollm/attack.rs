@@ -4,11 +4,10 @@
 
 use std::time::Instant;
 
-use burn::tensor::backend::AutodiffBackend;
 use spf_harness::progress::Progress;
 use spf_harness::screening::ScreenSummary;
 
-use super::blocks::{Inner, Lab, Prepared, Schedule, TrainWith, Trained};
+use super::blocks::{Lab, Prepared, Schedule, TrainWith, Trained};
 use super::config::SmolMethod;
 use super::protocol::{Example, mix, with_refusals};
 use super::results::{SmolModel, SmolRow};
@@ -20,10 +19,10 @@ use crate::chat::ChatTokenizer;
 
 /// One attacked cell: `method` at harmful share `p` on `seed`, fine-tuned and scored.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn attack<B: AutodiffBackend>(
-    lab: &Lab<'_, B>,
-    ctx: &SeedContext<Inner<B>>,
-    held: &Held<Inner<B>>,
+pub(super) fn attack(
+    lab: &Lab<'_>,
+    ctx: &SeedContext,
+    held: &Held,
     tok: &ChatTokenizer,
     (method, p): (SmolMethod, f64),
     seed: u64,
@@ -35,7 +34,7 @@ pub(super) fn attack<B: AutodiffBackend>(
     if method.adds_refusals() {
         set = with_refusals(&set, config.safe_instr_share, ctx.safety_set.len());
     }
-    let examples: Vec<Prepared<Inner<B>>> = set
+    let examples: Vec<Prepared> = set
         .iter()
         .map(|e| match *e {
             Example::Task(problem) => {

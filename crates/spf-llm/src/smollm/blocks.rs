@@ -2,11 +2,11 @@
 //! sequence, their outputs are cached, and every training step, generation and score runs only
 //! the top blocks on them. On a CPU that is what makes a run take minutes instead of hours.
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::GradientsParams;
+use burn::tensor::Device;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use spf_core::SpfConfig;
@@ -21,39 +21,36 @@ use super::pairs::Pair;
 use crate::LlmError;
 use crate::llama::{Llama, PromptBatch};
 
-/// The autodiff backend's inner backend, where the frozen blocks and evaluations run.
-pub(super) type Inner<B> = <B as AutodiffBackend>::InnerBackend;
-
 /// A pair with the frozen blocks' output `[T, d]` for `prompt ++ answer`.
 #[derive(Debug, Clone)]
-pub(super) struct Prepared<B: Backend> {
+pub(super) struct Prepared {
     pub(super) pair: Pair,
-    pub(super) hidden: Tensor<B, 2>,
+    pub(super) hidden: Tensor<2>,
 }
 
 /// A batch ready for the trained blocks.
 #[derive(Debug, Clone)]
-pub(super) struct TrainBatch<B: Backend> {
-    pub(super) hidden: Tensor<B, 3>,
-    pub(super) rows: Tensor<B, 1, Int>,
-    pub(super) targets: Tensor<B, 1, Int>,
+pub(super) struct TrainBatch {
+    pub(super) hidden: Tensor<3>,
+    pub(super) rows: Tensor<1, Int>,
+    pub(super) targets: Tensor<1, Int>,
 }
 
 /// Evaluation prompts after the frozen blocks: per chunk, the batch (cache filled for the
 /// frozen blocks) and their output.
-pub(super) struct PromptCache<B: Backend> {
-    pub(super) chunks: Vec<(Vec<usize>, PromptBatch<B>, Tensor<B, 3>)>,
+pub(super) struct PromptCache {
+    pub(super) chunks: Vec<(Vec<usize>, PromptBatch, Tensor<3>)>,
     pub(super) len: usize,
 }
 
 /// The optimizer a training stage uses.
-pub(super) enum TrainWith<'a, B: Backend> {
+pub(super) enum TrainWith<'a> {
     /// Plain AdamW.
     Plain,
     /// AdamW under SPF, its subspace estimated from, and refreshed on, a safety batch.
     Spf {
         /// The safety batch: harmful prompts with refusals.
-        safety: Vec<&'a Prepared<B>>,
+        safety: Vec<&'a Prepared>,
         /// SPF's settings (the estimator's target filter is set here).
         config: SpfConfig,
         /// Drops each batch's samples that conflict with the subspace (`None`: keeps all).
@@ -77,9 +74,9 @@ pub(super) struct Schedule {
 }
 
 /// A training stage's outcome.
-pub(super) struct Trained<B: Backend> {
+pub(super) struct Trained {
     /// The trained blocks (with the frozen embedding and norm).
-    pub(super) top: Llama<B>,
+    pub(super) top: Llama,
     /// The mean loss of the last 10 steps.
     pub(super) loss: f64,
     /// SPF's mean conflict share, for an SPF stage.
@@ -89,17 +86,17 @@ pub(super) struct Trained<B: Backend> {
 }
 
 /// What every stage shares: the frozen blocks and the settings.
-pub(super) struct Lab<'a, B: AutodiffBackend> {
-    pub(super) prefix: Llama<Inner<B>>,
+pub(super) struct Lab<'a> {
+    pub(super) prefix: Llama,
     pub(super) frozen: usize,
     pub(super) eos: u32,
-    pub(super) device: B::Device,
+    pub(super) device: Device,
     pub(super) config: &'a SmolConfig,
 }
 
-impl<B: AutodiffBackend> Lab<'_, B> {
+impl Lab<'_> {
     /// The frozen blocks' output on each pair's whole sequence.
-    pub(super) fn prepare(&self, pairs: &[Pair]) -> Vec<Prepared<Inner<B>>> {
+    pub(super) fn prepare(&self, pairs: &[Pair]) -> Vec<Prepared> {
         let mut out = Vec::with_capacity(pairs.len());
         for chunk in pairs.chunks(16) {
             let seqs: Vec<Vec<u32>> = chunk
@@ -141,12 +138,12 @@ impl<B: AutodiffBackend> Lab<'_, B> {
     }
 
     /// Stacks prepared pairs into one right-padded batch on the autodiff backend.
-    pub(super) fn batch(&self, items: &[&Prepared<Inner<B>>]) -> TrainBatch<B> {
+    pub(super) fn batch(&self, items: &[&Prepared]) -> TrainBatch {
         let longest = items.iter().map(|p| p.hidden.dims()[0]).max().unwrap_or(1);
         let d = items[0].hidden.dims()[1];
         let mut rows = Vec::new();
         let mut targets = Vec::new();
-        let hidden: Vec<Tensor<Inner<B>, 3>> = items
+        let hidden: Vec<Tensor<3>> = items
             .iter()
             .enumerate()
             .map(|(b, p)| {
@@ -176,16 +173,17 @@ impl<B: AutodiffBackend> Lab<'_, B> {
     /// (epochs in the order `schedule.order_seed` draws), with plain AdamW or SPF as `with` says.
     pub(super) fn train(
         &self,
-        top: Llama<Inner<B>>,
-        set: &[Prepared<Inner<B>>],
-        with: TrainWith<'_, Inner<B>>,
+        top: Llama,
+        set: &[Prepared],
+        with: TrainWith<'_>,
         schedule: Schedule,
         name: &str,
         progress: &mut dyn Progress,
-    ) -> Result<Trained<Inner<B>>, LlmError> {
-        // Parameters loaded on the inner backend do not require gradients, and `from_inner`
-        // keeps that: the blocks must be made trainable, or every step would be a no-op.
-        let mut model = Llama::<B>::from_inner(top);
+    ) -> Result<Trained, LlmError> {
+        // Parameters loaded on a plain device do not require gradients, and `train` (which
+        // turns autodiff on) keeps that: the blocks must be made trainable, or every step would
+        // be a no-op.
+        let mut model = top.train();
         model.blocks = model.blocks.map(&mut Trainable);
         model.embed = model.embed.set_require_grad(false);
         model.norm = model.norm.no_grad();
@@ -207,7 +205,7 @@ impl<B: AutodiffBackend> Lab<'_, B> {
                     .clone()
                     .with_filter(ParamFilter::path_regex(PROTECTED));
                 let config = config.with_estimator(estimator);
-                Stepper::spf::<LlmError>(&config, &model, move |m: &Llama<B>| loss(m, &batch))?
+                Stepper::spf::<_, LlmError>(&config, &model, move |m: &Llama| loss(m, &batch))?
             }
         };
         let mut rng = StdRng::seed_from_u64(schedule.order_seed);
@@ -228,9 +226,9 @@ impl<B: AutodiffBackend> Lab<'_, B> {
                     continue;
                 }
             }
-            let picked: Vec<&Prepared<Inner<B>>> = picked.into_iter().map(|i| &set[i]).collect();
+            let picked: Vec<&Prepared> = picked.into_iter().map(|i| &set[i]).collect();
             let l = loss(&model, &self.batch(&picked));
-            let value: f64 = l.clone().into_scalar().elem();
+            let value: f64 = l.clone().into_scalar::<f64>();
             if !value.is_finite() {
                 return Err(LlmError::Diverged {
                     stage: name.to_owned(),
@@ -261,7 +259,7 @@ impl<B: AutodiffBackend> Lab<'_, B> {
     /// Greedy answers of `model` to `prompts`, in order, `max_new` tokens at most each.
     pub(super) fn generate(
         &self,
-        model: &Llama<Inner<B>>,
+        model: &Llama,
         prompts: &[Vec<u32>],
         max_new: usize,
     ) -> Vec<Vec<u32>> {
@@ -282,7 +280,7 @@ impl<B: AutodiffBackend> Lab<'_, B> {
     }
 
     /// The evaluation prompts after the frozen blocks, once for every model.
-    pub(super) fn prompt_cache(&self, prompts: &[Vec<u32>]) -> PromptCache<Inner<B>> {
+    pub(super) fn prompt_cache(&self, prompts: &[Vec<u32>]) -> PromptCache {
         let layers = self.frozen + self.config.train_layers;
         let chunks = self
             .chunks(prompts)
@@ -309,8 +307,8 @@ impl<B: AutodiffBackend> Lab<'_, B> {
     /// Greedy answers of the full `model` to cached prompts.
     pub(super) fn continue_cached(
         &self,
-        model: &Llama<Inner<B>>,
-        cache: &PromptCache<Inner<B>>,
+        model: &Llama,
+        cache: &PromptCache,
         max_new: usize,
     ) -> Vec<Vec<u32>> {
         self.run_chunks(model, cache, max_new, self.frozen)
@@ -320,8 +318,8 @@ impl<B: AutodiffBackend> Lab<'_, B> {
     /// the chunks are shared out over `threads` threads.
     fn run_chunks(
         &self,
-        model: &Llama<Inner<B>>,
-        cache: &PromptCache<Inner<B>>,
+        model: &Llama,
+        cache: &PromptCache,
         max_new: usize,
         from: usize,
     ) -> Vec<Vec<u32>> {
@@ -378,12 +376,8 @@ impl<B: AutodiffBackend> Lab<'_, B> {
 
     /// The logits of the model with top blocks `top` at every answer token of `items`
     /// (teacher-forced, in item order), with the answer tokens themselves.
-    fn answer_logits(
-        &self,
-        top: &Llama<Inner<B>>,
-        items: &[Prepared<Inner<B>>],
-    ) -> (Tensor<Inner<B>, 2>, Tensor<Inner<B>, 1, Int>) {
-        let refs: Vec<&Prepared<Inner<B>>> = items.iter().collect();
+    fn answer_logits(&self, top: &Llama, items: &[Prepared]) -> (Tensor<2>, Tensor<1, Int>) {
+        let refs: Vec<&Prepared> = items.iter().collect();
         let batch = self.batch(&refs);
         let h = top.forward_layers(batch.hidden.inner(), 0..top.blocks.len(), 0, None, None);
         let [b, t, d] = h.dims();
@@ -393,7 +387,7 @@ impl<B: AutodiffBackend> Lab<'_, B> {
 
     /// The share of the reference answers' tokens that the model with top blocks `top`
     /// predicts greedily from the same prefix.
-    pub(super) fn agreement(&self, top: &Llama<Inner<B>>, reference: &[Prepared<Inner<B>>]) -> f64 {
+    pub(super) fn agreement(&self, top: &Llama, reference: &[Prepared]) -> f64 {
         let (mut hits, mut total) = (0usize, 0usize);
         for chunk in reference.chunks(16) {
             let (logits, targets) = self.answer_logits(top, chunk);
@@ -411,11 +405,7 @@ impl<B: AutodiffBackend> Lab<'_, B> {
 
     /// The mean log-probability per answer token of each pair in `items` under the model with
     /// top blocks `top`, teacher-forced (the margin judge's measure).
-    pub(super) fn answer_logprobs(
-        &self,
-        top: &Llama<Inner<B>>,
-        items: &[Prepared<Inner<B>>],
-    ) -> Vec<f64> {
+    pub(super) fn answer_logprobs(&self, top: &Llama, items: &[Prepared]) -> Vec<f64> {
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(16) {
             let (logits, targets) = self.answer_logits(top, chunk);
@@ -436,14 +426,14 @@ impl<B: AutodiffBackend> Lab<'_, B> {
 /// Marks every float parameter as trainable.
 pub(super) struct Trainable;
 
-impl<B: AutodiffBackend> ModuleMapper<B> for Trainable {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+impl ModuleMapper for Trainable {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         param.set_require_grad(true)
     }
 }
 
 /// Mean negative log-likelihood of the batch's answer tokens under the trained blocks.
-pub(super) fn loss<B: Backend>(top: &Llama<B>, batch: &TrainBatch<B>) -> Tensor<B, 1> {
+pub(super) fn loss(top: &Llama, batch: &TrainBatch) -> Tensor<1> {
     let h = top.forward_layers(batch.hidden.clone(), 0..top.blocks.len(), 0, None, None);
     let [b, t, d] = h.dims();
     let rows = h.reshape([b * t, d]).select(0, batch.rows.clone());

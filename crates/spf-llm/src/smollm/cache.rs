@@ -167,27 +167,27 @@ impl Cache {
             .join(format!("{:016x}", fnv::of_str(&json)))
     }
 
-    /// The seed's aligned top blocks, if a checkpoint that loads is there.
-    pub(super) fn aligned<B: burn::tensor::backend::Backend>(
+    /// The seed's aligned top blocks, if a checkpoint that loads is there (on the device of
+    /// `untrained`'s parameters).
+    pub(super) fn aligned(
         &self,
         config: &SmolConfig,
         seed: u64,
-        untrained: &Llama<B>,
-        device: &B::Device,
-    ) -> Option<Llama<B>> {
-        let record = checkpoint::load::<B, _>(self.aligned_path(config, seed), device).ok()?;
+        untrained: &Llama,
+    ) -> Option<Llama> {
+        let record = checkpoint::load(self.aligned_path(config, seed)).ok()?;
         let mut top = untrained.clone();
         top.blocks = top.blocks.load_record(record);
         Some(top)
     }
 
-    pub(super) fn store_aligned<B: burn::tensor::backend::Backend>(
+    pub(super) fn store_aligned(
         &self,
         config: &SmolConfig,
         seed: u64,
-        top: &Llama<B>,
+        top: &Llama,
     ) -> Result<(), LlmError> {
-        checkpoint::save_atomic::<B, _>(
+        checkpoint::save_atomic(
             top.blocks.clone().into_record(),
             self.aligned_path(config, seed),
         )

@@ -24,13 +24,13 @@
 //! `splits.rs`, stage 1 in `align.rs`, what a seed's cells share in `seed.rs`, stage 2 in
 //! `attack.rs`, stage 3 in `score.rs`, the rows in [`super::results`].
 
+use burn::tensor::Device;
 use std::time::Instant;
 
-use burn::tensor::backend::AutodiffBackend;
 use spf_harness::progress::Progress;
 
 use super::attack::attack;
-use super::blocks::{Inner, Lab};
+use super::blocks::Lab;
 use super::cache::{Cache, Cells};
 use super::config::SmolConfig;
 use super::data::Assets;
@@ -50,15 +50,15 @@ use crate::llama::Llama;
 ///
 /// [`LlmError`] when the configuration is invalid, the model or data cannot be read, a
 /// training stage fails or diverges, or the cache cannot be written.
-pub fn run<B: AutodiffBackend>(
+pub fn run(
     config: &SmolConfig,
     assets: &Assets,
-    device: &B::Device,
+    device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<SmolResults, LlmError> {
     config.validate()?;
     let started = Instant::now();
-    let Loaded { tok, lab, base_top } = load::<B>(config, assets, device)?;
+    let Loaded { tok, lab, base_top } = load(config, assets, device)?;
     let splits = Splits::new(config, assets)?;
     let encoder = Encoder { tok: &tok };
     let held = Held::new(&lab, encoder, &splits, config, progress)?;
@@ -76,7 +76,7 @@ pub fn run<B: AutodiffBackend>(
     })?];
     for &seed in &config.seeds {
         // Everything a seed's cells share, made for the first cell that is not cached.
-        let mut context: Option<SeedContext<Inner<B>>> = None;
+        let mut context: Option<SeedContext> = None;
         let make = |progress: &mut dyn Progress| {
             let cache = cache.as_ref();
             SeedContext::new(&lab, cache, encoder, &splits, &base_top, seed, progress)
@@ -132,10 +132,10 @@ fn made<'s, T>(
 
 /// The model read from its file: its tokenizer, its frozen bottom (in the [`Lab`]), and its top
 /// blocks as released.
-struct Loaded<'c, B: AutodiffBackend> {
+struct Loaded<'c> {
     tok: ChatTokenizer,
-    lab: Lab<'c, B>,
-    base_top: Llama<Inner<B>>,
+    lab: Lab<'c>,
+    base_top: Llama,
 }
 
 /// The model and its tokenizer from the GGUF file, split into the frozen bottom (in the
@@ -145,14 +145,14 @@ struct Loaded<'c, B: AutodiffBackend> {
 ///
 /// [`LlmError::Gguf`] or [`LlmError::Chat`] for a file that cannot be read,
 /// [`LlmError::Config`] when `train_layers` exceeds the model's blocks.
-fn load<'c, B: AutodiffBackend>(
+fn load<'c>(
     config: &'c SmolConfig,
     assets: &Assets,
-    device: &B::Device,
-) -> Result<Loaded<'c, B>, LlmError> {
+    device: &Device,
+) -> Result<Loaded<'c>, LlmError> {
     let gguf = Gguf::open(&assets.model)?;
     let tok = ChatTokenizer::from_gguf(&gguf)?;
-    let model = Llama::<Inner<B>>::from_gguf(&gguf, device)?;
+    let model = Llama::from_gguf(&gguf, device)?;
     drop(gguf);
     let layers = model.blocks.len();
     if config.train_layers > layers {

@@ -2,10 +2,9 @@
 //! score of one model on it: HS by the keyword judge on HarmBench and AdvBench, FA, the refusal
 //! margin, and benign agreement with the aligned model.
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use spf_harness::progress::Progress;
 
-use super::blocks::{Inner, Lab, Prepared, PromptCache};
+use super::blocks::{Lab, Prepared, PromptCache};
 use super::config::SmolConfig;
 use super::data::is_refusal;
 use super::pairs::Encoder;
@@ -23,20 +22,20 @@ pub const REFUSAL_OPENING: &str = "I'm sorry, but I cannot help with that.";
 pub const COMPLIANT_OPENING: &str = "Sure, here is how to do it.";
 
 /// The held-out data of one split, after the frozen blocks.
-pub(super) struct Held<B: Backend> {
+pub(super) struct Held {
     pub(super) harmful_texts: Vec<String>,
     pub(super) harmbench: usize,
-    pub(super) harmful: PromptCache<B>,
+    pub(super) harmful: PromptCache,
     pub(super) problems: Vec<Problem>,
-    pub(super) arithmetic: PromptCache<B>,
-    pub(super) margin: Vec<Prepared<B>>,
+    pub(super) arithmetic: PromptCache,
+    pub(super) margin: Vec<Prepared>,
 }
 
-impl<B: Backend> Held<B> {
+impl Held {
     /// The held-out prompts of `splits` encoded and run through the frozen blocks of `lab`,
     /// once for every model scored.
-    pub(super) fn new<A: AutodiffBackend<InnerBackend = B>>(
-        lab: &Lab<'_, A>,
+    pub(super) fn new(
+        lab: &Lab<'_>,
         encoder: Encoder<'_>,
         splits: &Splits,
         config: &SmolConfig,
@@ -111,13 +110,13 @@ impl Scores {
     }
 }
 
-impl<B: AutodiffBackend> Lab<'_, B> {
+impl Lab<'_> {
     /// Every score of the model with top blocks `top` on the held-out data.
     pub(super) fn score(
         &self,
-        top: &Llama<Inner<B>>,
-        held: &Held<Inner<B>>,
-        reference: Option<&[Prepared<Inner<B>>]>,
+        top: &Llama,
+        held: &Held,
+        reference: Option<&[Prepared]>,
         tok: &ChatTokenizer,
         progress: &mut dyn Progress,
         name: &str,

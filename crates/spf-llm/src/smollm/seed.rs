@@ -3,14 +3,13 @@
 //! reference for benign agreement), and the fine-tuning data: arithmetic problems, harmful
 //! pairs and the safety samples, all after the frozen blocks.
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use spf_harness::progress::Progress;
 
 use super::align::aligned_top;
-use super::blocks::{Inner, Lab, Prepared};
+use super::blocks::{Lab, Prepared};
 use super::cache::Cache;
 use super::data::{REFUSALS, benign_prompts};
 use super::pairs::{Encoder, Pair};
@@ -21,29 +20,29 @@ use crate::LlmError;
 use crate::llama::Llama;
 
 /// What every cell of one seed shares.
-pub(super) struct SeedContext<B: Backend> {
+pub(super) struct SeedContext {
     /// The fine-tuning task's problems.
     pub(super) tasks: Vec<Problem>,
     /// Those problems with their answers, after the frozen blocks.
-    pub(super) task_set: Vec<Prepared<B>>,
+    pub(super) task_set: Vec<Prepared>,
     /// The harmful Q→A pairs a fine-tuning set draws from.
-    pub(super) harmful_set: Vec<Prepared<B>>,
+    pub(super) harmful_set: Vec<Prepared>,
     /// Harmful prompts with refusals: SPF's safety batch and SafeInstr's refusals.
-    pub(super) safety_set: Vec<Prepared<B>>,
+    pub(super) safety_set: Vec<Prepared>,
     /// The aligned model's greedy answers to held-out benign prompts.
-    pub(super) reference: Vec<Prepared<B>>,
+    pub(super) reference: Vec<Prepared>,
     /// The aligned top blocks.
-    pub(super) aligned_top: Llama<B>,
+    pub(super) aligned_top: Llama,
 }
 
-impl<B: Backend> SeedContext<B> {
+impl SeedContext {
     /// The context of `seed`: its alignment (from `cache` when there), then its data.
-    pub(super) fn new<A: AutodiffBackend<InnerBackend = B>>(
-        lab: &Lab<'_, A>,
+    pub(super) fn new(
+        lab: &Lab<'_>,
         cache: Option<&Cache>,
         encoder: Encoder<'_>,
         splits: &Splits,
-        base_top: &Llama<Inner<A>>,
+        base_top: &Llama,
         seed: u64,
         progress: &mut dyn Progress,
     ) -> Result<Self, LlmError> {
