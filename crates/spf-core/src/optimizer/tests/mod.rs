@@ -12,7 +12,10 @@ use faer::Mat;
 use super::*;
 use crate::checkpoint::PackedRecord;
 use crate::testing::{Gaussian, download, test_device, upload};
-use crate::{ParamFilter, ProjectionMode, RankPolicy, SubspaceConfig, VectorPolicy, project};
+use crate::{
+    ParamFilter, ProjectionMode, ProjectionTarget, RankPolicy, SubspaceConfig, VectorPolicy,
+    project,
+};
 
 /// Three layers named so that a path filter can tell them apart, and a rank-3 parameter.
 #[derive(Module, Debug)]
