@@ -46,23 +46,23 @@ fn reference_shapes() -> Vec<[usize; 2]> {
 
 fn benches(c: &mut Criterion) {
     let device = Default::default();
-    let module = Matrices::<B>::new(&reference_shapes(), &device);
-    let grads = GradientSet::<B>::new(&module, &device);
+    let module = Matrices::new(&reference_shapes(), &device);
+    let grads = GradientSet::new(&module, &device);
     let ids: Vec<_> = module.weights.iter().map(|w| w.id).collect();
     let mut by_id: HashMap<_, _> = random_bases::<B, _>(&module, K, 11, &device)
         .into_iter()
         .collect();
-    let bases: Vec<LowRankBasis<Inner>> = ids
+    let bases: Vec<LowRankBasis> = ids
         .iter()
         .map(|id| by_id.remove(id).expect("every matrix has a basis"))
         .collect();
-    let fresh = || -> Vec<Tensor<Inner, 2>> {
+    let fresh = || -> Vec<Tensor<2>> {
         let mut g = grads.fresh();
         ids.iter().map(|id| g.remove(*id).expect("drawn")).collect()
     };
 
     let mut group = Group::new(c, "projection_torch_ref_shapes", 20, Duration::from_secs(3));
-    let mut optim = AdamWConfig::new().init::<B, Matrices<B>>();
+    let mut optim = AdamWConfig::new().init();
     let mut model = Some(module.clone());
     group.bench(
         "adamw",

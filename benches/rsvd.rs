@@ -40,7 +40,7 @@ fn test_matrix(m: usize, n: usize) -> Mat<f32> {
 }
 
 /// `m` on the CPU backend (an `f32` matrix is exact there).
-fn to_tensor(m: &Mat<f32>) -> Tensor<NdArray, 2> {
+fn to_tensor(m: &Mat<f32>) -> Tensor<2> {
     upload(m, &Default::default())
 }
 

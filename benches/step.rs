@@ -38,13 +38,13 @@ const LR: f64 = 1e-4;
 /// Times AdamW, then every wrapped configuration, on `module`'s parameters.
 fn bench_set<M>(c: &mut Criterion, name: &str, module: M, measurement: Duration)
 where
-    M: AutodiffModule<B> + Clone + 'static,
+    M: Module + Clone + 'static,
 {
     let device = Default::default();
-    let grads = GradientSet::<B>::new(&module, &device);
+    let grads = GradientSet::new(&module, &device);
     let mut group = Group::new(c, name, 10, measurement);
 
-    let mut optim = AdamWConfig::new().init::<B, M>();
+    let mut optim = AdamWConfig::new().init();
     let mut model = Some(module.clone());
     group.bench(
         "adamw",
@@ -54,7 +54,7 @@ where
         },
     );
 
-    let mut optim = AdamWConfig::new().init::<B, M>();
+    let mut optim = AdamWConfig::new().init();
     let mut model = Some(module.clone());
     group.bench(
         "adamw, module clone held",
@@ -84,7 +84,7 @@ where
             .with_stats(stats)
             .with_non_finite(non_finite);
         let mut optim = config
-            .init(AdamWConfig::new().init::<B, M>(), &module, bases.clone())
+            .init(AdamWConfig::new().init(), &module, bases.clone())
             .expect("bases fit the module");
         let mut model = Some(module.clone());
         group.bench(
@@ -103,7 +103,7 @@ where
                 let mut optim = SpfConfig::new()
                     .with_mode(mode)
                     .with_target(target)
-                    .init(AdamWConfig::new().init::<B, M>(), &module, bases.clone())
+                    .init(AdamWConfig::new().init(), &module, bases.clone())
                     .expect("bases fit the module");
                 let mut model = Some(module.clone());
                 let label = format!("spf/k{k}/{target:?}/{mode:?}");
@@ -124,10 +124,10 @@ fn benches(c: &mut Criterion) {
     let device = Default::default();
     let world = World::new(WorldConfig::new()).expect("the default world is valid");
     let vocab = world.vocab();
-    let lab = TransformerConfig::new().init::<B>(vocab.size(), vocab.max_len(), &device);
+    let lab = TransformerConfig::new().init(vocab.size(), vocab.max_len(), &device);
     bench_set(c, "step_lab_transformer", lab, Duration::from_secs(1));
 
-    let block = Matrices::<B>::new(&llama_block(512, 1376), &device);
+    let block = Matrices::new(&llama_block(512, 1376), &device);
     bench_set(c, "step_llama_block_512", block, Duration::from_secs(3));
 }
 

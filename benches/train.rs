@@ -38,10 +38,10 @@ const LR: f64 = 1e-3;
 
 /// Runs `STEPS` training steps of `model` with `step`, cycling through `batches`.
 fn train(
-    model: Transformer<B>,
-    batches: &[Batch<B>],
-    mut step: impl FnMut(Transformer<B>, GradientsParams) -> Transformer<B>,
-) -> Transformer<B> {
+    model: Transformer,
+    batches: &[Batch],
+    mut step: impl FnMut(Transformer, GradientsParams) -> Transformer,
+) -> Transformer {
     (0..STEPS).fold(model, |model, i| {
         let loss = answer_loss(&model, &batches[i % batches.len()]);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -53,11 +53,11 @@ fn benches(c: &mut Criterion) {
     let device = Default::default();
     let world = World::new(WorldConfig::new()).expect("the default world is valid");
     let vocab = world.vocab();
-    let model = TransformerConfig::new().init::<B>(vocab.size(), vocab.max_len(), &device);
+    let model = TransformerConfig::new().init(vocab.size(), vocab.max_len(), &device);
     // The lab's own benign fine-tuning set and safety batch (seed 0, default configs).
     let finetune = FinetuneConfig::new().with_batch_size(BATCH);
     let set = finetune_set(&world, &finetune, 0.0, Method::SpfConflictOnly, 0).unwrap();
-    let batches: Vec<Batch<B>> = set
+    let batches: Vec<Batch> = set
         .chunks(BATCH)
         .take(10)
         .map(|examples| Batch::new(vocab, examples, &device))
@@ -70,10 +70,10 @@ fn benches(c: &mut Criterion) {
         0,
     )
     .unwrap();
-    let safety = Batch::<B>::new(vocab, &safety_examples, &device);
+    let safety = Batch::new(vocab, &safety_examples, &device);
 
     let mut group = Group::new(c, "train_step_lab_transformer", 10, Duration::from_secs(8));
-    let mut optim = AdamWConfig::new().init::<B, Transformer<B>>();
+    let mut optim = AdamWConfig::new().init();
     let mut current = Some(model.clone());
     group.bench(
         "adamw",
@@ -95,7 +95,7 @@ fn benches(c: &mut Criterion) {
             .with_estimator(estimator.clone())
             .init(AdamWConfig::new().init(), &model, subspace.clone())
             .expect("the estimate fits the model")
-            .with_safety_source(move |m: &Transformer<B>| answer_loss(m, &batch));
+            .with_safety_source(move |m: &Transformer| answer_loss(m, &batch));
         let mut current = Some(model.clone());
         group.bench(
             &format!("spf/every{n}"),

@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use clap::Parser;
 use spf_lab::experiment::{self, ExperimentConfig};
 use spf_lab::finetune::Method;
@@ -32,7 +32,7 @@ mod backend;
 #[path = "common/progress.rs"]
 mod progress;
 
-use backend::{Backend, run_on};
+use backend::Backend;
 
 /// Align a small transformer, attack it with fine-tuning, and compare SFT against SPF.
 #[derive(Debug, Parser)]
@@ -64,22 +64,22 @@ struct Args {
     /// Retrain the aligned models instead of loading cached checkpoints.
     #[arg(long)]
     no_cache: bool,
-    /// Fine-tune data-parallel on this many replicas (burn-collective: each replica steps on
-    /// its shard of every batch, gradients averaged), after the same runs on one, and print
-    /// both tables and the speed-up. The replicas take the backend's first N devices when it
-    /// has that many, otherwise share the one (the CPU's cores, on ndarray).
+    /// Fine-tune data-parallel on this many replicas (burn-train's multi-device step: each
+    /// replica computes the gradient of its shard of every batch, and one optimizer steps on
+    /// their mean), after the same runs on one, and print both tables and the speed-up. The
+    /// replicas share the one device (the CPU's cores).
     #[arg(long, default_value_t = 1)]
     devices: usize,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    run_on!(args.backend, run(&args))
+    let (device, backend) = args.backend.device()?;
+    run(&args, &device, backend)
 }
 
-fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std::error::Error>> {
+fn run(args: &Args, device: &Device, backend: &str) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
-    let device = B::Device::default();
     let mut config = if args.quick {
         ExperimentConfig::quick()
     } else {
@@ -112,7 +112,7 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
     );
     let mut progress = progress::reporter();
     if args.ablate {
-        let ablations = spf_lab::ablation::ablate::<B>(&config, &device, cache, progress.as_mut())?;
+        let ablations = spf_lab::ablation::ablate(&config, &device, cache, progress.as_mut())?;
         let text = report::ablations(&ablations);
         println!("\nablations (seed {}):\n{text}", config.seeds[0]);
         write(
@@ -121,14 +121,13 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
         )?;
         write(&dir.join("ablations.md"), &text)?;
     } else if args.devices > 1 {
-        let devices = spf_lab::replicas::replica_devices::<B>(args.devices, &device);
+        let devices = spf_lab::replicas::replica_devices(args.devices, &device);
         println!("replicas on {devices:?}");
         let mut tables = String::new();
         let mut all = Vec::new();
         for replicas in [1, args.devices] {
             config.replicas = replicas;
-            let results =
-                experiment::run::<B>(&config, backend, &device, cache, progress.as_mut())?;
+            let results = experiment::run(&config, backend, &device, cache, progress.as_mut())?;
             let _ = writeln!(
                 tables,
                 "\n{replicas} replica(s):\n\n{}",
@@ -144,7 +143,7 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
         println!("{tables}\n{speedup}");
         write(&dir.join("table.md"), &format!("{tables}\n{speedup}"))?;
     } else {
-        let results = experiment::run::<B>(&config, backend, &device, cache, progress.as_mut())?;
+        let results = experiment::run(&config, backend, &device, cache, progress.as_mut())?;
         let table = report::table(&results);
         let insights = report::insights(&results);
         let leaks = report::leaks(&results);

@@ -15,17 +15,13 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, Param};
 use burn::nn::loss::{MseLoss, Reduction};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
 use clap::Parser;
 use spf::{RankPolicy, RefreshPolicy, SafetySubspace, SpfConfig, StatsPolicy, SubspaceConfig};
-
-type B = Autodiff<NdArray>;
 
 /// The system allocator, counting live heap bytes and their peak.
 struct Counting;
@@ -96,15 +92,15 @@ struct Args {
 
 /// One Llama-shaped block without attention's softmax.
 #[derive(Module, Debug)]
-struct Block<B: Backend> {
-    attn: Vec<Param<Tensor<B, 2>>>,
-    gate: Param<Tensor<B, 2>>,
-    up: Param<Tensor<B, 2>>,
-    down: Param<Tensor<B, 2>>,
+struct Block {
+    attn: Vec<Param<Tensor<2>>>,
+    gate: Param<Tensor<2>>,
+    up: Param<Tensor<2>>,
+    down: Param<Tensor<2>>,
 }
 
-impl<B: Backend> Block<B> {
-    fn new(d: usize, f: usize, device: &B::Device) -> Self {
+impl Block {
+    fn new(d: usize, f: usize, device: &Device) -> Self {
         let weight = |rows, cols| {
             let std = (1.0 / rows as f64).sqrt();
             Param::from_tensor(Tensor::random(
@@ -121,18 +117,18 @@ impl<B: Backend> Block<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let h = self.attn.iter().fold(x, |h, w| h.matmul(w.val()));
         let gated = silu(h.clone().matmul(self.gate.val())) * h.matmul(self.up.val());
         gated.matmul(self.down.val())
     }
 }
 
-fn loss(model: &Block<B>, (x, y): &(Tensor<B, 2>, Tensor<B, 2>)) -> Tensor<B, 1> {
+fn loss(model: &Block, (x, y): &(Tensor<2>, Tensor<2>)) -> Tensor<1> {
     MseLoss::new().forward(model.forward(x.clone()), y.clone(), Reduction::Mean)
 }
 
-fn batch(rows: usize, d: usize, device: &burn::tensor::Device<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+fn batch(rows: usize, d: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
     let normal = Distribution::Normal(0.0, 1.0);
     (
         Tensor::random([rows, d], normal, device),
@@ -143,12 +139,12 @@ fn batch(rows: usize, d: usize, device: &burn::tensor::Device<B>) -> (Tensor<B, 
 /// Trains for `args.steps` steps; prints the transient heap of the optimizer steps (the peak of
 /// live bytes inside `step` above those live when it began): the median step's, which a refresh
 /// every few steps does not move, and the largest.
-fn train<O: Optimizer<Block<B>, B>>(
-    mut model: Block<B>,
-    optim: &mut O,
+fn train(
+    mut model: Block,
+    mut step: impl FnMut(Block, GradientsParams) -> Block,
     args: &Args,
-    device: &burn::tensor::Device<B>,
-) -> Block<B> {
+    device: &Device,
+) -> Block {
     let mut transients = Vec::new();
     for _ in 0..args.steps {
         let grads = GradientsParams::from_grads(
@@ -157,7 +153,7 @@ fn train<O: Optimizer<Block<B>, B>>(
         );
         let before = LIVE.load(Ordering::Relaxed);
         WATERMARK.store(before, Ordering::Relaxed);
-        model = optim.step(1e-4, model, grads);
+        model = step(model, grads);
         transients.push(WATERMARK.load(Ordering::Relaxed) - before);
     }
     transients.sort_unstable();
@@ -171,13 +167,13 @@ fn train<O: Optimizer<Block<B>, B>>(
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let device = Default::default();
-    B::seed(&device, 0);
-    let model = Block::<B>::new(512, 1376, &device);
-    let adamw = AdamWConfig::new().init::<B, Block<B>>();
+    let device = Device::default().autodiff();
+    device.seed(0);
+    let model = Block::new(512, 1376, &device);
+    let adamw = AdamWConfig::new().init();
     if !args.spf {
         let mut optim = adamw;
-        let model = train(model, &mut optim, &args, &device);
+        let model = train(model, |m, g| optim.step(1e-4, m, g), &args, &device);
         report(&format!("plain AdamW, {} steps", args.steps));
         drop((model, optim));
         return Ok(());
@@ -202,13 +198,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_stats(stats)
         .with_estimator(estimator)
         .init(adamw, &model, subspace)?
-        .with_safety_source(move |m: &Block<B>| loss(m, &safety));
+        .with_safety_source(move |m: &Block| loss(m, &safety));
     let basis_bytes: usize = optim
         .bases()
         .values()
         .map(|b| (b.d_in() + b.d_out() + 1) * b.rank() * 4)
         .sum();
-    let model = train(model, &mut optim, &args, &device);
+    let model = train(model, |m, g| optim.step(1e-4, m, g), &args, &device);
     report(&format!(
         "SPF(AdamW), {} steps, refresh {refresh:?}",
         args.steps

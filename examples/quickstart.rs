@@ -8,16 +8,11 @@
 //!
 //! Run: `cargo run --release --example quickstart`
 
-use burn::backend::{Autodiff, NdArray};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::Backend;
+use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Tensor, activation::tanh};
 use spf::{ProjectionTarget, RankPolicy, RefreshPolicy, SpfConfig, SubspaceConfig, VectorPolicy};
 // A three-layer tanh MLP, the one the tests train too; SPF wraps the optimizer of any module.
 use spf_core::testing::Mlp;
-
-type Inner = NdArray;
-type B = Autodiff<Inner>;
 
 const WIDTH: usize = 64;
 const INPUT: usize = 8;
@@ -30,42 +25,46 @@ const LR: f64 = 3e-3;
 
 /// A regression task `y = tanh(x T)` for a fixed random teacher `T`.
 struct Task {
-    teacher: Tensor<B, 2>,
+    teacher: Tensor<2>,
 }
 
 impl Task {
-    fn new(device: &Device<B>) -> Self {
+    fn new(device: &Device) -> Self {
         let teacher = Tensor::random([INPUT, OUTPUT], Distribution::Normal(0.0, 1.0), device);
         Self { teacher }
     }
 
-    fn batch(&self, size: usize, device: &Device<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    fn batch(&self, size: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
         let x = Tensor::random([size, INPUT], Distribution::Normal(0.0, 1.0), device);
         let y = tanh(x.clone().matmul(self.teacher.clone()));
         (x, y)
     }
 }
 
-fn mse(model: &Mlp<B>, (x, y): &(Tensor<B, 2>, Tensor<B, 2>)) -> Tensor<B, 1> {
+fn mse(model: &Mlp, (x, y): &(Tensor<2>, Tensor<2>)) -> Tensor<1> {
     (model.forward(x.clone()) - y.clone()).square().mean()
 }
 
-fn value(loss: Tensor<B, 1>) -> f64 {
-    loss.into_scalar() as f64
+fn value(loss: Tensor<1>) -> f64 {
+    loss.into_scalar::<f64>()
 }
 
 /// Safety and task-A test losses, every `PRINT_EVERY` steps, of one fine-tuning run.
 type Curve = Vec<(f64, f64)>;
 
-/// Fine-tunes a copy of `aligned` on the batches of `data`.
-fn finetune<O: Optimizer<Mlp<B>, B>>(aligned: &Mlp<B>, mut optim: O, data: &FineTuning) -> Curve {
+/// Fine-tunes a copy of `aligned` on the batches of `data`, each step taken by `step`.
+fn finetune(
+    aligned: &Mlp,
+    mut step: impl FnMut(Mlp, GradientsParams) -> Mlp,
+    data: &FineTuning,
+) -> Curve {
     let mut model = aligned.clone();
-    let point = |m: &Mlp<B>| (value(mse(m, &data.test)), value(mse(m, &data.safety)));
+    let point = |m: &Mlp| (value(mse(m, &data.test)), value(mse(m, &data.safety)));
     let mut curve = vec![point(&model)];
-    for (step, batch) in data.batches.iter().enumerate() {
+    for (i, batch) in data.batches.iter().enumerate() {
         let grads = GradientsParams::from_grads(mse(&model, batch).backward(), &model);
-        model = optim.step(LR, model, grads);
-        if (step + 1) % PRINT_EVERY == 0 {
+        model = step(model, grads);
+        if (i + 1) % PRINT_EVERY == 0 {
             curve.push(point(&model));
         }
     }
@@ -74,14 +73,14 @@ fn finetune<O: Optimizer<Mlp<B>, B>>(aligned: &Mlp<B>, mut optim: O, data: &Fine
 
 /// What every fine-tuning run sees: the same batches of task A, its test set, and the safety set.
 struct FineTuning {
-    batches: Vec<(Tensor<B, 2>, Tensor<B, 2>)>,
-    test: (Tensor<B, 2>, Tensor<B, 2>),
-    safety: (Tensor<B, 2>, Tensor<B, 2>),
+    batches: Vec<(Tensor<2>, Tensor<2>)>,
+    test: (Tensor<2>, Tensor<2>),
+    safety: (Tensor<2>, Tensor<2>),
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let device = Default::default();
-    B::seed(&device, 7);
+    let device = Device::default().autodiff();
+    device.seed(7);
     let task_a = Task::new(&device);
     let task_b = Task::new(&device);
     let safety_x = Tensor::random(
@@ -97,8 +96,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let safety = (safety_x, safety_y);
 
     // Stage 1: align on task B plus the safety examples.
-    let mut model = Mlp::<B>::new(&[INPUT, WIDTH, WIDTH, OUTPUT], &device);
-    let mut optim = AdamWConfig::new().init::<B, Mlp<B>>();
+    let mut model = Mlp::new(&[INPUT, WIDTH, WIDTH, OUTPUT], &device);
+    let mut optim = AdamWConfig::new().init();
     for _ in 0..ALIGN_STEPS {
         let loss = mse(&model, &task_b.batch(64, &device)) + mse(&model, &safety);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -119,7 +118,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         test: task_a.batch(1024, &device),
         safety,
     };
-    let plain = finetune(&aligned, AdamWConfig::new().init(), &data);
+    let mut adamw = AdamWConfig::new().init();
+    let plain = finetune(&aligned, |m, g| adamw.step(LR, m, g), &data);
     let mut spf_curves = Vec::new();
     for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
         // Every weight keeps SAFETY_SAMPLES directions, which is exact here: a batch of n samples
@@ -132,10 +132,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .with_refresh(RefreshPolicy::Every(1))
             .with_estimator(estimator);
         let safety = data.safety.clone();
-        let spf = config
+        let mut spf = config
             .init(AdamWConfig::new().init(), &aligned, [])?
-            .with_safety_source(move |model: &Mlp<B>| mse(model, &safety));
-        spf_curves.push(finetune(&aligned, spf, &data));
+            .with_safety_source(move |model: &Mlp| mse(model, &safety));
+        spf_curves.push(finetune(&aligned, |m, g| spf.step(LR, m, g), &data));
     }
 
     println!(

@@ -19,7 +19,7 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use clap::{Parser, ValueEnum};
 use spf_core::{ProjectionTarget, RefreshPolicy};
 use spf_llm::smollm::MeanStd;
@@ -31,7 +31,7 @@ mod backend;
 #[path = "common/progress.rs"]
 mod progress;
 
-use backend::{Backend, run_on};
+use backend::Backend;
 
 #[derive(Debug, Parser)]
 #[command(about = "Align SmolLM2-135M, fine-tune it with harmful data mixed in, compare defences")]
@@ -117,7 +117,8 @@ enum Target {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    run_on!(args.backend, run(&args))
+    let (device, backend) = args.backend.device()?;
+    run(&args, &device, backend)
 }
 
 fn config(args: &Args) -> Result<SmolConfig, Box<dyn std::error::Error>> {
@@ -195,7 +196,7 @@ fn config(args: &Args) -> Result<SmolConfig, Box<dyn std::error::Error>> {
     Ok(config)
 }
 
-fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std::error::Error>> {
+fn run(args: &Args, device: &Device, backend: &str) -> Result<(), Box<dyn std::error::Error>> {
     let assets = Assets::locate()?;
     let config = config(args)?;
     let cells = config.seeds.len() * (1 + config.harmful_shares.len() * config.methods.len()) + 1;
@@ -204,9 +205,9 @@ fn run<B: AutodiffBackend>(args: &Args, backend: &str) -> Result<(), Box<dyn std
         config.train_layers, config.align_steps, config.attack_steps
     );
     let mut progress = progress::reporter();
-    let device = B::Device::default();
-    let results =
-        spf_llm::smollm::experiment::run::<B>(&config, &assets, &device, progress.as_mut())?;
+    // The frozen blocks run without autodiff; the trained top turns it on itself.
+    let device = device.clone().inner();
+    let results = spf_llm::smollm::experiment::run(&config, &assets, &device, progress.as_mut())?;
     std::fs::create_dir_all(&args.out)?;
     let json = args.out.join("results.json");
     std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;

@@ -1,16 +1,15 @@
 #![doc = include_str!("../README.md")]
 
 pub use spf_core::checkpoint;
-#[cfg(feature = "collective")]
-pub use spf_core::collective;
 pub use spf_core::projection;
 pub use spf_core::screen;
 pub use spf_core::{
     BasisRecord, LoadError, NoSafetySource, NonFinitePolicy, NonFiniteStats, ParamFilter,
-    ParamPath, Projected, ProjectionMode, ProjectionStats, ProjectionTarget, RECORD_VERSION,
-    RankPolicy, RefreshPolicy, RefreshStats, SafetyGradientSource, SafetyProjectedOptimizer,
-    SourceError, SpfConfig, SpfError, SpfRecord, StatsFeed, StatsPolicy, StepError, StepStats,
-    SubspaceConfig, TensorStats, VectorPolicy, project, project_without_stats,
+    ParamPath, Projected, ProjectionMode, ProjectionStats, ProjectionTarget, Protection,
+    RECORD_VERSION, RankPolicy, RefreshPolicy, RefreshStats, SafetyGradientSource,
+    SafetyProjectedOptimizer, SourceError, SpfConfig, SpfError, SpfRecord, StatsFeed, StatsPolicy,
+    StepError, StepStats, SubspaceConfig, TensorStats, VectorPolicy, project,
+    project_without_stats,
 };
 pub use spf_subspace::{
     LowRankBasis, MAX_POWER_ITERATIONS, RandomizedSvd, RandomizedSvdConfig, SafetySubspace,

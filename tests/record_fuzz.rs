@@ -26,7 +26,7 @@ use mutate::{Case, fuzz};
 
 type B = Autodiff<NdArray>;
 /// The wrapper the checkpoints are of: AdamW under SPF, for a linear layer.
-type Wrapped = SafetyProjectedOptimizer<OptimizerAdaptor<AdamW, Linear<B>, B>, B>;
+type Wrapped = SafetyProjectedOptimizer<OptimizerAdaptor<AdamW, Linear, B>, B>;
 
 fn config() -> SpfConfig {
     SpfConfig::new()
@@ -34,27 +34,27 @@ fn config() -> SpfConfig {
         .with_refresh(RefreshPolicy::Every(2))
 }
 
-fn model() -> Linear<B> {
-    let model: Linear<B> = LinearConfig::new(4, 3).init(&Default::default());
+fn model() -> Linear {
+    let model: Linear = LinearConfig::new(4, 3).init(&Default::default());
     model.clone().load_record(model.into_record())
 }
 
 /// The bytes of a real checkpoint: the wrapper after two steps.
-fn valid_checkpoint(model: &Linear<B>, dir: &std::path::Path) -> Vec<u8> {
-    let safety = |m: &Linear<B>| {
-        m.forward(Tensor::<B, 2>::ones([1, 4], &Default::default()))
+fn valid_checkpoint(model: &Linear, dir: &std::path::Path) -> Vec<u8> {
+    let safety = |m: &Linear| {
+        m.forward(Tensor::<2>::ones([1, 4], &Default::default()))
             .sum()
     };
     let grads = GradientsParams::from_grads(safety(model).backward(), model);
     let subspace = SafetySubspace::estimate(model, &grads, &config().estimator).unwrap();
     let mut optim = config()
-        .init(AdamWConfig::new().init::<B, Linear<B>>(), model, subspace)
+        .init(AdamWConfig::new().init(), model, subspace)
         .unwrap()
         .with_safety_source(safety);
     let mut m = model.clone();
     for _ in 0..2 {
         let loss = m
-            .forward(Tensor::<B, 2>::ones([2, 4], &Default::default()))
+            .forward(Tensor::<2>::ones([2, 4], &Default::default()))
             .mean();
         let grads = GradientsParams::from_grads(loss.backward(), &m);
         m = optim.step(1e-2, m, grads);
@@ -66,11 +66,11 @@ fn valid_checkpoint(model: &Linear<B>, dir: &std::path::Path) -> Vec<u8> {
 /// Loads `bytes` as a checkpoint into a fresh wrapper for `model`; any panic fails the test. A
 /// record that loads must give a wrapper that steps to finite weights or refuses the step with
 /// an error, and whose record saves and loads again.
-fn load(model: &Linear<B>, bytes: &[u8], path: &std::path::Path) -> Result<(), SpfError> {
-    std::fs::write(path.with_extension("mpk"), bytes).unwrap();
+fn load(model: &Linear, bytes: &[u8], path: &std::path::Path) -> Result<(), SpfError> {
+    std::fs::write(path.with_extension("bpk"), bytes).unwrap();
     let mut optim = restore(model, path)?;
     let loss = model
-        .forward(Tensor::<B, 2>::ones([1, 4], &Default::default()))
+        .forward(Tensor::<2>::ones([1, 4], &Default::default()))
         .sum();
     let grads = GradientsParams::from_grads(loss.backward(), model);
     if let Ok(stepped) = optim.try_step(1e-3, model.clone(), grads) {
@@ -87,17 +87,17 @@ fn load(model: &Linear<B>, bytes: &[u8], path: &std::path::Path) -> Result<(), S
 }
 
 /// A fresh wrapper for `model` with the checkpoint at `path` loaded.
-fn restore(model: &Linear<B>, path: &std::path::Path) -> Result<Wrapped, SpfError> {
+fn restore(model: &Linear, path: &std::path::Path) -> Result<Wrapped, SpfError> {
     let record = checkpoint::load(path, &Default::default())?;
     config()
-        .init(AdamWConfig::new().init::<B, Linear<B>>(), model, [])?
-        .try_load_record::<Linear<B>>(record)
+        .init(AdamWConfig::new().init(), model, [])?
+        .try_load_record::<Linear>(record)
         .map_err(|refused| refused.error)
 }
 
 struct Fixture {
     dir: PathBuf,
-    model: Linear<B>,
+    model: Linear,
     valid: Vec<u8>,
 }
 

@@ -29,11 +29,11 @@ const ENV_DIR: &str = "SPF_RESUME_DIR";
 const ENV_POLICY: &str = "SPF_RESUME_POLICY";
 
 /// The tests' MLP, its weights drawn now so that clones share them.
-fn mlp(device: &Device<B>) -> Mlp<B> {
+fn mlp(device: &Device) -> Mlp {
     Mlp::new(&[WIDTH, WIDTH, 2], device).materialized()
 }
 
-fn wave(rows: usize, cols: usize, phase: f32) -> Tensor<B, 2> {
+fn wave(rows: usize, cols: usize, phase: f32) -> Tensor<2> {
     let values: Vec<f32> = (0..rows * cols)
         .map(|i| (i as f32 * 0.7 + phase).sin())
         .collect();
@@ -41,7 +41,7 @@ fn wave(rows: usize, cols: usize, phase: f32) -> Tensor<B, 2> {
 }
 
 /// The deterministic batch at data position `step`.
-fn batch(step: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
+fn batch(step: usize) -> (Tensor<2>, Tensor<2>) {
     (
         wave(6, WIDTH, step as f32),
         wave(6, 2, 1.0 + 2.0 * step as f32),
@@ -49,7 +49,7 @@ fn batch(step: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
 }
 
 /// The safety loss: a fixed batch of 32 "safety samples".
-fn safety_loss(model: &Mlp<B>) -> Tensor<B, 1> {
+fn safety_loss(model: &Mlp) -> Tensor<1> {
     (model.forward(wave(32, WIDTH, 0.3)) - wave(32, 2, -1.0))
         .square()
         .mean()
@@ -82,31 +82,27 @@ fn config(policy: RefreshPolicy) -> SpfConfig {
 }
 
 fn optimizer(
-    model: &Mlp<B>,
+    model: &Mlp,
     policy: RefreshPolicy,
 ) -> SafetyProjectedOptimizer<
-    impl Optimizer<Mlp<B>, B> + use<>,
+    impl Optimizer<Mlp, B> + use<>,
     B,
-    impl SafetyGradientSource<Mlp<B>, B> + use<>,
+    impl SafetyGradientSource<Mlp> + use<>,
 > {
     let config = config(policy);
     let grads = GradientsParams::from_grads(safety_loss(model).backward(), model);
     let subspace = SafetySubspace::estimate(model, &grads, &config.estimator).unwrap();
     config
-        .init(AdamWConfig::new().init::<B, Mlp<B>>(), model, subspace)
+        .init(AdamWConfig::new().init(), model, subspace)
         .unwrap()
         .with_safety_source(safety_loss)
 }
 
 /// Trains from the optimizer's own data position up to `end`.
-fn train<O, S>(
-    mut model: Mlp<B>,
-    optim: &mut SafetyProjectedOptimizer<O, B, S>,
-    end: usize,
-) -> Mlp<B>
+fn train<O, S>(mut model: Mlp, optim: &mut SafetyProjectedOptimizer<O, B, S>, end: usize) -> Mlp
 where
-    O: Optimizer<Mlp<B>, B>,
-    S: SafetyGradientSource<Mlp<B>, B>,
+    O: Optimizer<Mlp, B>,
+    S: SafetyGradientSource<Mlp>,
 {
     while optim.steps() < end {
         let (x, y) = batch(optim.steps());
@@ -117,12 +113,12 @@ where
     model
 }
 
-fn weights(model: &Mlp<B>) -> Vec<Vec<f32>> {
+fn weights(model: &Mlp) -> Vec<Vec<f32>> {
     model
         .layers
         .iter()
         .flat_map(|l| [l.weight.val(), l.bias.as_ref().unwrap().val().unsqueeze()])
-        .map(|t: Tensor<B, 2>| t.into_data().to_vec().unwrap())
+        .map(|t: Tensor<2>| t.into_data().to_vec().unwrap())
         .collect()
 }
 
@@ -232,11 +228,11 @@ fn resume_in_this_process() {
     };
     let dir = Path::new(&dir);
     let device = Default::default();
-    let record = checkpoint::load(dir.join("model"), &device).unwrap();
+    let record = checkpoint::load(dir.join("model")).unwrap();
     let model = mlp(&device).load_record(record);
-    let record = checkpoint::load(dir.join("optim"), &device).unwrap();
+    let record = checkpoint::load(dir.join("optim")).unwrap();
     let mut optim = optimizer(&model, policy_named(&name))
-        .try_load_record::<Mlp<B>>(record)
+        .try_load_record::<Mlp>(record)
         .unwrap_or_else(|refused| panic!("{}", refused.error));
     assert_eq!(
         optim.steps(),

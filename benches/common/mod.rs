@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor, TensorData};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
@@ -156,14 +155,14 @@ impl<'c> Group<'c> {
 
 /// A module made of bare weight matrices, shaped like one Llama-style transformer block.
 #[derive(Module, Debug)]
-pub struct Matrices<B: Backend> {
+pub struct Matrices {
     /// The weights.
-    pub weights: Vec<Param<Tensor<B, 2>>>,
+    pub weights: Vec<Param<Tensor<2>>>,
 }
 
-impl<B: Backend> Matrices<B> {
+impl Matrices {
     /// Normal(0, 0.02) matrices of the given shapes.
-    pub fn new(shapes: &[[usize; 2]], device: &B::Device) -> Self {
+    pub fn new(shapes: &[[usize; 2]], device: &Device) -> Self {
         let weights = shapes
             .iter()
             .map(|&shape| {
@@ -189,34 +188,31 @@ type Maker = Box<dyn Fn(&mut GradientsParams)>;
 
 /// Fresh standard-normal gradients for every float parameter of a module, rebuilt from host data
 /// for each use so that no two steps share a buffer.
-pub struct GradientSet<B: AutodiffBackend> {
+pub struct GradientSet {
     makers: Vec<Maker>,
-    _backend: std::marker::PhantomData<B>,
+    _backend: std::marker::PhantomData,
 }
 
-impl<B: AutodiffBackend> GradientSet<B> {
+impl GradientSet {
     /// Draws one gradient per float parameter of `module`.
-    pub fn new<M: Module<B>>(module: &M, device: &B::Device) -> Self {
-        struct Draw<'a, B: AutodiffBackend> {
-            device: &'a B::Device,
+    pub fn new<M: Module>(module: &M, device: &Device) -> Self {
+        struct Draw<'a> {
+            device: &'a Device,
             makers: Vec<Maker>,
         }
-        impl<B: AutodiffBackend> ModuleVisitor<B> for Draw<'_, B> {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        impl ModuleVisitor for Draw<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
                 let (id, device) = (param.id, self.device.clone());
-                let data = Tensor::<B::InnerBackend, D>::random(
-                    param.shape(),
-                    Distribution::Normal(0.0, 1.0),
-                    &device,
-                )
-                .into_data();
+                let data =
+                    Tensor::<D>::random(param.shape(), Distribution::Normal(0.0, 1.0), &device)
+                        .into_data();
                 self.makers.push(Box::new(move |grads| {
-                    let grad = Tensor::<B::InnerBackend, D>::from_data(data.clone(), &device);
+                    let grad = Tensor::<D>::from_data(data.clone(), &device);
                     grads.register(id, grad);
                 }));
             }
         }
-        let mut draw = Draw::<B> {
+        let mut draw = Draw {
             device,
             makers: Vec::new(),
         };
@@ -240,12 +236,12 @@ impl<B: AutodiffBackend> GradientSet<B> {
 /// A random rank-`k` basis (orthonormal factors from the QR of Gaussian matrices, decreasing
 /// singular values) for every matrix of `module` that the default estimator targets, `k` capped
 /// at the smaller side.
-pub fn random_bases<B: AutodiffBackend, M: Module<B>>(
+pub fn random_bases<B: AutodiffBackend, M: Module>(
     module: &M,
     k: usize,
     seed: u64,
-    device: &burn::tensor::Device<B::InnerBackend>,
-) -> Vec<(ParamId, LowRankBasis<B::InnerBackend>)> {
+    device: &burn::tensor::Device,
+) -> Vec<(ParamId, LowRankBasis)> {
     let targets = Targets::of(module, &Default::default(), VectorPolicy::default())
         .expect("the default filter compiles");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -272,12 +268,7 @@ pub fn random_bases<B: AutodiffBackend, M: Module<B>>(
         .collect()
 }
 
-fn orthonormal<B: Backend>(
-    n: usize,
-    k: usize,
-    rng: &mut StdRng,
-    device: &B::Device,
-) -> Tensor<B, 2> {
+fn orthonormal(n: usize, k: usize, rng: &mut StdRng, device: &Device) -> Tensor<2> {
     let q = Mat::<f64>::from_fn(n, k, |_, _| StandardNormal.sample(rng))
         .qr()
         .compute_thin_Q();

@@ -1,11 +1,13 @@
-//! The `--backend` choice the examples share, and the dispatch to a generic `run::<B>`.
+//! The `--backend` choice the examples share: which of burn's devices an example runs on.
 
+use burn::tensor::Device;
 use clap::ValueEnum;
 
 /// Which burn backend an example runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
-    /// burn's ndarray backend on the CPU.
+    /// burn's CPU backend (`flex`, or `ndarray` when built with `--features ndarray` and
+    /// without `flex`).
     Cpu,
     /// burn's WGPU backend (build with `--features wgpu`).
     Wgpu,
@@ -13,25 +15,35 @@ pub enum Backend {
     Cuda,
 }
 
-/// Calls `$run::<Autodiff<backend>>($args, name)` for the chosen backend, or returns an error
-/// naming the feature to rebuild with when that backend is not compiled in.
-macro_rules! run_on {
-    ($backend:expr, $run:ident($args:expr)) => {
-        match $backend {
-            Backend::Cpu => {
-                $run::<burn::backend::Autodiff<burn::backend::NdArray>>($args, "ndarray (CPU)")
-            }
+impl Backend {
+    /// The device with autodiff, and its name for the reports; an error naming the feature to
+    /// rebuild with when the backend is not compiled in.
+    pub fn device(self) -> Result<(Device, &'static str), Box<dyn std::error::Error>> {
+        let (device, name) = match self {
+            #[cfg(feature = "flex")]
+            Self::Cpu => (Device::flex(), "flex (CPU)"),
+            #[cfg(all(feature = "ndarray", not(feature = "flex")))]
+            Self::Cpu => (Device::ndarray(), "ndarray (CPU)"),
             #[cfg(feature = "wgpu")]
-            Backend::Wgpu => $run::<burn::backend::Autodiff<burn::backend::Wgpu>>($args, "wgpu"),
+            Self::Wgpu => (
+                Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+                "wgpu",
+            ),
             #[cfg(feature = "cuda")]
-            Backend::Cuda => $run::<burn::backend::Autodiff<burn::backend::Cuda>>($args, "cuda"),
+            Self::Cuda => (Device::cuda(0), "cuda"),
             #[allow(unreachable_patterns)]
-            other => Err(format!(
-                "the {other:?} backend is not compiled in: rebuild with `--features {}`",
-                format!("{other:?}").to_lowercase()
-            )
-            .into()),
-        }
-    };
+            other => {
+                return Err(format!(
+                    "the {other:?} backend is not compiled in: rebuild with `--features {}`",
+                    match other {
+                        Self::Cpu => "flex",
+                        Self::Wgpu => "wgpu",
+                        Self::Cuda => "cuda",
+                    }
+                )
+                .into());
+            }
+        };
+        Ok((device.autodiff(), name))
+    }
 }
-pub(crate) use run_on;
