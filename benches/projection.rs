@@ -20,9 +20,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use burn::optim::{AdamWConfig, Optimizer};
+use burn::optim::AdamWConfig;
 use burn::tensor::Tensor;
-use common::{B, GradientSet, Group, Inner, Matrices, random_bases};
+use common::{GradientSet, Group, Matrices, random_bases};
 use criterion::{Criterion, criterion_group, criterion_main};
 use spf::{LowRankBasis, ProjectionMode, project, project_without_stats};
 
@@ -45,13 +45,12 @@ fn reference_shapes() -> Vec<[usize; 2]> {
 }
 
 fn benches(c: &mut Criterion) {
-    let device = Default::default();
-    let module = Matrices::new(&reference_shapes(), &device);
+    let device = common::device();
+    // burn's optimizers step modules on autodiff devices; gradients and bases live without it.
+    let module = Matrices::new(&reference_shapes(), &common::autodiff_device());
     let grads = GradientSet::new(&module, &device);
     let ids: Vec<_> = module.weights.iter().map(|w| w.id).collect();
-    let mut by_id: HashMap<_, _> = random_bases::<B, _>(&module, K, 11, &device)
-        .into_iter()
-        .collect();
+    let mut by_id: HashMap<_, _> = random_bases(&module, K, 11, &device).into_iter().collect();
     let bases: Vec<LowRankBasis> = ids
         .iter()
         .map(|id| by_id.remove(id).expect("every matrix has a basis"))

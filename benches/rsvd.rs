@@ -7,7 +7,6 @@
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
 
-use burn::backend::NdArray;
 use burn::tensor::Tensor;
 use criterion::{Criterion, criterion_group, criterion_main};
 use faer::Mat;
@@ -41,7 +40,7 @@ fn test_matrix(m: usize, n: usize) -> Mat<f32> {
 
 /// `m` on the CPU backend (an `f32` matrix is exact there).
 fn to_tensor(m: &Mat<f32>) -> Tensor<2> {
-    upload(m, &Default::default())
+    upload(m, &burn::tensor::Device::default())
 }
 
 fn bench_shape(c: &mut Criterion, m: usize, n: usize) {
@@ -64,9 +63,7 @@ fn bench_shape(c: &mut Criterion, m: usize, n: usize) {
 
     let mut group = c.benchmark_group(format!("svd_{m}x{n}_k{K}"));
     group.sample_size(10);
-    group.bench_function("randomized_ndarray", |b| {
-        b.iter(|| svd.compute(&device).unwrap())
-    });
+    group.bench_function("randomized", |b| b.iter(|| svd.compute(&device).unwrap()));
     group.bench_function("faer_exact_thin_f32", |b| {
         b.iter(|| host.thin_svd().unwrap())
     });

@@ -25,9 +25,9 @@ mod common;
 
 use std::time::Duration;
 
-use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, Optimizer};
-use common::{B, GradientSet, Group, Matrices, llama_block, random_bases};
+use burn::module::Module;
+use burn::optim::AdamWConfig;
+use common::{GradientSet, Group, Matrices, autodiff_device, device, llama_block, random_bases};
 use criterion::{Criterion, criterion_group, criterion_main};
 use spf::{NonFinitePolicy, ProjectionMode, ProjectionTarget, SpfConfig, StatsPolicy};
 use spf_lab::model::TransformerConfig;
@@ -40,7 +40,7 @@ fn bench_set<M>(c: &mut Criterion, name: &str, module: M, measurement: Duration)
 where
     M: Module + Clone + 'static,
 {
-    let device = Default::default();
+    let device = device();
     let grads = GradientSet::new(&module, &device);
     let mut group = Group::new(c, name, 10, measurement);
 
@@ -67,7 +67,7 @@ where
         },
     );
 
-    let bases = random_bases::<B, M>(&module, 8, 7, &device);
+    let bases = random_bases(&module, 8, 7, &device);
     for (label, stats, non_finite) in [
         (
             "spf/k8/ConflictOnly, read",
@@ -97,7 +97,7 @@ where
     }
 
     for k in [4, 8, 16] {
-        let bases = random_bases::<B, M>(&module, k, 7, &device);
+        let bases = random_bases(&module, k, 7, &device);
         for target in [ProjectionTarget::Gradient, ProjectionTarget::Update] {
             for mode in ProjectionMode::ALL {
                 let mut optim = SpfConfig::new()
@@ -121,7 +121,7 @@ where
 }
 
 fn benches(c: &mut Criterion) {
-    let device = Default::default();
+    let device = autodiff_device();
     let world = World::new(WorldConfig::new()).expect("the default world is valid");
     let vocab = world.vocab();
     let lab = TransformerConfig::new().init(vocab.size(), vocab.max_len(), &device);

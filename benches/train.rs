@@ -20,8 +20,7 @@ mod common;
 
 use std::time::Duration;
 
-use burn::backend::{Autodiff, NdArray};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams};
 use common::Group;
 use criterion::{Criterion, criterion_group, criterion_main};
 use spf::{RankPolicy, RefreshPolicy, SafetySubspace, SpfConfig, SubspaceConfig};
@@ -29,8 +28,6 @@ use spf_lab::batch::{Batch, answer_loss};
 use spf_lab::finetune::{DefenceConfig, FinetuneConfig, Method, finetune_set, safety_batch};
 use spf_lab::model::{Transformer, TransformerConfig};
 use spf_lab::world::{Task, World, WorldConfig};
-
-type B = Autodiff<NdArray>;
 
 const STEPS: usize = 50;
 const BATCH: usize = 32;
@@ -50,7 +47,7 @@ fn train(
 }
 
 fn benches(c: &mut Criterion) {
-    let device = Default::default();
+    let device = common::autodiff_device();
     let world = World::new(WorldConfig::new()).expect("the default world is valid");
     let vocab = world.vocab();
     let model = TransformerConfig::new().init(vocab.size(), vocab.max_len(), &device);

@@ -8,12 +8,10 @@
 
 use std::path::PathBuf;
 
-use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::Tensor;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Tensor};
 use spf::checkpoint;
 use spf::{
     ProjectionTarget, RefreshPolicy, SafetyProjectedOptimizer, SafetySubspace, SpfConfig, SpfError,
@@ -24,9 +22,8 @@ mod mutate;
 
 use mutate::{Case, fuzz};
 
-type B = Autodiff<NdArray>;
 /// The wrapper the checkpoints are of: AdamW under SPF, for a linear layer.
-type Wrapped = SafetyProjectedOptimizer<OptimizerAdaptor<AdamW, Linear, B>, B>;
+type Wrapped = SafetyProjectedOptimizer;
 
 fn config() -> SpfConfig {
     SpfConfig::new()
@@ -35,14 +32,14 @@ fn config() -> SpfConfig {
 }
 
 fn model() -> Linear {
-    let model: Linear = LinearConfig::new(4, 3).init(&Default::default());
+    let model: Linear = LinearConfig::new(4, 3).init(&Device::default().autodiff());
     model.clone().load_record(model.into_record())
 }
 
 /// The bytes of a real checkpoint: the wrapper after two steps.
 fn valid_checkpoint(model: &Linear, dir: &std::path::Path) -> Vec<u8> {
     let safety = |m: &Linear| {
-        m.forward(Tensor::<2>::ones([1, 4], &Default::default()))
+        m.forward(Tensor::<2>::ones([1, 4], &Device::default()))
             .sum()
     };
     let grads = GradientsParams::from_grads(safety(model).backward(), model);
@@ -54,7 +51,7 @@ fn valid_checkpoint(model: &Linear, dir: &std::path::Path) -> Vec<u8> {
     let mut m = model.clone();
     for _ in 0..2 {
         let loss = m
-            .forward(Tensor::<2>::ones([2, 4], &Default::default()))
+            .forward(Tensor::<2>::ones([2, 4], &Device::default()))
             .mean();
         let grads = GradientsParams::from_grads(loss.backward(), &m);
         m = optim.step(1e-2, m, grads);
@@ -70,11 +67,11 @@ fn load(model: &Linear, bytes: &[u8], path: &std::path::Path) -> Result<(), SpfE
     std::fs::write(path.with_extension("bpk"), bytes).unwrap();
     let mut optim = restore(model, path)?;
     let loss = model
-        .forward(Tensor::<2>::ones([1, 4], &Default::default()))
+        .forward(Tensor::<2>::ones([1, 4], &Device::default()))
         .sum();
     let grads = GradientsParams::from_grads(loss.backward(), model);
     if let Ok(stepped) = optim.try_step(1e-3, model.clone(), grads) {
-        let weights: Vec<f32> = stepped.weight.val().into_data().to_vec().unwrap();
+        let weights: Vec<f32> = stepped.weight.val().into_data().try_to_vec().unwrap();
         assert!(
             weights.iter().all(|w| w.is_finite()),
             "a loaded record stepped to non-finite weights"
@@ -88,10 +85,10 @@ fn load(model: &Linear, bytes: &[u8], path: &std::path::Path) -> Result<(), SpfE
 
 /// A fresh wrapper for `model` with the checkpoint at `path` loaded.
 fn restore(model: &Linear, path: &std::path::Path) -> Result<Wrapped, SpfError> {
-    let record = checkpoint::load(path, &Default::default())?;
+    let record = checkpoint::load(path)?;
     config()
         .init(AdamWConfig::new().init(), model, [])?
-        .try_load_record::<Linear>(record)
+        .try_load_record(record)
         .map_err(|refused| refused.error)
 }
 

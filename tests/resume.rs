@@ -10,34 +10,32 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::store::ModuleRecord;
 use burn::tensor::{Device, Tensor, TensorData};
-use spf::checkpoint;
 use spf::{
     ProjectionMode, ProjectionTarget, RankPolicy, RefreshPolicy, SafetyGradientSource,
     SafetyProjectedOptimizer, SafetySubspace, SpfConfig, SubspaceConfig,
 };
+use spf::{SpfRecord, checkpoint};
 use spf_core::testing::Mlp;
-
-type B = Autodiff<NdArray>;
 
 const HALF: usize = 3;
 const WIDTH: usize = 64;
 const ENV_DIR: &str = "SPF_RESUME_DIR";
 const ENV_POLICY: &str = "SPF_RESUME_POLICY";
 
-/// The tests' MLP, its weights drawn now so that clones share them.
-fn mlp(device: &Device) -> Mlp {
-    Mlp::new(&[WIDTH, WIDTH, 2], device).materialized()
+/// The tests' MLP on the autodiff CPU device, its weights drawn now so that clones share them.
+fn mlp() -> Mlp {
+    Mlp::new(&[WIDTH, WIDTH, 2], &Device::default().autodiff()).materialized()
 }
 
 fn wave(rows: usize, cols: usize, phase: f32) -> Tensor<2> {
     let values: Vec<f32> = (0..rows * cols)
         .map(|i| (i as f32 * 0.7 + phase).sin())
         .collect();
-    Tensor::from_data(TensorData::new(values, [rows, cols]), &Default::default())
+    Tensor::from_data(TensorData::new(values, [rows, cols]), &Device::default())
 }
 
 /// The deterministic batch at data position `step`.
@@ -84,11 +82,7 @@ fn config(policy: RefreshPolicy) -> SpfConfig {
 fn optimizer(
     model: &Mlp,
     policy: RefreshPolicy,
-) -> SafetyProjectedOptimizer<
-    impl Optimizer<Mlp, B> + use<>,
-    B,
-    impl SafetyGradientSource<Mlp> + use<>,
-> {
+) -> SafetyProjectedOptimizer<impl SafetyGradientSource<Mlp> + use<>> {
     let config = config(policy);
     let grads = GradientsParams::from_grads(safety_loss(model).backward(), model);
     let subspace = SafetySubspace::estimate(model, &grads, &config.estimator).unwrap();
@@ -99,9 +93,8 @@ fn optimizer(
 }
 
 /// Trains from the optimizer's own data position up to `end`.
-fn train<O, S>(mut model: Mlp, optim: &mut SafetyProjectedOptimizer<O, B, S>, end: usize) -> Mlp
+fn train<S>(mut model: Mlp, optim: &mut SafetyProjectedOptimizer<S>, end: usize) -> Mlp
 where
-    O: Optimizer<Mlp, B>,
     S: SafetyGradientSource<Mlp>,
 {
     while optim.steps() < end {
@@ -118,7 +111,7 @@ fn weights(model: &Mlp) -> Vec<Vec<f32>> {
         .layers
         .iter()
         .flat_map(|l| [l.weight.val(), l.bias.as_ref().unwrap().val().unsqueeze()])
-        .map(|t: Tensor<2>| t.into_data().to_vec().unwrap())
+        .map(|t: Tensor<2>| t.into_data().try_to_vec().unwrap())
         .collect()
 }
 
@@ -142,7 +135,7 @@ fn policy_named(name: &str) -> RefreshPolicy {
 /// run that drew its sketches from the wrong refresh counter would not match.
 #[test]
 fn the_first_layers_basis_depends_on_the_sketch_seed() {
-    let model = mlp(&Default::default());
+    let model = mlp();
     let grads = GradientsParams::from_grads(safety_loss(&model).backward(), &model);
     let estimate = |seed| {
         let mut estimator = config(RefreshPolicy::Never).estimator;
@@ -151,7 +144,7 @@ fn the_first_layers_basis_depends_on_the_sketch_seed() {
         let basis = subspace
             .get(&model.layers[0].weight.id)
             .expect("the first layer is protected");
-        basis.u().clone().into_data().to_vec::<f32>().unwrap()
+        basis.u().clone().into_data().try_to_vec::<f32>().unwrap()
     };
     assert_eq!(estimate(0), estimate(0));
     assert_ne!(estimate(0), estimate(1));
@@ -168,7 +161,7 @@ fn training_resumed_in_a_fresh_process_matches_uninterrupted_training() {
         return resume_in_this_process();
     }
     for (name, policy) in policies() {
-        let model = mlp(&Default::default());
+        let model = mlp();
         let mut straight = optimizer(&model, policy);
         let expected = train(model.clone(), &mut straight, 2 * HALF);
 
@@ -227,12 +220,11 @@ fn resume_in_this_process() {
         panic!("the child needs {ENV_DIR} and {ENV_POLICY}");
     };
     let dir = Path::new(&dir);
-    let device = Default::default();
-    let record = checkpoint::load(dir.join("model")).unwrap();
-    let model = mlp(&device).load_record(record);
-    let record = checkpoint::load(dir.join("optim")).unwrap();
+    let record: ModuleRecord = checkpoint::load(dir.join("model")).unwrap();
+    let model = mlp().load_record(record);
+    let record: SpfRecord = checkpoint::load(dir.join("optim")).unwrap();
     let mut optim = optimizer(&model, policy_named(&name))
-        .try_load_record::<Mlp>(record)
+        .try_load_record(record)
         .unwrap_or_else(|refused| panic!("{}", refused.error));
     assert_eq!(
         optim.steps(),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
 use faer::Mat;
@@ -21,36 +21,44 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution as _, StandardNormal};
 use spf::{LowRankBasis, Targets, VectorPolicy};
 
-/// The backend the step and projection benches run on: burn-ndarray, or the GPU backend of
-/// feature `cuda` (first) or `wgpu`, for bench/gpu.sh.
-#[cfg(feature = "cuda")]
-pub type Inner = burn::backend::Cuda;
-/// The backend the step and projection benches run on (feature `wgpu`).
-#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
-pub type Inner = burn::backend::Wgpu;
-/// The backend the step and projection benches run on.
-#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-pub type Inner = burn::backend::NdArray;
-/// [`Inner`] with autodiff, as the optimizers take it.
-pub type B = burn::backend::Autodiff<Inner>;
+/// The device the step and projection benches run on (without autodiff): the GPU of feature
+/// `cuda` (first) or `wgpu`, for bench/gpu.sh; otherwise the CPU backend named by
+/// `SPF_BENCH_CPU` (`flex`, the default, or `ndarray` when built with `--features ndarray`), so
+/// that one build times both.
+pub fn device() -> Device {
+    if cfg!(feature = "cuda") || cfg!(feature = "wgpu") {
+        return Device::default();
+    }
+    match std::env::var("SPF_BENCH_CPU").as_deref() {
+        #[cfg(feature = "ndarray")]
+        Ok("ndarray") => Device::ndarray(),
+        Ok("flex") | Err(_) => Device::flex(),
+        Ok(other) => panic!("SPF_BENCH_CPU={other}: flex or ndarray (with --features ndarray)"),
+    }
+}
 
-/// The name of [`Inner`], for the tables.
+/// [`device`] with autodiff, where the models live.
+pub fn autodiff_device() -> Device {
+    device().autodiff()
+}
+
+/// The name of [`device`]'s backend, for the tables.
 pub fn backend_name() -> &'static str {
     if cfg!(feature = "cuda") {
         "cuda"
     } else if cfg!(feature = "wgpu") {
         "wgpu"
-    } else if cfg!(feature = "ndarray-fast") {
-        "ndarray-fast"
-    } else {
+    } else if std::env::var("SPF_BENCH_CPU").as_deref() == Ok("ndarray") {
         "ndarray"
+    } else {
+        "flex"
     }
 }
 
 /// Waits until the device has run everything queued: GPU backends return before their kernels
-/// finish, so each timed iteration ends here. A no-op on ndarray.
+/// finish, so each timed iteration ends here.
 pub fn sync() {
-    Inner::sync(&Default::default()).expect("the device runs");
+    device().sync().expect("the device runs");
 }
 
 /// A criterion group whose benchmarks also keep their per-iteration times, so that it can print
@@ -190,7 +198,6 @@ type Maker = Box<dyn Fn(&mut GradientsParams)>;
 /// for each use so that no two steps share a buffer.
 pub struct GradientSet {
     makers: Vec<Maker>,
-    _backend: std::marker::PhantomData,
 }
 
 impl GradientSet {
@@ -219,7 +226,6 @@ impl GradientSet {
         module.visit(&mut draw);
         Self {
             makers: draw.makers,
-            _backend: std::marker::PhantomData,
         }
     }
 
@@ -236,11 +242,11 @@ impl GradientSet {
 /// A random rank-`k` basis (orthonormal factors from the QR of Gaussian matrices, decreasing
 /// singular values) for every matrix of `module` that the default estimator targets, `k` capped
 /// at the smaller side.
-pub fn random_bases<B: AutodiffBackend, M: Module>(
+pub fn random_bases<M: Module>(
     module: &M,
     k: usize,
     seed: u64,
-    device: &burn::tensor::Device,
+    device: &Device,
 ) -> Vec<(ParamId, LowRankBasis)> {
     let targets = Targets::of(module, &Default::default(), VectorPolicy::default())
         .expect("the default filter compiles");

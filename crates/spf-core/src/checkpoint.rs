@@ -24,7 +24,8 @@ use burn::store::ModuleRecord;
 use burn_pack::{Bytes, Reader};
 
 use crate::error::{SpfError, panic_message};
-use crate::record::{SpfRecord, check_pack};
+use crate::record::SpfRecord;
+use crate::record::pack::check_pack;
 
 /// A record that is saved as burnpack bytes: burn's [`ModuleRecord`] and [`OptimizerRecord`],
 /// and the wrapper's [`SpfRecord`].

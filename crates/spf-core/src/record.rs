@@ -17,9 +17,7 @@ use crate::refresh::{RefreshState, RefreshStats};
 use crate::state::State;
 use crate::stats::NonFiniteStats;
 
-mod pack;
-
-pub(crate) use pack::check_pack;
+pub(crate) mod pack;
 
 /// The record format this build writes and reads.
 ///
