@@ -20,7 +20,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use burn::module::{Module, ParamId};
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::optim::{GradientsParams, ModuleOptimizer, MultiGradientsParams, OptimizerRecord};
-use spf_subspace::LowRankBasis;
+use spf_subspace::{LowRankBasis, Targets};
 
 use crate::bases::admit;
 use crate::config::{NonFinitePolicy, ProjectionTarget, SpfConfig, StatsPolicy};
@@ -46,6 +46,18 @@ pub struct Protection<S = NoSafetySource> {
     state: State,
 }
 
+/// Shows the configuration and the progress only: the source need not be `Debug` (a closure is
+/// not).
+impl<S> std::fmt::Debug for Protection<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Protection")
+            .field("config", &self.state.config)
+            .field("steps", &self.state.steps)
+            .field("bases", &self.state.bases.as_map().len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl SpfConfig {
     /// The protection of `module` by `bases`, one per targeted parameter, for a
     /// [`ModuleOptimizer`] held elsewhere (a burn-train `Learner`'s). Targeted parameters
@@ -67,6 +79,14 @@ impl SpfConfig {
 }
 
 impl<S> Protection<S> {
+    /// The same protection, its safety source passed through `f` (to wrap it, say).
+    pub fn map_source<S2>(self, f: impl FnOnce(S) -> S2) -> Protection<S2> {
+        Protection {
+            source: f(self.source),
+            state: self.state,
+        }
+    }
+
     /// The same protection, refreshing its bases from `source` as the
     /// [`RefreshPolicy`](crate::RefreshPolicy) says. A closure returning the safety loss,
     /// `|model: &M| -> Tensor<1>`, is a source.
@@ -95,6 +115,11 @@ impl<S> Protection<S> {
     /// The basis of each protected parameter.
     pub fn bases(&self) -> &std::collections::HashMap<ParamId, LowRankBasis> {
         self.state.bases.as_map()
+    }
+
+    /// Every float parameter of the module, with its path and whether it is protected.
+    pub fn targets(&self) -> &Targets {
+        &self.state.targets
     }
 
     /// The configuration the protection was built with.

@@ -1,14 +1,15 @@
-//! SPF inside burn-train's `Learner`: the wrapped optimizer goes in unchanged, burn-train
-//! checkpoints it with the model, and the projection statistics appear beside the loss on the
-//! dashboard (a terminal UI in a terminal, plain lines otherwise) and in the metric logs.
+//! SPF inside burn-train's `Learner`: the model goes in wrapped as `spf_train::Protected`, whose
+//! optimizer step is projected through SPF and whose record carries SPF's state, so burn-train's
+//! checkpoints hold it; the projection statistics appear beside the loss on the dashboard (a
+//! terminal UI in a terminal, plain lines otherwise) and in the metric logs.
 //!
 //! An MLP learns a regression task while SPF (AdamW inside, `ConflictOnly`, rank 4) keeps it from
 //! moving against a four-sample "safety" regression, re-estimating its bases every 5 steps.
 //!
 //! Run: `cargo run -p spf-train --example learner`, which trains 3 epochs into
 //! `target/spf-runs/learner`. `-- --epochs 4 --resume 3` continues that run from its epoch-3
-//! checkpoint: burn-train reloads the model, the wrapper (inner AdamW state, bases, step counter
-//! and refresh state) and the scheduler, and the fourth epoch is the one an uninterrupted
+//! checkpoint: burn-train reloads the model (with SPF's bases, step counter and refresh state),
+//! the inner AdamW state and the scheduler, and the fourth epoch is the one an uninterrupted
 //! four-epoch run takes (`tests/learner.rs` checks it bit for bit). `--devices N` trains on N
 //! replicas under burn-train's multi-device strategy.
 
@@ -16,14 +17,11 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use burn::backend::{Autodiff, NdArray};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::data::dataset::InMemDataset;
 use burn::module::Module;
 use burn::optim::AdamWConfig;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Device, Distribution, Tensor, TensorData, activation::tanh};
 use burn::train::metric::LossMetric;
 use burn::train::{
@@ -32,9 +30,7 @@ use burn::train::{
 };
 use spf_core::testing::Mlp;
 use spf_core::{RankPolicy, RefreshPolicy, SpfConfig, StepStats, SubspaceConfig};
-use spf_train::{SpfMetric, SpfStatistic};
-
-type B = Autodiff<NdArray>;
+use spf_train::{Protected, SpfMetric, SpfStatistic};
 
 const INPUT: usize = 8;
 const WIDTH: usize = 32;
@@ -46,22 +42,22 @@ const LR: f64 = 3e-3;
 /// A three-layer tanh MLP as burn-train's regression model (the MLP is the one the tests share;
 /// burn-train's step traits are implemented here, on this crate's own type).
 #[derive(Module, Debug)]
-pub struct Regressor<B: Backend> {
-    mlp: Mlp<B>,
+pub struct Regressor {
+    mlp: Mlp,
 }
 
-impl<B: Backend> Regressor<B> {
-    fn new(device: &B::Device) -> Self {
+impl Regressor {
+    fn new(device: &Device) -> Self {
         Self {
             mlp: Mlp::new(&[INPUT, WIDTH, WIDTH, OUTPUT], device),
         }
     }
 
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         self.mlp.forward(x)
     }
 
-    fn regression(&self, batch: Pairs<B>) -> RegressionOutput<B> {
+    fn regression(&self, batch: Pairs) -> RegressionOutput {
         let output = self.forward(batch.x);
         let loss = (output.clone() - batch.y.clone()).square().mean();
         RegressionOutput {
@@ -72,21 +68,21 @@ impl<B: Backend> Regressor<B> {
     }
 }
 
-impl<B: AutodiffBackend> TrainStep for Regressor<B> {
-    type Input = Pairs<B>;
-    type Output = RegressionOutput<B>;
+impl TrainStep for Regressor {
+    type Input = Pairs;
+    type Output = RegressionOutput;
 
-    fn step(&self, batch: Pairs<B>) -> TrainOutput<RegressionOutput<B>> {
+    fn step(&self, batch: Pairs) -> TrainOutput<RegressionOutput> {
         let output = self.regression(batch);
         TrainOutput::new(self, output.loss.backward(), output)
     }
 }
 
-impl<B: Backend> InferenceStep for Regressor<B> {
-    type Input = Pairs<B>;
-    type Output = RegressionOutput<B>;
+impl InferenceStep for Regressor {
+    type Input = Pairs;
+    type Output = RegressionOutput;
 
-    fn step(&self, batch: Pairs<B>) -> RegressionOutput<B> {
+    fn step(&self, batch: Pairs) -> RegressionOutput {
         self.regression(batch)
     }
 }
@@ -100,16 +96,16 @@ pub struct Sample {
 
 /// A batch of inputs and targets.
 #[derive(Debug, Clone)]
-pub struct Pairs<B: Backend> {
-    x: Tensor<B, 2>,
-    y: Tensor<B, 2>,
+pub struct Pairs {
+    x: Tensor<2>,
+    y: Tensor<2>,
 }
 
 #[derive(Clone)]
 struct PairBatcher;
 
-impl<B: Backend> Batcher<B, Sample, Pairs<B>> for PairBatcher {
-    fn batch(&self, items: Vec<Sample>, device: &B::Device) -> Pairs<B> {
+impl Batcher<Sample, Pairs> for PairBatcher {
+    fn batch(&self, items: Vec<Sample>, device: &Device) -> Pairs {
         let n = items.len();
         let (x, y): (Vec<_>, Vec<_>) = items.into_iter().map(|s| (s.x, s.y)).unzip();
         Pairs {
@@ -121,15 +117,15 @@ impl<B: Backend> Batcher<B, Sample, Pairs<B>> for PairBatcher {
 
 /// `n` samples of `y = tanh(x T)`: the teacher `T` drawn with seed `teacher`, the inputs with
 /// seed `inputs`.
-fn task(n: usize, teacher: u64, inputs: u64, device: &Device<NdArray>) -> Vec<Sample> {
+fn task(n: usize, teacher: u64, inputs: u64, device: &Device) -> Vec<Sample> {
     let normal = Distribution::Normal(0.0, 1.0);
-    <NdArray as Backend>::seed(device, teacher);
-    let teacher = Tensor::<NdArray, 2>::random([INPUT, OUTPUT], normal, device);
-    <NdArray as Backend>::seed(device, inputs);
-    let x = Tensor::<NdArray, 2>::random([n, INPUT], normal, device);
+    device.seed(teacher);
+    let teacher = Tensor::<2>::random([INPUT, OUTPUT], normal, device);
+    device.seed(inputs);
+    let x = Tensor::<2>::random([n, INPUT], normal, device);
     let y = tanh(x.clone().matmul(teacher));
-    let rows = |t: Tensor<NdArray, 2>, width: usize| -> Vec<Vec<f32>> {
-        let values: Vec<f32> = t.into_data().to_vec().expect("f32 data");
+    let rows = |t: Tensor<2>, width: usize| -> Vec<Vec<f32>> {
+        let values: Vec<f32> = t.into_data().try_to_vec().expect("f32 data");
         values.chunks(width).map(<[f32]>::to_vec).collect()
     };
     rows(x, INPUT)
@@ -140,7 +136,7 @@ fn task(n: usize, teacher: u64, inputs: u64, device: &Device<NdArray>) -> Vec<Sa
 }
 
 /// Batches of `BATCH` samples in order (no shuffling, so a resumed run sees the same batches).
-fn loader<B: Backend>(items: Vec<Sample>) -> Arc<dyn DataLoader<B, Pairs<B>>> {
+fn loader(items: Vec<Sample>) -> Arc<dyn DataLoader<Pairs>> {
     DataLoaderBuilder::new(PairBatcher)
         .batch_size(BATCH)
         .build(InMemDataset::new(items))
@@ -149,38 +145,39 @@ fn loader<B: Backend>(items: Vec<Sample>) -> Arc<dyn DataLoader<B, Pairs<B>>> {
 /// What a run leaves behind.
 pub struct Outcome {
     /// The trained model.
-    pub model: Regressor<NdArray>,
+    pub model: Regressor,
     /// The wrapper's statistics after its last step.
     pub stats: StepStats,
 }
 
 /// Trains `epochs` epochs into `dir`, from scratch or, with `resume`, from the checkpoint of
 /// that epoch in `dir`, on `devices` replicas: more than one runs burn-train's multi-device
-/// strategy (`ExecutionStrategy::MultiDevice` with the optimization sharded, which calls the
-/// wrapper's `step_multi` on the devices' gradients), with the CPU device repeated, as burn's
-/// ndarray backend has one.
+/// strategy (`ExecutionStrategy::MultiDevice` with the optimization sharded, which hands SPF
+/// the devices' gradients), with the CPU device repeated, as the CPU has one.
 pub fn run(
     dir: &Path,
     epochs: usize,
     resume: Option<usize>,
     devices: usize,
 ) -> Result<Outcome, Box<dyn Error>> {
-    let device = Default::default();
-    let train = task(SAMPLES, 1, 10, &device);
-    let valid = task(SAMPLES / 4, 1, 11, &device);
+    let device = Device::default().autodiff();
+    let plain = device.clone().inner();
+    let train = task(SAMPLES, 1, 10, &plain);
+    let valid = task(SAMPLES / 4, 1, 11, &plain);
     // The safety examples follow another teacher: the two objectives conflict.
-    let safety = PairBatcher.batch(task(4, 2, 12, &device), &device);
+    let safety = PairBatcher.batch(task(4, 2, 12, &plain), &device);
 
-    B::seed(&device, 0);
-    let model = Regressor::<B>::new(&device);
-    let optim = SpfConfig::new()
+    device.seed(0);
+    let model = Regressor::new(&device);
+    let protection = SpfConfig::new()
         .with_refresh(RefreshPolicy::Every(5))
         .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(4)))
-        .init(AdamWConfig::new().init(), &model, [])?
-        .with_safety_source(move |m: &Regressor<B>| m.regression(safety.clone()).loss);
-    let feed = optim.stats_feed();
+        .protection(&model, [])?
+        .with_safety_source(move |m: &Regressor| m.regression(safety.clone()).loss);
+    let model = Protected::new(model, protection);
+    let feed = model.stats_feed();
 
-    let mut training = SupervisedTraining::new(dir, loader::<B>(train), loader::<NdArray>(valid))
+    let mut training = SupervisedTraining::new(dir, loader(train), loader(valid))
         .metric_train_numeric(LossMetric::new())
         .metric_valid_numeric(LossMetric::new())
         .metric_train_numeric(SpfMetric::new(SpfStatistic::ConflictShare, feed.clone()))
@@ -189,7 +186,7 @@ pub fn run(
             feed.clone(),
         ))
         .metric_train_numeric(SpfMetric::new(SpfStatistic::Refreshes, feed.clone()))
-        .with_file_checkpointer(NamedMpkFileRecorder::<FullPrecisionSettings>::new())
+        .with_default_checkpointers()
         .num_epochs(epochs)
         .summary();
     if let Some(epoch) = resume {
@@ -200,9 +197,9 @@ pub fn run(
         let strategy = ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimSharded);
         training = training.with_training_strategy(strategy.into());
     }
-    let result = training.launch(Learner::new(model, optim, LR));
+    let result = training.launch(Learner::new(model, AdamWConfig::new().init(), LR));
     Ok(Outcome {
-        model: result.model,
+        model: result.model.model,
         stats: feed.latest(),
     })
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use burn::tensor::TensorReadError;
 use burn::train::metric::state::{FormatOptions, NumericMetricState};
 use burn::train::metric::{
     Metric, MetricAttributes, MetricMetadata, MetricName, Numeric, NumericAttributes, NumericEntry,
@@ -62,8 +63,8 @@ pub struct SpfMetric {
 }
 
 impl SpfMetric {
-    /// The metric of `statistic`, read from `feed`
-    /// ([`SafetyProjectedOptimizer::stats_feed`](spf_core::SafetyProjectedOptimizer::stats_feed)).
+    /// The metric of `statistic`, read from `feed` ([`Protected::stats_feed`](crate::Protected::stats_feed),
+    /// or [`SafetyProjectedOptimizer::stats_feed`](spf_core::SafetyProjectedOptimizer::stats_feed)).
     pub fn new(statistic: SpfStatistic, feed: StatsFeed) -> Self {
         Self {
             statistic,
@@ -89,14 +90,17 @@ impl Metric for SpfMetric {
         .into()
     }
 
-    fn update(&mut self, _item: &(), _metadata: &MetricMetadata) -> SerializedEntry {
-        let value = self.statistic.of(&self.feed.latest());
-        let format = FormatOptions::new(self.name()).precision(2);
-        let format = match self.statistic.unit() {
-            Some(unit) => format.unit(unit),
-            None => format,
-        };
-        self.state.update(value, 1, format)
+    fn update(
+        &mut self,
+        _item: &(),
+        _metadata: &MetricMetadata,
+    ) -> Result<SerializedEntry, TensorReadError> {
+        self.state.update(self.statistic.of(&self.feed.latest()), 1);
+        Ok(self.state.compute_update(self.format()))
+    }
+
+    fn compute(&mut self) -> Result<SerializedEntry, TensorReadError> {
+        Ok(self.state.compute_final(self.format()))
     }
 
     fn clear(&mut self) {
@@ -104,13 +108,28 @@ impl Metric for SpfMetric {
     }
 }
 
+impl SpfMetric {
+    /// How its entries are written: two decimals, and the statistic's unit.
+    fn format(&self) -> FormatOptions {
+        let format = FormatOptions::new(self.name()).precision(2);
+        match self.statistic.unit() {
+            Some(unit) => format.unit(unit),
+            None => format,
+        }
+    }
+}
+
 impl Numeric for SpfMetric {
-    fn value(&self) -> NumericEntry {
-        self.state.current_value()
+    fn value(&self) -> Option<NumericEntry> {
+        Some(self.state.current_value())
     }
 
-    fn running_value(&self) -> NumericEntry {
-        self.state.running_value()
+    fn running_value(&self) -> Option<NumericEntry> {
+        Some(self.state.running_value())
+    }
+
+    fn final_value(&self) -> NumericEntry {
+        self.state.final_value()
     }
 }
 
