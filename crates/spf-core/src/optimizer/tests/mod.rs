@@ -201,6 +201,7 @@ fn projected_grads(model: &Net, seed: u64, mode: ProjectionMode) -> GradientsPar
 
 #[cfg(feature = "test-wgpu")]
 mod distributed;
+mod every_optimizer;
 mod host_reads;
 mod records;
 mod refresh;
