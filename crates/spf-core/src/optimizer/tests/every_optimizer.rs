@@ -59,8 +59,11 @@ fn pair_grads(model: &Pair, seed: u64) -> GradientsParams {
     GradientsParams::from_grads(loss.backward(), model)
 }
 
+/// Builds a fresh optimizer.
+type Build = fn() -> ModuleOptimizer;
+
 /// The ten optimizers, each a fresh `ModuleOptimizer` on every call.
-fn optimizers() -> Vec<(&'static str, fn() -> ModuleOptimizer)> {
+fn optimizers() -> Vec<(&'static str, Build)> {
     vec![
         ("sgd", || SgdConfig::new().init()),
         ("adam", || AdamConfig::new().init()),
