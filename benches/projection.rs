@@ -9,7 +9,7 @@
 //! so every removal is real. `project` also computes its statistics, which the reference does
 //! not; the `…, no statistics` rows (`project_without_stats`) leave them out, as the reference does.
 //! The `part/…` rows time tensor operations `project` is made of, over the same set; the removal
-//! part is the generic two-pass form that burn-ndarray's one-pass kernel replaces.
+//! part is the generic two-pass form that a one-pass kernel (burn-ndarray's, on burn 0.21) replaces.
 //!
 //! Run: `cargo bench --bench projection`, or `bench/compare.sh` for both sides back to back.
 

@@ -15,9 +15,9 @@
 //! the extra reference costs AdamW's in-place updates.
 //!
 //! Run: `cargo bench --bench step`. After criterion's output, each group prints a table of
-//! medians and their ratio to the plain AdamW step of the same run. The backend is burn-ndarray
-//! as the workspace builds it: `--features ndarray-fast` turns on its SIMD and multi-threading
-//! (burn's defaults).
+//! medians and their ratio to the plain AdamW step of the same run. The backend is the CPU's as
+//! the workspace builds it (burn's default features off: one thread, no SIMD): `flex`, or
+//! `ndarray` with `SPF_BENCH_CPU=ndarray` in a build with `--features ndarray`.
 
 #![allow(missing_docs)]
 

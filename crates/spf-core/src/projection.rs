@@ -23,7 +23,8 @@
 //! The first, second and last are one rank-`k` update `G − U diag(r) Vᵀ` whose coefficients `r`
 //! the mode's rule takes from `c` on the device (`r = min(c, 0)` for `ConflictOnly`), so a
 //! projection needs no read back to the host: on a GPU, none of them waits for the device. The
-//! update runs in one pass over `G` where the backend allows it (burn-ndarray; see `kernels.rs`).
+//! update is one matrix product and a subtraction (`kernels.rs`, the one place a backend's own
+//! in-place kernel can take over).
 //!
 //! # Statistics
 //!
