@@ -85,18 +85,7 @@ impl SpfRecord {
         let mut inner = None;
         let mut factors: BTreeMap<u64, [Option<TensorData>; 3]> = BTreeMap::new();
         for tensor in reader.into_tensors().map_err(|e| e.to_string())? {
-            let (name, dtype, shape, param, bytes) =
-                tensor.into_parts().map_err(|e| e.to_string())?;
-            let shape = shape.to_vec();
-            let expected = shape
-                .iter()
-                .try_fold(dtype.size(), |n, d| n.checked_mul(*d));
-            if expected != Some(bytes.len()) {
-                return Err(format!(
-                    "tensor `{name}` holds {} bytes, not a {dtype:?} {shape:?}",
-                    bytes.len()
-                ));
-            }
+            let (name, dtype, shape, param, bytes) = checked(tensor)?;
             if name == INNER {
                 check_pack(bytes.clone())
                     .map_err(|e| format!("the inner optimizer's record: {e}"))?;
@@ -210,22 +199,28 @@ impl Counts<'_> {
 }
 
 /// Checks that `bytes` are a burnpack container whose every tensor's bytes are its shape's
-/// element count times its dtype's size. A tensor named `inner` of bytes (an SPF record's inner
-/// optimizer record) is a container itself, and is checked the same way.
+/// element count times its dtype's size. (An SPF record's inner optimizer record, a container in
+/// a byte tensor, is checked the same way when the record is read.)
 pub(crate) fn check_pack(bytes: Bytes) -> Result<(), String> {
     let reader = Reader::from_bytes(bytes).map_err(|e| format!("not burnpack: {e}"))?;
     for tensor in reader.into_tensors().map_err(|e| e.to_string())? {
-        let (name, dtype, shape, _, bytes) = tensor.into_parts().map_err(|e| e.to_string())?;
-        let shape = shape.to_vec();
-        let expected = shape
-            .iter()
-            .try_fold(dtype.size(), |n, d| n.checked_mul(*d));
-        if expected != Some(bytes.len()) {
-            return Err(format!(
-                "tensor `{name}` holds {} bytes, not a {dtype:?} tensor of shape {shape:?}",
-                bytes.len()
-            ));
-        }
+        checked(tensor)?;
     }
     Ok(())
+}
+
+/// A container's tensor as its parts, refused unless its bytes fit its shape and dtype.
+fn checked(tensor: Tensor) -> Result<(String, DType, Vec<usize>, Option<u64>, Bytes), String> {
+    let (name, dtype, shape, param, bytes) = tensor.into_parts().map_err(|e| e.to_string())?;
+    let shape = shape.to_vec();
+    let expected = shape
+        .iter()
+        .try_fold(dtype.size(), |n, d| n.checked_mul(*d));
+    if expected != Some(bytes.len()) {
+        return Err(format!(
+            "tensor `{name}` holds {} bytes, not a {dtype:?} tensor of shape {shape:?}",
+            bytes.len()
+        ));
+    }
+    Ok((name, dtype, shape, param, bytes))
 }
