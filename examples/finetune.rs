@@ -112,7 +112,7 @@ fn run(args: &Args, device: &Device, backend: &str) -> Result<(), Box<dyn std::e
     );
     let mut progress = progress::reporter();
     if args.ablate {
-        let ablations = spf_lab::ablation::ablate(&config, &device, cache, progress.as_mut())?;
+        let ablations = spf_lab::ablation::ablate(&config, device, cache, progress.as_mut())?;
         let text = report::ablations(&ablations);
         println!("\nablations (seed {}):\n{text}", config.seeds[0]);
         write(
@@ -121,13 +121,13 @@ fn run(args: &Args, device: &Device, backend: &str) -> Result<(), Box<dyn std::e
         )?;
         write(&dir.join("ablations.md"), &text)?;
     } else if args.devices > 1 {
-        let devices = spf_lab::replicas::replica_devices(args.devices, &device);
+        let devices = spf_lab::replicas::replica_devices(args.devices, device);
         println!("replicas on {devices:?}");
         let mut tables = String::new();
         let mut all = Vec::new();
         for replicas in [1, args.devices] {
             config.replicas = replicas;
-            let results = experiment::run(&config, backend, &device, cache, progress.as_mut())?;
+            let results = experiment::run(&config, backend, device, cache, progress.as_mut())?;
             let _ = writeln!(
                 tables,
                 "\n{replicas} replica(s):\n\n{}",
@@ -143,7 +143,7 @@ fn run(args: &Args, device: &Device, backend: &str) -> Result<(), Box<dyn std::e
         println!("{tables}\n{speedup}");
         write(&dir.join("table.md"), &format!("{tables}\n{speedup}"))?;
     } else {
-        let results = experiment::run(&config, backend, &device, cache, progress.as_mut())?;
+        let results = experiment::run(&config, backend, device, cache, progress.as_mut())?;
         let table = report::table(&results);
         let insights = report::insights(&results);
         let leaks = report::leaks(&results);

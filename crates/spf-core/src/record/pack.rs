@@ -209,8 +209,11 @@ pub(crate) fn check_pack(bytes: Bytes) -> Result<(), String> {
     Ok(())
 }
 
+/// A container's tensor: its name, dtype, shape, parameter id and bytes.
+type Parts = (String, DType, Vec<usize>, Option<u64>, Bytes);
+
 /// A container's tensor as its parts, refused unless its bytes fit its shape and dtype.
-fn checked(tensor: Tensor) -> Result<(String, DType, Vec<usize>, Option<u64>, Bytes), String> {
+fn checked(tensor: Tensor) -> Result<Parts, String> {
     let (name, dtype, shape, param, bytes) = tensor.into_parts().map_err(|e| e.to_string())?;
     let shape = shape.to_vec();
     let expected = shape
