@@ -175,6 +175,12 @@ impl<S> Protection<S> {
         self.state.to_record(inner)
     }
 
+    /// [`Self::to_record`] without the bases (`bases` empty): the step counter, the refresh
+    /// state and the non-finite counts, without reading anything from the device.
+    pub fn to_record_without_bases(&self, inner: OptimizerRecord) -> SpfRecord {
+        self.state.to_record_without_bases(inner)
+    }
+
     /// Restores a record saved by [`Self::to_record`], checking it against the module the
     /// protection was built for, and hands back the optimizer's record it holds (for the caller
     /// to load into that optimizer). Everything is checked before anything changes: on error

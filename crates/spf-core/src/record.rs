@@ -95,11 +95,20 @@ impl State {
     /// The record of this state, holding the inner optimizer's record `inner`.
     pub(crate) fn to_record(&self, inner: OptimizerRecord) -> SpfRecord {
         SpfRecord {
+            bases: basis_records(&self.bases),
+            ..self.to_record_without_bases(inner)
+        }
+    }
+
+    /// [`Self::to_record`] with no bases: the counters and the parameter paths, read from the
+    /// host alone (the bases' factors would each be read from the device).
+    pub(crate) fn to_record_without_bases(&self, inner: OptimizerRecord) -> SpfRecord {
+        SpfRecord {
             version: RECORD_VERSION,
             inner,
             params: param_paths(&self.targets),
             steps: self.steps,
-            bases: basis_records(&self.bases),
+            bases: Vec::new(),
             refreshes: self.refresh.counts.count,
             refresh_failures: self.refresh.counts.failures,
             refresh_since: self.refresh.since,

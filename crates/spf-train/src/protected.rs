@@ -98,10 +98,13 @@ impl<M: Module, S> Protected<M, S> {
     }
 
     /// Writes the protection's state into [`SpfState`]: the counters at every step, the bases
-    /// when `bases` (they changed, or this is the first write).
+    /// and the refresh overlap when `bases` (they changed, or this is the first write). Nothing
+    /// is read from the device: the bases are copied there.
     fn write_state(&mut self, bases: bool) {
         let device = self.state.counters.val().device();
-        let record = self.protection.to_record(OptimizerRecord::default());
+        let record = self
+            .protection
+            .to_record_without_bases(OptimizerRecord::default());
         let slots = targeted(&self.protection);
         let mut ranks = Vec::with_capacity(slots.len());
         for (slot, (id, _)) in slots.iter().enumerate() {
@@ -123,16 +126,13 @@ impl<M: Module, S> Protected<M, S> {
         ];
         let values: Vec<i64> = counters.into_iter().chain(ranks).collect();
         self.state.counters = int_param(values, &device);
-        self.state.overlap = Param::initialized(
-            ParamId::new(),
-            Tensor::from_data(
-                TensorData::new(
-                    vec![record.refresh_last_overlap.unwrap_or(f64::NAN) as f32],
-                    [1],
-                ),
-                &device,
-            ),
-        );
+        if bases {
+            let overlap = record.refresh_last_overlap.unwrap_or(f64::NAN) as f32;
+            self.state.overlap = Param::initialized(
+                ParamId::new(),
+                Tensor::from_data(TensorData::new(vec![overlap], [1]), &device),
+            );
+        }
         self.written = self.state.counters.id;
     }
 
