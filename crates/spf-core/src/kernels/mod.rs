@@ -1,0 +1,85 @@
+//! The projection's two matrix products and `‖G‖²`: the one place where a CPU backend's own
+//! kernels replace burn's generic operations.
+//!
+//! The removal is a rank-`k` product subtracted from the gradient. With burn's tensor operations
+//! that is a matrix product written to a new `d_in × d_out` buffer and a subtraction that reads
+//! it back; `‖G‖²` squares `G` into a copy and sums it. On the CPU backends, with burn's
+//! `extension` feature, this module reaches the backend's tensor primitive
+//! ([`Tensor::into_dispatch`]) and does better where the backend leaves room:
+//!
+//! - **burn-ndarray** (feature `ndarray`, [`ndarray`]): the removal runs one general matrix
+//!   product with `β = 1` into `G`'s own buffer, `G ← G − A B`, reading and writing `G` once; the
+//!   coefficients' products hand the operands' arrays straight to the matrix product (burn-ndarray
+//!   reshapes both operands of `matmul` to a batch of one, and a reshape of a transposed view
+//!   copies it); `‖G‖²` sums the squares in one read.
+//! - **flex** (feature `flex`, [`flex`]): `‖G‖²` in one read. flex's own 2-D `matmul` already
+//!   reads strided operands without copying and subtracts in place into a gradient no other
+//!   handle shares, so the removal stays burn's: fusing the subtraction into the product would
+//!   save one pass at the price of `unsafe` calls into `gemm`, measured not worth it here
+//!   (docs/performance.md).
+//!
+//! The products give the generic path's results bit for bit (the same products, in the same
+//! order; the tests hold them to it); the norm sums in another order, equal to rounding, and only
+//! the statistics read it. Every other backend, an autodiff-tracked tensor, and a dtype other
+//! than `f32`/`f64` take the generic path, so a user's backend needs nothing from this crate.
+
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+mod dispatch;
+#[cfg(feature = "flex")]
+mod flex;
+#[cfg(feature = "ndarray")]
+mod ndarray;
+
+use burn::tensor::Tensor;
+
+/// `g − a·b`, for `a: [d_in, k]` and `b: [k, d_out]`.
+pub(crate) fn subtract_product(g: Tensor<2>, a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
+    #[cfg(feature = "ndarray")]
+    let (g, a, b) = match dispatch::subtract_product(g, a, b) {
+        Ok(result) => return result,
+        Err(inputs) => inputs,
+    };
+    g - a.matmul(b)
+}
+
+/// `a·b`.
+pub(crate) fn product(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
+    #[cfg(feature = "ndarray")]
+    let (a, b) = match dispatch::product(a, b) {
+        Ok(result) => return result,
+        Err(inputs) => inputs,
+    };
+    a.matmul(b)
+}
+
+/// `‖g‖²`, as a one-element tensor.
+pub(crate) fn squared_norm(g: &Tensor<2>) -> Tensor<1> {
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    if let Some(energy) = dispatch::squared_norm(g) {
+        return energy;
+    }
+    g.clone().square().sum()
+}
+
+/// `Σ x²` over `values`, summed in eight lanes, which the compiler vectorises.
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+fn sum_of_squares<E>(values: &[E]) -> E
+where
+    E: Copy + Default + std::ops::Add<Output = E> + std::ops::Mul<Output = E>,
+{
+    let mut lanes = [E::default(); 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = *lane + x * x;
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(E::default(), |s, &x| s + x * x);
+    lanes.iter().fold(tail, |s, &lane| s + lane)
+}
+
+#[cfg(test)]
+mod tests;
