@@ -14,9 +14,9 @@
 //!   copies it); `‖G‖²` sums the squares in one read.
 //! - **flex** (feature `flex`, [`flex`]): `‖G‖²` in one read. flex's own 2-D `matmul` already
 //!   reads strided operands without copying and subtracts in place into a gradient no other
-//!   handle shares, so the removal stays burn's: fusing the subtraction into the product would
-//!   save one pass at the price of `unsafe` calls into `gemm`, measured not worth it here
-//!   (docs/performance.md).
+//!   handle shares, so the removal stays burn's. Fusing the subtraction into the product would
+//!   save the product's buffer and one pass, but only through `unsafe` calls into `gemm` on
+//!   flex's raw storage; not done (this crate has no `unsafe`).
 //!
 //! The products give the generic path's results bit for bit (the same products, in the same
 //! order; the tests hold them to it); the norm sums in another order, equal to rounding, and only
