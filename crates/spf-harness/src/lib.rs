@@ -11,6 +11,7 @@
 //! - [`seed`]: the named salts that split one seed into independent streams, and the one stable
 //!   hash;
 //! - [`progress`]: how long stages report (the examples draw bars, tests stay quiet);
+//! - [`provenance`]: the engine (burn's release and the device) that every cache key holds;
 //! - [`settings`]: the checks both experiments' configurations make ([`InvalidSetting`]).
 //!
 //! It holds no error type of its own for what the library reports: [`Stepper`]'s errors are
@@ -24,6 +25,7 @@
 //! [`InvalidSetting`]: settings::InvalidSetting
 
 pub mod progress;
+pub mod provenance;
 pub mod screening;
 pub mod seed;
 pub mod settings;

@@ -208,7 +208,9 @@ pub fn aligned_model(
     let Some(dir) = cache else {
         return align(world, &config.model, &config.align, seed, device, progress);
     };
-    let key = serde_json::to_string(&(&config.world, &config.model, &config.align, seed))?;
+    // The engine too: a model aligned on another burn release or backend is another model.
+    let engine = spf_harness::provenance::engine(device);
+    let key = serde_json::to_string(&(&config.world, &config.model, &config.align, seed, engine))?;
     let path = dir.join(format!("aligned-{:016x}", fnv::of_str(&key)));
     let vocab = world.vocab();
     if path.with_extension("bpk").exists() {

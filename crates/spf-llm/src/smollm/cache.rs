@@ -18,14 +18,32 @@ use crate::llama::Llama;
 /// Bumped when a change to the experiment changes what a cached cell holds.
 const CACHE_VERSION: u32 = 2;
 
-/// What a cached cell depends on: the version of this code, the data (the fingerprint of the
-/// asset files, [`Assets::fingerprint`](super::data::Assets::fingerprint)), every setting but
+/// What a cell was computed from besides the configuration: the data (the fingerprint of the
+/// asset files, [`Assets::fingerprint`](super::data::Assets::fingerprint)) and the engine (burn's
+/// version and the device, whose float sums round differently), so a cell computed on burn 0.21
+/// or on another backend is never served as this one's.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub(super) struct Provenance {
+    data: String,
+    engine: String,
+}
+
+impl Provenance {
+    pub(super) fn new(data: String, device: &burn::tensor::Device) -> Self {
+        Self {
+            data,
+            engine: spf_harness::provenance::engine(device),
+        }
+    }
+}
+
+/// What a cached cell depends on: the version of this code, its [`Provenance`], every setting but
 /// those that only say how to run (threads, batch size of generation, the cache's place) or
 /// which other cells to run, and the cell itself.
 #[derive(Serialize)]
 pub(super) struct CellKey {
     version: u32,
-    data: String,
+    provenance: Provenance,
     config: serde_json::Value,
     model: SmolModel,
     seed: Option<u64>,
@@ -37,7 +55,7 @@ impl CellKey {
     /// go through), so an SFT cell is shared by every SPF ablation.
     pub(super) fn new(
         config: &SmolConfig,
-        data: &str,
+        provenance: &Provenance,
         model: SmolModel,
         seed: Option<u64>,
     ) -> Self {
@@ -75,7 +93,7 @@ impl CellKey {
         }
         Self {
             version: CACHE_VERSION,
-            data: data.to_owned(),
+            provenance: provenance.clone(),
             config: value,
             model,
             seed,
@@ -88,11 +106,11 @@ impl CellKey {
     }
 }
 
-/// What an aligned checkpoint depends on: the data and the alignment's settings.
+/// What an aligned checkpoint depends on: its [`Provenance`] and the alignment's settings.
 #[derive(Serialize)]
 struct AlignKey<'a> {
     version: u32,
-    data: &'a str,
+    provenance: &'a Provenance,
     seed: u64,
     train_layers: usize,
     align_steps: usize,
@@ -106,22 +124,21 @@ struct AlignKey<'a> {
     benign_eval: usize,
 }
 
-/// The cache directory: `cells/<key>.json` and `aligned/<key>.mpk`, for the data whose
-/// fingerprint is `data`.
+/// The cache directory: `cells/<key>.json` and `aligned/<key>.bpk`, for one [`Provenance`].
 pub(super) struct Cache {
     dir: PathBuf,
-    data: String,
+    provenance: Provenance,
 }
 
 impl Cache {
-    pub(super) fn new(dir: &Path, data: String) -> Result<Self, LlmError> {
+    pub(super) fn new(dir: &Path, provenance: Provenance) -> Result<Self, LlmError> {
         for sub in ["cells", "aligned"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| LlmError::Io { path, source })?;
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            data,
+            provenance,
         })
     }
 
@@ -148,7 +165,7 @@ impl Cache {
     fn aligned_path(&self, config: &SmolConfig, seed: u64) -> PathBuf {
         let key = AlignKey {
             version: CACHE_VERSION,
-            data: &self.data,
+            provenance: &self.provenance,
             seed,
             train_layers: config.train_layers,
             align_steps: config.align_steps,
@@ -226,7 +243,7 @@ impl<'a> Cells<'a> {
         let Some(cache) = self.cache else {
             return compute(progress);
         };
-        let key = CellKey::new(self.config, &cache.data, model, seed);
+        let key = CellKey::new(self.config, &cache.provenance, model, seed);
         if let Some(row) = cache.row(&key) {
             self.cached += 1;
             progress.start(&format!("{} (seed {:?}): cached", row.model, row.seed), 1);
@@ -248,6 +265,14 @@ mod tests {
     use spf_subspace::RankPolicy;
 
     const DATA: &str = "0123456789abcdef";
+    const ENGINE: &str = "burn 0.22.1 on Device<Flex>";
+
+    fn data(fingerprint: &str, engine: &str) -> Provenance {
+        Provenance {
+            data: fingerprint.to_owned(),
+            engine: engine.to_owned(),
+        }
+    }
 
     #[test]
     fn cell_keys_ignore_how_a_run_is_run_but_not_what_it_computes() {
@@ -256,7 +281,7 @@ mod tests {
             method: SmolMethod::Spf,
             p: 0.1,
         };
-        let key = |c: &SmolConfig| CellKey::new(c, DATA, model, Some(0)).file();
+        let key = |c: &SmolConfig| CellKey::new(c, &data(DATA, ENGINE), model, Some(0)).file();
         assert_eq!(
             key(&base),
             key(&base.clone().with_threads(7).with_seeds(vec![0, 1, 2]))
@@ -270,20 +295,25 @@ mod tests {
             key(&base.clone().with_split(EvalSplit::Validation))
         );
         assert_ne!(
-            CellKey::new(&base, DATA, model, Some(0)).file(),
-            CellKey::new(&base, DATA, model, Some(1)).file()
+            CellKey::new(&base, &data(DATA, ENGINE), model, Some(0)).file(),
+            CellKey::new(&base, &data(DATA, ENGINE), model, Some(1)).file()
         );
         // Other data, the same configuration: another cell.
         assert_ne!(
-            CellKey::new(&base, DATA, model, Some(0)).file(),
-            CellKey::new(&base, "fedcba9876543210", model, Some(0)).file()
+            CellKey::new(&base, &data(DATA, ENGINE), model, Some(0)).file(),
+            CellKey::new(&base, &data("fedcba9876543210", ENGINE), model, Some(0)).file()
+        );
+        // The same data on another engine (burn version or device): another cell.
+        assert_ne!(
+            CellKey::new(&base, &data(DATA, ENGINE), model, Some(0)).file(),
+            CellKey::new(&base, &data(DATA, "burn 0.21.0 on NdArray"), model, Some(0)).file()
         );
         assert_ne!(key(&base), key(&base.clone().with_screen(Some(0.5))));
         // A model's key leaves out the settings of stages it did not go through: SFT's cell
         // serves every SPF ablation; SafeInstr's depends on the refusal data, not on SPF.
         let other = |method| {
             let model = SmolModel::Attacked { method, p: 0.1 };
-            move |c: &SmolConfig| CellKey::new(c, DATA, model, Some(0)).file()
+            move |c: &SmolConfig| CellKey::new(c, &data(DATA, ENGINE), model, Some(0)).file()
         };
         let (sft, safe_instr) = (other(SmolMethod::Sft), other(SmolMethod::SafeInstr));
         let spf_only = base

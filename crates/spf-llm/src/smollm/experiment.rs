@@ -31,7 +31,7 @@ use spf_harness::progress::Progress;
 
 use super::attack::attack;
 use super::blocks::Lab;
-use super::cache::{Cache, Cells};
+use super::cache::{Cache, Cells, Provenance};
 use super::config::SmolConfig;
 use super::data::Assets;
 use super::pairs::Encoder;
@@ -62,9 +62,13 @@ pub fn run(
     let splits = Splits::new(config, assets)?;
     let encoder = Encoder { tok: &tok };
     let held = Held::new(&lab, encoder, &splits, config, progress)?;
-    // Cells and aligned checkpoints are keyed by the data as well as the configuration.
+    // Cells and aligned checkpoints are keyed by the data and the engine as well as the
+    // configuration.
     let cache = match config.cache_dir.as_deref() {
-        Some(dir) => Some(Cache::new(dir, assets.fingerprint()?)?),
+        Some(dir) => Some(Cache::new(
+            dir,
+            Provenance::new(assets.fingerprint()?, device),
+        )?),
         None => None,
     };
     let mut cells = Cells::new(config, cache.as_ref());
