@@ -331,7 +331,7 @@ impl ModuleVisitor for NonFiniteProbe<'_> {
         }
         if let Some(grad) = self.grads.get::<D>(param.id) {
             let probe = match self.only {
-                None => grad.sum(),
+                None => crate::kernels::sum(grad),
                 Some(_) => grad.mul_scalar(0.0).sum(),
             };
             self.probes.push((param.id, probe));

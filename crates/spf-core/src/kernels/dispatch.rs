@@ -82,3 +82,12 @@ pub(super) fn squared_norm(g: &Tensor<2>) -> Option<Tensor<1>> {
         _ => None,
     }
 }
+
+/// `Σ g` by the backend's kernel, or `None`.
+#[cfg(feature = "flex")]
+pub(super) fn sum<const D: usize>(g: &Tensor<D>) -> Option<Tensor<1>> {
+    match g.clone().into_dispatch() {
+        on!(Flex, g) => flex::sum(&g).map(|t| tensor!(Flex, t)),
+        _ => None,
+    }
+}

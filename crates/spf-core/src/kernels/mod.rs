@@ -12,7 +12,9 @@
 //!   coefficients' products hand the operands' arrays straight to the matrix product (burn-ndarray
 //!   reshapes both operands of `matmul` to a batch of one, and a reshape of a transposed view
 //!   copies it); `‖G‖²` sums the squares in one read.
-//! - **flex** (feature `flex`, [`flex`]): `‖G‖²` in one read. flex's own 2-D `matmul` already
+//! - **flex** (feature `flex`, [`flex`]): `‖G‖²` and the non-finite probe's `Σ g` in one read
+//!   each (flex's own reductions, without its SIMD feature, took 3.5× ndarray's time for a plain
+//!   sum: docs/performance.md). flex's own 2-D `matmul` already
 //!   reads strided operands without copying and subtracts in place into a gradient no other
 //!   handle shares, so the removal stays burn's. Fusing the subtraction into the product would
 //!   save the product's buffer and one pass, but only through `unsafe` calls into `gemm` on
@@ -52,6 +54,15 @@ pub(crate) fn product(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
     a.matmul(b)
 }
 
+/// `Σ g` over every entry, as a one-element tensor: the non-finite probe's one read.
+pub(crate) fn sum<const D: usize>(g: Tensor<D>) -> Tensor<1> {
+    #[cfg(feature = "flex")]
+    if let Some(total) = dispatch::sum(&g) {
+        return total;
+    }
+    g.sum()
+}
+
 /// `‖g‖²`, as a one-element tensor.
 pub(crate) fn squared_norm(g: &Tensor<2>) -> Tensor<1> {
     #[cfg(any(feature = "flex", feature = "ndarray"))]
@@ -67,17 +78,26 @@ fn sum_of_squares<E>(values: &[E]) -> E
 where
     E: Copy + Default + std::ops::Add<Output = E> + std::ops::Mul<Output = E>,
 {
+    lane_sum(values, |x| x * x)
+}
+
+/// `Σ f(x)` over `values`, summed in eight lanes, which the compiler vectorises.
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+fn lane_sum<E>(values: &[E], f: impl Fn(E) -> E) -> E
+where
+    E: Copy + Default + std::ops::Add<Output = E>,
+{
     let mut lanes = [E::default(); 8];
     let mut chunks = values.chunks_exact(8);
     for chunk in &mut chunks {
         for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane = *lane + x * x;
+            *lane = *lane + f(x);
         }
     }
     let tail = chunks
         .remainder()
         .iter()
-        .fold(E::default(), |s, &x| s + x * x);
+        .fold(E::default(), |s, &x| s + f(x));
     lanes.iter().fold(tail, |s, &lane| s + lane)
 }
 

@@ -2,7 +2,7 @@
 
 use burn::tensor::{Device, Tensor, Tolerance};
 
-use super::{dispatch, product, squared_norm, subtract_product};
+use super::{dispatch, product, squared_norm, subtract_product, sum};
 use crate::testing::{Gaussian, upload};
 
 /// The CPU devices whose kernels this build has, and the test device (the generic path on WGPU).
@@ -82,6 +82,29 @@ fn the_squared_norm_is_the_sum_of_squares() {
 }
 
 #[test]
+fn the_sum_is_the_sum() {
+    for device in devices() {
+        for seed in 0..4 {
+            let [g, _, _] = inputs(seed, &device);
+            let generic: f32 = g.clone().sum().into_scalar();
+            let got: f32 = sum(g.clone()).into_scalar();
+            // Summed in another order: equal to rounding, against the sum of magnitudes.
+            let scale: f32 = g.clone().abs().sum().into_scalar();
+            assert!(
+                (got - generic).abs() <= 1e-5 * scale,
+                "{device:?}: {got} vs {generic}"
+            );
+            // A vector, and a value that is not finite: the probe's purpose.
+            let v = g.clone().reshape([37 * 23]);
+            let total: f32 = sum(v).into_scalar();
+            assert!((total - generic).abs() <= 1e-5 * scale, "{device:?}");
+            let poisoned = g.slice_assign([3..4, 5..6], Tensor::from_data([[f32::NAN]], &device));
+            assert!(sum(poisoned).into_scalar::<f32>().is_nan(), "{device:?}");
+        }
+    }
+}
+
+#[test]
 fn a_shared_gradient_is_copied_not_overwritten() {
     for device in devices() {
         let [g, a, b] = inputs(9, &device);
@@ -132,11 +155,13 @@ fn tracked_and_f64_tensors_are_computed_too() {
 fn the_kernels_take_plain_cpu_tensors_and_hand_back_the_rest() {
     let [g, _, _] = inputs(1, &Device::flex());
     assert!(dispatch::squared_norm(&g).is_some(), "flex's norm");
+    assert!(dispatch::sum(&g).is_some(), "flex's sum");
     let tracked = g.clone().autodiff().require_grad();
     assert!(
         dispatch::squared_norm(&tracked).is_none(),
         "a tracked tensor"
     );
+    assert!(dispatch::sum(&tracked).is_none(), "a tracked tensor");
     #[cfg(feature = "ndarray")]
     {
         #[allow(deprecated)] // burn-ndarray, kept for the users who name it
