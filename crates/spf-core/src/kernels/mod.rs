@@ -1,5 +1,5 @@
-//! The projection's two matrix products and `‖G‖²`: the one place where a CPU backend's own
-//! kernels replace burn's generic operations.
+//! The projection's two matrix products, `‖G‖²` and the non-finite probe's `Σ G`: the one place
+//! where a CPU backend's own kernels replace burn's generic operations.
 //!
 //! The removal is a rank-`k` product subtracted from the gradient. With burn's tensor operations
 //! that is a matrix product written to a new `d_in × d_out` buffer and a subtraction that reads
@@ -13,17 +13,18 @@
 //!   reshapes both operands of `matmul` to a batch of one, and a reshape of a transposed view
 //!   copies it); `‖G‖²` sums the squares in one read.
 //! - **flex** (feature `flex`, [`flex`]): `‖G‖²` and the non-finite probe's `Σ g` in one read
-//!   each (flex's own reductions, without its SIMD feature, took 3.5× ndarray's time for a plain
-//!   sum: docs/performance.md). flex's own 2-D `matmul` already
-//!   reads strided operands without copying and subtracts in place into a gradient no other
-//!   handle shares, so the removal stays burn's. Fusing the subtraction into the product would
+//!   each (flex's own reductions, built without its SIMD feature as here, took 3.5× ndarray's
+//!   time for a plain sum: docs/performance.md). flex's own 2-D `matmul` already reads strided
+//!   operands without copying and subtracts in place into a gradient no other handle shares, so
+//!   the removal stays burn's. Fusing the subtraction into the product would
 //!   save the product's buffer and one pass, but only through `unsafe` calls into `gemm` on
 //!   flex's raw storage; not done (this crate has no `unsafe`).
 //!
-//! The products give the generic path's results bit for bit (the same products, in the same
-//! order; the tests hold them to it); the norm sums in another order, equal to rounding, and only
-//! the statistics read it. Every other backend, an autodiff-tracked tensor, and a dtype other
-//! than `f32`/`f64` take the generic path, so a user's backend needs nothing from this crate.
+//! The products give the generic path's results bit for bit (the same products, in the same order;
+//! the tests hold them to it); the norm and the probe's sum add in another order, equal to
+//! rounding, and only the statistics and the probe's finite-or-not read them. Every other backend,
+//! an autodiff-tracked tensor, and a dtype other than `f32`/`f64` take the generic path, so a
+//! user's backend needs nothing from this crate.
 
 #[cfg(any(feature = "flex", feature = "ndarray"))]
 mod dispatch;
