@@ -30,6 +30,8 @@
 mod dispatch;
 #[cfg(feature = "flex")]
 mod flex;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+mod lanes;
 #[cfg(feature = "ndarray")]
 mod ndarray;
 
@@ -71,35 +73,6 @@ pub(crate) fn squared_norm(g: &Tensor<2>) -> Tensor<1> {
         return energy;
     }
     g.clone().square().sum()
-}
-
-/// `Σ x²` over `values`, summed in eight lanes, which the compiler vectorises.
-#[cfg(any(feature = "flex", feature = "ndarray"))]
-fn sum_of_squares<E>(values: &[E]) -> E
-where
-    E: Copy + Default + std::ops::Add<Output = E> + std::ops::Mul<Output = E>,
-{
-    lane_sum(values, |x| x * x)
-}
-
-/// `Σ f(x)` over `values`, summed in eight lanes, which the compiler vectorises.
-#[cfg(any(feature = "flex", feature = "ndarray"))]
-fn lane_sum<E>(values: &[E], f: impl Fn(E) -> E) -> E
-where
-    E: Copy + Default + std::ops::Add<Output = E>,
-{
-    let mut lanes = [E::default(); 8];
-    let mut chunks = values.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane = *lane + f(x);
-        }
-    }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(E::default(), |s, &x| s + f(x));
-    lanes.iter().fold(tail, |s, &lane| s + lane)
 }
 
 #[cfg(test)]

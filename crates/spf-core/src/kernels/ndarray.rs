@@ -11,6 +11,8 @@ use burn::backend::ndarray::{NdArrayTensor, SharedArray};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, Ix2, IxDyn, LinalgScalar};
 
+use super::lanes;
+
 /// `g − a·b` in `g`'s buffer (copied first when another handle shares it, as burn would), on
 /// `f32` or `f64` operands of one dtype; the operands back otherwise.
 pub(super) fn subtract_product(
@@ -89,7 +91,7 @@ fn multiply<E: LinalgScalar>(a: &SharedArray<E>, b: &SharedArray<E>) -> SharedAr
 /// when `a` is contiguous.
 fn sum_of_squares<E: LinalgScalar + Default>(a: &SharedArray<E>) -> SharedArray<E> {
     let total = match a.as_slice_memory_order() {
-        Some(values) => super::sum_of_squares(values),
+        Some(values) => lanes::sum_of_squares(values),
         None => a.iter().fold(E::zero(), |s, x| s + *x * *x),
     };
     ndarray::arr1(&[total]).into_shared().into_dyn()

@@ -122,6 +122,7 @@ fn the_step_path_reads_only_through_the_counted_function() {
         "kernels/dispatch.rs",
         "kernels/flex.rs",
         "kernels/ndarray.rs",
+        "kernels/lanes.rs",
         "stats.rs",
         "config.rs",
         "bases.rs",
