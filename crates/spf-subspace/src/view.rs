@@ -23,7 +23,7 @@ pub fn into_2d<const D: usize>(t: Tensor<D>) -> Tensor<2> {
         Tensor::from_bridge(t.into_bridge())
     } else {
         let view = view_2d(&t.dims());
-        t.reshape(view)
+        reshaped(t, view)
     }
 }
 
@@ -45,6 +45,44 @@ pub fn from_2d<const D: usize>(t: Tensor<2>, dims: [usize; D]) -> Result<Tensor<
     Ok(if D == 2 {
         Tensor::from_bridge(t.into_bridge())
     } else {
-        t.reshape(dims)
+        reshaped(t, dims)
     })
+}
+
+/// `t.reshape(dims)`, also for a shape with a zero: burn 0.22's `reshape` reads a 0 in the new
+/// shape as "keep the input's dimension at this index" (and panics past the input's rank), so a
+/// tensor without elements is built anew in its new shape instead.
+fn reshaped<const D1: usize, const D2: usize>(t: Tensor<D1>, dims: [usize; D2]) -> Tensor<D2> {
+    if dims.contains(&0) {
+        Tensor::zeros(dims, (&t.device(), t.dtype()))
+    } else {
+        t.reshape(dims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Tensor};
+
+    use super::*;
+
+    #[test]
+    fn tensors_without_elements_keep_their_shape_both_ways() {
+        // burn 0.22's reshape reads a 0 as "keep the input's dimension": [3, 4, 0] would have
+        // become [3, 4] and [4, 0] → [4, 0, 0] panicked (found by spf-theory's property test).
+        let device = Device::default();
+        let t = Tensor::<3>::zeros([3, 4, 0], &device);
+        let flat = into_2d(t);
+        assert_eq!(flat.dims(), [3, 0]);
+        let back = from_2d(flat, [3, 4, 0]).expect("the view of [3, 4, 0]");
+        assert_eq!(back.dims(), [3, 4, 0]);
+        let empty = Tensor::<2>::zeros([4, 0], &device);
+        assert_eq!(from_2d(empty, [4, 0, 0]).expect("a view").dims(), [4, 0, 0]);
+        // A tensor with elements still reshapes.
+        let t = Tensor::<3>::ones([2, 3, 4], &device);
+        assert_eq!(
+            from_2d(into_2d(t), [2, 3, 4]).expect("a view").dims(),
+            [2, 3, 4]
+        );
+    }
 }
