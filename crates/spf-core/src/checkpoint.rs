@@ -7,9 +7,12 @@
 //! - **Loading.** burn 0.21's ndarray backend built tensors from a record without checking that
 //!   their bytes matched their shape, so a corrupt file corrupted the heap (found by this crate's
 //!   record fuzzer). [`load`] therefore reads the burnpack container first and checks every
-//!   tensor's byte count against its shape and dtype before burn builds anything from it. Every
-//!   failure (a missing, empty, truncated or corrupt file, a tensor that does not add up, a panic
-//!   while decoding) is an [`SpfError::Checkpoint`].
+//!   tensor's byte count against its shape and dtype before burn builds anything from it.
+//! - **Checksum.** A flipped bit inside a number passes those checks, so every file is saved
+//!   with a CRC-32 of its entries, which [`load`] checks (`seal.rs`).
+//!
+//! Every failure (a missing, empty, truncated or corrupt file, a tensor that does not add up, a
+//! checksum that does not match, a panic while decoding) is an [`SpfError::Checkpoint`].
 //!
 //! Paths follow burn's rule: the `.bpk` extension replaces any extension of `path`.
 
@@ -25,7 +28,8 @@ use burn_pack::{Bytes, Reader};
 
 use crate::error::{SpfError, panic_message};
 use crate::record::SpfRecord;
-use crate::record::pack::check_pack;
+
+pub(crate) mod seal;
 
 /// A record that is saved as burnpack bytes: burn's [`ModuleRecord`] and [`OptimizerRecord`],
 /// and the wrapper's [`SpfRecord`].
@@ -113,7 +117,10 @@ pub(crate) fn write_partial<R: PackedRecord>(record: R, path: &Path) -> Result<P
     let save = SAVES.fetch_add(1, Ordering::Relaxed);
     let partial = path.with_file_name(format!(".{stem}-{}-{save}-partial", std::process::id()));
     let written = file_of(&partial);
-    let bytes = record.into_pack().map_err(|err| failure(&written, err))?;
+    let bytes = record
+        .into_pack()
+        .and_then(seal::seal)
+        .map_err(|err| failure(&written, err))?;
     let flushed = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -150,12 +157,13 @@ fn sync_parent(file: &Path) -> std::io::Result<()> {
 /// # Errors
 ///
 /// [`SpfError::Checkpoint`] for a missing, empty, truncated or corrupt file, a tensor whose bytes
-/// do not match its shape and dtype, or a panic while burn decodes it.
+/// do not match its shape and dtype, a file without a checksum or whose checksum does not match
+/// its contents, or a panic while burn decodes it.
 pub fn load<R: PackedRecord>(path: impl AsRef<Path>) -> Result<R, SpfError> {
     let target = file_of(path.as_ref());
     let bytes = fs::read(&target).map_err(|err| failure(&target, err))?;
     let decoded = catch_unwind(AssertUnwindSafe(|| {
-        check_pack(Bytes::from_bytes_vec(bytes.clone()))?;
+        seal::verify(Bytes::from_bytes_vec(bytes.clone()))?;
         R::from_pack(Bytes::from_bytes_vec(bytes))
     }));
     match decoded {

@@ -29,6 +29,14 @@ pub fn test_autodiff_device() -> Device {
     test_device().autodiff()
 }
 
+/// `bytes` sealed with a new checksum, as [`crate::checkpoint::save_atomic`] seals a file, or
+/// `None` when they are not a burnpack container whose tensors fit their shapes: for fuzzing the
+/// loader beneath the checksum.
+pub fn seal_checkpoint(bytes: &[u8]) -> Option<Vec<u8>> {
+    let sealed = crate::checkpoint::seal::seal(burn_pack::Bytes::from_bytes_vec(bytes.to_vec()));
+    sealed.ok().map(|bytes| bytes.to_vec())
+}
+
 /// A multilayer perceptron with `tanh` between its layers: the small model of the quickstart,
 /// the Learner example and the data-parallel and resume tests. Any burn module works with SPF;
 /// this one is written once so that every example and test means the same model by it.

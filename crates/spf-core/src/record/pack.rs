@@ -87,9 +87,7 @@ impl SpfRecord {
         for tensor in reader.into_tensors().map_err(|e| e.to_string())? {
             let (name, dtype, shape, param, bytes) = checked(tensor)?;
             if name == INNER {
-                check_pack(bytes.clone())
-                    .map_err(|e| format!("the inner optimizer's record: {e}"))?;
-                let record = OptimizerRecord::from_bytes(bytes)
+                let record = inner_record(bytes)
                     .map_err(|e| format!("the inner optimizer's record: {e}"))?;
                 inner = Some(record);
                 continue;
@@ -198,22 +196,26 @@ impl Counts<'_> {
     }
 }
 
-/// Checks that `bytes` are a burnpack container whose every tensor's bytes are its shape's
-/// element count times its dtype's size. (An SPF record's inner optimizer record, a container in
-/// a byte tensor, is checked the same way when the record is read.)
-pub(crate) fn check_pack(bytes: Bytes) -> Result<(), String> {
-    let reader = Reader::from_bytes(bytes).map_err(|e| format!("not burnpack: {e}"))?;
+/// The inner optimizer's record in `bytes`, each tensor checked against its shape and dtype,
+/// refused when a tensor carries no parameter id: burn's `ModuleOptimizer::load_record` panics
+/// on such a tensor, which a corrupt or foreign record can hold (the record fuzzer cleared one
+/// with a bit flip).
+fn inner_record(bytes: Bytes) -> Result<OptimizerRecord, String> {
+    let reader = Reader::from_bytes(bytes.clone()).map_err(|e| format!("not burnpack: {e}"))?;
     for tensor in reader.into_tensors().map_err(|e| e.to_string())? {
-        checked(tensor)?;
+        let (name, _, _, param, _) = checked(tensor)?;
+        if param.is_none() {
+            return Err(format!("tensor `{name}` carries no parameter id"));
+        }
     }
-    Ok(())
+    OptimizerRecord::from_bytes(bytes).map_err(|e| e.to_string())
 }
 
 /// A container's tensor: its name, dtype, shape, parameter id and bytes.
-type Parts = (String, DType, Vec<usize>, Option<u64>, Bytes);
+pub(crate) type Parts = (String, DType, Vec<usize>, Option<u64>, Bytes);
 
 /// A container's tensor as its parts, refused unless its bytes fit its shape and dtype.
-fn checked(tensor: Tensor) -> Result<Parts, String> {
+pub(crate) fn checked(tensor: Tensor) -> Result<Parts, String> {
     let (name, dtype, shape, param, bytes) = tensor.into_parts().map_err(|e| e.to_string())?;
     let shape = shape.to_vec();
     let expected = shape
@@ -226,4 +228,24 @@ fn checked(tensor: Tensor) -> Result<Parts, String> {
         ));
     }
     Ok((name, dtype, shape, param, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An inner record as burn writes it: one tensor, tagged with parameter `param`.
+    fn inner_bytes(param: Option<u64>) -> Bytes {
+        let data = TensorData::new(vec![1.0f32, 2.0], [2]);
+        let (bytes, shape, dtype) = data.into_parts();
+        let tensor = Tensor::new("7.moment_1".into(), dtype, shape, param, bytes);
+        Writer::new(vec![tensor]).into_bytes().unwrap()
+    }
+
+    #[test]
+    fn an_inner_tensor_without_a_parameter_id_is_refused() {
+        assert!(inner_record(inner_bytes(Some(7))).is_ok());
+        let error = inner_record(inner_bytes(None)).unwrap_err();
+        assert!(error.contains("carries no parameter id"), "{error}");
+    }
 }
