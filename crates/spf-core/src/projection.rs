@@ -37,6 +37,7 @@
 //! step (and [`project_without_stats`]) applies the removal whatever it is, so there a zero
 //! update leaves `G̃ = G` as numbers: only a `−0` entry can change (to `+0`).
 
+pub mod lora;
 mod mode;
 mod pending;
 mod readout;
@@ -48,6 +49,7 @@ use spf_subspace::LowRankBasis;
 use crate::error::SpfError;
 use crate::host;
 
+pub use lora::{LoraFactors, LoraGrads, LoraProjected, project_lora};
 pub use mode::ProjectionMode;
 pub(crate) use pending::Pending;
 pub(crate) use readout::{Measured, Readout};
