@@ -49,3 +49,4 @@ pub use record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};
 pub use refresh::{NoSafetySource, RefreshPolicy, RefreshStats, SafetyGradientSource, SourceError};
 pub use spf_subspace::{ParamFilter, RankPolicy, SubspaceConfig, VectorPolicy};
 pub use stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};
+pub use visitors::require_lora_base_gradients;

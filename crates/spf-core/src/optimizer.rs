@@ -62,11 +62,18 @@ impl SpfConfig {
     /// step is projected against `bases`, one per targeted parameter of `module`. Targeted
     /// parameters without a basis, and all other parameters, pass through untouched.
     ///
+    /// A weight trained through burn's LoRA adapter (`apply_lora`, `apply_qlora`) is protected
+    /// as the effective weight `W₀ + s·A B`: its basis is keyed by the weight's id, and each
+    /// step projects its factors' gradients or updates
+    /// ([`projection::lora`](crate::projection::lora)). A refresh makes the frozen base require
+    /// a gradient for the safety source, so bases can also be left to the first step.
+    ///
     /// # Errors
     ///
-    /// [`SpfError::Subspace`] for a bad filter regex; for a basis, [`SpfError::UnknownParam`],
-    /// [`SpfError::UntargetedParam`] or [`SpfError::ShapeMismatch`] when it does not belong to a
-    /// targeted parameter of `module` of the right shape.
+    /// [`SpfError::Subspace`] for a bad filter regex; [`SpfError::UnsupportedLoraMode`] for
+    /// `ColumnSpace` or `RowSpace` on a module with LoRA adapters; for a basis,
+    /// [`SpfError::UnknownParam`], [`SpfError::UntargetedParam`] or [`SpfError::ShapeMismatch`]
+    /// when it does not belong to a targeted parameter of `module` of the right shape.
     pub fn init<M: Module>(
         &self,
         inner: impl Into<ModuleOptimizer>,

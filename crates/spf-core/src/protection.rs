@@ -33,7 +33,8 @@ use crate::state::State;
 use crate::stats::{StatsFeed, StepStats};
 use crate::visitors::{
     Probes, check_gradient_shapes, place_bases, prepare_gradients, prepare_updates,
-    probe_gradients, project_gradients, reduce_gradients, replace_updates, snapshot_updates,
+    probe_gradients, project_gradients, project_lora_gradients, reduce_gradients, replace_updates,
+    snapshot_lora_updates, snapshot_updates,
 };
 
 /// SPF's state for one module and the safety source that refreshes it; its
@@ -296,18 +297,27 @@ impl<S> Protection<S> {
                 state.steps,
             );
         }
-        let (bases, mode) = (&state.bases, state.config.mode);
+        let (bases, mode, targets) = (&state.bases, state.config.mode, &*state.targets);
         let tensors = match state.config.target {
             ProjectionTarget::Gradient => {
-                let set = match project_gradients(&module, &mut grads, bases, mode, read_stats) {
-                    Ok(set) => set,
+                let projected = project_gradients(&module, &mut grads, bases, mode, read_stats)
+                    .and_then(|set| {
+                        let lora = project_lora_gradients(
+                            &module, &mut grads, targets, bases, mode, read_stats,
+                        )?;
+                        Ok((set, lora))
+                    });
+                let (set, lora) = match projected {
+                    Ok(sets) => sets,
                     Err(error) => return Err(StepError { module, error }),
                 };
                 let mut parts = probes.as_ref().map(Probes::values).unwrap_or_default();
                 let probed = parts.len();
                 parts.extend(set.readouts());
+                parts.extend(lora.readouts());
                 let host = host::read(parts);
                 let (probe_values, readouts) = host.split_at(probed);
+                let (readouts, lora_readouts) = readouts.split_at(set.numbers_to_read());
                 // The exact probe sees the projected gradients: a projection that turned finite
                 // entries near f32::MAX into ±Inf refuses the step, as it should.
                 if let Some(probes) = &probes
@@ -317,7 +327,9 @@ impl<S> Protection<S> {
                 {
                     return ended(done, module);
                 }
-                Some(set.stats(&self.state.targets, readouts))
+                let mut tensors = set.stats(&self.state.targets, readouts);
+                tensors.extend(lora.stats(&self.state.targets, lora_readouts));
+                Some(tensors)
             }
             ProjectionTarget::Update => None,
         };
@@ -330,14 +342,24 @@ impl<S> Protection<S> {
             Some(tensors) => Ok((inner.step(lr.clone(), module, grads), tensors)),
             None => {
                 let before = snapshot_updates(&module, &grads, bases);
+                let lora = snapshot_lora_updates(&module, &grads, targets, bases);
                 let module = inner.step(lr.clone(), module, grads);
                 let set = prepare_updates(&module, &before, bases, mode)?;
-                let tensors = if read_stats {
-                    set.stats(targets, &host::read(set.readouts()))
+                let lora = lora.prepare(&module, bases, mode)?;
+                let (tensors, lora_tensors) = if read_stats {
+                    let mut parts = set.readouts();
+                    parts.extend(lora.readouts());
+                    let host = host::read(parts);
+                    let (own, rest) = host.split_at(set.numbers_to_read());
+                    (set.stats(targets, own), lora.stats(targets, rest))
                 } else {
-                    Vec::new()
+                    (Vec::new(), Vec::new())
                 };
-                Ok((replace_updates(module, before, set, &tensors), tensors))
+                let module = replace_updates(module, before, set, &tensors);
+                let module = lora.replace(module, &lora_tensors);
+                let mut tensors = tensors;
+                tensors.extend(lora_tensors);
+                Ok((module, tensors))
             }
         }));
         match stepped {

@@ -12,6 +12,7 @@ use spf_subspace::{SafetySubspace, SubspaceConfig, Targets};
 
 use crate::bases::{ProtectedBases, admit};
 use crate::error::{SpfError, panic_message};
+use crate::visitors::with_base_gradients;
 
 /// When the wrapper re-estimates its bases. The bases given at `init` count as estimated at step
 /// 0; with none, the first step estimates them.
@@ -217,6 +218,12 @@ impl RefreshState {
         // The t-th refresh draws its sketches from seed + t: the counter is the random state.
         let mut estimator = estimator.clone();
         estimator.sketch.seed = estimator.sketch.seed.wrapping_add(self.counts.count as u64);
+        // A weight trained through a LoRA adapter is frozen, so the source's backward pass would
+        // not reach it: it gets a copy whose adapted weights require a gradient.
+        let adapted = targets
+            .has_adapters()
+            .then(|| with_base_gradients(module, targets));
+        let module = adapted.as_ref().unwrap_or(module);
         // A panicking source counts as a failed refresh: training goes on with the old bases.
         let gradients = catch_unwind(AssertUnwindSafe(|| source.safety_gradients(module)))
             .unwrap_or_else(|panic| Err(format!("it panicked: {}", panic_message(&*panic)).into()));

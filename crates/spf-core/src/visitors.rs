@@ -18,6 +18,11 @@ use crate::host;
 use crate::projection::{Measured, Pending, ProjectionMode, ProjectionStats, Readout};
 use crate::stats::TensorStats;
 
+mod lora;
+
+pub use lora::require_lora_base_gradients;
+pub(crate) use lora::{project_lora_gradients, snapshot_lora_updates, with_base_gradients};
+
 /// The bases of a wrapper.
 type Bases = ProtectedBases;
 
@@ -42,6 +47,14 @@ impl<P> ProjectionSet<P> {
         P: Readout,
     {
         self.entries.iter().map(|(_, p)| p.readout()).collect()
+    }
+
+    /// How many numbers [`Self::readouts`] hold together.
+    pub(crate) fn numbers_to_read(&self) -> usize
+    where
+        P: Readout,
+    {
+        self.entries.iter().map(|(_, p)| p.readout_len()).sum()
     }
 
     /// Each entry's statistics, from the host copy of [`Self::readouts`].

@@ -26,7 +26,7 @@ pub use diagnostics::{
 pub use error::SubspaceError;
 pub use rsvd::{MAX_POWER_ITERATIONS, RandomizedSvd, RandomizedSvdConfig, SketchConfig};
 pub use subspace::{RankPolicy, SafetySubspace, SubspaceConfig};
-pub use targets::{ParamFilter, Target, Targets, VectorPolicy};
+pub use targets::{Adapter, ParamFilter, Target, Targets, VectorPolicy};
 
 /// The device of the unit tests: burn's default device, which is the CPU (`flex`) here, and WGPU
 /// with the `test-wgpu` feature (for example on Mesa's lavapipe in CI), since burn prefers a GPU

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{LoraAdapter, Module, ModuleVisitor, Param, ParamId, Reparameterization};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use regex::Regex;
@@ -68,8 +68,22 @@ pub struct Target {
     /// Its rank as a tensor.
     pub rank: usize,
     /// Whether it is protected: its path matches the filter, and it has rank 2 or more, or rank 1
-    /// with [`VectorPolicy::Pcgrad`].
+    /// with [`VectorPolicy::Pcgrad`]. The factors of a LoRA adapter never are: SPF protects the
+    /// effective weight they adapt, through [`Self::adapter`].
     pub targeted: bool,
+    /// The factors of the LoRA adapter attached to this weight (burn's `apply_lora`), if any: the
+    /// weight is then frozen, and SPF projects the factors' gradients against the basis of the
+    /// effective weight `W₀ + s·A B`.
+    pub adapter: Option<Adapter>,
+}
+
+/// The parameter ids of a LoRA adapter's factors `A: [d_in, r]` and `B: [r, d_out]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adapter {
+    /// `A`.
+    pub a: ParamId,
+    /// `B`.
+    pub b: ParamId,
 }
 
 /// Every float parameter of a module, by id, with its path and whether it is protected.
@@ -92,9 +106,16 @@ impl Targets {
             vectors,
             path: Vec::new(),
             params: HashMap::new(),
+            adapted: None,
+            lora_depth: None,
         };
         module.visit(&mut visitor);
         Ok(Self(visitor.params))
+    }
+
+    /// Whether some protected weight is trained through a LoRA adapter.
+    pub fn has_adapters(&self) -> bool {
+        self.0.values().any(|t| t.targeted && t.adapter.is_some())
     }
 
     /// The parameter `id`, if the module has it.
@@ -134,29 +155,54 @@ struct TargetVisitor {
     vectors: VectorPolicy,
     path: Vec<String>,
     params: HashMap<ParamId, Target>,
+    /// The last parameter visited outside an adapter: the weight an adapter that follows adapts
+    /// (burn visits a parameter's base, then its reparameterization).
+    adapted: Option<ParamId>,
+    /// The path depth of the LoRA adapter being visited, if any.
+    lora_depth: Option<usize>,
 }
 
 impl ModuleVisitor for TargetVisitor {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.push(name.to_owned());
+        if container_type == "Reparameterization" && name == LoraAdapter::NAME {
+            self.lora_depth = Some(self.path.len());
+        }
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        if self.lora_depth == Some(self.path.len()) {
+            self.lora_depth = None;
+        }
         self.path.pop();
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let path = self.path.join(".");
+        let factor = self.lora_depth.is_some();
+        if factor && let Some(base) = self.adapted.and_then(|id| self.params.get_mut(&id)) {
+            let adapter = base.adapter.get_or_insert(Adapter {
+                a: param.id,
+                b: param.id,
+            });
+            match self.path.last().map(String::as_str) {
+                Some("a") => adapter.a = param.id,
+                _ => adapter.b = param.id,
+            }
+        } else {
+            self.adapted = Some(param.id);
+        }
         let rank_ok = D >= 2 || self.vectors == VectorPolicy::Pcgrad;
         let matches = self
             .regex
             .as_ref()
             .is_none_or(|regex| regex.is_match(&path));
         let target = Target {
-            targeted: rank_ok && matches,
+            targeted: rank_ok && matches && !factor,
             view: view_2d(&param.lazy_shape()),
             rank: D,
             path: path.into(),
+            adapter: None,
         };
         self.params.insert(param.id, target);
     }
@@ -243,6 +289,38 @@ mod tests {
             targeted(&pcgrad),
             ["attn.bias", "attn.weight", "mlp.0.bias", "mlp.0.weight"]
         );
+    }
+
+    #[test]
+    fn a_lora_adapted_weight_is_targeted_with_its_factors_and_they_are_not() {
+        use burn::module::Lora;
+        let model = block().apply_lora(Lora::new(2, 4.0).set_param_group(
+            burn::module::ParamGroup::from_paths(vec!["attn.weight", "mlp.0.weight"]),
+        ));
+        let filter = ParamFilter::path_regex(".*(attn|mlp).*");
+        let targets = Targets::of(&model, &filter, VectorPolicy::Skip).unwrap();
+        assert_eq!(targeted(&targets), ["attn.weight", "mlp.0.weight"]);
+        assert!(targets.has_adapters());
+        let lora = model.attn.weight.adapter().unwrap();
+        let attn = targets.get(&model.attn.weight.id).unwrap();
+        let expected = Adapter {
+            a: lora.a.id,
+            b: lora.b.id,
+        };
+        assert_eq!(attn.adapter, Some(expected));
+        assert_eq!(
+            &*targets.get(&lora.a.id).unwrap().path,
+            "attn.weight.lora.a"
+        );
+        assert!(
+            targets
+                .get(&model.head.weight.id)
+                .unwrap()
+                .adapter
+                .is_none()
+        );
+        let plain = Targets::of(&block(), &filter, VectorPolicy::Skip).unwrap();
+        assert!(!plain.has_adapters());
     }
 
     #[test]

@@ -58,6 +58,7 @@ use burn::tensor::Tensor;
 use spf_subspace::LowRankBasis;
 
 use super::mode::ProjectionMode;
+use super::readout::Readout;
 use super::stats::ProjectionStats;
 use crate::error::SpfError;
 use crate::host;
@@ -170,41 +171,24 @@ impl LoraPending {
         .reshape([-1])
     }
 
-    /// The statistics, in closed form from the [`Self::readout`] read back to the host.
+    /// The length of [`Self::readout`].
+    pub(crate) fn readout_len(&self) -> usize {
+        3 * self.sigma.len() + 1
+    }
+
+    /// The statistics, from the [`Self::readout`] read back to the host.
     pub(crate) fn stats(&self, readout: &[f64]) -> ProjectionStats {
-        let k = self.u.dims()[1];
-        let (a, rest) = readout.split_at(k);
-        let (e, rest) = rest.split_at(k);
-        let (lambda, rest) = rest.split_at(k);
-        let grad_energy = rest[0];
-        let sigma = &self.sigma;
-        // ‖g̃‖² = ‖g‖² − 2Σλ_i a_i + Σλ_i² e_i (the E_i are orthogonal).
-        let removed_energy: f64 = (0..k)
-            .map(|i| 2.0 * lambda[i] * a[i] - lambda[i] * lambda[i] * e[i])
-            .sum();
-        let after: Vec<f64> = (0..k).map(|i| a[i] - lambda[i] * e[i]).collect();
-        let d_norm = (0..k)
-            .map(|i| sigma[i] * sigma[i] * e[i])
-            .sum::<f64>()
-            .sqrt();
-        let cosine = |coefficients: &[f64], energy: f64| {
-            let dot: f64 = (0..k).map(|i| sigma[i] * coefficients[i]).sum();
-            let norm = energy.max(0.0).sqrt() * d_norm;
-            if norm > 0.0 { dot / norm } else { 0.0 }
-        };
-        ProjectionStats {
-            directions: k,
-            conflicting: a.iter().filter(|&&c| c < 0.0).count(),
-            // Pcgrad removes the one direction `D`, as on a full weight.
-            removed: match self.mode {
-                ProjectionMode::Pcgrad => usize::from(lambda.iter().any(|&l| l != 0.0)),
-                _ => lambda.iter().filter(|&&l| l != 0.0).count(),
-            },
-            grad_energy,
-            removed_energy,
-            cosine_before: cosine(a, grad_energy),
-            cosine_after: cosine(&after, grad_energy - removed_energy),
-        }
+        stats(self.mode, &self.sigma, readout)
+    }
+
+    /// `(g̃_A, g̃_B)` at once, with what the statistics need when `measure`.
+    pub(crate) fn finish_measured(self, measure: bool) -> (LoraGrads, Option<LoraMeasured>) {
+        let measured = measure.then(|| LoraMeasured {
+            mode: self.mode,
+            sigma: self.sigma.clone(),
+            readout: self.readout(),
+        });
+        (self.finish(false), measured)
     }
 
     /// `(g̃_A, g̃_B)`; with `unchanged` (nothing removed, known from the statistics) the gradients
@@ -217,6 +201,65 @@ impl LoraPending {
         let a = self.grads.a - (self.u * lambda.clone()).matmul(self.p.transpose());
         let b = self.grads.b - (self.q * lambda).matmul(self.v.transpose());
         LoraGrads { a, b }
+    }
+}
+
+/// A finished LoRA projection whose statistics wait for the host's read of its readout.
+pub(crate) struct LoraMeasured {
+    mode: ProjectionMode,
+    sigma: Vec<f64>,
+    readout: Tensor<1>,
+}
+
+impl Readout for LoraMeasured {
+    fn readout(&self) -> Tensor<1> {
+        self.readout.clone()
+    }
+
+    fn readout_len(&self) -> usize {
+        3 * self.sigma.len() + 1
+    }
+
+    fn stats(&self, readout: &[f64]) -> ProjectionStats {
+        stats(self.mode, &self.sigma, readout)
+    }
+}
+
+/// The statistics of a LoRA projection under `mode`, in closed form from its readout
+/// `[a, e, λ, ‖g‖²]`: the `E_i` are orthogonal, so `‖g̃‖² = ‖g‖² − Σ(2λ_i a_i − λ_i² e_i)`.
+/// `‖g‖²` is summed in `f32` on the device, so it overflows for gradients beyond about `1e19`
+/// (the full-weight statistics rebuild it; these do not).
+fn stats(mode: ProjectionMode, sigma: &[f64], readout: &[f64]) -> ProjectionStats {
+    let k = sigma.len();
+    let (a, rest) = readout.split_at(k);
+    let (e, rest) = rest.split_at(k);
+    let (lambda, rest) = rest.split_at(k);
+    let grad_energy = rest[0];
+    let removed_energy: f64 = (0..k)
+        .map(|i| 2.0 * lambda[i] * a[i] - lambda[i] * lambda[i] * e[i])
+        .sum();
+    let after: Vec<f64> = (0..k).map(|i| a[i] - lambda[i] * e[i]).collect();
+    let d_norm = (0..k)
+        .map(|i| sigma[i] * sigma[i] * e[i])
+        .sum::<f64>()
+        .sqrt();
+    let cosine = |coefficients: &[f64], energy: f64| {
+        let dot: f64 = (0..k).map(|i| sigma[i] * coefficients[i]).sum();
+        let norm = energy.max(0.0).sqrt() * d_norm;
+        if norm > 0.0 { dot / norm } else { 0.0 }
+    };
+    ProjectionStats {
+        directions: k,
+        conflicting: a.iter().filter(|&&c| c < 0.0).count(),
+        // Pcgrad removes the one direction `D`, as on a full weight.
+        removed: match mode {
+            ProjectionMode::Pcgrad => usize::from(lambda.iter().any(|&l| l != 0.0)),
+            _ => lambda.iter().filter(|&&l| l != 0.0).count(),
+        },
+        grad_energy,
+        removed_energy,
+        cosine_before: cosine(a, grad_energy),
+        cosine_after: cosine(&after, grad_energy - removed_energy),
     }
 }
 

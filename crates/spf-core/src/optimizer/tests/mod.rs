@@ -203,6 +203,7 @@ fn projected_grads(model: &Net, seed: u64, mode: ProjectionMode) -> GradientsPar
 mod distributed;
 mod every_optimizer;
 mod host_reads;
+mod lora;
 mod records;
 mod refresh;
 mod reliability;
