@@ -36,7 +36,10 @@ fn lora_net(device: &Device) -> Net {
     let seeded = [&model.attn, &model.mlp].map(|l| {
         let a = l.weight.adapter().expect("adapted").a.clone();
         let [d_in, r] = a.lazy_shape().dims();
-        (a.id, upload(&rng.matrix(d_in, r), &test_device()).mul_scalar(0.5))
+        (
+            a.id,
+            upload(&rng.matrix(d_in, r), &test_device()).mul_scalar(0.5),
+        )
     });
     let mut model = model.map(&mut Seeded(seeded.into_iter().collect()));
     let mut sgd = SgdConfig::new().init();
