@@ -9,12 +9,12 @@ pub use spf_core::{
     RECORD_VERSION, RankPolicy, RefreshPolicy, RefreshStats, SafetyGradientSource,
     SafetyProjectedOptimizer, SourceError, SpfConfig, SpfError, SpfRecord, StatsFeed, StatsPolicy,
     StepError, StepStats, SubspaceConfig, TensorStats, VectorPolicy, project,
-    project_without_stats,
+    project_without_stats, require_lora_base_gradients,
 };
 pub use spf_subspace::{
-    LowRankBasis, MAX_POWER_ITERATIONS, RandomizedSvd, RandomizedSvdConfig, SafetySubspace,
-    SketchConfig, SubspaceError, Target, Targets, captured_energy, direction_overlap,
-    principal_angles, rank_for_energy, subspace_overlap,
+    Adapter, LowRankBasis, MAX_POWER_ITERATIONS, RandomizedSvd, RandomizedSvdConfig,
+    SafetySubspace, SketchConfig, SubspaceError, Target, Targets, captured_energy,
+    direction_overlap, principal_angles, rank_for_energy, subspace_overlap,
 };
 pub use spf_subspace::{rsvd, view};
 
