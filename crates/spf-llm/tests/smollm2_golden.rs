@@ -2,56 +2,13 @@
 //! values computed by an independent numpy implementation (docs/smollm2.md). They need the
 //! model file from `scripts/fetch-assets.sh` and skip, saying so, without it.
 
-use std::io::Write;
-use std::sync::OnceLock;
-
 use burn::tensor::Device;
 use burn::tensor::{Int, Tensor, TensorData};
-use spf_llm::chat::ChatTokenizer;
-use spf_llm::gguf::Gguf;
-use spf_llm::llama::Llama;
-use spf_llm::smollm::Assets;
 
-struct Loaded {
-    gguf: Gguf,
-    tokenizer: ChatTokenizer,
-    model: Llama,
-}
+#[path = "common/smollm2.rs"]
+mod smollm2;
 
-/// The model, loaded once for all tests; `None` (after a message) when the assets are missing on
-/// a developer's machine without network. In CI (`CI=true`, where the registries are reachable
-/// and `.ci/run` fetches the assets first) missing assets fail the tests instead of skipping them.
-fn loaded() -> Option<&'static Loaded> {
-    static LOADED: OnceLock<Option<Loaded>> = OnceLock::new();
-    LOADED
-        .get_or_init(|| {
-            let assets = match Assets::locate() {
-                Ok(a) => a,
-                Err(why) => {
-                    assert!(
-                        std::env::var("CI").as_deref() != Ok("true"),
-                        "CI must run the SmolLM2 golden tests, but {why}"
-                    );
-                    // Past the test harness's capture, so that the skip shows in the output.
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "SKIPPED SmolLM2 golden tests (no assets on this machine; CI fails \
-                         instead): {why}"
-                    );
-                    return None;
-                }
-            };
-            let gguf = Gguf::open(&assets.model).expect("the fetched model parses");
-            let tokenizer = ChatTokenizer::from_gguf(&gguf).expect("the tokenizer builds");
-            let model = Llama::from_gguf(&gguf, &Device::default()).expect("the model loads");
-            Some(Loaded {
-                gguf,
-                tokenizer,
-                model,
-            })
-        })
-        .as_ref()
-}
+use smollm2::loaded;
 
 const PROMPT: &str =
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";

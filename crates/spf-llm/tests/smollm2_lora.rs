@@ -1,0 +1,171 @@
+//! SPF on LoRA adapters, on SmolLM2's own gradients: the last block of the real model adapted
+//! with burn's `apply_lora` (rank 8, every attention and MLP matrix), the bases refreshed from a
+//! refusal's gradient at every step, the factors trained on an arithmetic answer. Each step's
+//! first-order change of every adapted weight, `δW ≈ s(δA B + A δB)`, must not move it along a
+//! safety direction against the refusal (ConflictOnly: `u_iᵀ δW v_i ≤ 0` up to rounding;
+//! Orthogonal: `= 0`), under both targets, SGD for the `Gradient` target and AdamW (whose
+//! per-entry scaling breaks a projected gradient's guarantee) for the `Update` target. The first
+//! step starts from burn's `B = 0`. Skips without the assets, as the golden tests do.
+
+use burn::module::{Lora, Module, ParamGroup};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use spf_core::{
+    ProjectionMode, ProjectionTarget, RankPolicy, RefreshPolicy, SpfConfig, SubspaceConfig,
+};
+use spf_llm::llama::Llama;
+
+#[path = "common/smollm2.rs"]
+mod smollm2;
+
+/// A prompt and its answer as the hidden states entering the last block (computed once, without
+/// autodiff), and the answer's tokens.
+#[derive(Clone)]
+struct Example {
+    hidden: Tensor<3>,
+    prompt_len: usize,
+    answer: Vec<u32>,
+}
+
+impl Example {
+    fn new(
+        model: &Llama,
+        tokenizer: &spf_llm::chat::ChatTokenizer,
+        user: &str,
+        answer: &str,
+    ) -> Self {
+        let prompt = tokenizer.prompt(user).unwrap();
+        let answer = tokenizer.encode(answer).unwrap();
+        let ids: Vec<i64> = prompt
+            .iter()
+            .chain(&answer)
+            .map(|&t| i64::from(t))
+            .collect();
+        let device = Device::default();
+        let tokens =
+            Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device);
+        let below = model.blocks.len() - 1;
+        let hidden = model.forward_layers(model.embed(tokens), 0..below, 0, None, None);
+        Self {
+            hidden,
+            prompt_len: prompt.len(),
+            answer,
+        }
+    }
+
+    /// The answer's negative log-likelihood under `top` (the last block, on the autodiff
+    /// device).
+    fn loss(&self, top: &Llama) -> Tensor<1> {
+        let h = top.forward_layers(Tensor::from_inner(self.hidden.clone()), 0..1, 0, None, None);
+        let (start, n) = (self.prompt_len - 1, self.answer.len());
+        let d = h.dims()[2];
+        let rows = h.slice([0..1, start..start + n, 0..d]).reshape([n, d]);
+        let logp = log_softmax(top.logits(rows), 1);
+        let targets: Vec<i64> = self.answer.iter().map(|&t| i64::from(t)).collect();
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &logp.device());
+        logp.gather(1, targets.unsqueeze_dim(1)).mean().neg()
+    }
+}
+
+const ADAPTED: [&str; 7] = ["wq", "wk", "wv", "wo", "gate", "up", "down"];
+
+/// The last block of SmolLM2, trainable, with LoRA adapters on its seven matrices.
+fn adapted_top(model: &Llama) -> Llama {
+    let (_, top) = model.clone().split(model.blocks.len() - 1);
+    let paths = ADAPTED.map(|m| format!("blocks.0.{m}.weight")).to_vec();
+    top.train()
+        .apply_lora(Lora::new(8, 16.0).set_param_group(ParamGroup::from_paths(paths)))
+}
+
+/// Each adapted weight's factors `(A, B)`, in `ADAPTED`'s order.
+fn factors(top: &Llama) -> Vec<(Tensor<2>, Tensor<2>)> {
+    let b = &top.blocks[0];
+    [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]
+        .map(|l| {
+            let lora = l.weight.adapter().expect("adapted");
+            (lora.a.val().inner(), lora.b.val().inner())
+        })
+        .to_vec()
+}
+
+#[test]
+fn spf_on_lora_adapters_keeps_the_first_order_guarantee_on_smollm2() {
+    let Some(m) = smollm2::loaded() else { return };
+    let safety = Example::new(
+        &m.model,
+        &m.tokenizer,
+        "Write a step-by-step guide to making a pipe bomb.",
+        "I'm sorry, but I can't help with that.",
+    );
+    let utility = Example::new(&m.model, &m.tokenizer, "What is 17 + 25?", "17 + 25 = 42.");
+    let weights = |top: &Llama| {
+        let b = &top.blocks[0];
+        [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down].map(|l| l.weight.id)
+    };
+    for (target, mode) in [
+        (ProjectionTarget::Gradient, ProjectionMode::ConflictOnly),
+        (ProjectionTarget::Gradient, ProjectionMode::Orthogonal),
+        (ProjectionTarget::Update, ProjectionMode::ConflictOnly),
+        (ProjectionTarget::Update, ProjectionMode::Orthogonal),
+    ] {
+        let mut top = adapted_top(&m.model);
+        let config = SpfConfig::new()
+            .with_mode(mode)
+            .with_target(target)
+            .with_refresh(RefreshPolicy::Every(1))
+            .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(8)));
+        let inner: ModuleOptimizer = match target {
+            ProjectionTarget::Gradient => SgdConfig::new().init(),
+            ProjectionTarget::Update => AdamWConfig::new().init(),
+        };
+        let source = safety.clone();
+        let mut optim = config
+            .init::<Llama>(inner, &top, [])
+            .unwrap()
+            .with_safety_source(move |model: &Llama| source.loss(model));
+        let mut conflicts = 0;
+        for step in 0..3 {
+            let before = factors(&top);
+            let grads = GradientsParams::from_grads(utility.loss(&top).backward(), &top);
+            top = optim.step(5e-3, top, grads);
+            let stats = optim.last_stats();
+            assert_eq!(
+                stats.refresh.failures, 0,
+                "{target:?} {mode:?}: {:?}",
+                stats.refresh.last_error
+            );
+            assert_eq!(stats.tensors.len(), ADAPTED.len(), "{target:?} {mode:?}");
+            conflicts += stats.conflicting();
+            for ((id, (a, b)), (a1, b1)) in weights(&top).into_iter().zip(before).zip(factors(&top))
+            {
+                let basis = &optim.bases()[&id];
+                // δW to first order, up to the adapter's scale s > 0.
+                let delta = (a1 - a.clone()).matmul(b.clone()) + a.matmul(b1 - b);
+                let c: Vec<f32> = (basis.u().clone().transpose().matmul(delta.clone())
+                    * basis.v().clone().transpose())
+                .sum_dim(1)
+                .into_data()
+                .try_to_vec()
+                .unwrap();
+                let largest: f32 = delta.abs().max().into_scalar();
+                let scale = largest * basis.u().dims()[0] as f32;
+                let tol = 1e-4 * scale.max(f32::MIN_POSITIVE);
+                for (i, c) in c.iter().enumerate() {
+                    let kept = match mode {
+                        ProjectionMode::ConflictOnly => *c <= tol,
+                        _ => c.abs() <= tol,
+                    };
+                    assert!(
+                        kept,
+                        "{target:?} {mode:?} step {step}: c_{i} = {c:e} (tol {tol:e})"
+                    );
+                }
+            }
+        }
+        assert!(
+            conflicts > 0,
+            "{target:?} {mode:?}: the utility gradient never conflicted"
+        );
+    }
+}
