@@ -46,7 +46,7 @@ pub use optimizer::SafetyProjectedOptimizer;
 pub use projection::{Projected, ProjectionMode, ProjectionStats, project, project_without_stats};
 pub use protection::Protection;
 pub use record::{BasisRecord, ParamPath, RECORD_VERSION, SpfRecord};
+pub use refresh::require_lora_base_gradients;
 pub use refresh::{NoSafetySource, RefreshPolicy, RefreshStats, SafetyGradientSource, SourceError};
 pub use spf_subspace::{ParamFilter, RankPolicy, SubspaceConfig, VectorPolicy};
 pub use stats::{NonFiniteStats, StatsFeed, StepStats, TensorStats};
-pub use visitors::require_lora_base_gradients;

@@ -31,10 +31,10 @@ use crate::record::SpfRecord;
 use crate::refresh::{NoSafetySource, SafetyGradientSource};
 use crate::state::State;
 use crate::stats::{StatsFeed, StepStats};
+use crate::visitors::lora::{project_lora_gradients, snapshot_lora_updates};
 use crate::visitors::{
     Probes, check_gradient_shapes, place_bases, prepare_gradients, prepare_updates,
-    probe_gradients, project_gradients, project_lora_gradients, reduce_gradients, replace_updates,
-    snapshot_lora_updates, snapshot_updates,
+    probe_gradients, project_gradients, reduce_gradients, replace_updates, snapshot_updates,
 };
 
 /// SPF's state for one module and the safety source that refreshes it; its

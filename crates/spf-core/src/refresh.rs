@@ -12,7 +12,11 @@ use spf_subspace::{SafetySubspace, SubspaceConfig, Targets};
 
 use crate::bases::{ProtectedBases, admit};
 use crate::error::{SpfError, panic_message};
-use crate::visitors::with_base_gradients;
+
+mod base_gradients;
+
+pub use base_gradients::require_lora_base_gradients;
+use base_gradients::with_base_gradients;
 
 /// When the wrapper re-estimates its bases. The bases given at `init` count as estimated at step
 /// 0; with none, the first step estimates them.

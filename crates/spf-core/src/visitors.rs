@@ -18,10 +18,7 @@ use crate::host;
 use crate::projection::{Measured, Pending, ProjectionMode, ProjectionStats, Readout};
 use crate::stats::TensorStats;
 
-mod lora;
-
-pub use lora::require_lora_base_gradients;
-pub(crate) use lora::{project_lora_gradients, snapshot_lora_updates, with_base_gradients};
+pub(crate) mod lora;
 
 /// The bases of a wrapper.
 type Bases = ProtectedBases;
