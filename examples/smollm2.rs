@@ -9,6 +9,7 @@
 //! cargo run --release --example smollm2 -- --grid  # 3 seeds, p ∈ {0, 0.05, 0.1, 0.2, 1}, 4 methods
 //! cargo run --release --example smollm2 -- --split validation --seeds 100 --target update
 //! cargo run --release --example smollm2 -- --shares 0.1 --methods spf --screen 0.004
+//! cargo run --release --example smollm2 -- --lora 8   # fine-tune LoRA adapters on all blocks
 //! cargo run --release --features cuda --example smollm2 -- --backend cuda --train-layers 30
 //! ```
 //!
@@ -23,7 +24,7 @@ use burn::tensor::Device;
 use clap::{Parser, ValueEnum};
 use spf_core::{ProjectionTarget, RefreshPolicy};
 use spf_llm::smollm::MeanStd;
-use spf_llm::smollm::{Assets, EvalSplit, SmolConfig, SmolMethod, SmolResults};
+use spf_llm::smollm::{Assets, EvalSplit, SmolConfig, SmolLora, SmolMethod, SmolResults};
 use spf_subspace::RankPolicy;
 
 #[path = "common/backend.rs"]
@@ -78,6 +79,10 @@ struct Args {
     /// Blocks trained, counted from the top (30 trains the whole model).
     #[arg(long, default_value_t = 4)]
     train_layers: usize,
+    /// Fine-tune through LoRA adapters of this rank (alpha twice the rank) on every attention
+    /// and MLP matrix of all blocks, training only the adapters; alignment is unchanged.
+    #[arg(long)]
+    lora: Option<usize>,
     /// Alignment steps.
     #[arg(long, default_value_t = 150)]
     align_steps: usize,
@@ -177,6 +182,7 @@ fn config(args: &Args) -> Result<SmolConfig, Box<dyn std::error::Error>> {
         })
         .with_screen(args.screen)
         .with_train_layers(args.train_layers)
+        .with_lora(args.lora.map(SmolLora::new))
         .with_align_steps(args.align_steps)
         .with_attack_steps(args.attack_steps)
         .with_threads(args.threads)
@@ -200,8 +206,15 @@ fn run(args: &Args, device: &Device, backend: &str) -> Result<(), Box<dyn std::e
     let assets = Assets::locate()?;
     let config = config(args)?;
     let cells = config.seeds.len() * (1 + config.harmful_shares.len() * config.methods.len()) + 1;
+    let tuned = match config.lora {
+        Some(lora) => format!(
+            "fine-tuning trains LoRA adapters of rank {} on every block",
+            lora.rank
+        ),
+        None => "fine-tuning trains them".into(),
+    };
     eprintln!(
-        "spf smollm2 on {backend}: the last {} blocks train; {} align + {} fine-tuning steps; {cells} models to score",
+        "spf smollm2 on {backend}: alignment trains the last {} blocks, {tuned}; {} align + {} fine-tuning steps; {cells} models to score",
         config.train_layers, config.align_steps, config.attack_steps
     );
     let mut progress = progress::reporter();

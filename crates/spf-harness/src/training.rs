@@ -33,7 +33,9 @@ impl<S> Stepper<S> {
     }
 
     /// AdamW under SPF as `config` says, its bases estimated at `model` from `source`'s safety
-    /// gradient with `config.estimator`, and refreshed from `source`.
+    /// gradient with `config.estimator`, and refreshed from `source`. A weight trained through
+    /// LoRA adapters is estimated from the gradient of the effective weight, as the wrapper's
+    /// refresh does ([`spf_core::require_lora_base_gradients`]).
     ///
     /// # Errors
     ///
@@ -45,10 +47,11 @@ impl<S> Stepper<S> {
         S: SafetyGradientSource<M>,
         E: From<SpfError> + From<SubspaceError>,
     {
+        let probe = spf_core::require_lora_base_gradients(model);
         let grads = source
-            .safety_gradients(model)
+            .safety_gradients(&probe)
             .map_err(|err| SpfError::SafetySource(err.to_string()))?;
-        let subspace = SafetySubspace::estimate(model, &grads, &config.estimator)?;
+        let subspace = SafetySubspace::estimate(&probe, &grads, &config.estimator)?;
         let optim = config
             .init(AdamWConfig::new().build(), model, subspace)?
             .with_safety_source(source);

@@ -6,7 +6,8 @@
 //! [`experiment`] runs the grid as a list of stages, one stage a file: the prompts (`splits`),
 //! alignment (`align`), what a seed's cells share (`seed`), the attack (`attack`) and scoring
 //! (`score`), over `blocks`, which trains the top of the model over its cached frozen bottom;
-//! `cache` keeps finished cells, [`config`] and [`results`] are what goes in and comes out.
+//! `cache` keeps finished cells, [`config`] and [`results`] are what goes in and comes out;
+//! `lora` adapts the whole model for LoRA fine-tuning.
 
 mod align;
 mod attack;
@@ -15,6 +16,7 @@ mod cache;
 pub mod config;
 pub mod data;
 pub mod experiment;
+mod lora;
 mod pairs;
 pub mod protocol;
 pub mod results;
@@ -23,7 +25,7 @@ mod score;
 mod seed;
 mod splits;
 
-pub use config::{SmolConfig, SmolMethod};
+pub use config::{SmolConfig, SmolLora, SmolMethod};
 pub use data::{Assets, DataError};
 pub use experiment::run;
 pub use protocol::EvalSplit;

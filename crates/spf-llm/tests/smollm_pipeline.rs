@@ -5,7 +5,9 @@
 use burn::tensor::Device;
 use spf_harness::progress::Silent;
 use spf_llm::llama::{LlamaConfig, tiny_gguf};
-use spf_llm::smollm::{Assets, SmolConfig, SmolMethod, SmolModel, SmolResults, experiment};
+use spf_llm::smollm::{
+    Assets, SmolConfig, SmolLora, SmolMethod, SmolModel, SmolResults, experiment,
+};
 
 fn write_assets(dir: &std::path::Path) {
     let config = LlamaConfig {
@@ -170,6 +172,7 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
             "p = {p}"
         );
     }
+    let full_sft_loss = row(SmolMethod::Sft, 0.2).final_loss;
     // The reference answers are the aligned model's own greedy answers.
     assert_eq!(results.rows[1].model, SmolModel::Aligned);
     assert_eq!(results.rows[1].benign_agreement, Some(1.0));
@@ -288,5 +291,48 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
         "the defence's refusals are not screened"
     );
     assert!(screen.harmful.scored + screen.task.scored > 0);
+
+    // LoRA on every block (rank 2). The base and aligned models are the same as without it
+    // (from the cache); the fine-tuned ones are new cells, SPF's projection acts on the
+    // adapters, and a recomputed LoRA cell is the same as before (its factors come from the
+    // seed, not from burn's generator).
+    let lora = config
+        .clone()
+        .with_harmful_shares(vec![0.2])
+        .with_methods(vec![SmolMethod::Sft, SmolMethod::Spf])
+        .with_screen(None)
+        .with_lora(Some(SmolLora::new(2)));
+    let cells = |dir: &std::path::Path| std::fs::read_dir(dir.join("cache/cells")).unwrap().count();
+    let before = cells(&dir);
+    let adapted = run(&lora, &assets);
+    assert_eq!(adapted.cached_cells, 2, "base and aligned");
+    assert_eq!(cells(&dir), before + 2);
+    let find = |r: &SmolResults, method| {
+        r.rows
+            .iter()
+            .find(|row| row.model == SmolModel::Attacked { method, p: 0.2 })
+            .unwrap()
+            .clone()
+    };
+    let (sft_lora, spf_lora) = (
+        find(&adapted, SmolMethod::Sft),
+        find(&adapted, SmolMethod::Spf),
+    );
+    assert_ne!(sft_lora.final_loss, full_sft_loss);
+    assert!(spf_lora.conflict_share.expect("statistics") > 0.0);
+    assert_ne!(
+        spf_lora.final_loss, sft_lora.final_loss,
+        "SPF changed nothing"
+    );
+    assert_ne!(spf_lora.refusal_margin, sft_lora.refusal_margin);
+    let recomputed = run(&lora.clone().with_cache_dir(None), &assets);
+    for method in [SmolMethod::Sft, SmolMethod::Spf] {
+        let (a, b) = (find(&adapted, method), find(&recomputed, method));
+        assert_eq!(
+            (a.final_loss, a.refusal_margin, a.hs_advbench),
+            (b.final_loss, b.refusal_margin, b.hs_advbench),
+            "{method:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,7 +4,7 @@
 
 use spf_harness::progress::Progress;
 
-use super::blocks::{Lab, Schedule, TrainWith, Trained};
+use super::blocks::{Lab, Schedule, TrainWith, Trained, Tuning};
 use super::cache::Cache;
 use super::data::REFUSALS;
 use super::pairs::{Encoder, Pair};
@@ -60,6 +60,7 @@ pub(super) fn aligned_top(
             steps: config.align_steps,
             lr: config.align_lr,
             order_seed: seed ^ salt::BATCH_ORDER,
+            tuning: Tuning::Full,
         },
         &format!("align (seed {seed})"),
         progress,

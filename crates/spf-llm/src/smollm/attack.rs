@@ -1,13 +1,14 @@
 //! Stage 2, the attack: from the seed's aligned blocks, fine-tune on arithmetic problems with
 //! exactly `round(p · n)` harmful pairs mixed in, with the cell's method, then score the result
-//! (stage 3, [`super::score`]).
+//! (stage 3, [`super::score`]). `lab` and `held` are the fine-tuning stage's own: for LoRA, the
+//! whole model's ([`Lab::whole`]).
 
 use std::time::Instant;
 
 use spf_harness::progress::Progress;
 use spf_harness::screening::ScreenSummary;
 
-use super::blocks::{Lab, Prepared, Schedule, TrainWith, Trained};
+use super::blocks::{Lab, Prepared, Schedule, TrainWith, Trained, Tuning};
 use super::config::SmolMethod;
 use super::protocol::{Example, mix, with_refusals};
 use super::results::{SmolModel, SmolRow};
@@ -66,19 +67,30 @@ pub(super) fn attack(
         conflict,
         screened,
     } = lab.train(
-        ctx.aligned_top.clone(),
+        ctx.attack_start.clone(),
         &examples,
         with,
         Schedule {
             steps: config.attack_steps,
             lr: config.attack_lr,
             order_seed: seed ^ salt::BATCH_ORDER,
+            tuning: config.lora.map_or(Tuning::Full, |lora| Tuning::Lora {
+                lora,
+                seed: seed ^ salt::LORA,
+            }),
         },
         &name,
         progress,
     )?;
     let seconds = t.elapsed().as_secs_f64();
-    let scores = lab.score(&top, held, Some(&ctx.reference), tok, progress, &name)?;
+    let scores = lab.score(
+        &top,
+        held,
+        Some(&ctx.attack_reference),
+        tok,
+        progress,
+        &name,
+    )?;
     let mut row = scores.row(model, Some(seed), Some(loss), conflict, seconds);
     if let (Some(threshold), true) = (config.screen, method.projects()) {
         let kind = |i: usize| set[i].kind();

@@ -16,7 +16,8 @@ use spf_harness::screening::{RunScreen, Screened};
 use spf_harness::training::{BatchOrder, Stepper};
 use spf_subspace::ParamFilter;
 
-use super::config::SmolConfig;
+use super::config::{SmolConfig, SmolLora};
+use super::lora::adapt;
 use super::pairs::Pair;
 use crate::LlmError;
 use crate::llama::{Llama, PromptBatch};
@@ -64,18 +65,29 @@ pub(super) enum TrainWith<'a> {
 /// The matrices SPF protects: every attention and feed-forward weight of the trained blocks.
 pub(super) const PROTECTED: &str = r"blocks\.\d+\.(wq|wk|wv|wo|gate|up|down)\.weight";
 
-/// A training stage's length, learning rate and batch order.
+/// A training stage's length, learning rate, batch order, and what it trains.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Schedule {
     pub(super) steps: usize,
     pub(super) lr: f64,
     /// Seeds the order in which batches are drawn.
     pub(super) order_seed: u64,
+    pub(super) tuning: Tuning,
+}
+
+/// What a training stage trains.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Tuning {
+    /// Every weight of the blocks it is given (the top blocks).
+    Full,
+    /// LoRA adapters on every matrix of every block it is given (the whole model), their
+    /// factors drawn from `seed` (`lora.rs`); nothing else trains.
+    Lora { lora: SmolLora, seed: u64 },
 }
 
 /// A training stage's outcome.
 pub(super) struct Trained {
-    /// The trained blocks (with the frozen embedding and norm).
+    /// The trained blocks (with the frozen embedding and norm; with their adapters for LoRA).
     pub(super) top: Llama,
     /// The mean loss of the last 10 steps.
     pub(super) loss: f64,
@@ -89,12 +101,27 @@ pub(super) struct Trained {
 pub(super) struct Lab<'a> {
     pub(super) prefix: Llama,
     pub(super) frozen: usize,
+    /// The model's blocks, frozen and trained.
+    pub(super) layers: usize,
     pub(super) eos: u32,
     pub(super) device: Device,
     pub(super) config: &'a SmolConfig,
 }
 
-impl Lab<'_> {
+impl<'a> Lab<'a> {
+    /// The lab in which every block is above the cache, which then holds the embeddings alone:
+    /// for training that reaches every block (LoRA on the whole model).
+    pub(super) fn whole(&self) -> Lab<'a> {
+        Lab {
+            prefix: self.prefix.clone().split(0).0,
+            frozen: 0,
+            layers: self.layers,
+            eos: self.eos,
+            device: self.device.clone(),
+            config: self.config,
+        }
+    }
+
     /// The frozen blocks' output on each pair's whole sequence.
     pub(super) fn prepare(&self, pairs: &[Pair]) -> Vec<Prepared> {
         let mut out = Vec::with_capacity(pairs.len());
@@ -184,9 +211,14 @@ impl Lab<'_> {
         // turns autodiff on) keeps that: the blocks must be made trainable, or every step would
         // be a no-op.
         let mut model = top.train();
-        model.blocks = model.blocks.map(&mut Trainable);
-        model.embed = model.embed.set_require_grad(false);
-        model.norm = model.norm.no_grad();
+        match schedule.tuning {
+            Tuning::Full => {
+                model.blocks = model.blocks.map(&mut Trainable);
+                model.embed = model.embed.set_require_grad(false);
+                model.norm = model.norm.no_grad();
+            }
+            Tuning::Lora { lora, seed } => model = adapt(model, lora, seed)?,
+        }
         let mut screen = None;
         let mut stepper = match with {
             TrainWith::Plain => Stepper::plain(),
@@ -281,7 +313,7 @@ impl Lab<'_> {
 
     /// The evaluation prompts after the frozen blocks, once for every model.
     pub(super) fn prompt_cache(&self, prompts: &[Vec<u32>]) -> PromptCache {
-        let layers = self.frozen + self.config.train_layers;
+        let layers = self.layers;
         let chunks = self
             .chunks(prompts)
             .into_iter()

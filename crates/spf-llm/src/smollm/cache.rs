@@ -69,7 +69,7 @@ impl CellKey {
         ];
         const PROJECTION: &[&str] = &["mode", "target", "rank", "refresh", "screen"];
         const REFUSAL_DATA: &[&str] = &["safety_samples", "safe_instr_share"];
-        const ATTACK: &[&str] = &["attack_steps", "attack_lr", "finetune_samples"];
+        const ATTACK: &[&str] = &["attack_steps", "attack_lr", "finetune_samples", "lora"];
         let unused: Vec<&[&str]> = match model {
             SmolModel::Base | SmolModel::Aligned => vec![PROJECTION, REFUSAL_DATA, ATTACK],
             SmolModel::Attacked { method, .. } => {

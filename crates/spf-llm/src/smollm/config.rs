@@ -103,6 +103,11 @@ pub struct SmolConfig {
     /// conflicts with the safety subspace is dropped from its batch
     /// ([`spf_core::screen`]); `None` keeps every sample.
     pub screen: Option<f64>,
+    /// Fine-tune through LoRA adapters instead of the weights: every attention and MLP matrix
+    /// of every block (not only the `train_layers` that alignment trained) gets adapters, and
+    /// only they train, on the whole model (the frozen blocks' cache no longer applies). `None`:
+    /// full fine-tuning of the top `train_layers` blocks. Alignment is the same either way.
+    pub lora: Option<SmolLora>,
     /// Prompts per generation batch.
     #[config(default = 48)]
     pub eval_batch: usize,
@@ -138,6 +143,23 @@ impl SmolConfig {
         settings::learning_rate("align_lr", self.align_lr)?;
         settings::learning_rate("attack_lr", self.attack_lr)?;
         self.sample_screen()?;
+        if let Some(lora) = self.lora {
+            settings::at_least_one(&[("lora rank", lora.rank)])?;
+            if !(lora.alpha.is_finite() && lora.alpha > 0.0) {
+                return Err(LlmError::Config(format!(
+                    "lora alpha must be positive and finite, not {}",
+                    lora.alpha
+                )));
+            }
+            if self.screen.is_some() {
+                // The screen scores a sample by its gradient of the protected weights, which a
+                // LoRA run does not compute (their bases are frozen); scoring the factors'
+                // gradients is not built yet.
+                return Err(LlmError::Config(
+                    "the sample screen does not run on LoRA adapters yet".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -160,6 +182,27 @@ impl SmolConfig {
             .with_target(self.target)
             .with_refresh(self.refresh)
             .with_estimator(SubspaceConfig::new().with_rank(self.rank))
+    }
+}
+
+/// LoRA adapters for the fine-tuning stage: `W = W₀ + (alpha / rank)·A B` on every attention
+/// and MLP matrix, `A` drawn from the cell's seed (`N(0, 1/rank)`, burn's default spread) and
+/// `B = 0`, so training starts from the aligned model itself.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SmolLora {
+    /// The adapters' rank.
+    pub rank: usize,
+    /// The scale's numerator (the field's common choice is twice the rank).
+    pub alpha: f64,
+}
+
+impl SmolLora {
+    /// Rank `rank` at `alpha = 2·rank`.
+    pub fn new(rank: usize) -> Self {
+        Self {
+            rank,
+            alpha: 2.0 * rank as f64,
+        }
     }
 }
 
@@ -219,6 +262,14 @@ mod tests {
             SmolConfig::new().with_safety_samples(0),
             SmolConfig::new().with_screen(Some(1.5)),
             SmolConfig::new().with_screen(Some(f64::NAN)),
+            SmolConfig::new().with_lora(Some(SmolLora::new(0))),
+            SmolConfig::new().with_lora(Some(SmolLora {
+                rank: 8,
+                alpha: f64::INFINITY,
+            })),
+            SmolConfig::new()
+                .with_lora(Some(SmolLora::new(8)))
+                .with_screen(Some(0.004)),
         ];
         for config in bad {
             assert!(

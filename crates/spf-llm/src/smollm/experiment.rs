@@ -20,7 +20,8 @@
 //! and the alignment's settings, so an interrupted grid resumes where it stopped (`cache.rs`).
 //!
 //! Only the last `train_layers` blocks are trained; the frozen ones run once per sequence
-//! (`blocks.rs`). One stage a file: the settings in [`super::config`], the prompts in
+//! (`blocks.rs`). With [`SmolConfig::lora`] the attack instead trains LoRA adapters on every
+//! matrix of every block (`lora.rs`), over the whole model. One stage a file: the settings in [`super::config`], the prompts in
 //! `splits.rs`, stage 1 in `align.rs`, what a seed's cells share in `seed.rs`, stage 2 in
 //! `attack.rs`, stage 3 in `score.rs`, the rows in [`super::results`].
 
@@ -62,6 +63,17 @@ pub fn run(
     let splits = Splits::new(config, assets)?;
     let encoder = Encoder { tok: &tok };
     let held = Held::new(&lab, encoder, &splits, config, progress)?;
+    // LoRA fine-tunes every block: its cells train and score the whole model, with only the
+    // embedding cached (the base and aligned models are scored as without LoRA).
+    let whole = config.lora.is_some().then(|| lab.whole());
+    let whole_held = match &whole {
+        Some(whole) => Some(Held::new(whole, encoder, &splits, config, progress)?),
+        None => None,
+    };
+    let (attack_lab, attack_held) = match (&whole, &whole_held) {
+        (Some(lab), Some(held)) => (lab, held),
+        _ => (&lab, &held),
+    };
     // Cells and aligned checkpoints are keyed by the data and the engine as well as the
     // configuration.
     let cache = match config.cache_dir.as_deref() {
@@ -83,7 +95,10 @@ pub fn run(
         let mut context: Option<SeedContext> = None;
         let make = |progress: &mut dyn Progress| {
             let cache = cache.as_ref();
-            SeedContext::new(&lab, cache, encoder, &splits, &base_top, seed, progress)
+            let whole = whole.as_ref();
+            SeedContext::new(
+                &lab, whole, cache, encoder, &splits, &base_top, seed, progress,
+            )
         };
         let aligned = (SmolModel::Aligned, Some(seed));
         rows.push(cells.row(aligned, progress, |progress| {
@@ -97,7 +112,15 @@ pub fn run(
                 let attacked = (SmolModel::Attacked { method, p }, Some(seed));
                 rows.push(cells.row(attacked, progress, |progress| {
                     let ctx = made(&mut context, make, progress)?;
-                    attack(&lab, ctx, &held, &tok, (method, p), seed, progress)
+                    attack(
+                        attack_lab,
+                        ctx,
+                        attack_held,
+                        &tok,
+                        (method, p),
+                        seed,
+                        progress,
+                    )
                 })?);
             }
         }
@@ -115,7 +138,7 @@ pub fn run(
         arithmetic_prompts: held.problems.len(),
         benign_prompts: config.benign_eval,
         train_layers: config.train_layers,
-        layers: lab.frozen + config.train_layers,
+        layers: lab.layers,
         cached_cells: cells.cached,
         config: config.clone(),
         wall_seconds: started.elapsed().as_secs_f64(),
@@ -170,6 +193,7 @@ fn load<'c>(
     let lab = Lab {
         prefix,
         frozen,
+        layers,
         eos: tok.eos,
         device: device.clone(),
         config,

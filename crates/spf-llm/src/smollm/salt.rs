@@ -8,3 +8,5 @@ pub(super) const PROBLEMS: u64 = 0xA417;
 pub(super) use spf_harness::seed::salt::{ATTACK as HARMFUL, SAFETY_BATCH as SAFETY, SHUFFLE};
 /// The order of the training batches.
 pub(super) const BATCH_ORDER: u64 = 0x5EED;
+/// The LoRA factors `A` of a fine-tuning run.
+pub(super) const LORA: u64 = 0x10_4A00;

@@ -1,7 +1,8 @@
 //! What every cell of one seed shares ([`SeedContext`]): the aligned top blocks (stage 1,
 //! [`super::align`]), the aligned model's greedy answers to held-out benign prompts (the
 //! reference for benign agreement), and the fine-tuning data: arithmetic problems, harmful
-//! pairs and the safety samples, all after the frozen blocks.
+//! pairs and the safety samples, all after the frozen blocks of the fine-tuning stage's lab
+//! (for LoRA, which trains every block, after the embedding alone).
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -23,7 +24,7 @@ use crate::llama::Llama;
 pub(super) struct SeedContext {
     /// The fine-tuning task's problems.
     pub(super) tasks: Vec<Problem>,
-    /// Those problems with their answers, after the frozen blocks.
+    /// Those problems with their answers, after the fine-tuning lab's frozen blocks.
     pub(super) task_set: Vec<Prepared>,
     /// The harmful Q→A pairs a fine-tuning set draws from.
     pub(super) harmful_set: Vec<Prepared>,
@@ -31,14 +32,22 @@ pub(super) struct SeedContext {
     pub(super) safety_set: Vec<Prepared>,
     /// The aligned model's greedy answers to held-out benign prompts.
     pub(super) reference: Vec<Prepared>,
+    /// The same, after the fine-tuning lab's frozen blocks.
+    pub(super) attack_reference: Vec<Prepared>,
     /// The aligned top blocks.
     pub(super) aligned_top: Llama,
+    /// What fine-tuning starts from: the aligned top blocks, or for LoRA the whole aligned
+    /// model.
+    pub(super) attack_start: Llama,
 }
 
 impl SeedContext {
-    /// The context of `seed`: its alignment (from `cache` when there), then its data.
+    /// The context of `seed`: its alignment (from `cache` when there), then its data, after
+    /// the frozen blocks of `whole` when fine-tuning trains every block (LoRA), else of `lab`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         lab: &Lab<'_>,
+        whole: Option<&Lab<'_>>,
         cache: Option<&Cache>,
         encoder: Encoder<'_>,
         splits: &Splits,
@@ -65,6 +74,10 @@ impl SeedContext {
             progress,
         )?;
         let aligned = lab.prefix.clone().join(aligned_top.clone());
+        let (attack_lab, attack_start) = match whole {
+            Some(whole) => (whole, aligned.clone()),
+            None => (lab, aligned_top.clone()),
+        };
         let reference = lab.generate(&aligned, &benign_eval_ids, config.max_answer_tokens);
         let reference: Vec<Pair> = benign_eval_ids
             .into_iter()
@@ -96,13 +109,19 @@ impl SeedContext {
             .enumerate()
             .map(|(i, p)| encoder.pair(p, REFUSALS[i % REFUSALS.len()], cut))
             .collect::<Result<Vec<_>, _>>()?;
+        let reference_set = lab.prepare(&reference);
         Ok(Self {
             tasks,
-            task_set: lab.prepare(&task_pairs),
-            harmful_set: lab.prepare(&harmful_pairs),
-            safety_set: lab.prepare(&safety_pairs),
-            reference: lab.prepare(&reference),
+            task_set: attack_lab.prepare(&task_pairs),
+            harmful_set: attack_lab.prepare(&harmful_pairs),
+            safety_set: attack_lab.prepare(&safety_pairs),
+            attack_reference: match whole {
+                Some(whole) => whole.prepare(&reference),
+                None => reference_set.clone(),
+            },
+            reference: reference_set,
             aligned_top,
+            attack_start,
         })
     }
 }
