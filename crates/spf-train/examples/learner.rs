@@ -12,6 +12,20 @@
 //! the inner AdamW state and the scheduler, and the fourth epoch is the one an uninterrupted
 //! four-epoch run takes (`tests/learner.rs` checks it bit for bit). `--devices N` trains on N
 //! replicas under burn-train's multi-device strategy.
+//!
+//! `--lora R` trains LoRA adapters of rank `R` instead of the weights. Protecting a LoRA run takes
+//! no other change: adapt the model with burn's `apply_lora` before wrapping it, and SPF keys its
+//! bases by the adapted weights, estimates them from the effective weights' safety gradient and
+//! projects the factors' gradients (docs/method.md, "LoRA adapters"):
+//!
+//! ```text
+//! let model = Regressor::new(&device).apply_lora(Lora::new(rank, 2.0 * rank as f64));
+//! let protection = SpfConfig::new()
+//!     .with_refresh(RefreshPolicy::Every(5))
+//!     .protection(&model, [])?                      // the first step estimates the bases
+//!     .with_safety_source(move |m: &Regressor| m.regression(safety.clone()).loss);
+//! let model = Protected::new(model, protection);     // then burn-train's Learner, as usual
+//! ```
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -20,7 +34,7 @@ use std::sync::Arc;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::data::dataset::InMemDataset;
-use burn::module::Module;
+use burn::module::{Lora, Module};
 use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Distribution, Tensor, TensorData, activation::tanh};
 use burn::train::metric::LossMetric;
@@ -150,16 +164,29 @@ pub struct Outcome {
     pub stats: StepStats,
 }
 
-/// Trains `epochs` epochs into `dir`, from scratch or, with `resume`, from the checkpoint of
-/// that epoch in `dir`, on `devices` replicas: more than one runs burn-train's multi-device
-/// strategy (`ExecutionStrategy::MultiDevice` with the optimization sharded, which hands SPF
-/// the devices' gradients), with the CPU device repeated, as the CPU has one.
-pub fn run(
-    dir: &Path,
-    epochs: usize,
-    resume: Option<usize>,
-    devices: usize,
-) -> Result<Outcome, Box<dyn Error>> {
+/// How to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Epochs in all, counting those before `resume`.
+    pub epochs: usize,
+    /// From the checkpoint of this epoch (`None`: from scratch).
+    pub resume: Option<usize>,
+    /// Replicas (more than one: burn-train's multi-device strategy).
+    pub devices: usize,
+    /// Train LoRA adapters of this rank instead of the weights.
+    pub lora: Option<usize>,
+}
+
+/// Trains into `dir` as `options` say. More than one device runs burn-train's multi-device
+/// strategy (`ExecutionStrategy::MultiDevice` with the optimization sharded, which hands SPF the
+/// devices' gradients), with the CPU device repeated, as the CPU has one.
+pub fn run(dir: &Path, options: Options) -> Result<Outcome, Box<dyn Error>> {
+    let Options {
+        epochs,
+        resume,
+        devices,
+        lora,
+    } = options;
     let device = Device::default().autodiff();
     let plain = device.clone().inner();
     let train = task(SAMPLES, 1, 10, &plain);
@@ -168,7 +195,11 @@ pub fn run(
     let safety = PairBatcher.batch(task(4, 2, 12, &plain), &device);
 
     device.seed(0);
-    let model = Regressor::new(&device);
+    let mut model = Regressor::new(&device);
+    if let Some(rank) = lora {
+        // Every 2-D weight gets adapters (burn draws `A` from the seeded state); all else freezes.
+        model = model.apply_lora(Lora::new(rank, 2.0 * rank as f64));
+    }
     let protection = SpfConfig::new()
         .with_refresh(RefreshPolicy::Every(5))
         .with_estimator(SubspaceConfig::new().with_rank(RankPolicy::Fixed(4)))
@@ -206,23 +237,29 @@ pub fn run(
 
 fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
-    let (mut epochs, mut resume, mut devices) = (3, None, 1);
+    let mut options = Options {
+        epochs: 3,
+        resume: None,
+        devices: 1,
+        lora: None,
+    };
     let mut dir = PathBuf::from("target/spf-runs/learner");
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--epochs" => epochs = value()?.parse()?,
-            "--resume" => resume = Some(value()?.parse()?),
+            "--epochs" => options.epochs = value()?.parse()?,
+            "--resume" => options.resume = Some(value()?.parse()?),
             "--out" => dir = value()?.into(),
-            "--devices" => devices = value()?.parse()?,
+            "--devices" => options.devices = value()?.parse()?,
+            "--lora" => options.lora = Some(value()?.parse()?),
             _ => return Err(format!("unknown argument {flag}").into()),
         }
     }
-    if resume.is_none() && dir.exists() {
+    if options.resume.is_none() && dir.exists() {
         // A fresh run: burn-train appends to the logs of an old one.
         std::fs::remove_dir_all(&dir)?;
     }
-    let outcome = run(&dir, epochs, resume, devices)?;
+    let outcome = run(&dir, options)?;
     let stats = &outcome.stats;
     println!(
         "last step: {:.1}% of safety directions conflicting, {:.3}% of gradient energy removed, \
