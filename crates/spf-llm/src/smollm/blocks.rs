@@ -16,7 +16,7 @@ use spf_harness::screening::{RunScreen, Screened};
 use spf_harness::training::{BatchOrder, Stepper};
 use spf_subspace::ParamFilter;
 
-use super::config::{SmolConfig, SmolLora};
+use super::config::{PROTECTED, SmolConfig, SmolLora};
 use super::lora::adapt;
 use super::pairs::Pair;
 use crate::LlmError;
@@ -61,9 +61,6 @@ pub(super) enum TrainWith<'a> {
         own: Vec<bool>,
     },
 }
-
-/// The matrices SPF protects: every attention and feed-forward weight of the trained blocks.
-pub(super) const PROTECTED: &str = r"blocks\.\d+\.(wq|wk|wv|wo|gate|up|down)\.weight";
 
 /// A training stage's length, learning rate, batch order, and what it trains.
 #[derive(Debug, Clone, Copy)]

@@ -12,6 +12,10 @@ use spf_subspace::{RankPolicy, SubspaceConfig};
 use super::protocol::EvalSplit;
 use crate::LlmError;
 
+/// The matrices fine-tuning protects (SPF) and adapts (LoRA): every attention and feed-forward
+/// weight of the blocks it trains.
+pub(super) const PROTECTED: &str = r"blocks\.\d+\.(wq|wk|wv|wo|gate|up|down)\.weight";
+
 /// The experiment's settings. The defaults are the documented CPU configuration.
 #[derive(Config, Debug, PartialEq)]
 pub struct SmolConfig {

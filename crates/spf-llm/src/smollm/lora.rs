@@ -9,8 +9,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
-use super::blocks::PROTECTED;
-use super::config::SmolLora;
+use super::config::{PROTECTED, SmolLora};
 use crate::LlmError;
 use crate::llama::Llama;
 
