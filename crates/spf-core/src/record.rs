@@ -250,16 +250,34 @@ fn rekeyed(targets: &Targets, saved: &[ParamPath]) -> Result<Option<Targets>, Sp
     if by_path.len() != saved.len() {
         return Err(mismatch("two saved parameters share a path".into()));
     }
+    let saved_id = |path: &str| {
+        by_path
+            .get(path)
+            .map(|&id| ParamId::from(id))
+            .ok_or_else(|| {
+                mismatch(format!(
+                    "the module's parameter `{path}` is not in the record"
+                ))
+            })
+    };
+    // A LoRA-adapted weight names its factors by id: they take the saved ids of their paths too.
+    let factor = |id: ParamId| match targets.get(&id) {
+        Some(factor) => saved_id(&factor.path),
+        None => Err(mismatch(
+            "a LoRA factor that is not a parameter of the module".into(),
+        )),
+    };
     let rekeyed: Targets = targets
         .iter()
-        .map(|(_, target)| match by_path.get(&*target.path) {
-            Some(&id) => Ok((ParamId::from(id), target.clone())),
-            None => Err(mismatch(format!(
-                "the module's parameter `{}` is not in the record",
-                target.path
-            ))),
+        .map(|(_, target)| {
+            let mut target = target.clone();
+            if let Some(adapter) = &mut target.adapter {
+                adapter.a = factor(adapter.a)?;
+                adapter.b = factor(adapter.b)?;
+            }
+            Ok((saved_id(&target.path)?, target))
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, SpfError>>()?;
     if let Some(extra) = saved.iter().find(|p| {
         rekeyed
             .get(&ParamId::from(p.param))

@@ -111,31 +111,26 @@ fn the_multi_device_strategy_trains_refreshes_and_resumes_exactly() {
     assert!(a.stats.removed() > 0, "the objectives conflict");
 }
 
-/// A LoRA run (rank 2 on every weight of the MLP) inside the Learner: SPF projects the factors'
-/// gradients, its statistics are keyed by the adapted weights, and it refreshes on schedule.
-/// (Resuming a LoRA run from burn-train's checkpoint is not yet exact: see docs/guide.md.)
+/// A LoRA run (rank 2 on every weight of the MLP): SPF projects the factors' gradients, keys its
+/// statistics by the adapted weights, and the run resumes from burn-train's checkpoint bit for
+/// bit, the factors and their AdamW state included. (The resumed model has the record's
+/// parameter ids, its factors' among them, which the protection adopts.)
 #[test]
-fn a_lora_run_is_protected_inside_the_learner() {
+fn a_lora_run_is_protected_and_resumes_exactly() {
     let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = fresh_dir("learner-lora");
-    let options = learner::Options {
-        epochs: 2,
-        resume: None,
-        devices: 1,
-        lora: Some(2),
-    };
-    let a = learner::run(&dir, options).unwrap();
+    let (a, b, _) = whole_and_resumed("learner-lora", 1, Some(2));
+    assert_eq!(a.stats.refresh.count, b.stats.refresh.count);
     assert!(a.stats.refresh.count >= 6, "refreshes every 5 of 32 steps");
     assert!(
         a.stats.removed() > 0,
         "the objectives conflict through the adapters"
     );
+    assert_eq!(b.stats.removed(), a.stats.removed());
     let paths: Vec<_> = a.stats.tensors.iter().map(|t| t.path.to_string()).collect();
     assert_eq!(paths.len(), 3, "one entry per adapted weight: {paths:?}");
     assert!(paths.iter().all(|p| p.ends_with("weight")), "{paths:?}");
-    let adapted = parameters(&a.model);
     assert_eq!(
-        adapted.len(),
+        parameters(&a.model).len(),
         3 * 4,
         "each layer: weight, its two factors, bias"
     );
