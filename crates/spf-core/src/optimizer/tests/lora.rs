@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use burn::module::{Lora, ModuleMapper, ParamGroup};
 
+use super::refresh::safety_loss;
 use super::*;
 use crate::RefreshPolicy;
 use crate::projection::{LoraFactors, LoraGrads, project_lora};
@@ -184,15 +185,6 @@ fn update_target_keeps_the_first_order_guarantee_under_adamw() {
             "{mode:?}: it trains"
         );
     }
-}
-
-/// The safety loss of the refresh tests: fit two fixed inputs to fixed targets.
-fn safety_loss(model: &Net) -> Tensor<1> {
-    let device = test_device();
-    let mut rng = Gaussian::new(77);
-    let x = upload(&rng.matrix(2, 4), &device);
-    let y = upload(&rng.matrix(2, 3), &device);
-    (model.forward(x) - y).square().mean()
 }
 
 /// A wrapper built without bases estimates them at its first step from the effective weights'

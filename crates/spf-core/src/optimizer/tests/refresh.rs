@@ -6,7 +6,7 @@ use spf_subspace::{SafetySubspace, SketchConfig};
 
 /// The safety loss: fit two fixed inputs to fixed targets (a two-objective problem with the
 /// regression loss of `grads`).
-fn safety_loss(model: &Net) -> Tensor<1> {
+pub(super) fn safety_loss(model: &Net) -> Tensor<1> {
     let device = test_device();
     let mut rng = Gaussian::new(77);
     let x = upload(&rng.matrix(2, 4), &device);
