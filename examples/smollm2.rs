@@ -225,11 +225,16 @@ fn run(args: &Args, device: &Device, backend: &str) -> Result<(), Box<dyn std::e
     let json = args.out.join("results.json");
     std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
     print!("{}", table(&results));
+    let trained = match config.lora {
+        Some(lora) => format!("LoRA rank {} on all {} blocks", lora.rank, results.layers),
+        None => format!(
+            "{} of {} blocks trained",
+            results.train_layers, results.layers
+        ),
+    };
     println!(
-        "\nwall time {:.1} min on {backend} ({} of {} blocks trained; {} cells from the cache); results in {}",
+        "\nwall time {:.1} min on {backend} ({trained}; {} cells from the cache); results in {}",
         results.wall_seconds / 60.0,
-        results.train_layers,
-        results.layers,
         results.cached_cells,
         json.display()
     );

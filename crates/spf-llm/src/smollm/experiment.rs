@@ -21,9 +21,10 @@
 //!
 //! Only the last `train_layers` blocks are trained; the frozen ones run once per sequence
 //! (`blocks.rs`). With [`SmolConfig::lora`] the attack instead trains LoRA adapters on every
-//! matrix of every block (`lora.rs`), over the whole model. One stage a file: the settings in [`super::config`], the prompts in
-//! `splits.rs`, stage 1 in `align.rs`, what a seed's cells share in `seed.rs`, stage 2 in
-//! `attack.rs`, stage 3 in `score.rs`, the rows in [`super::results`].
+//! matrix of every block (`lora.rs`), over the whole model. One stage a file: the settings in
+//! [`super::config`], the prompts in `splits.rs`, stage 1 in `align.rs`, what a seed's cells
+//! share in `seed.rs`, stage 2 in `attack.rs`, stage 3 in `score.rs`, the rows in
+//! [`super::results`].
 
 use burn::tensor::Device;
 use std::time::Instant;
