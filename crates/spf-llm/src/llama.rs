@@ -520,6 +520,25 @@ fn rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
     x * cos.clone().unsqueeze::<4>() + rotated * sin.clone().unsqueeze::<4>()
 }
 
+impl LlamaConfig {
+    /// The sizes of the tiny Llama the tests build with [`tiny_gguf`]: the byte-level
+    /// tokenizer's 261 symbols, width 32, `layers` blocks of 4 heads (2 key-value heads) and a
+    /// 48-wide MLP. Only with the `testing` feature.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn tiny(layers: usize) -> Self {
+        Self {
+            vocab: 261,
+            d_model: 32,
+            layers,
+            heads: 4,
+            kv_heads: 2,
+            d_ff: 48,
+            rope_base: 10000.0,
+            norm_eps: 1.0 / 65536.0,
+        }
+    }
+}
+
 /// A small random Llama with a byte-level tokenizer, as GGUF bytes: what tests (the loader's
 /// fuzzing among them) use when the real model is not fetched. Vocabulary: `<|endoftext|>`,
 /// `<|im_start|>`, `<|im_end|>`, GPT-2's 256 byte symbols, and the merges `Ġ t` and `h e`.

@@ -10,16 +10,7 @@ use spf_llm::smollm::{
 };
 
 fn write_assets(dir: &std::path::Path) {
-    let config = LlamaConfig {
-        vocab: 261,
-        d_model: 32,
-        layers: 3,
-        heads: 4,
-        kv_heads: 2,
-        d_ff: 48,
-        rope_base: 10000.0,
-        norm_eps: 1.0 / 65536.0,
-    };
+    let config = LlamaConfig::tiny(3);
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
         dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"),

@@ -4,16 +4,7 @@ use super::*;
 use crate::chat::ChatTokenizer;
 
 fn config() -> LlamaConfig {
-    LlamaConfig {
-        vocab: 261,
-        d_model: 32,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        d_ff: 48,
-        rope_base: 10000.0,
-        norm_eps: 1.0 / 65536.0,
-    }
+    LlamaConfig::tiny(2)
 }
 
 fn model() -> Llama {

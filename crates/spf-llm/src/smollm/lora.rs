@@ -79,17 +79,7 @@ mod tests {
     use crate::llama::{LlamaConfig, tiny_gguf};
 
     fn model() -> Llama {
-        let config = LlamaConfig {
-            vocab: 261,
-            d_model: 32,
-            layers: 3,
-            heads: 4,
-            kv_heads: 2,
-            d_ff: 48,
-            rope_base: 10000.0,
-            norm_eps: 1.0 / 65536.0,
-        };
-        let gguf = Gguf::parse(tiny_gguf(&config, 3)).unwrap();
+        let gguf = Gguf::parse(tiny_gguf(&LlamaConfig::tiny(3), 3)).unwrap();
         Llama::from_gguf(&gguf, &Device::default()).unwrap().train()
     }
 
