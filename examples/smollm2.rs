@@ -89,6 +89,9 @@ struct Args {
     /// Fine-tuning steps per method.
     #[arg(long, default_value_t = 60)]
     attack_steps: usize,
+    /// Fine-tuning learning rate, the same for every method (the attack's strength).
+    #[arg(long, default_value_t = 2e-4)]
+    attack_lr: f64,
     /// Threads that generate answers in parallel.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -185,6 +188,7 @@ fn config(args: &Args) -> Result<SmolConfig, Box<dyn std::error::Error>> {
         .with_lora(args.lora.map(SmolLora::new))
         .with_align_steps(args.align_steps)
         .with_attack_steps(args.attack_steps)
+        .with_attack_lr(args.attack_lr)
         .with_threads(args.threads)
         .with_cache_dir((!args.no_cache).then(|| args.out.join("cache")));
     if args.quick {
