@@ -5,12 +5,14 @@
 //! safety direction against the refusal (ConflictOnly: `u_iᵀ δW v_i ≤ 0` up to rounding;
 //! Orthogonal: `= 0`), under both targets, SGD for the `Gradient` target and AdamW (whose
 //! per-entry scaling breaks a projected gradient's guarantee) for the `Update` target. The first
-//! step starts from burn's `B = 0`. Skips without the assets, as the golden tests do.
+//! step starts from burn's `B = 0`. The same holds under QLoRA (`apply_qlora`), whose bases stay
+//! quantized. Skips without the assets, as the golden tests do.
 
-use burn::module::{Lora, Module, ParamGroup};
+use burn::module::{Lora, Module, ParamGroup, QLora, Quantizer};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::quantization::{Calibration, QuantScheme, QuantValue, ScaleDtype};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use spf_core::{
     ProjectionMode, ProjectionTarget, RankPolicy, RefreshPolicy, SpfConfig, SubspaceConfig,
 };
@@ -70,12 +72,47 @@ impl Example {
 
 const ADAPTED: [&str; 7] = ["wq", "wk", "wv", "wo", "gate", "up", "down"];
 
-/// The last block of SmolLM2, trainable, with LoRA adapters on its seven matrices.
-fn adapted_top(model: &Llama) -> Llama {
+/// How the protected matrices are fine-tuned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Adapters {
+    /// burn's LoRA: dense frozen bases.
+    Lora,
+    /// burn's QLoRA, the bases requantized to burn's closest scheme to the file's Q4_1 (4-bit
+    /// values with an f16 scale per block of 32; symmetric, so Q4_1's offset per block is lost).
+    QLora,
+}
+
+/// The last block of SmolLM2, trainable, with adapters of rank 8 on its seven matrices.
+fn adapted_top(model: &Llama, adapters: Adapters) -> Llama {
     let (_, top) = model.clone().split(model.blocks.len() - 1);
     let paths = ADAPTED.map(|m| format!("blocks.0.{m}.weight")).to_vec();
-    top.train()
-        .apply_lora(Lora::new(8, 16.0).set_param_group(ParamGroup::from_paths(paths)))
+    let lora = Lora::new(8, 16.0).set_param_group(ParamGroup::from_paths(paths.clone()));
+    match adapters {
+        Adapters::Lora => top.train().apply_lora(lora),
+        Adapters::QLora => {
+            let scheme = QuantScheme::default()
+                .with_value(QuantValue::Q4S)
+                .per_block([32], ScaleDtype::F16);
+            let mut quantizer = Quantizer::new(Calibration::MinMax, scheme);
+            quantizer.set_param_group(ParamGroup::from_paths(paths));
+            top.train().apply_qlora(QLora::new(lora, quantizer))
+        }
+    }
+}
+
+/// Each adapted weight's frozen base is stored quantized (under QLoRA) or not (LoRA); the
+/// quantized one takes under a third of the dense one's bytes.
+fn assert_bases_stored(top: &Llama, adapters: Adapters) {
+    let b = &top.blocks[0];
+    for l in [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down] {
+        let base = l.weight.base();
+        let quantized = matches!(base.dtype(), DType::QFloat(_));
+        assert_eq!(quantized, adapters == Adapters::QLora);
+        let dense_bytes = 4 * base.shape().num_elements();
+        if quantized {
+            assert!(3 * base.into_data().bytes().len() < dense_bytes);
+        }
+    }
 }
 
 /// Each adapted weight's factors `(A, B)`, in `ADAPTED`'s order.
@@ -91,6 +128,17 @@ fn factors(top: &Llama) -> Vec<(Tensor<2>, Tensor<2>)> {
 
 #[test]
 fn spf_on_lora_adapters_keeps_the_first_order_guarantee_on_smollm2() {
+    guarantee(Adapters::Lora);
+}
+
+/// Under QLoRA the refresh differentiates through the dequantized bases (burn's autodiff gives a
+/// quantized leaf no gradient, so without that every weight would go unprotected, silently).
+#[test]
+fn spf_on_qlora_adapters_keeps_the_first_order_guarantee_on_smollm2() {
+    guarantee(Adapters::QLora);
+}
+
+fn guarantee(adapters: Adapters) {
     let Some(m) = smollm2::loaded() else { return };
     let safety = Example::new(
         &m.model,
@@ -109,7 +157,8 @@ fn spf_on_lora_adapters_keeps_the_first_order_guarantee_on_smollm2() {
         (ProjectionTarget::Update, ProjectionMode::ConflictOnly),
         (ProjectionTarget::Update, ProjectionMode::Orthogonal),
     ] {
-        let mut top = adapted_top(&m.model);
+        let mut top = adapted_top(&m.model, adapters);
+        assert_bases_stored(&top, adapters);
         let config = SpfConfig::new()
             .with_mode(mode)
             .with_target(target)
@@ -167,5 +216,6 @@ fn spf_on_lora_adapters_keeps_the_first_order_guarantee_on_smollm2() {
             conflicts > 0,
             "{target:?} {mode:?}: the utility gradient never conflicted"
         );
+        assert_bases_stored(&top, adapters);
     }
 }
