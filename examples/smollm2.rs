@@ -9,7 +9,7 @@
 //! cargo run --release --example smollm2 -- --grid  # 3 seeds, p ∈ {0, 0.05, 0.1, 0.2, 1}, 4 methods
 //! cargo run --release --example smollm2 -- --split validation --seeds 100 --target update
 //! cargo run --release --example smollm2 -- --shares 0.1 --methods spf --screen 0.004
-//! cargo run --release --example smollm2 -- --lora 8   # fine-tune LoRA adapters on all blocks
+//! cargo run --release --example smollm2 -- --lora 8 --attack-lr 1e-3 --refresh 10  # LoRA, all blocks
 //! cargo run --release --features cuda --example smollm2 -- --backend cuda --train-layers 30
 //! ```
 //!
