@@ -9,6 +9,7 @@
 //! quantized. Skips without the assets, as the golden tests do.
 
 use burn::module::{Lora, Module, ParamGroup, QLora, Quantizer};
+use burn::nn::Linear;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::quantization::{Calibration, QuantScheme, QuantValue, ScaleDtype};
@@ -72,6 +73,12 @@ impl Example {
 
 const ADAPTED: [&str; 7] = ["wq", "wk", "wv", "wo", "gate", "up", "down"];
 
+/// The last block's seven matrices, in `ADAPTED`'s order.
+fn matrices(top: &Llama) -> [&Linear; 7] {
+    let b = &top.blocks[0];
+    [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]
+}
+
 /// How the protected matrices are fine-tuned.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Adapters {
@@ -103,8 +110,7 @@ fn adapted_top(model: &Llama, adapters: Adapters) -> Llama {
 /// Each adapted weight's frozen base is stored quantized (under QLoRA) or not (LoRA); the
 /// quantized one takes under a third of the dense one's bytes.
 fn assert_bases_stored(top: &Llama, adapters: Adapters) {
-    let b = &top.blocks[0];
-    for l in [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down] {
+    for l in matrices(top) {
         let base = l.weight.base();
         let quantized = matches!(base.dtype(), DType::QFloat(_));
         assert_eq!(quantized, adapters == Adapters::QLora);
@@ -125,10 +131,7 @@ fn qlora_requantizes_the_file_q4_1_weights_closely_but_not_exactly() {
     let Some(m) = smollm2::loaded() else { return };
     let (_, dense) = m.model.clone().split(m.model.blocks.len() - 1);
     let quantized = adapted_top(&m.model, Adapters::QLora);
-    let bases = |top: &Llama| {
-        let b = &top.blocks[0];
-        [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down].map(|l| l.weight.base())
-    };
+    let bases = |top: &Llama| matrices(top).map(|l| l.weight.base());
     let (mut change, mut norm, mut bytes, mut weights) = (0.0, 0.0, 0, 0);
     for (w, q) in bases(&dense).into_iter().zip(bases(&quantized)) {
         weights += w.shape().num_elements();
@@ -149,8 +152,7 @@ fn qlora_requantizes_the_file_q4_1_weights_closely_but_not_exactly() {
 
 /// Each adapted weight's factors `(A, B)`, in `ADAPTED`'s order.
 fn factors(top: &Llama) -> Vec<(Tensor<2>, Tensor<2>)> {
-    let b = &top.blocks[0];
-    [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]
+    matrices(top)
         .map(|l| {
             let lora = l.weight.adapter().expect("adapted");
             (lora.a.val().inner(), lora.b.val().inner())
@@ -179,10 +181,7 @@ fn guarantee(adapters: Adapters) {
         "I'm sorry, but I can't help with that.",
     );
     let utility = Example::new(&m.model, &m.tokenizer, "What is 17 + 25?", "17 + 25 = 42.");
-    let weights = |top: &Llama| {
-        let b = &top.blocks[0];
-        [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down].map(|l| l.weight.id)
-    };
+    let weights = |top: &Llama| matrices(top).map(|l| l.weight.id);
     for (target, mode) in [
         (ProjectionTarget::Gradient, ProjectionMode::ConflictOnly),
         (ProjectionTarget::Gradient, ProjectionMode::Orthogonal),
