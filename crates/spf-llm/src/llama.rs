@@ -116,6 +116,16 @@ pub struct Block {
     pub down: Linear,
 }
 
+impl Block {
+    /// The block's seven matrices, attention's then the MLP's: `wq`, `wk`, `wv`, `wo`, `gate`,
+    /// `up`, `down` (what fine-tuning protects and adapts).
+    pub fn matrices(&self) -> [&Linear; 7] {
+        [
+            &self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down,
+        ]
+    }
+}
+
 /// The model: embedding (also the head), blocks, final norm.
 #[derive(Module, Debug)]
 pub struct Llama {

@@ -75,8 +75,7 @@ const ADAPTED: [&str; 7] = ["wq", "wk", "wv", "wo", "gate", "up", "down"];
 
 /// The last block's seven matrices, in `ADAPTED`'s order.
 fn matrices(top: &Llama) -> [&Linear; 7] {
-    let b = &top.blocks[0];
-    [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]
+    top.blocks[0].matrices()
 }
 
 /// How the protected matrices are fine-tuned.

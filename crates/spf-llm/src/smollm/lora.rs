@@ -28,7 +28,7 @@ pub(super) fn adapt(model: Llama, lora: SmolLora, seed: u64) -> Result<Llama, Ll
     let a: HashSet<ParamId> = model
         .blocks
         .iter()
-        .flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down])
+        .flat_map(|b| b.matrices())
         .filter_map(|linear| linear.weight.adapter())
         .map(|adapter| adapter.a.id)
         .collect();
@@ -92,7 +92,7 @@ mod tests {
         let factors = |m: &Llama| -> Vec<Vec<f32>> {
             m.blocks
                 .iter()
-                .flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down])
+                .flat_map(|b| b.matrices())
                 .map(|l| {
                     let adapter = l.weight.adapter().expect("every matrix adapted");
                     assert!(adapter.a.is_require_grad() && adapter.b.is_require_grad());
