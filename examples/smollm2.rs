@@ -195,10 +195,11 @@ fn config(args: &Args) -> Result<SmolConfig, Box<dyn std::error::Error>> {
         config = config
             .with_align_steps(30)
             .with_attack_steps(10)
-            .with_advbench_test(20)
-            .with_advbench_validation(20)
-            .with_harmbench_test(20)
-            .with_arithmetic_eval(20)
+            .with_advbench_test(10)
+            .with_advbench_validation(10)
+            .with_align_prompts(Some(40))
+            .with_harmbench_test(10)
+            .with_arithmetic_eval(10)
             .with_benign_train(40)
             .with_benign_eval(10)
             .with_finetune_samples(40);

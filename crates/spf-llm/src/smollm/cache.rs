@@ -119,6 +119,9 @@ struct AlignKey<'a> {
     max_answer_tokens: usize,
     advbench_test: usize,
     advbench_validation: usize,
+    /// Left out when `None`, so that the checkpoints aligned before it existed stay valid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    align_prompts: Option<usize>,
     harmbench_test: usize,
     benign_train: usize,
     benign_eval: usize,
@@ -174,6 +177,7 @@ impl Cache {
             max_answer_tokens: config.max_answer_tokens,
             advbench_test: config.advbench_test,
             advbench_validation: config.advbench_validation,
+            align_prompts: config.align_prompts,
             harmbench_test: config.harmbench_test,
             benign_train: config.benign_train,
             benign_eval: config.benign_eval,

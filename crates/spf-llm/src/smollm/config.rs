@@ -52,6 +52,10 @@ pub struct SmolConfig {
     /// AdvBench prompts held out for choosing settings ([`EvalSplit::Validation`]).
     #[config(default = 60)]
     pub advbench_validation: usize,
+    /// AdvBench prompts the alignment refuses, at most (`None`: every one not held out, 320 of
+    /// the 480 distinct prompts by default). Every one runs through the frozen blocks before
+    /// training, so a smoke run that trains on few sets fewer.
+    pub align_prompts: Option<usize>,
     /// HarmBench prompts held out for the reported tables. pyrit's harmful Q→A pairs ask
     /// HarmBench's own questions (198 of its 200), so the pairs that ask a held-out one are
     /// never trained on, and the other HarmBench prompts are not scored.
@@ -141,6 +145,7 @@ impl SmolConfig {
             ("max_answer_tokens", self.max_answer_tokens),
             ("answer_tokens", self.answer_tokens),
             ("train_layers", self.train_layers),
+            ("align_prompts", self.align_prompts.unwrap_or(1)),
         ])?;
         settings::grid(self.seeds.len(), self.methods.len(), &self.harmful_shares)?;
         settings::share("safe_instr_share", self.safe_instr_share)?;
@@ -264,6 +269,7 @@ mod tests {
             SmolConfig::new().with_safe_instr_share(-0.1),
             SmolConfig::new().with_seeds(Vec::new()),
             SmolConfig::new().with_safety_samples(0),
+            SmolConfig::new().with_align_prompts(Some(0)),
             SmolConfig::new().with_screen(Some(1.5)),
             SmolConfig::new().with_screen(Some(f64::NAN)),
             SmolConfig::new().with_lora(Some(SmolLora::new(0))),

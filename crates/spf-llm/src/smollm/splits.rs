@@ -55,7 +55,8 @@ impl Splits {
                 advbench.len()
             )));
         }
-        let adv_align = advbench.split_off(held);
+        let mut adv_align = advbench.split_off(held);
+        adv_align.truncate(config.align_prompts.unwrap_or(usize::MAX));
         let adv_validation = advbench.split_off(config.advbench_test);
         let adv_test = advbench;
         let mut harmbench_all = assets.harmbench()?;
