@@ -52,6 +52,9 @@ fn poisoned(model: &Net, seed: u64) -> GradientsParams {
 
 #[test]
 fn every_step_keeps_the_distributed_mark() {
+    if !on_gpu("every_step_keeps_the_distributed_mark") {
+        return;
+    }
     let device = test_device();
     let policies = [
         NonFinitePolicy::Error,

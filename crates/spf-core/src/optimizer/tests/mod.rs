@@ -199,6 +199,19 @@ fn projected_grads(model: &Net, seed: u64, mode: ProjectionMode) -> GradientsPar
     grads
 }
 
+/// Whether burn's default device is a GPU one, which the tests under `test-wgpu` need (a CubeCL
+/// backend for the distributed mark, a second device for records). With WGPU compiled in,
+/// `BURN_DEVICE=flex` keeps the default on the CPU (CI's CPU run, whose WGPU step runs them);
+/// there they say so and return.
+#[cfg(feature = "test-wgpu")]
+fn on_gpu(test: &str) -> bool {
+    let cpu = Device::default() == Device::flex();
+    if cpu {
+        eprintln!("SKIPPED {test}: burn's default device is the CPU (BURN_DEVICE=flex)");
+    }
+    !cpu
+}
+
 #[cfg(feature = "test-wgpu")]
 mod distributed;
 mod every_optimizer;
