@@ -4,8 +4,6 @@ use burn::module::ParamId;
 use spf_subspace::SubspaceError;
 use thiserror::Error;
 
-use crate::projection::ProjectionMode;
-
 /// A step that did not happen, with the module handed back untouched.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
@@ -109,16 +107,6 @@ pub enum SpfError {
         expected: Vec<usize>,
         /// What was found.
         found: Vec<usize>,
-    },
-
-    /// A projection mode that has no LoRA form: `ColumnSpace` and `RowSpace` pull back to
-    /// constraints on the adapter factors that are not orthogonal to one another.
-    #[error(
-        "{mode:?} cannot project a LoRA adapter's gradients; use ConflictOnly, Orthogonal or Pcgrad"
-    )]
-    UnsupportedLoraMode {
-        /// The mode.
-        mode: ProjectionMode,
     },
 
     /// The learning rate is NaN, infinite or negative.

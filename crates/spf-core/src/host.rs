@@ -3,7 +3,8 @@
 //!
 //! On a GPU each read is a synchronisation: the host waits until the device has run everything
 //! queued before it. The step therefore reads at most once, for the non-finite probe and the
-//! statistics together, and not at all when neither is asked for
+//! statistics together (the LoRA adapters' subspace modes once more, for their solve), and not at
+//! all when neither is asked for
 //! ([`StatsPolicy::Off`](crate::StatsPolicy::Off) with
 //! [`NonFinitePolicy::Unchecked`](crate::NonFinitePolicy::Unchecked)). Each step reports its count
 //! in [`StepStats::host_reads`](crate::StepStats::host_reads); a test holds the step path's

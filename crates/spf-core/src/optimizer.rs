@@ -70,8 +70,7 @@ impl SpfConfig {
     ///
     /// # Errors
     ///
-    /// [`SpfError::Subspace`] for a bad filter regex; [`SpfError::UnsupportedLoraMode`] for
-    /// `ColumnSpace` or `RowSpace` on a module with LoRA adapters; for a basis,
+    /// [`SpfError::Subspace`] for a bad filter regex; for a basis,
     /// [`SpfError::UnknownParam`], [`SpfError::UntargetedParam`] or [`SpfError::ShapeMismatch`]
     /// when it does not belong to a targeted parameter of `module` of the right shape.
     pub fn init<M: Module>(

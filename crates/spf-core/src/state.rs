@@ -39,9 +39,6 @@ impl State {
     ) -> Result<Self, SpfError> {
         let estimator = &config.estimator;
         let targets = Targets::of(module, &estimator.filter, estimator.vector_policy)?;
-        if targets.has_adapters() && config.mode.removes_subspace() {
-            return Err(SpfError::UnsupportedLoraMode { mode: config.mode });
-        }
         let bases = admit(&targets, estimator.rank.max_rank(), bases)?;
         let mut refresh = RefreshState::new(&config.refresh);
         if !bases.is_empty() {

@@ -39,8 +39,9 @@ pub struct StepStats {
     /// under [`StatsPolicy::Off`](crate::StatsPolicy::Off) and
     /// [`NonFinitePolicy::Unchecked`](crate::NonFinitePolicy::Unchecked) makes none. Extra reads
     /// come only with non-finite gradients, gradients of extreme size (see
-    /// [`project`](crate::project)), or the `Update` target with both checks on (the probe
-    /// precedes the inner step, the statistics follow it).
+    /// [`project`](crate::project)), the `Update` target with both checks on (the probe
+    /// precedes the inner step, the statistics follow it), or `ColumnSpace` and `RowSpace` on
+    /// LoRA adapters (one, for their solve; see [`projection::lora`](crate::projection::lora)).
     pub host_reads: usize,
 }
 

@@ -50,12 +50,17 @@
 //! needed; it must be positive (burn's `alpha / rank` with `alpha > 0`).
 //!
 //! [`ColumnSpace`](ProjectionMode::ColumnSpace) and [`RowSpace`](ProjectionMode::RowSpace) pull
-//! back to constraints `Uᵀ(δA B + A δB) = 0` that are not orthogonal to one another (their
-//! projection solves a Sylvester equation); they are refused with
-//! [`SpfError::UnsupportedLoraMode`].
+//! back to constraints `Uᵀ(δA B + A δB) = 0` (`(δA B + A δB) V = 0`) that are not orthogonal to
+//! one another: their least-change projection solves a Sylvester equation through two small
+//! SVDs on the host ([`subspace`]). That needs the factors' `B` (or `A`) and `g_B` (or `g_A`) on
+//! the host, so a step in these modes makes one more read, for all its adapters together
+//! ([`solve`]).
 
-use burn::tensor::Tensor;
-use spf_subspace::LowRankBasis;
+mod subspace;
+
+use burn::tensor::{Tensor, TensorCreationOptions, TensorData};
+use faer::MatRef;
+use spf_subspace::{LowRankBasis, SubspaceError};
 
 use super::mode::ProjectionMode;
 use super::readout::Readout;
@@ -91,8 +96,8 @@ pub struct LoraProjected {
     pub stats: ProjectionStats,
 }
 
-/// A started LoRA projection: the pulled-back directions and the coefficient to remove along
-/// each, on the device; nothing read back.
+/// A started LoRA projection: the pulled-back directions and what to remove along them, on the
+/// device; nothing read back, except for a subspace mode's [`solve`].
 pub(crate) struct LoraPending {
     mode: ProjectionMode,
     grads: LoraGrads,
@@ -106,17 +111,38 @@ pub(crate) struct LoraPending {
     /// `a_i = ⟨E_i, g⟩` and `e_i = ‖E_i‖²`, as `[1, k]`.
     coefficients: Tensor<2>,
     energies: Tensor<2>,
-    /// `λ`, as `[1, k]`.
-    lambda: Tensor<2>,
+    removal: Removal,
+}
+
+/// What a projection removes.
+enum Removal {
+    /// `λ` of a direction mode, as `[1, k]`.
+    Directions(Tensor<2>),
+    /// A subspace mode: the factor its solve needs (`B`, or `Aᵀ` for RowSpace), then, once
+    /// [`solve`]d, the projected gradients and the host's part of the statistics.
+    Subspace {
+        factor: Tensor<2>,
+        solved: Option<Box<(LoraGrads, Solved)>>,
+    },
+}
+
+/// A subspace mode's statistics from its solve: the coefficients `a`, the energies `e`, `‖g‖²`,
+/// the energy removed and the directions along which the effective direction had any energy.
+#[derive(Clone)]
+struct Solved {
+    a: Vec<f64>,
+    e: Vec<f64>,
+    grad_energy: f64,
+    removed_energy: f64,
+    removed: usize,
 }
 
 impl LoraPending {
     /// Starts the projection of `grads` for the adapter `factors` of a weight whose basis is
-    /// `basis`.
+    /// `basis`. A subspace mode's projection is complete only after [`solve`].
     ///
     /// # Errors
     ///
-    /// [`SpfError::UnsupportedLoraMode`] for `ColumnSpace` and `RowSpace`;
     /// [`SpfError::ShapeMismatch`] when `A` is not `[d_in, r]` and `B` not `[r, d_out]` for the
     /// basis' `d_in × d_out`, or a gradient is not its factor's shape.
     pub(crate) fn new(
@@ -125,21 +151,25 @@ impl LoraPending {
         basis: &LowRankBasis,
         mode: ProjectionMode,
     ) -> Result<Self, SpfError> {
-        if mode.removes_subspace() {
-            return Err(SpfError::UnsupportedLoraMode { mode });
-        }
         check_shapes(&grads, factors, basis)?;
         let (u, v) = (basis.u().clone(), basis.v().clone());
         let p = factors.b.clone().matmul(v.clone());
         let q = factors.a.clone().transpose().matmul(u.clone());
         let energies = (p.clone() * p.clone()).sum_dim(0) + (q.clone() * q.clone()).sum_dim(0);
-        // a_i = u_iᵀ g_A p_i + q_iᵀ g_B v_i.
-        let along_a = (u.clone().transpose().matmul(grads.a.clone()) * p.clone().transpose())
-            .sum_dim(1)
-            .transpose();
-        let along_b = (grads.b.clone().matmul(v.clone()) * q.clone()).sum_dim(0);
-        let coefficients = along_a + along_b;
-        let lambda = removal(mode, &coefficients, &energies, basis.sigma());
+        let coefficients = coefficients(&grads, &u, &v, &p, &q);
+        // Without directions there is nothing to solve: the empty `λ` of a direction mode.
+        let removal = match mode {
+            ProjectionMode::ColumnSpace | ProjectionMode::RowSpace if basis.rank() > 0 => {
+                Removal::Subspace {
+                    factor: match mode {
+                        ProjectionMode::RowSpace => factors.a.clone().transpose(),
+                        _ => factors.b.clone(),
+                    },
+                    solved: None,
+                }
+            }
+            _ => Removal::Directions(removal(mode, &coefficients, &energies, basis.sigma())),
+        };
         Ok(Self {
             mode,
             grads,
@@ -150,35 +180,142 @@ impl LoraPending {
             q,
             coefficients,
             energies,
-            lambda,
+            removal,
         })
     }
 
-    /// The numbers the statistics need, as one device vector: `[a, e, λ, ‖g‖²]`.
+    /// What a subspace mode's solve reads, oriented as ColumnSpace: `Q`, `X = Uᵀ g_A`, `B`,
+    /// `g_B` (for RowSpace `P`, `Vᵀ g_Bᵀ`, `Aᵀ`, `g_Aᵀ`), then `a`, `e` and `‖g‖²`; `None` for a
+    /// direction mode or a solved one.
+    fn solve_inputs(&self) -> Option<Vec<Tensor<1>>> {
+        let Removal::Subspace {
+            factor,
+            solved: None,
+        } = &self.removal
+        else {
+            return None;
+        };
+        let (q, x, g) = match self.mode {
+            ProjectionMode::RowSpace => (
+                self.p.clone(),
+                self.grads.b.clone().matmul(self.v.clone()).transpose(),
+                self.grads.a.clone().transpose(),
+            ),
+            _ => (
+                self.q.clone(),
+                self.u.clone().transpose().matmul(self.grads.a.clone()),
+                self.grads.b.clone(),
+            ),
+        };
+        let flat = |t: Tensor<2>| t.reshape([-1]);
+        Some(vec![
+            flat(q),
+            flat(x),
+            flat(factor.clone()),
+            flat(g),
+            flat(self.coefficients.clone()),
+            flat(self.energies.clone()),
+            flat(grad_energy(&self.grads)),
+        ])
+    }
+
+    /// Solves a subspace mode from its [`Self::solve_inputs`] read back, and applies the change on
+    /// the device. Non-finite inputs leave the gradients as they are (the non-finite probe sees
+    /// them).
+    fn solve_from(&mut self, host: &[f64]) -> Result<(), SpfError> {
+        let Removal::Subspace { factor, solved } = &mut self.removal else {
+            return Ok(());
+        };
+        let [r, k] = match self.mode {
+            ProjectionMode::RowSpace => self.p.dims(),
+            _ => self.q.dims(),
+        };
+        let n = factor.dims()[1];
+        let (q, rest) = host.split_at(r * k);
+        let (x, rest) = rest.split_at(k * r);
+        let (b, rest) = rest.split_at(r * n);
+        let (g_b, rest) = rest.split_at(r * n);
+        let (a, rest) = rest.split_at(k);
+        let (e, rest) = rest.split_at(k);
+        let grad_energy = rest[0];
+        let mut stats = Solved {
+            a: a.to_vec(),
+            e: e.to_vec(),
+            grad_energy,
+            removed_energy: 0.0,
+            removed: 0,
+        };
+        if !host.iter().all(|x| x.is_finite()) {
+            *solved = Some(Box::new((self.grads.clone(), stats)));
+            return Ok(());
+        }
+        let solution = subspace::solve(&subspace::Inputs {
+            q: MatRef::from_row_major_slice(q, r, k),
+            x: MatRef::from_row_major_slice(x, k, r),
+            b: MatRef::from_row_major_slice(b, r, n),
+            g_b: MatRef::from_row_major_slice(g_b, r, n),
+        })
+        .map_err(|message| SpfError::Subspace(SubspaceError::SvdFailed { message }))?;
+        stats.removed_energy = solution.removed_energy;
+        stats.removed = solution
+            .direction_energy
+            .iter()
+            .filter(|x| **x > 0.0)
+            .count();
+        let like = &self.grads.a;
+        let a_change = upload(solution.a_change.as_ref(), like);
+        let b_change = upload(solution.b_change.as_ref(), like);
+        let grads = match self.mode {
+            ProjectionMode::RowSpace => LoraGrads {
+                a: self.grads.a.clone() - b_change.transpose(),
+                b: self.grads.b.clone() - self.v.clone().matmul(a_change).transpose(),
+            },
+            _ => LoraGrads {
+                a: self.grads.a.clone() - self.u.clone().matmul(a_change),
+                b: self.grads.b.clone() - b_change,
+            },
+        };
+        *solved = Some(Box::new((grads, stats)));
+        Ok(())
+    }
+
+    /// The numbers the statistics need, as one device vector: `[a, e, λ, ‖g‖²]`, or for a
+    /// solved subspace mode `[ã, ‖g̃‖²]` (the rest came with the solve).
     pub(crate) fn readout(&self) -> Tensor<1> {
-        let grad_energy = (self.grads.a.clone().square().sum()
-            + self.grads.b.clone().square().sum())
-        .reshape([1, 1]);
-        Tensor::cat(
-            vec![
+        let parts = match &self.removal {
+            Removal::Directions(lambda) => vec![
                 self.coefficients.clone(),
                 self.energies.clone(),
-                self.lambda.clone(),
-                grad_energy,
+                lambda.clone(),
+                grad_energy(&self.grads),
             ],
-            1,
-        )
-        .reshape([-1])
+            Removal::Subspace { solved, .. } => {
+                let (grads, _) = &**solved.as_ref().expect("solved before it is read");
+                let after = coefficients(grads, &self.u, &self.v, &self.p, &self.q);
+                vec![after, grad_energy(grads)]
+            }
+        };
+        Tensor::cat(parts, 1).reshape([-1])
     }
 
     /// The length of [`Self::readout`].
     pub(crate) fn readout_len(&self) -> usize {
-        3 * self.sigma.len() + 1
+        readout_len(&self.sigma, self.solved())
     }
 
     /// The statistics, from the [`Self::readout`] read back to the host.
     pub(crate) fn stats(&self, readout: &[f64]) -> ProjectionStats {
-        stats(self.mode, &self.sigma, readout)
+        stats(self.mode, &self.sigma, self.solved(), readout)
+    }
+
+    fn solved(&self) -> Option<&Solved> {
+        match &self.removal {
+            Removal::Subspace {
+                solved: Some(solved),
+                ..
+            } => Some(&solved.1),
+            _ => None,
+        }
     }
 
     /// `(g̃_A, g̃_B)` at once, with what the statistics need when `measure`.
@@ -186,6 +323,7 @@ impl LoraPending {
         let measured = measure.then(|| LoraMeasured {
             mode: self.mode,
             sigma: self.sigma.clone(),
+            solved: self.solved().cloned(),
             readout: self.readout(),
         });
         (self.finish(false), measured)
@@ -197,17 +335,79 @@ impl LoraPending {
         if unchanged {
             return self.grads;
         }
-        let lambda = self.lambda;
-        let a = self.grads.a - (self.u * lambda.clone()).matmul(self.p.transpose());
-        let b = self.grads.b - (self.q * lambda).matmul(self.v.transpose());
-        LoraGrads { a, b }
+        match self.removal {
+            Removal::Directions(lambda) => {
+                let a = self.grads.a - (self.u * lambda.clone()).matmul(self.p.transpose());
+                let b = self.grads.b - (self.q * lambda).matmul(self.v.transpose());
+                LoraGrads { a, b }
+            }
+            Removal::Subspace { solved, .. } => solved.expect("solved before it is finished").0,
+        }
     }
+}
+
+/// Completes every subspace mode's projection among `pending` with one read for all of them; no
+/// read when there is none.
+///
+/// # Errors
+///
+/// [`SpfError::Subspace`] when a host SVD does not converge (on finite input it does).
+pub(crate) fn solve(pending: &mut [LoraPending]) -> Result<(), SpfError> {
+    let inputs: Vec<Vec<Tensor<1>>> = pending.iter().flat_map(LoraPending::solve_inputs).collect();
+    if inputs.is_empty() {
+        return Ok(());
+    }
+    let lengths: Vec<usize> = (inputs.iter())
+        .map(|parts| parts.iter().map(|t| t.dims()[0]).sum())
+        .collect();
+    let host = host::read(inputs.into_iter().flatten().collect());
+    let mut rest = host.as_slice();
+    let unsolved = pending
+        .iter_mut()
+        .filter(|p| matches!(p.removal, Removal::Subspace { solved: None, .. }));
+    for (pending, length) in unsolved.zip(lengths) {
+        let (own, tail) = rest.split_at(length);
+        rest = tail;
+        pending.solve_from(own)?;
+    }
+    Ok(())
+}
+
+/// `a_i = u_iᵀ g_A p_i + q_iᵀ g_B v_i`, as `[1, k]`.
+fn coefficients(
+    grads: &LoraGrads,
+    u: &Tensor<2>,
+    v: &Tensor<2>,
+    p: &Tensor<2>,
+    q: &Tensor<2>,
+) -> Tensor<2> {
+    let along_a = (u.clone().transpose().matmul(grads.a.clone()) * p.clone().transpose())
+        .sum_dim(1)
+        .transpose();
+    let along_b = (grads.b.clone().matmul(v.clone()) * q.clone()).sum_dim(0);
+    along_a + along_b
+}
+
+/// `‖g_A‖² + ‖g_B‖²`, as `[1, 1]`.
+fn grad_energy(grads: &LoraGrads) -> Tensor<2> {
+    (grads.a.clone().square().sum() + grads.b.clone().square().sum()).reshape([1, 1])
+}
+
+/// Uploads a host matrix with the device and float type of `like`.
+fn upload(m: MatRef<'_, f64>, like: &Tensor<2>) -> Tensor<2> {
+    let (rows, cols) = (m.nrows(), m.ncols());
+    let values: Vec<f64> = (0..rows)
+        .flat_map(|i| (0..cols).map(move |j| m[(i, j)]))
+        .collect();
+    let options: TensorCreationOptions = (&like.device(), like.dtype()).into();
+    Tensor::from_data(TensorData::new(values, [rows, cols]), options)
 }
 
 /// A finished LoRA projection whose statistics wait for the host's read of its readout.
 pub(crate) struct LoraMeasured {
     mode: ProjectionMode,
     sigma: Vec<f64>,
+    solved: Option<Solved>,
     readout: Tensor<1>,
 }
 
@@ -217,20 +417,46 @@ impl Readout for LoraMeasured {
     }
 
     fn readout_len(&self) -> usize {
-        3 * self.sigma.len() + 1
+        readout_len(&self.sigma, self.solved.as_ref())
     }
 
     fn stats(&self, readout: &[f64]) -> ProjectionStats {
-        stats(self.mode, &self.sigma, readout)
+        stats(self.mode, &self.sigma, self.solved.as_ref(), readout)
     }
 }
 
-/// The statistics of a LoRA projection under `mode`, in closed form from its readout
-/// `[a, e, λ, ‖g‖²]`: the `E_i` are orthogonal, so `‖g̃‖² = ‖g‖² − Σ(2λ_i a_i − λ_i² e_i)`.
+fn readout_len(sigma: &[f64], solved: Option<&Solved>) -> usize {
+    match solved {
+        Some(_) => sigma.len() + 1,
+        None => 3 * sigma.len() + 1,
+    }
+}
+
+/// The statistics of a LoRA projection under `mode`, in closed form from its readout.
+///
+/// A direction mode's readout is `[a, e, λ, ‖g‖²]`: the `E_i` are orthogonal, so
+/// `‖g̃‖² = ‖g‖² − Σ(2λ_i a_i − λ_i² e_i)`. A subspace mode's is `[ã, ‖g̃‖²]`, the rest `solved`.
 /// `‖g‖²` is summed in `f32` on the device, so it overflows for gradients beyond about `1e19`
 /// (the full-weight statistics rebuild it; these do not).
-fn stats(mode: ProjectionMode, sigma: &[f64], readout: &[f64]) -> ProjectionStats {
+fn stats(
+    mode: ProjectionMode,
+    sigma: &[f64],
+    solved: Option<&Solved>,
+    readout: &[f64],
+) -> ProjectionStats {
     let k = sigma.len();
+    if let Some(solved) = solved {
+        let (after, rest) = readout.split_at(k);
+        return ProjectionStats {
+            directions: k,
+            conflicting: solved.a.iter().filter(|&&c| c < 0.0).count(),
+            removed: solved.removed,
+            grad_energy: solved.grad_energy,
+            removed_energy: solved.removed_energy,
+            cosine_before: cosine(sigma, &solved.e, &solved.a, solved.grad_energy),
+            cosine_after: cosine(sigma, &solved.e, after, rest[0]),
+        };
+    }
     let (a, rest) = readout.split_at(k);
     let (e, rest) = rest.split_at(k);
     let (lambda, rest) = rest.split_at(k);
@@ -239,15 +465,6 @@ fn stats(mode: ProjectionMode, sigma: &[f64], readout: &[f64]) -> ProjectionStat
         .map(|i| 2.0 * lambda[i] * a[i] - lambda[i] * lambda[i] * e[i])
         .sum();
     let after: Vec<f64> = (0..k).map(|i| a[i] - lambda[i] * e[i]).collect();
-    let d_norm = (0..k)
-        .map(|i| sigma[i] * sigma[i] * e[i])
-        .sum::<f64>()
-        .sqrt();
-    let cosine = |coefficients: &[f64], energy: f64| {
-        let dot: f64 = (0..k).map(|i| sigma[i] * coefficients[i]).sum();
-        let norm = energy.max(0.0).sqrt() * d_norm;
-        if norm > 0.0 { dot / norm } else { 0.0 }
-    };
     ProjectionStats {
         directions: k,
         conflicting: a.iter().filter(|&&c| c < 0.0).count(),
@@ -258,12 +475,24 @@ fn stats(mode: ProjectionMode, sigma: &[f64], readout: &[f64]) -> ProjectionStat
         },
         grad_energy,
         removed_energy,
-        cosine_before: cosine(a, grad_energy),
-        cosine_after: cosine(&after, grad_energy - removed_energy),
+        cosine_before: cosine(sigma, e, a, grad_energy),
+        cosine_after: cosine(sigma, e, &after, grad_energy - removed_energy),
     }
 }
 
-/// `λ` of `mode` (see the module docs), as `[1, k]`.
+/// `⟨g, D⟩ / (‖g‖‖D‖)` for the coefficients `a_i = ⟨E_i, g⟩` of a `g` of squared norm `energy`:
+/// `D = Σ σ_i E_i` with orthogonal `E_i` of squared norms `e_i`.
+fn cosine(sigma: &[f64], e: &[f64], coefficients: &[f64], energy: f64) -> f64 {
+    let d_norm = (sigma.iter().zip(e))
+        .map(|(s, e)| s * s * e)
+        .sum::<f64>()
+        .sqrt();
+    let dot: f64 = sigma.iter().zip(coefficients).map(|(s, c)| s * c).sum();
+    let norm = energy.max(0.0).sqrt() * d_norm;
+    if norm > 0.0 { dot / norm } else { 0.0 }
+}
+
+/// `λ` of a direction mode (see the module docs), as `[1, k]`.
 fn removal(
     mode: ProjectionMode,
     coefficients: &Tensor<2>,
@@ -282,7 +511,7 @@ fn removal(
                 .clamp_min(f32::MIN_POSITIVE);
             sigma * (dot / norm).reshape([1, 1])
         }
-        // ConflictOnly; the subspace modes are refused before.
+        // ConflictOnly; the subspace modes solve instead (here only without directions).
         _ => coefficients.clone().clamp_max(0.0) / floor,
     }
 }
@@ -315,20 +544,21 @@ fn check_shapes(
 
 /// Projects the adapter gradients `grads` of a weight `W = W₀ + s·A B` against the safety basis
 /// of `W` with `mode` (see the [module docs](self)), and measures what it did; one read of
-/// `3k + 1` numbers.
+/// `3k + 1` numbers (a subspace mode: one more, for its solve).
 ///
 /// # Errors
 ///
-/// [`SpfError::UnsupportedLoraMode`] for `ColumnSpace` and `RowSpace`;
 /// [`SpfError::ShapeMismatch`] when the factors do not fit the basis' `d_in × d_out` or the
-/// gradients their factors.
+/// gradients their factors; [`SpfError::Subspace`] when a subspace mode's host SVD fails.
 pub fn project_lora(
     grads: LoraGrads,
     factors: &LoraFactors,
     basis: &LowRankBasis,
     mode: ProjectionMode,
 ) -> Result<LoraProjected, SpfError> {
-    let pending = LoraPending::new(grads, factors, basis, mode)?;
+    let mut pending = [LoraPending::new(grads, factors, basis, mode)?];
+    solve(&mut pending)?;
+    let [pending] = pending;
     let stats = pending.stats(&host::read(vec![pending.readout()]));
     let grads = pending.finish(stats.removed == 0);
     Ok(LoraProjected { grads, stats })
@@ -403,43 +633,57 @@ mod tests {
             self.basis.coefficients(&(g_a * &self.b + &self.a * g_b))
         }
 
-        /// `E_i` from its definition, the gradient of the linear map
-        /// `(δA, δB) ↦ u_iᵀ (δA B + A δB) v_i`, one coordinate at a time: `[d_in·r + r·d_out]`.
-        fn pulled_back(&self, i: usize) -> Vec<f64> {
+        /// The gradient of the linear map `(δA, δB) ↦ xᵀ (δA B + A δB) y` from its definition,
+        /// one coordinate at a time: `[d_in·r + r·d_out]`, ordered as [`flat`].
+        fn pulled_back(&self, x: &Mat<f64>, y: &Mat<f64>) -> Vec<f64> {
             let (d_in, r, d_out) = (self.a.nrows(), self.a.ncols(), self.b.ncols());
-            let probe = |da: Mat<f64>, db: Mat<f64>| self.effective(&da, &db)[i];
+            let probe = |da: Mat<f64>, db: Mat<f64>| {
+                (x.transpose() * (da * &self.b + &self.a * db) * y)[(0, 0)]
+            };
+            let unit =
+                |rows, cols, at| Mat::from_fn(rows, cols, |i, j| f64::from(u8::from((i, j) == at)));
             let mut e = Vec::new();
-            for (row, col) in (0..d_in).flat_map(|x| (0..r).map(move |y| (x, y))) {
-                let da = Mat::from_fn(d_in, r, |x, y| f64::from(u8::from((x, y) == (row, col))));
-                e.push(probe(da, Mat::zeros(r, d_out)));
+            for at in (0..d_in).flat_map(|i| (0..r).map(move |j| (i, j))) {
+                e.push(probe(unit(d_in, r, at), Mat::zeros(r, d_out)));
             }
-            for (row, col) in (0..r).flat_map(|x| (0..d_out).map(move |y| (x, y))) {
-                let db = Mat::from_fn(r, d_out, |x, y| f64::from(u8::from((x, y) == (row, col))));
-                e.push(probe(Mat::zeros(d_in, r), db));
+            for at in (0..r).flat_map(|i| (0..d_out).map(move |j| (i, j))) {
+                e.push(probe(Mat::zeros(d_in, r), unit(r, d_out, at)));
             }
             e
         }
 
-        /// The reference: the Euclidean projection of `g` onto `{⟨E_i, ·⟩ = 0, i ∈ removed}` by
-        /// Gram–Schmidt on the `E_i` built from the definition (orthogonality not assumed).
-        fn reference(&self, removed: &[usize]) -> Vec<f64> {
-            let mut g: Vec<f64> = self
-                .g_a
-                .transpose()
-                .col_iter()
-                .flat_map(|c| c.iter().copied().collect::<Vec<_>>())
-                .collect();
-            let mut g_b: Vec<f64> = self
-                .g_b
-                .transpose()
-                .col_iter()
-                .flat_map(|c| c.iter().copied().collect::<Vec<_>>())
-                .collect();
-            g.append(&mut g_b);
+        /// The constraints of `mode` on the effective direction, as functionals: `u_iᵀ D v_i`
+        /// for each direction in `directions` (the direction modes), every entry of `UᵀD`
+        /// (ColumnSpace) or of `D V` (RowSpace).
+        fn constraints(&self, mode: ProjectionMode, directions: &[usize]) -> Vec<Vec<f64>> {
+            let (u, v) = (&self.basis.u, &self.basis.v);
+            let unit =
+                |n: usize, at: usize| Mat::from_fn(n, 1, |i, _| f64::from(u8::from(i == at)));
+            let col = |m: &Mat<f64>, i: usize| m.col(i).as_mat().to_owned();
+            let k = self.basis.rank();
+            match mode {
+                ProjectionMode::ColumnSpace => (0..k)
+                    .flat_map(|i| (0..v.nrows()).map(move |j| (i, j)))
+                    .map(|(i, j)| self.pulled_back(&col(u, i), &unit(v.nrows(), j)))
+                    .collect(),
+                ProjectionMode::RowSpace => (0..k)
+                    .flat_map(|i| (0..u.nrows()).map(move |j| (i, j)))
+                    .map(|(i, j)| self.pulled_back(&unit(u.nrows(), j), &col(v, i)))
+                    .collect(),
+                _ => (directions.iter())
+                    .map(|&i| self.pulled_back(&col(u, i), &col(v, i)))
+                    .collect(),
+            }
+        }
+
+        /// The reference: the Euclidean projection of `g` onto the null space of the
+        /// `constraints`, by Gram–Schmidt on them as built from the definition (orthogonality
+        /// not assumed).
+        fn reference(&self, constraints: Vec<Vec<f64>>) -> Vec<f64> {
+            let mut g = flat(&self.g_a, &self.g_b);
             let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
             let mut basis: Vec<Vec<f64>> = Vec::new();
-            for &i in removed {
-                let mut e = self.pulled_back(i);
+            for mut e in constraints {
                 for q in &basis {
                     let c = dot(&e, q);
                     e.iter_mut().zip(q).for_each(|(x, q)| *x -= c * q);
@@ -477,17 +721,22 @@ mod tests {
     }
 
     #[test]
-    fn conflict_only_and_orthogonal_match_the_projection_onto_the_pulled_back_constraints() {
+    fn every_mode_but_pcgrad_matches_the_projection_onto_the_pulled_back_constraints() {
         for seed in 0..48 {
             let case = Case::new(seed, seed % 5 == 0);
             let a = case.effective(&case.g_a, &case.g_b);
-            for mode in [ProjectionMode::ConflictOnly, ProjectionMode::Orthogonal] {
+            for mode in [
+                ProjectionMode::ConflictOnly,
+                ProjectionMode::Orthogonal,
+                ProjectionMode::ColumnSpace,
+                ProjectionMode::RowSpace,
+            ] {
                 let removed: Vec<usize> = (0..a.len())
-                    .filter(|&i| mode == ProjectionMode::Orthogonal || a[i] < 0.0)
+                    .filter(|&i| mode != ProjectionMode::ConflictOnly || a[i] < 0.0)
                     .collect();
                 let (g_a, g_b, _) = case.project(mode).unwrap();
                 let got = flat(&g_a, &g_b);
-                let expected = case.reference(&removed);
+                let expected = case.reference(case.constraints(mode, &removed));
                 let err = got
                     .iter()
                     .zip(&expected)
@@ -507,14 +756,19 @@ mod tests {
             let case = Case::new(seed, seed % 5 == 0);
             let tol = tolerance(&case);
             let sigma = &case.basis.sigma;
-            for mode in [
-                ProjectionMode::ConflictOnly,
-                ProjectionMode::Orthogonal,
-                ProjectionMode::Pcgrad,
-            ] {
+            for mode in ProjectionMode::ALL {
                 let (g_a, g_b, stats) = case.project(mode).unwrap();
                 let after = case.effective(&g_a, &g_b);
+                let d = &g_a * &case.b + &case.a * &g_b;
                 match mode {
+                    ProjectionMode::ColumnSpace => {
+                        let left = (case.basis.u.transpose() * &d).norm_max();
+                        assert!(left <= tol, "seed {seed}: ‖UᵀD̃‖ = {left:e}");
+                    }
+                    ProjectionMode::RowSpace => {
+                        let left = (&d * &case.basis.v).norm_max();
+                        assert!(left <= tol, "seed {seed}: ‖D̃V‖ = {left:e}");
+                    }
                     ProjectionMode::ConflictOnly => {
                         assert!(after.iter().all(|c| *c >= -tol), "seed {seed}: {after:?}")
                     }
@@ -592,23 +846,19 @@ mod tests {
     }
 
     #[test]
-    fn subspace_modes_and_factors_of_the_wrong_shape_are_refused() {
+    fn factors_of_the_wrong_shape_are_refused() {
         let case = Case::new(3, false);
-        for mode in [ProjectionMode::ColumnSpace, ProjectionMode::RowSpace] {
-            assert!(matches!(
-                case.project(mode),
-                Err(SpfError::UnsupportedLoraMode { .. })
-            ));
-        }
         let wrong = Case {
             a: case.a.transpose().to_owned(),
             ..Case::new(3, false)
         };
         if wrong.a.nrows() != case.a.nrows() {
-            assert!(matches!(
-                wrong.project(ProjectionMode::ConflictOnly),
-                Err(SpfError::ShapeMismatch { .. })
-            ));
+            for mode in ProjectionMode::ALL {
+                assert!(matches!(
+                    wrong.project(mode),
+                    Err(SpfError::ShapeMismatch { .. })
+                ));
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ use spf_subspace::{Adapter, Targets};
 use super::{Bases, ProjectionSet, UpdateReplacement, on_device};
 use crate::error::SpfError;
 use crate::projection::ProjectionMode;
-use crate::projection::lora::{LoraFactors, LoraGrads, LoraMeasured, LoraPending};
+use crate::projection::lora::{LoraFactors, LoraGrads, LoraMeasured, LoraPending, solve};
 use crate::stats::TensorStats;
 
 /// One protected adapted weight: its id (the base's, which holds the basis), its factors' ids,
@@ -104,7 +104,8 @@ fn take_grads(grads: &mut GradientsParams, adapted: &Adapted) -> LoraGrads {
 }
 
 /// Projects, in place, the factors' gradients of every protected adapted weight of `module`
-/// that has a basis; with `measure`, keeps what their statistics need for one read.
+/// that has a basis; with `measure`, keeps what their statistics need for one read. A subspace
+/// mode reads once more, for its solve.
 pub(crate) fn project_lora_gradients<M: Module>(
     module: &M,
     grads: &mut GradientsParams,
@@ -113,12 +114,23 @@ pub(crate) fn project_lora_gradients<M: Module>(
     mode: ProjectionMode,
     measure: bool,
 ) -> Result<LoraMeasuredSet, SpfError> {
-    let mut entries = Vec::new();
+    let mut started = Vec::new();
+    let mut pending = Vec::new();
     for adapted in adapted(module, targets, bases, Some(grads)) {
         let lora_grads = take_grads(grads, &adapted);
         let basis = bases.get(&adapted.weight).expect("listed with its basis");
         let basis = on_device(basis, &lora_grads.a.device());
-        let pending = LoraPending::new(lora_grads, &adapted.factors, &basis, mode)?;
+        pending.push(LoraPending::new(
+            lora_grads,
+            &adapted.factors,
+            &basis,
+            mode,
+        )?);
+        started.push(adapted);
+    }
+    solve(&mut pending)?;
+    let mut entries = Vec::new();
+    for (adapted, pending) in started.into_iter().zip(pending) {
         let (projected, measured) = pending.finish_measured(measure);
         grads.register(adapted.adapter.a, projected.a);
         grads.register(adapted.adapter.b, projected.b);
@@ -183,6 +195,7 @@ impl LoraUpdates {
             let basis = on_device(basis, &descent.a.device());
             pending.push(LoraPending::new(descent, &adapted.factors, &basis, mode)?);
         }
+        solve(&mut pending)?;
         Ok(LoraPendingUpdates {
             before: self.before,
             pending,

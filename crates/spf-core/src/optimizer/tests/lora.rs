@@ -100,11 +100,7 @@ fn assert_same_base(a: &Net, b: &Net) {
 #[test]
 fn sgd_on_adapters_equals_sgd_on_projected_factor_gradients() {
     let device = test_device();
-    for mode in [
-        ProjectionMode::ConflictOnly,
-        ProjectionMode::Orthogonal,
-        ProjectionMode::Pcgrad,
-    ] {
+    for mode in ProjectionMode::ALL {
         let model = lora_net(&device);
         let mut optim = config(mode)
             .init(SgdConfig::new().init(), &model, bases(&model))
@@ -131,9 +127,9 @@ fn sgd_on_adapters_equals_sgd_on_projected_factor_gradients() {
     }
 }
 
-/// `u_iᵀ (δA B + A δB) v_i` of each direction of each adapted weight: the first-order change
-/// of the effective weight along the basis, up to the adapter's scale.
-fn first_order_coefficients(before: &Net, after: &Net) -> Vec<f64> {
+/// The first-order change `δA B + A δB` of each adapted weight (up to the adapter's scale), with
+/// its basis' `U` and `V` on the host.
+fn first_order_changes(before: &Net, after: &Net) -> Vec<(Mat<f64>, Mat<f64>, Mat<f64>)> {
     let bases: HashMap<ParamId, LowRankBasis> = bases(before).into_iter().collect();
     let mut out = Vec::new();
     for ((weight, _, _), ((a, b), (a1, b1))) in adapters(before)
@@ -142,9 +138,21 @@ fn first_order_coefficients(before: &Net, after: &Net) -> Vec<f64> {
     {
         let basis = &bases[&weight];
         let delta = (&a1 - &a) * &b + &a * (&b1 - &b);
-        let u = download(basis.u().clone());
-        let v = download(basis.v().clone());
-        out.extend((0..basis.rank()).map(|i| u.col(i).transpose() * &delta * v.col(i)));
+        out.push((
+            delta,
+            download(basis.u().clone()),
+            download(basis.v().clone()),
+        ));
+    }
+    out
+}
+
+/// `u_iᵀ (δA B + A δB) v_i` of each direction of each adapted weight: the first-order change
+/// of the effective weight along the basis, up to the adapter's scale.
+fn first_order_coefficients(before: &Net, after: &Net) -> Vec<f64> {
+    let mut out = Vec::new();
+    for (delta, u, v) in first_order_changes(before, after) {
+        out.extend((0..u.ncols()).map(|i| u.col(i).transpose() * &delta * v.col(i)));
     }
     out
 }
@@ -184,6 +192,23 @@ fn update_target_keeps_the_first_order_guarantee_under_adamw() {
             factors(&model)[0].1,
             "{mode:?}: it trains"
         );
+    }
+    // ColumnSpace and RowSpace leave no first-order change in the column (row) space at all.
+    for mode in [ProjectionMode::ColumnSpace, ProjectionMode::RowSpace] {
+        let mut optim = config(mode)
+            .with_target(ProjectionTarget::Update)
+            .init(AdamWConfig::new().init(), &model, bases(&model))
+            .unwrap();
+        let stepped = optim.step(1e-2, model.clone(), grads(&model, 1));
+        assert!(optim.last_stats().removed() > 0, "{mode:?}");
+        for (delta, u, v) in first_order_changes(&model, &stepped) {
+            let left = match mode {
+                ProjectionMode::ColumnSpace => u.transpose() * &delta,
+                _ => &delta * v,
+            };
+            assert!(left.norm_max() <= 1e-6, "{mode:?}: {:e}", left.norm_max());
+            assert!(delta.norm_max() > 1e-4, "{mode:?}: it trains");
+        }
     }
 }
 
@@ -249,15 +274,23 @@ fn round_trip_spf(record: SpfRecord) -> SpfRecord {
     decode(&encode(record))
 }
 
+/// The subspace modes read once more than the direction modes, for their solve, whatever the
+/// statistics and the probe: with both off, once.
 #[test]
-fn the_subspace_modes_are_refused_for_a_module_with_adapters() {
+fn the_subspace_modes_read_once_for_their_solve() {
     let model = lora_net(&test_device());
-    for mode in [ProjectionMode::ColumnSpace, ProjectionMode::RowSpace] {
-        let refused = config(mode).init(SgdConfig::new().init(), &model, bases(&model));
-        assert!(
-            matches!(refused, Err(SpfError::UnsupportedLoraMode { .. })),
-            "{mode:?}"
-        );
+    for (mode, reads) in [
+        (ProjectionMode::ConflictOnly, 0),
+        (ProjectionMode::ColumnSpace, 1),
+        (ProjectionMode::RowSpace, 1),
+    ] {
+        let mut optim = config(mode)
+            .with_stats(crate::StatsPolicy::Off)
+            .with_non_finite(crate::NonFinitePolicy::Unchecked)
+            .init(SgdConfig::new().init(), &model, bases(&model))
+            .unwrap();
+        optim.step(1e-2, model.clone(), grads(&model, 1));
+        assert_eq!(optim.last_stats().host_reads, reads, "{mode:?}");
     }
 }
 
