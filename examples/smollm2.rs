@@ -24,7 +24,9 @@ use burn::tensor::Device;
 use clap::{Parser, ValueEnum};
 use spf_core::{ProjectionTarget, RefreshPolicy};
 use spf_llm::smollm::MeanStd;
-use spf_llm::smollm::{Assets, EvalSplit, SmolConfig, SmolLora, SmolMethod, SmolResults};
+use spf_llm::smollm::{
+    Assets, EvalSplit, ScreenPass, SmolConfig, SmolLora, SmolMethod, SmolResults,
+};
 use spf_subspace::RankPolicy;
 
 #[path = "common/backend.rs"]
@@ -76,6 +78,11 @@ struct Args {
     /// than this share of its energy to the projection (a number in [0, 1]; off by default).
     #[arg(long)]
     screen: Option<f64>,
+    /// How the screen scores a batch: one pass of the whole batch through tapped matrices, which
+    /// the step then reuses when nothing is dropped, or one backward pass per sample (the
+    /// reference). The same verdicts on validation (docs/results.md).
+    #[arg(long, value_enum, default_value_t = Pass::Batch)]
+    screen_pass: Pass,
     /// Blocks trained, counted from the top (30 trains the whole model).
     #[arg(long, default_value_t = 4)]
     train_layers: usize,
@@ -115,6 +122,12 @@ enum Method {
 enum Split {
     Validation,
     Test,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum Pass {
+    PerSample,
+    Batch,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -184,6 +197,10 @@ fn config(args: &Args) -> Result<SmolConfig, Box<dyn std::error::Error>> {
             n => RefreshPolicy::Every(n),
         })
         .with_screen(args.screen)
+        .with_screen_pass(match args.screen_pass {
+            Pass::PerSample => None,
+            Pass::Batch => Some(ScreenPass::Batch),
+        })
         .with_train_layers(args.train_layers)
         .with_lora(args.lora.map(SmolLora::new))
         .with_align_steps(args.align_steps)

@@ -109,6 +109,16 @@ pub enum SpfError {
         found: Vec<usize>,
     },
 
+    /// The traced screen met weights with a basis but without a trace: every score would miss
+    /// their share.
+    #[error(
+        "{count} protected weight(s) have no trace: tap every protected weight in the forward pass"
+    )]
+    UntracedWeights {
+        /// How many.
+        count: usize,
+    },
+
     /// The learning rate is NaN, infinite or negative.
     #[error("invalid learning rate {lr}: it must be finite and non-negative")]
     InvalidLearningRate {

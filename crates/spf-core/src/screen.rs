@@ -21,6 +21,15 @@
 //! sum), so it is a tool for the training loop, not a setting of [`SpfConfig`](crate::SpfConfig):
 //! the loop computes each sample's gradient (a backward pass per sample), asks
 //! [`SampleScreen::score`], and steps on the samples [`SampleScreen::keeps`].
+//!
+//! For weights used as linear maps, [`traced_scores`] gives every sample's score from the
+//! batch's one backward pass instead, from the layers' inputs and output gradients recorded by a
+//! [`LinearTap`] (`screen/traced.rs` has the mathematics); [`SampleScreen::score`] is its
+//! reference.
+
+mod traced;
+
+pub use traced::{LinearTap, LinearTrace, traced_scores};
 
 use burn::module::Module;
 use burn::optim::GradientsParams;

@@ -73,12 +73,44 @@ impl<F: Fn(usize) -> bool> RunScreen<F> {
         let Stepper::Spf { optim, .. } = stepper else {
             return Ok(());
         };
-        let mut verdicts = Vec::with_capacity(picked.len());
+        let mut scores = Vec::with_capacity(picked.len());
         for &index in picked.iter() {
+            // The defence's own samples are not scored (and not judged below).
+            let own = (self.own)(index);
+            scores.push(if own {
+                0.0
+            } else {
+                SampleScreen::score(&**optim, model, gradient_of(index))?
+            });
+        }
+        self.batch_scored(picked, &scores)
+    }
+
+    /// [`Self::batch`] with the scores computed already, `scores[j]` for `picked[j]`, from one
+    /// backward pass of the whole batch ([`spf_core::screen::traced_scores`]). The defence's own
+    /// samples are kept and not logged, whatever their score.
+    ///
+    /// # Errors
+    ///
+    /// [`SpfError::ShapeMismatch`] when `scores` does not hold one score per picked sample; the
+    /// batch is left as it was.
+    pub fn batch_scored(
+        &mut self,
+        picked: &mut Vec<usize>,
+        scores: &[f64],
+    ) -> Result<(), SpfError> {
+        if picked.len() != scores.len() {
+            return Err(SpfError::ShapeMismatch {
+                path: None,
+                expected: vec![picked.len()],
+                found: vec![scores.len()],
+            });
+        }
+        let mut verdicts = Vec::with_capacity(picked.len());
+        for (&index, &score) in picked.iter().zip(scores) {
             if (self.own)(index) {
                 continue;
             }
-            let score = SampleScreen::score(&**optim, model, gradient_of(index))?;
             let kept = self.screen.keeps(score);
             verdicts.push(Screened { index, score, kept });
         }

@@ -26,6 +26,7 @@ use burn::nn::{Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::Device;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
+use spf_core::screen::LinearTap;
 
 use crate::gguf::{Gguf, GgufError};
 
@@ -256,11 +257,35 @@ impl Llama {
     /// `0 .. start` and takes the new ones.
     pub fn forward_layers(
         &self,
+        h: Tensor<3>,
+        layers: Range<usize>,
+        start: usize,
+        key_valid: Option<&[Vec<bool>]>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        self.run_layers(h, layers, start, key_valid, cache, None)
+    }
+
+    /// [`Self::forward_layers`] on a training batch (positions from 0, every key real, no cache)
+    /// with every matrix of the blocks tapped, for the traced sample screen
+    /// ([`spf_core::screen::traced_scores`]): one [`LinearTap`] per matrix use, in `taps`.
+    pub fn forward_layers_tapped(
+        &self,
+        h: Tensor<3>,
+        layers: Range<usize>,
+        taps: &mut Vec<LinearTap>,
+    ) -> Tensor<3> {
+        self.run_layers(h, layers, 0, None, None, Some(taps))
+    }
+
+    fn run_layers(
+        &self,
         mut h: Tensor<3>,
         layers: Range<usize>,
         start: usize,
         key_valid: Option<&[Vec<bool>]>,
         mut cache: Option<&mut KvCache>,
+        mut taps: Option<&mut Vec<LinearTap>>,
     ) -> Tensor<3> {
         let [batch, t, _] = h.dims();
         let device = h.device();
@@ -270,8 +295,8 @@ impl Llama {
         for i in layers {
             let block = &self.blocks[i];
             let x = block.attn_norm.forward(h.clone());
-            let heads = |lin: &Linear, n: usize| {
-                linear(lin, x.clone())
+            let mut heads = |lin: &Linear, n: usize| {
+                tapped(lin, x.clone(), taps.as_deref_mut())
                     .reshape([batch, t, n, head_dim])
                     .swap_dims(1, 2)
             };
@@ -297,10 +322,11 @@ impl Llama {
             let att = att
                 .swap_dims(1, 2)
                 .reshape([batch, t, self.heads * head_dim]);
-            h = h + linear(&block.wo, att);
+            h = h + tapped(&block.wo, att, taps.as_deref_mut());
             let x = block.ffn_norm.forward(h.clone());
-            let mlp = silu(linear(&block.gate, x.clone())) * linear(&block.up, x);
-            h = h + linear(&block.down, mlp);
+            let gate = tapped(&block.gate, x.clone(), taps.as_deref_mut());
+            let mlp = silu(gate) * tapped(&block.up, x, taps.as_deref_mut());
+            h = h + tapped(&block.down, mlp, taps.as_deref_mut());
         }
         h
     }
@@ -460,6 +486,17 @@ fn linear(lin: &Linear, x: Tensor<3>) -> Tensor<3> {
     let y = lin.forward(x.reshape([b * t, d]));
     let out = y.dims()[1];
     y.reshape([b, t, out])
+}
+
+/// [`linear`], tapped into `taps` when there are taps.
+fn tapped(lin: &Linear, x: Tensor<3>, taps: Option<&mut Vec<LinearTap>>) -> Tensor<3> {
+    let Some(taps) = taps else {
+        return linear(lin, x);
+    };
+    let y = linear(lin, x.clone());
+    let (y, tap) = LinearTap::new(&lin.weight, &x, y);
+    taps.push(tap);
+    y
 }
 
 /// The additive mask `[batch, 1, T, start + T]`: 0 where query `start + i` may read key `j`

@@ -25,7 +25,7 @@ mod score;
 mod seed;
 mod splits;
 
-pub use config::{SmolConfig, SmolLora, SmolMethod};
+pub use config::{ScreenPass, SmolConfig, SmolLora, SmolMethod};
 pub use data::{Assets, DataError};
 pub use experiment::run;
 pub use protocol::EvalSplit;

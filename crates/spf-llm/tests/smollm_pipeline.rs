@@ -6,7 +6,7 @@ use burn::tensor::Device;
 use spf_harness::progress::Silent;
 use spf_llm::llama::{LlamaConfig, tiny_gguf};
 use spf_llm::smollm::{
-    Assets, SmolConfig, SmolLora, SmolMethod, SmolModel, SmolResults, experiment,
+    Assets, ScreenPass, SmolConfig, SmolLora, SmolMethod, SmolModel, SmolResults, experiment,
 };
 
 fn write_assets(dir: &std::path::Path) {
@@ -217,12 +217,13 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
     // The sample screen. SFT's cell does not depend on SPF's settings, so it comes from the
     // cache. At threshold 1 the screen keeps every sample and SPF's model is the unscreened
     // one; at 0 it drops every sample with any conflicting component.
-    let screened = |threshold| {
+    let screened = |threshold, pass: Option<ScreenPass>| {
         let config = config
             .clone()
             .with_harmful_shares(vec![0.2])
             .with_methods(vec![SmolMethod::Sft, SmolMethod::Spf])
-            .with_screen(Some(threshold));
+            .with_screen(Some(threshold))
+            .with_screen_pass(pass);
         let results = run(&config, &assets);
         assert_eq!(results.cached_cells, 3, "base, aligned and SFT");
         let spf = SmolModel::Attacked {
@@ -248,12 +249,30 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
         }
         (row, screen)
     };
-    let (kept, screen) = screened(1.0);
+    let (kept, screen) = screened(1.0, None);
     assert_eq!(screen.harmful.dropped + screen.task.dropped, 0);
     let unscreened = row(SmolMethod::Spf, 0.2);
     assert_eq!(kept.final_loss, unscreened.final_loss);
     assert_eq!(kept.refusal_margin, unscreened.refusal_margin);
-    let (_, screen) = screened(0.0);
+    // The batch pass scores the same samples alike from one backward pass per batch, and a step
+    // that keeps every sample reuses that pass: the unscreened run, bit for bit.
+    let (batch_kept, batch_screen) = screened(1.0, Some(ScreenPass::Batch));
+    assert_eq!(batch_kept.final_loss, unscreened.final_loss);
+    for (exact, traced) in [
+        (&screen.harmful, &batch_screen.harmful),
+        (&screen.task, &batch_screen.task),
+    ] {
+        assert_eq!(exact.scored, traced.scored);
+        for (a, b) in exact.quantiles.iter().zip(&traced.quantiles) {
+            assert!((a - b).abs() <= 1e-4, "{exact:?} against {traced:?}");
+        }
+    }
+    let (_, batch_screen) = screened(0.0, Some(ScreenPass::Batch));
+    let (_, screen) = screened(0.0, None);
+    assert_eq!(
+        (screen.harmful.dropped, screen.task.dropped),
+        (batch_screen.harmful.dropped, batch_screen.task.dropped)
+    );
     assert!(screen.harmful.dropped + screen.task.dropped > 0);
     // At threshold 0 a sample stays only with a score of 0: the scores of those dropped are
     // positive, so a harmful or task kind whose samples were all dropped has a positive minimum.

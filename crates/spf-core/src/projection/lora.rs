@@ -52,9 +52,9 @@
 //! [`ColumnSpace`](ProjectionMode::ColumnSpace) and [`RowSpace`](ProjectionMode::RowSpace) pull
 //! back to constraints `Uᵀ(δA B + A δB) = 0` (`(δA B + A δB) V = 0`) that are not orthogonal to
 //! one another: their least-change projection solves a Sylvester equation through two small
-//! SVDs on the host ([`subspace`]). That needs the factors' `B` (or `A`) and `g_B` (or `g_A`) on
-//! the host, so a step in these modes makes one more read, for all its adapters together
-//! ([`solve`]).
+//! SVDs on the host (`projection/lora/subspace.rs` has the derivation). That needs the factors'
+//! `B` (or `A`) and `g_B` (or `g_A`) on the host, so a step in these modes makes one more read,
+//! for all its adapters together (`solve`).
 
 mod subspace;
 
@@ -843,6 +843,18 @@ mod tests {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f64::max);
         assert!(err <= tol, "{err:e}");
+    }
+
+    #[test]
+    fn a_non_finite_gradient_passes_the_subspace_solve_untouched() {
+        let mut case = Case::new(4, false);
+        case.g_b[(0, 0)] = f64::NAN;
+        for mode in [ProjectionMode::ColumnSpace, ProjectionMode::RowSpace] {
+            let (g_a, g_b, stats) = case.project(mode).unwrap();
+            assert!(g_b[(0, 0)].is_nan(), "{mode:?}");
+            assert_eq!(stats.removed, 0, "{mode:?}");
+            assert_eq!(g_a, case.g_a, "{mode:?}: the gradients pass as they came");
+        }
     }
 
     #[test]

@@ -9,14 +9,14 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use spf_core::SpfConfig;
-use spf_core::screen::SampleScreen;
+use spf_core::screen::{LinearTap, SampleScreen, traced_scores};
+use spf_core::{SafetyGradientSource, SpfConfig};
 use spf_harness::progress::Progress;
 use spf_harness::screening::{RunScreen, Screened};
 use spf_harness::training::{BatchOrder, Stepper};
 use spf_subspace::ParamFilter;
 
-use super::config::{PROTECTED, SmolConfig, SmolLora};
+use super::config::{PROTECTED, ScreenPass, SmolConfig, SmolLora};
 use super::lora::adapt;
 use super::pairs::Pair;
 use crate::LlmError;
@@ -243,21 +243,26 @@ impl<'a> Lab<'a> {
         progress.start(name, schedule.steps as u64);
         for _ in 0..schedule.steps {
             let mut picked = order.next(&mut rng);
-            if let Some(screen) = &mut screen {
-                let gradient_of = |index: usize| {
-                    let grads = loss(&model, &self.batch(&[&set[index]])).backward();
-                    GradientsParams::from_grads(grads, &model)
-                };
-                screen.batch(&stepper, &model, &mut picked, gradient_of)?;
-                if picked.is_empty() {
-                    // Every sample conflicted: no step (the model keeps its weights).
-                    progress.advance(1);
-                    continue;
-                }
+            // The loss and gradients of the whole batch, when the screen's pass computed them and
+            // kept every sample.
+            let whole = match &mut screen {
+                Some(screen) => self.screen_batch(screen, &stepper, &model, set, &mut picked)?,
+                None => None,
+            };
+            if picked.is_empty() {
+                // Every sample conflicted: no step (the model keeps its weights).
+                progress.advance(1);
+                continue;
             }
-            let picked: Vec<&Prepared> = picked.into_iter().map(|i| &set[i]).collect();
-            let l = loss(&model, &self.batch(&picked));
-            let value: f64 = l.clone().into_scalar::<f64>();
+            let (value, grads) = match whole {
+                Some(whole) => whole,
+                None => {
+                    let picked: Vec<&Prepared> = picked.into_iter().map(|i| &set[i]).collect();
+                    let l = loss(&model, &self.batch(&picked));
+                    let value: f64 = l.clone().into_scalar::<f64>();
+                    (value, GradientsParams::from_grads(l.backward(), &model))
+                }
+            };
             if !value.is_finite() {
                 return Err(LlmError::Diverged {
                     stage: name.to_owned(),
@@ -265,7 +270,6 @@ impl<'a> Lab<'a> {
                 });
             }
             losses.push(value);
-            let grads = GradientsParams::from_grads(l.backward(), &model);
             if grads.is_empty() {
                 return Err(LlmError::NoGradients {
                     stage: name.to_owned(),
@@ -283,6 +287,47 @@ impl<'a> Lab<'a> {
             conflict: stepper.summary().map(|s| s.conflict_share),
             screened: screen.map(RunScreen::into_log).unwrap_or_default(),
         })
+    }
+
+    /// Screens the batch `picked` (indices into `set`) in place with the configured pass, and
+    /// returns the whole batch's loss and gradients when that pass computed them and the screen
+    /// kept every sample.
+    fn screen_batch<F, S>(
+        &self,
+        screen: &mut RunScreen<F>,
+        stepper: &Stepper<S>,
+        model: &Llama,
+        set: &[Prepared],
+        picked: &mut Vec<usize>,
+    ) -> Result<Option<(f64, GradientsParams)>, LlmError>
+    where
+        F: Fn(usize) -> bool,
+        S: SafetyGradientSource<Llama>,
+    {
+        if self.config.screen_pass.unwrap_or(ScreenPass::PerSample) == ScreenPass::PerSample {
+            let gradient_of = |index: usize| {
+                let grads = loss(model, &self.batch(&[&set[index]])).backward();
+                GradientsParams::from_grads(grads, model)
+            };
+            screen.batch(stepper, model, picked, gradient_of)?;
+            return Ok(None);
+        }
+        let items: Vec<&Prepared> = picked.iter().map(|&i| &set[i]).collect();
+        let mut taps = Vec::new();
+        let l = loss_with(model, &self.batch(&items), Some(&mut taps));
+        let value: f64 = l.clone().into_scalar::<f64>();
+        let grads = l.backward();
+        let scores = match stepper {
+            Stepper::Spf { optim, .. } => {
+                let traces: Vec<_> = taps.iter().filter_map(|t| t.trace(&grads)).collect();
+                traced_scores(&traces, optim.bases(), optim.config().mode)?
+            }
+            // Plain AdamW has no subspace to screen against.
+            Stepper::Plain(_) => return Ok(None),
+        };
+        let before = picked.len();
+        screen.batch_scored(picked, &scores)?;
+        Ok((picked.len() == before).then(|| (value, GradientsParams::from_grads(grads, model))))
     }
 
     /// Greedy answers of `model` to `prompts`, in order, `max_new` tokens at most each.
@@ -463,7 +508,16 @@ impl ModuleMapper for Trainable {
 
 /// Mean negative log-likelihood of the batch's answer tokens under the trained blocks.
 pub(super) fn loss(top: &Llama, batch: &TrainBatch) -> Tensor<1> {
-    let h = top.forward_layers(batch.hidden.clone(), 0..top.blocks.len(), 0, None, None);
+    loss_with(top, batch, None)
+}
+
+/// [`loss`], with every matrix of the blocks tapped into `taps` when there are taps.
+fn loss_with(top: &Llama, batch: &TrainBatch, taps: Option<&mut Vec<LinearTap>>) -> Tensor<1> {
+    let layers = 0..top.blocks.len();
+    let h = match taps {
+        Some(taps) => top.forward_layers_tapped(batch.hidden.clone(), layers, taps),
+        None => top.forward_layers(batch.hidden.clone(), layers, 0, None, None),
+    };
     let [b, t, d] = h.dims();
     let rows = h.reshape([b * t, d]).select(0, batch.rows.clone());
     let logp = log_softmax(top.logits(rows), 1);

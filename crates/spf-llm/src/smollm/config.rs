@@ -111,6 +111,8 @@ pub struct SmolConfig {
     /// conflicts with the safety subspace is dropped from its batch
     /// ([`spf_core::screen`]); `None` keeps every sample.
     pub screen: Option<f64>,
+    /// How the screen scores a batch; `None` is [`ScreenPass::PerSample`], the reference.
+    pub screen_pass: Option<ScreenPass>,
     /// Fine-tune through LoRA adapters instead of the weights: every attention and MLP matrix
     /// of every block (not only the `train_layers` that alignment trained) gets adapters, and
     /// only they train, on the whole model (the frozen blocks' cache no longer applies). `None`:
@@ -213,6 +215,17 @@ impl SmolLora {
             alpha: 2.0 * rank as f64,
         }
     }
+}
+
+/// How the sample screen computes each sample's score (the same score either way, to rounding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScreenPass {
+    /// One backward pass per sample ([`spf_core::screen::SampleScreen::score`]): the reference.
+    PerSample,
+    /// One backward pass of the whole batch, with every protected matrix tapped
+    /// ([`spf_core::screen::traced_scores`]); when the screen keeps the whole batch, the step
+    /// reuses that pass.
+    Batch,
 }
 
 /// How an attacked model was fine-tuned.

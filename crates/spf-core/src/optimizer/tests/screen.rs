@@ -79,3 +79,70 @@ fn a_screen_threshold_outside_the_unit_interval_is_refused() {
         assert_eq!(SampleScreen::new(good).unwrap().threshold(), good);
     }
 }
+
+/// A batch of sequences `x: [N, T, 4]` through the attention and MLP weights, each tapped, with
+/// the sum of the samples' squared errors against `y: [N, T, 3]`.
+fn sequence_loss(
+    model: &Net,
+    x: Tensor<3>,
+    y: Tensor<3>,
+) -> (Tensor<1>, Vec<crate::screen::LinearTap>) {
+    use crate::screen::LinearTap;
+    let (h, attn) = LinearTap::linear(&model.attn, x);
+    let (h, mlp) = LinearTap::linear(&model.mlp, tanh(h));
+    let out = model.head.forward(tanh(h));
+    ((out - y).square().sum(), vec![attn, mlp])
+}
+
+/// The traced screen's scores, from one backward pass of the batch, equal the exact screen's,
+/// from one backward pass per sample, under every mode; a protected weight without a trace is
+/// an error.
+#[test]
+fn traced_scores_equal_the_per_sample_scores() {
+    let device = test_device();
+    let model = Net::new(&device);
+    let autodiff = model.attn.weight.val().device();
+    let (n, t) = (6, 5);
+    let mut rng = Gaussian::new(21);
+    let x = upload(&rng.matrix(n * t, 4), &autodiff).reshape([n, t, 4]);
+    let y = upload(&rng.matrix(n * t, 3), &autodiff).reshape([n, t, 3]);
+    let linear_bases: Vec<(ParamId, LowRankBasis)> = bases(&model)
+        .into_iter()
+        .filter(|(id, _)| *id != model.cube.id)
+        .collect();
+    for mode in ProjectionMode::ALL {
+        let optim = config(mode)
+            .init(SgdConfig::new().init(), &model, linear_bases.clone())
+            .unwrap();
+        let (loss, taps) = sequence_loss(&model, x.clone(), y.clone());
+        let grads = loss.backward();
+        let traces: Vec<_> = taps.iter().map(|tap| tap.trace(&grads).unwrap()).collect();
+        let traced = crate::screen::traced_scores(&traces, optim.bases(), mode).unwrap();
+        assert_eq!(traced.len(), n);
+        let exact: Vec<f64> = (0..n)
+            .map(|i| {
+                let slice = |m: &Tensor<3>| m.clone().narrow(0, i, 1);
+                let (loss, _) = sequence_loss(&model, slice(&x), slice(&y));
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                SampleScreen::score(&optim, &model, grads).unwrap()
+            })
+            .collect();
+        for (i, (a, b)) in traced.iter().zip(&exact).enumerate() {
+            assert!((a - b).abs() <= 1e-5, "{mode:?} sample {i}: {a} vs {b}");
+        }
+        let spread =
+            exact.iter().cloned().fold(0.0, f64::max) - exact.iter().cloned().fold(1.0, f64::min);
+        assert!(
+            spread > 0.01,
+            "{mode:?}: the scores tell samples apart: {exact:?}"
+        );
+    }
+    let all = bases(&model).into_iter().collect();
+    let (loss, taps) = sequence_loss(&model, x, y);
+    let grads = loss.backward();
+    let traces: Vec<_> = taps.iter().map(|tap| tap.trace(&grads).unwrap()).collect();
+    assert!(matches!(
+        crate::screen::traced_scores(&traces, &all, ProjectionMode::ConflictOnly),
+        Err(SpfError::UntracedWeights { count: 1 })
+    ));
+}
