@@ -157,6 +157,17 @@ fn first_order_coefficients(before: &Net, after: &Net) -> Vec<f64> {
     out
 }
 
+/// One AdamW step of `model` under `mode` and the `Update` target, which removes something.
+fn adamw_update_step(mode: ProjectionMode, model: &Net) -> Net {
+    let mut optim = config(mode)
+        .with_target(ProjectionTarget::Update)
+        .init(AdamWConfig::new().init(), model, bases(model))
+        .unwrap();
+    let stepped = optim.step(1e-2, model.clone(), grads(model, 1));
+    assert!(optim.last_stats().removed() > 0, "{mode:?}");
+    stepped
+}
+
 /// Under the `Update` target with AdamW, the first-order change of each adapted weight never
 /// moves it against the safety directions (ConflictOnly: `u_iᵀ δW v_i ≤ 0` is a descent of the
 /// safety loss's rise, i.e. no coefficient of the descent is negative), and Orthogonal leaves
@@ -173,12 +184,7 @@ fn update_target_keeps_the_first_order_guarantee_under_adamw() {
         "AdamW alone conflicts: {rises:?}"
     );
     for mode in [ProjectionMode::ConflictOnly, ProjectionMode::Orthogonal] {
-        let mut optim = config(mode)
-            .with_target(ProjectionTarget::Update)
-            .init(AdamWConfig::new().init(), &model, bases(&model))
-            .unwrap();
-        let stepped = optim.step(1e-2, model.clone(), grads(&model, 1));
-        assert!(optim.last_stats().removed() > 0, "{mode:?}");
+        let stepped = adamw_update_step(mode, &model);
         // δW = −η·descent, so a conflict is a positive coefficient of δW.
         let coefficients = first_order_coefficients(&model, &stepped);
         for c in &coefficients {
@@ -195,12 +201,7 @@ fn update_target_keeps_the_first_order_guarantee_under_adamw() {
     }
     // ColumnSpace and RowSpace leave no first-order change in the column (row) space at all.
     for mode in [ProjectionMode::ColumnSpace, ProjectionMode::RowSpace] {
-        let mut optim = config(mode)
-            .with_target(ProjectionTarget::Update)
-            .init(AdamWConfig::new().init(), &model, bases(&model))
-            .unwrap();
-        let stepped = optim.step(1e-2, model.clone(), grads(&model, 1));
-        assert!(optim.last_stats().removed() > 0, "{mode:?}");
+        let stepped = adamw_update_step(mode, &model);
         for (delta, u, v) in first_order_changes(&model, &stepped) {
             let left = match mode {
                 ProjectionMode::ColumnSpace => u.transpose() * &delta,
