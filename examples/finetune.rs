@@ -10,8 +10,8 @@
 //!    and the fine-tune accuracy, over several seeds.
 //!
 //! Run: `cargo run --release --example finetune` (add `-- --quick` for the CI smoke test,
-//! `-- --ablate` for the ablations instead, `--screen τ` for SPF's sample screen
-//! (no threshold works on this model: docs/results.md, "The sample screen in the lab"),
+//! `-- --ablate` for the ablations instead, `--screen τ` or `--screen auto` for SPF's sample
+//! screen (no threshold works on this model: docs/results.md, "The sample screen in the lab"),
 //! `--features wgpu -- --backend wgpu` for another backend, `--devices N` to fine-tune
 //! data-parallel on N replicas as well and compare).
 //! Outputs go to `target/spf-runs/<run-id>/`: `results.json`, `table.md`, and one SVG of the
@@ -23,6 +23,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use burn::tensor::Device;
 use clap::Parser;
+use spf_core::screen::ScreenThreshold;
 use spf_lab::experiment::{self, ExperimentConfig};
 use spf_lab::finetune::Method;
 use spf_lab::{plot, report};
@@ -31,6 +32,8 @@ use spf_lab::{plot, report};
 mod backend;
 #[path = "common/progress.rs"]
 mod progress;
+#[path = "common/screen.rs"]
+mod screen;
 
 use backend::Backend;
 
@@ -55,9 +58,10 @@ struct Args {
     #[arg(long, value_delimiter = ',', value_parser = method)]
     methods: Option<Vec<Method>>,
     /// SPF's sample screen: every SPF method drops the fine-tuning samples whose own gradient
-    /// would lose more than this share of its energy to the projection (0 to 1).
-    #[arg(long)]
-    screen: Option<f64>,
+    /// would lose more than a share of its energy to the projection: a fixed share (0 to 1), or
+    /// `auto` (`auto:K`) for the threshold the scores set themselves.
+    #[arg(long, value_parser = screen::parse)]
+    screen: Option<ScreenThreshold>,
     /// Where runs are written.
     #[arg(long, default_value = "target/spf-runs")]
     out: PathBuf,

@@ -8,7 +8,7 @@
 //! cargo run --release --example smollm2          # seed 0, p ∈ {0, 0.1}, SFT and SPF (~25 min)
 //! cargo run --release --example smollm2 -- --grid  # 3 seeds, p ∈ {0, 0.05, 0.1, 0.2, 1}, 4 methods
 //! cargo run --release --example smollm2 -- --split validation --seeds 100 --target update
-//! cargo run --release --example smollm2 -- --shares 0.1 --methods spf --screen 0.004
+//! cargo run --release --example smollm2 -- --shares 0.1 --methods spf --screen auto
 //! cargo run --release --example smollm2 -- --lora 8 --attack-lr 1e-3 --refresh 10  # LoRA, all blocks
 //! cargo run --release --features cuda --example smollm2 -- --backend cuda --train-layers 30
 //! ```
@@ -22,6 +22,7 @@ use std::path::PathBuf;
 
 use burn::tensor::Device;
 use clap::{Parser, ValueEnum};
+use spf_core::screen::ScreenThreshold;
 use spf_core::{ProjectionTarget, RefreshPolicy};
 use spf_llm::smollm::MeanStd;
 use spf_llm::smollm::{
@@ -33,6 +34,8 @@ use spf_subspace::RankPolicy;
 mod backend;
 #[path = "common/progress.rs"]
 mod progress;
+#[path = "common/screen.rs"]
+mod screen;
 
 use backend::Backend;
 
@@ -75,9 +78,11 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     refresh: usize,
     /// SPF's sample screen: drop each fine-tuning sample whose own gradient would lose more
-    /// than this share of its energy to the projection (a number in [0, 1]; off by default).
-    #[arg(long)]
-    screen: Option<f64>,
+    /// than a share of its energy to the projection: a fixed share in [0, 1], or `auto`
+    /// (`auto:K`) for the outlier rule that sets the threshold from the scores (off by
+    /// default).
+    #[arg(long, value_parser = screen::parse)]
+    screen: Option<ScreenThreshold>,
     /// How the screen scores a batch: one pass of the whole batch through tapped matrices, which
     /// the step then reuses when nothing is dropped, or one backward pass per sample (the
     /// reference). The same verdicts on validation (docs/results.md).
@@ -289,7 +294,8 @@ fn table(r: &SmolResults) -> String {
                 format!("{} of {} (median score {median})", c.dropped, c.scored)
             };
             out += &format!(
-                "\nscreen at {} for {} (seed {}): dropped harmful {}, task {}, refusal {}",
+                "\nscreen at {} (last threshold {:.4}) for {} (seed {}): dropped harmful {}, task {}, refusal {}",
+                r.config.screen.map_or("–".into(), |t| t.to_string()),
                 screen.threshold,
                 row.model,
                 row.seed.unwrap_or(0),

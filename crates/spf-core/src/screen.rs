@@ -20,16 +20,23 @@
 //! It needs one gradient per sample, which the optimizer never sees (burn hands it the batch's
 //! sum), so it is a tool for the training loop, not a setting of [`SpfConfig`](crate::SpfConfig):
 //! the loop computes each sample's gradient (a backward pass per sample), asks
-//! [`SampleScreen::score`], and steps on the samples [`SampleScreen::keeps`].
+//! [`SampleScreen::score`], hands the batch's scores to [`SampleScreen::judge`], and steps on
+//! the samples [`SampleScreen::keeps`]. The threshold is a fixed share or set by the scores
+//! themselves, as an outlier rule on their running distribution ([`ScreenThreshold`];
+//! `screen/threshold.rs` has the rule).
 //!
 //! For weights used as linear maps, [`traced_scores`] gives every sample's score from the
 //! batch's one backward pass instead, from the layers' inputs and output gradients recorded by a
 //! [`LinearTap`] (`screen/traced.rs` has the mathematics); [`SampleScreen::score`] is its
 //! reference.
 
+mod threshold;
 mod traced;
 
+pub use threshold::{FLOOR, ScreenThreshold};
 pub use traced::{LinearTap, LinearTrace, traced_scores};
+
+use threshold::LogScores;
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -38,28 +45,69 @@ use crate::error::SpfError;
 use crate::optimizer::SafetyProjectedOptimizer;
 
 /// Keeps the training samples whose gradient conflicts with the safety subspace by at most a
-/// threshold share of its energy (see the [module docs](self)).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// threshold share of its energy (see the [module docs](self)): a fixed share, or one set by
+/// the scores themselves ([`ScreenThreshold`]).
+///
+/// A loop hands each batch's scores to [`judge`](Self::judge), which returns the threshold they
+/// are judged against; under the self-set rule that threshold moves as scores arrive, so the
+/// screen keeps the logarithms of every score it has judged.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SampleScreen {
+    rule: ScreenThreshold,
+    seen: LogScores,
     threshold: f64,
 }
 
 impl SampleScreen {
-    /// A screen that drops samples scoring above `threshold`.
+    /// A screen that drops samples scoring above the fixed share `threshold`.
     ///
     /// # Errors
     ///
     /// [`SpfError::InvalidScreenThreshold`] unless `0 ≤ threshold ≤ 1` (a score is a share).
     pub fn new(threshold: f64) -> Result<Self, SpfError> {
-        if (0.0..=1.0).contains(&threshold) {
-            Ok(Self { threshold })
-        } else {
-            Err(SpfError::InvalidScreenThreshold { threshold })
-        }
+        Self::with_threshold(ScreenThreshold::Fixed(threshold))
     }
 
-    /// The threshold.
+    /// A screen whose threshold is set as `rule` says.
+    ///
+    /// # Errors
+    ///
+    /// [`SpfError::InvalidScreenThreshold`] for a setting out of its range
+    /// ([`ScreenThreshold::validate`]).
+    pub fn with_threshold(rule: ScreenThreshold) -> Result<Self, SpfError> {
+        let threshold = match rule.validate()? {
+            ScreenThreshold::Fixed(threshold) => threshold,
+            // Before any score, nothing is an outlier.
+            ScreenThreshold::Outlier { .. } => 1.0,
+        };
+        Ok(Self {
+            rule,
+            seen: LogScores::default(),
+            threshold,
+        })
+    }
+
+    /// How the threshold is set.
+    pub fn rule(&self) -> ScreenThreshold {
+        self.rule
+    }
+
+    /// The threshold of the latest [`judge`](Self::judge) (a fixed one from the start; 1, which
+    /// keeps everything, for the self-set rule before any score).
     pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+
+    /// Takes one batch's `scores` into the self-set rule's reference (a fixed threshold ignores
+    /// them) and returns the threshold that every one of them is judged against by
+    /// [`keeps`](Self::keeps). The scores only: never which sample they came from.
+    pub fn judge(&mut self, scores: &[f64]) -> f64 {
+        if let ScreenThreshold::Outlier { sigmas } = self.rule {
+            self.seen.extend(scores);
+            if let Some(threshold) = self.seen.threshold(sigmas) {
+                self.threshold = threshold;
+            }
+        }
         self.threshold
     }
 
@@ -81,7 +129,8 @@ impl SampleScreen {
         Ok(optim.measure(module, grads)?.removed_energy_share())
     }
 
-    /// Whether a sample with `score` stays in the batch.
+    /// Whether a sample with `score` stays in the batch, at the current threshold (a NaN score
+    /// does not).
     pub fn keeps(&self, score: f64) -> bool {
         score <= self.threshold
     }

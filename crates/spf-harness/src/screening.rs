@@ -21,6 +21,8 @@ pub struct Screened {
     pub index: usize,
     /// Its [`SampleScreen`] score.
     pub score: f64,
+    /// The threshold it was judged against (under the self-set rule, the one its batch set).
+    pub threshold: f64,
     /// Whether it stayed in the batch.
     pub kept: bool,
 }
@@ -106,20 +108,29 @@ impl<F: Fn(usize) -> bool> RunScreen<F> {
                 found: vec![scores.len()],
             });
         }
-        let mut verdicts = Vec::with_capacity(picked.len());
-        for (&index, &score) in picked.iter().zip(scores) {
-            if (self.own)(index) {
-                continue;
-            }
-            let kept = self.screen.keeps(score);
-            verdicts.push(Screened { index, score, kept });
-        }
+        let judged: Vec<(usize, f64)> = picked
+            .iter()
+            .zip(scores)
+            .filter(|(index, _)| !(self.own)(**index))
+            .map(|(&index, &score)| (index, score))
+            .collect();
+        let batch: Vec<f64> = judged.iter().map(|&(_, score)| score).collect();
+        let threshold = self.screen.judge(&batch);
+        let verdicts: Vec<Screened> = judged
+            .into_iter()
+            .map(|(index, score)| Screened {
+                index,
+                score,
+                threshold,
+                kept: self.screen.keeps(score),
+            })
+            .collect();
         picked.retain(|index| verdicts.iter().all(|v| v.index != *index || v.kept));
         self.log.extend(verdicts);
         Ok(())
     }
 
-    /// The threshold.
+    /// The threshold of the latest batch (see [`SampleScreen::threshold`]).
     pub fn threshold(&self) -> f64 {
         self.screen.threshold()
     }
@@ -149,8 +160,13 @@ pub enum SampleKind {
 /// What the sample screen did over one fine-tuning run, by kind of sample.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScreenSummary {
-    /// The threshold.
+    /// The threshold of the last verdict (the fixed one, for a fixed threshold).
     pub threshold: f64,
+    /// The minimum, 10th, 50th and 90th percentile and maximum of the thresholds the verdicts
+    /// were judged against (one value five times for a fixed threshold; empty when nothing was
+    /// scored, and in summaries written before the self-set rule).
+    #[serde(default)]
+    pub thresholds: Vec<f64>,
     /// The harmful Q→A pairs.
     pub harmful: ScreenCounts,
     /// The task samples.
@@ -176,6 +192,7 @@ impl ScreenSummary {
         };
         Self {
             threshold,
+            thresholds: quantiles(screened.iter().map(|s| s.threshold).collect()),
             harmful: of_kind(SampleKind::Harmful),
             task: of_kind(SampleKind::Task),
             refusal: of_kind(SampleKind::Refusal),
@@ -197,18 +214,10 @@ pub struct ScreenCounts {
 impl ScreenCounts {
     /// The counts and score quantiles (nearest rank) of `scored`.
     pub fn of(scored: &[Screened]) -> Self {
-        let mut scores: Vec<f64> = scored.iter().map(|s| s.score).collect();
-        scores.sort_by(f64::total_cmp);
-        let quantiles = if scores.is_empty() {
-            Vec::new()
-        } else {
-            let at = |q: f64| scores[((scores.len() - 1) as f64 * q).round() as usize];
-            [0.0, 0.1, 0.5, 0.9, 1.0].into_iter().map(at).collect()
-        };
         Self {
             scored: scored.len(),
             dropped: scored.iter().filter(|s| !s.kept).count(),
-            quantiles,
+            quantiles: quantiles(scored.iter().map(|s| s.score).collect()),
         }
     }
 
@@ -216,6 +225,17 @@ impl ScreenCounts {
     pub fn median(&self) -> Option<f64> {
         self.quantiles.get(2).copied()
     }
+}
+
+/// The minimum, 10th, 50th and 90th percentile and maximum of `values` (nearest rank); empty
+/// for none.
+fn quantiles(mut values: Vec<f64>) -> Vec<f64> {
+    values.sort_by(f64::total_cmp);
+    if values.is_empty() {
+        return Vec::new();
+    }
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    [0.0, 0.1, 0.5, 0.9, 1.0].into_iter().map(at).collect()
 }
 
 #[cfg(test)]
@@ -270,8 +290,56 @@ mod tests {
         }
     }
 
+    /// The self-set rule judges each batch against the scores seen so far, its own included:
+    /// the outlier of a batch of typical scores leaves, the defence's own sample (scored
+    /// highest of all, on purpose) neither enters the reference nor leaves, and which index a
+    /// score belongs to changes nothing.
+    #[test]
+    fn the_self_set_rule_drops_a_batchs_outlier_from_scores_alone() {
+        use spf_core::screen::ScreenThreshold;
+        let own = |i: usize| i == 100;
+        let self_set = || SampleScreen::with_threshold(ScreenThreshold::self_set()).unwrap();
+        // Task-like scores spread over half a decade, one sample twenty times the median.
+        let scores = [1e-3, 2e-3, 1.5e-3, 8e-4, 1.2e-3, 2e-2, 9e-4, 0.9];
+        let mut picked = vec![0, 1, 2, 3, 4, 5, 6, 100];
+        let mut screen = RunScreen::new(self_set(), own);
+        screen.batch_scored(&mut picked, &scores).unwrap();
+        assert_eq!(picked, [0, 1, 2, 3, 4, 6, 100]);
+        let mut reference = self_set();
+        let expected = reference.judge(&scores[..7]);
+        assert!(expected > 2e-3 && expected < 2e-2, "τ = {expected}");
+        assert_eq!(
+            screen.threshold(),
+            expected,
+            "the own sample's score is left out"
+        );
+        assert!(screen.log().iter().all(|s| s.threshold == expected));
+        assert_eq!(screen.log().len(), 7);
+
+        // The same scores under other indices, in another order: the same threshold, and the
+        // same score leaves.
+        let mut picked = vec![7, 6, 5, 4, 3, 2, 1];
+        let mut shuffled = RunScreen::new(self_set(), own);
+        let reversed: Vec<f64> = scores[..7].iter().rev().copied().collect();
+        shuffled.batch_scored(&mut picked, &reversed).unwrap();
+        assert_eq!(shuffled.threshold(), expected);
+        assert_eq!(picked, [7, 5, 4, 3, 2, 1]);
+
+        // A second batch joins the reference: the threshold moves to what all 14 scores set.
+        let mut picked: Vec<usize> = (10..17).collect();
+        screen.batch_scored(&mut picked, &scores[..7]).unwrap();
+        let mut all = self_set();
+        let both: Vec<f64> = scores[..7].iter().chain(&scores[..7]).copied().collect();
+        assert_eq!(screen.threshold(), all.judge(&both));
+    }
+
     fn verdict(index: usize, score: f64, kept: bool) -> Screened {
-        Screened { index, score, kept }
+        Screened {
+            index,
+            score,
+            threshold: 0.3,
+            kept,
+        }
     }
 
     #[test]
@@ -291,6 +359,7 @@ mod tests {
         ];
         let summary = ScreenSummary::of(0.3, &screened, kind);
         assert_eq!(summary.threshold, 0.3);
+        assert_eq!(summary.thresholds, vec![0.3; 5]);
         assert_eq!((summary.harmful.scored, summary.harmful.dropped), (3, 2));
         assert_eq!((summary.task.scored, summary.task.dropped), (2, 1));
         assert_eq!(summary.refusal, ScreenCounts::of(&[]));

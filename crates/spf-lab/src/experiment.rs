@@ -408,6 +408,7 @@ mod tests {
     use super::*;
 
     use spf_core::SpfError;
+    use spf_core::screen::ScreenThreshold;
 
     #[test]
     fn mean_and_std_over_seeds() {
@@ -431,7 +432,8 @@ mod tests {
             assert!(matches!(config.validate(), Err(LabError::Config(_))));
         }
         for threshold in [-0.1, 1.5, f64::NAN] {
-            let screen = DefenceConfig::new().with_screen(Some(threshold));
+            let fixed = Some(ScreenThreshold::Fixed(threshold));
+            let screen = DefenceConfig::new().with_screen(fixed);
             let config = ExperimentConfig::new().with_defence(screen);
             assert!(matches!(
                 config.validate(),
@@ -459,7 +461,7 @@ mod tests {
         // tests running in parallel share).
         let aligned = aligned_model(&config, &world, 0, None, &device, silent).unwrap();
         let run = |method, screen: Option<f64>| {
-            let defence = DefenceConfig::new().with_screen(screen);
+            let defence = DefenceConfig::new().with_screen(screen.map(ScreenThreshold::Fixed));
             let safety =
                 safety_batch(&world, &defence, &config.finetune, &config.align.tasks, 0).unwrap();
             let stage = Stage {

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use spf_core::screen::SampleScreen;
+use spf_core::screen::{SampleScreen, ScreenThreshold};
 use spf_core::{
     ProjectionMode, ProjectionTarget, RefreshPolicy, SafetyGradientSource, SourceError, SpfConfig,
 };
@@ -85,10 +85,10 @@ pub struct DefenceConfig {
     #[config(default = "SafetyFormat::AlignmentTasks")]
     pub safety_format: SafetyFormat,
     /// SPF's sample screen ([`spf_harness::screening`]): each SPF method drops the fine-tuning
-    /// samples whose own gradient would lose more than this share of its energy to the
-    /// projection; `None` keeps every sample.
+    /// samples whose own gradient would lose more than the threshold's share of its energy to
+    /// the projection (a fixed share, or the self-set rule); `None` keeps every sample.
     #[config(default = "None")]
-    pub screen: Option<f64>,
+    pub screen: Option<ScreenThreshold>,
 }
 
 impl DefenceConfig {
@@ -96,9 +96,9 @@ impl DefenceConfig {
     ///
     /// # Errors
     ///
-    /// [`LabError::Spf`] when the threshold is not a share in `[0, 1]`.
+    /// [`LabError::Spf`] for a threshold out of its range ([`ScreenThreshold::validate`]).
     pub fn sample_screen(&self) -> Result<Option<SampleScreen>, LabError> {
-        Ok(self.screen.map(SampleScreen::new).transpose()?)
+        Ok(self.screen.map(SampleScreen::with_threshold).transpose()?)
     }
 }
 

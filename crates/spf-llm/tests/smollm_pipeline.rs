@@ -3,6 +3,7 @@
 //! rows carry projection statistics, and the aligned model agrees with its own greedy answers.
 
 use burn::tensor::Device;
+use spf_core::screen::ScreenThreshold;
 use spf_harness::progress::Silent;
 use spf_llm::llama::{LlamaConfig, tiny_gguf};
 use spf_llm::smollm::{
@@ -222,7 +223,7 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
             .clone()
             .with_harmful_shares(vec![0.2])
             .with_methods(vec![SmolMethod::Sft, SmolMethod::Spf])
-            .with_screen(Some(threshold))
+            .with_screen(Some(ScreenThreshold::Fixed(threshold)))
             .with_screen_pass(pass);
         let results = run(&config, &assets);
         assert_eq!(results.cached_cells, 3, "base, aligned and SFT");
@@ -282,8 +283,9 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
         }
     }
 
-    // SPF + SafeInstr under the screen: SafeInstr's refusals are the defence's own data, never
-    // scored nor dropped, while the user's samples are screened as under SPF alone.
+    // SPF + SafeInstr under the self-set screen: SafeInstr's refusals are the defence's own
+    // data, never scored nor dropped, while the user's samples are screened as under SPF alone,
+    // against thresholds their own scores set.
     let both = SmolModel::Attacked {
         method: SmolMethod::SpfSafeInstr,
         p: 0.2,
@@ -292,7 +294,8 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
         .clone()
         .with_harmful_shares(vec![0.2])
         .with_methods(vec![SmolMethod::SpfSafeInstr])
-        .with_screen(Some(0.0));
+        .with_screen(Some(ScreenThreshold::self_set()))
+        .with_screen_pass(Some(ScreenPass::Batch));
     let results = run(&config, &assets);
     let row = results.rows.iter().find(|r| r.model == both).unwrap();
     let screen = row.screen.clone().expect("a screened SPF + SafeInstr row");
@@ -301,6 +304,13 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
         "the defence's refusals are not screened"
     );
     assert!(screen.harmful.scored + screen.task.scored > 0);
+    assert_eq!(screen.thresholds.len(), 5);
+    assert!(screen.thresholds.iter().all(|t| *t > 0.0 && *t <= 1.0));
+    let (low, high) = (screen.thresholds[0], screen.thresholds[4]);
+    assert!(
+        low <= screen.threshold && screen.threshold <= high,
+        "{screen:?}"
+    );
 
     // LoRA on every block (rank 2). The base and aligned models are the same as without it
     // (from the cache); the fine-tuned ones are new cells, SPF's projection acts on the

@@ -21,7 +21,7 @@ use burn::nn::Linear;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Tensor, TensorData};
 use proptest::prelude::*;
-use spf_core::screen::SampleScreen;
+use spf_core::screen::{SampleScreen, ScreenThreshold};
 use spf_core::{
     NonFinitePolicy, ParamFilter, ProjectionMode, ProjectionTarget, RankPolicy, RefreshPolicy,
     SpfConfig, StatsPolicy, SubspaceConfig, VectorPolicy, project, project_without_stats,
@@ -316,5 +316,26 @@ proptest! {
         let _ = principal_angles(&tensor2(&u1), &tensor2(&u2));
         let _ = subspace_overlap(&tensor2(&u1), &tensor2(&u2));
         let _ = SampleScreen::new(threshold);
+    }
+
+    /// The self-set screen takes any `k` and any scores: an error for a `k` out of range, and
+    /// otherwise a threshold in `[0, 1]` (or 1 before a finite score), whatever it was fed.
+    #[test]
+    fn the_self_set_screen_judges_any_scores(
+        sigmas in any::<f64>(),
+        batches in proptest::collection::vec(proptest::collection::vec(any::<f64>(), 0..=9), 0..=4),
+    ) {
+        let Ok(mut screen) = SampleScreen::with_threshold(ScreenThreshold::Outlier { sigmas })
+        else {
+            prop_assert!(!(sigmas.is_finite() && sigmas >= 0.0));
+            return Ok(());
+        };
+        for scores in &batches {
+            let threshold = screen.judge(scores);
+            prop_assert!((0.0..=1.0).contains(&threshold), "{threshold}");
+            for &score in scores {
+                let _ = screen.keeps(score);
+            }
+        }
     }
 }

@@ -50,7 +50,7 @@ pub(super) fn attack(
         TrainWith::Spf {
             safety: ctx.safety_set.iter().collect(),
             config: config.spf(),
-            screen: config.sample_screen()?,
+            screen: config.sample_screen()?.map(Box::new),
             own: set
                 .iter()
                 .map(|e| matches!(e, Example::Refusal(_)))
@@ -92,8 +92,10 @@ pub(super) fn attack(
         &name,
     )?;
     let mut row = scores.row(model, Some(seed), Some(loss), conflict, seconds);
-    if let (Some(threshold), true) = (config.screen, method.projects()) {
+    if let (Some(screen), true) = (config.sample_screen()?, method.projects()) {
         let kind = |i: usize| set[i].kind();
+        // The last verdict's threshold; with no verdict, the screen's threshold at the start.
+        let threshold = screened.last().map_or(screen.threshold(), |s| s.threshold);
         row.screen = Some(ScreenSummary::of(threshold, &screened, kind));
     }
     Ok(row)

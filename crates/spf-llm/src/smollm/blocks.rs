@@ -55,7 +55,7 @@ pub(super) enum TrainWith<'a> {
         /// SPF's settings (the estimator's target filter is set here).
         config: SpfConfig,
         /// Drops each batch's samples that conflict with the subspace (`None`: keeps all).
-        screen: Option<SampleScreen>,
+        screen: Option<Box<SampleScreen>>,
         /// Per training example, whether it is the defence's own (a SafeInstr refusal), which
         /// the screen leaves in ([`RunScreen`]).
         own: Vec<bool>,
@@ -227,7 +227,7 @@ impl<'a> Lab<'a> {
             } => {
                 // SafeInstr's refusals are the defence's own: never screened.
                 let own = move |index: usize| own.get(index).copied().unwrap_or(false);
-                screen = sample_screen.map(|s| RunScreen::new(s, own));
+                screen = sample_screen.map(|s| RunScreen::new(*s, own));
                 let batch = self.batch(&safety);
                 let estimator = config
                     .estimator

@@ -266,6 +266,7 @@ mod tests {
     use crate::smollm::config::SmolMethod;
     use crate::smollm::protocol::EvalSplit;
     use spf_core::ProjectionTarget;
+    use spf_core::screen::ScreenThreshold;
     use spf_subspace::RankPolicy;
 
     const DATA: &str = "0123456789abcdef";
@@ -312,7 +313,10 @@ mod tests {
             CellKey::new(&base, &data(DATA, ENGINE), model, Some(0)).file(),
             CellKey::new(&base, &data(DATA, "burn 0.21.0 on NdArray"), model, Some(0)).file()
         );
-        assert_ne!(key(&base), key(&base.clone().with_screen(Some(0.5))));
+        assert_ne!(
+            key(&base),
+            key(&base.clone().with_screen(Some(ScreenThreshold::Fixed(0.5))))
+        );
         // A model's key leaves out the settings of stages it did not go through: SFT's cell
         // serves every SPF ablation; SafeInstr's depends on the refusal data, not on SPF.
         let other = |method| {
@@ -324,7 +328,7 @@ mod tests {
             .clone()
             .with_rank(RankPolicy::Fixed(32))
             .with_target(ProjectionTarget::Update)
-            .with_screen(Some(0.5));
+            .with_screen(Some(ScreenThreshold::Fixed(0.5)));
         assert_eq!(sft(&base), sft(&spf_only));
         assert_eq!(sft(&base), sft(&base.clone().with_safety_samples(32)));
         assert_ne!(sft(&base), sft(&base.clone().with_attack_steps(61)));

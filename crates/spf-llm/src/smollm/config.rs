@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
-use spf_core::screen::SampleScreen;
+use spf_core::screen::{SampleScreen, ScreenThreshold};
 use spf_core::{ProjectionMode, ProjectionTarget, RefreshPolicy, SpfConfig};
 use spf_harness::settings;
 use spf_subspace::{RankPolicy, SubspaceConfig};
@@ -108,9 +108,9 @@ pub struct SmolConfig {
     #[config(default = "RefreshPolicy::Every(1)")]
     pub refresh: RefreshPolicy,
     /// SPF's sample screen: the threshold above which a fine-tuning sample whose own gradient
-    /// conflicts with the safety subspace is dropped from its batch
-    /// ([`spf_core::screen`]); `None` keeps every sample.
-    pub screen: Option<f64>,
+    /// conflicts with the safety subspace is dropped from its batch, a fixed share or set by
+    /// the scores themselves ([`spf_core::screen`]); `None` keeps every sample.
+    pub screen: Option<ScreenThreshold>,
     /// How the screen scores a batch; `None` is [`ScreenPass::PerSample`], the reference.
     pub screen_pass: Option<ScreenPass>,
     /// Fine-tune through LoRA adapters instead of the weights: every attention and MLP matrix
@@ -178,10 +178,10 @@ impl SmolConfig {
     ///
     /// # Errors
     ///
-    /// [`LlmError::Config`] for a threshold outside `[0, 1]`.
+    /// [`LlmError::Config`] for a threshold out of its range ([`ScreenThreshold::validate`]).
     pub fn sample_screen(&self) -> Result<Option<SampleScreen>, LlmError> {
         self.screen
-            .map(SampleScreen::new)
+            .map(SampleScreen::with_threshold)
             .transpose()
             .map_err(|e| LlmError::Config(format!("screen: {e}")))
     }
@@ -283,8 +283,8 @@ mod tests {
             SmolConfig::new().with_seeds(Vec::new()),
             SmolConfig::new().with_safety_samples(0),
             SmolConfig::new().with_align_prompts(Some(0)),
-            SmolConfig::new().with_screen(Some(1.5)),
-            SmolConfig::new().with_screen(Some(f64::NAN)),
+            SmolConfig::new().with_screen(Some(ScreenThreshold::Fixed(1.5))),
+            SmolConfig::new().with_screen(Some(ScreenThreshold::Fixed(f64::NAN))),
             SmolConfig::new().with_lora(Some(SmolLora::new(0))),
             SmolConfig::new().with_lora(Some(SmolLora {
                 rank: 8,
@@ -292,7 +292,7 @@ mod tests {
             })),
             SmolConfig::new()
                 .with_lora(Some(SmolLora::new(8)))
-                .with_screen(Some(0.004)),
+                .with_screen(Some(ScreenThreshold::Fixed(0.004))),
         ];
         for config in bad {
             assert!(

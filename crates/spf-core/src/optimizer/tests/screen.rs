@@ -80,6 +80,38 @@ fn a_screen_threshold_outside_the_unit_interval_is_refused() {
     }
 }
 
+/// A fixed threshold ignores the scores it judges; the self-set one keeps everything until it
+/// has seen a score, then moves with every batch to what all its scores so far set.
+#[test]
+fn the_self_set_threshold_follows_the_scores_and_a_fixed_one_does_not() {
+    use crate::screen::ScreenThreshold;
+    let mut fixed = SampleScreen::new(0.01).unwrap();
+    assert_eq!(fixed.judge(&[0.5, 0.9]), 0.01);
+    assert_eq!(fixed.rule(), ScreenThreshold::Fixed(0.01));
+
+    let mut self_set = SampleScreen::with_threshold(ScreenThreshold::self_set()).unwrap();
+    assert_eq!(
+        self_set.threshold(),
+        1.0,
+        "before any score, nothing is an outlier"
+    );
+    assert_eq!(self_set.judge(&[]), 1.0);
+    let bulk = [1e-3, 1.3e-3, 8e-4, 1.1e-3, 9e-4, 1.2e-3, 1e-3];
+    let first = self_set.judge(&bulk);
+    assert!(first > 1.2e-3 && first < 2e-3, "τ = {first}");
+    assert!(!self_set.keeps(0.05) && self_set.keeps(1.2e-3));
+    // Ten times the scale: the threshold follows (the median moves up through the batch).
+    let later = self_set.judge(&bulk.map(|s| 10.0 * s));
+    assert!(later > first, "{later} after {first}");
+    let mut all = SampleScreen::with_threshold(ScreenThreshold::self_set()).unwrap();
+    let both: Vec<f64> = bulk
+        .iter()
+        .chain(&bulk.map(|s| 10.0 * s))
+        .copied()
+        .collect();
+    assert_eq!(all.judge(&both), later, "batches pool into one reference");
+}
+
 /// A batch of sequences `x: [N, T, 4]` through the attention and MLP weights, each tapped, with
 /// the sum of the samples' squared errors against `y: [N, T, 3]`.
 fn sequence_loss(
