@@ -126,15 +126,21 @@ pub enum SpfError {
         lr: f64,
     },
 
-    /// A [`SampleScreen`](crate::screen::SampleScreen) threshold out of its range: a fixed
-    /// share outside `[0, 1]`, or an outlier rule's `k` negative or not finite (NaN included).
-    #[error(
-        "invalid screen threshold {threshold:?}: a fixed one is a share, in [0, 1]; an outlier \
-         rule's k is finite and at least 0"
-    )]
+    /// A fixed [`SampleScreen`](crate::screen::SampleScreen) threshold outside `[0, 1]`, or
+    /// NaN.
+    #[error("invalid screen threshold {threshold}: a score is a share, in [0, 1]")]
     InvalidScreenThreshold {
-        /// The setting given.
-        threshold: crate::screen::ScreenThreshold,
+        /// The threshold given.
+        threshold: f64,
+    },
+
+    /// The self-set screen threshold's `k`
+    /// ([`ScreenThreshold::Outlier`](crate::screen::ScreenThreshold::Outlier)) negative or not
+    /// finite (NaN included).
+    #[error("invalid outlier rule k = {sigmas}: robust standard deviations, finite and at least 0")]
+    InvalidScreenSigmas {
+        /// The `k` given.
+        sigmas: f64,
     },
 
     /// Gradients hold NaN or ±Inf (under [`NonFinitePolicy::Error`](crate::NonFinitePolicy)),

@@ -71,16 +71,17 @@ impl ScreenThreshold {
     /// # Errors
     ///
     /// [`SpfError::InvalidScreenThreshold`] for a fixed threshold outside `[0, 1]` (a score is
-    /// a share) and for an outlier rule whose `k` is negative or not finite (NaN included).
+    /// a share), [`SpfError::InvalidScreenSigmas`] for an outlier rule whose `k` is negative or
+    /// not finite (NaN included).
     pub fn validate(self) -> Result<Self, SpfError> {
-        let valid = match self {
-            Self::Fixed(threshold) => (0.0..=1.0).contains(&threshold),
-            Self::Outlier { sigmas } => sigmas.is_finite() && sigmas >= 0.0,
-        };
-        if valid {
-            Ok(self)
-        } else {
-            Err(SpfError::InvalidScreenThreshold { threshold: self })
+        match self {
+            Self::Fixed(threshold) if !(0.0..=1.0).contains(&threshold) => {
+                Err(SpfError::InvalidScreenThreshold { threshold })
+            }
+            Self::Outlier { sigmas } if !(sigmas.is_finite() && sigmas >= 0.0) => {
+                Err(SpfError::InvalidScreenSigmas { sigmas })
+            }
+            _ => Ok(self),
         }
     }
 }
@@ -188,20 +189,18 @@ mod tests {
 
     #[test]
     fn settings_outside_their_range_are_refused_and_fixed_ones_serialize_as_numbers() {
-        for bad in [
-            ScreenThreshold::Fixed(-0.1),
-            ScreenThreshold::Fixed(1.5),
-            ScreenThreshold::Fixed(f64::NAN),
-            ScreenThreshold::Outlier { sigmas: -1.0 },
-            ScreenThreshold::Outlier { sigmas: f64::NAN },
-            ScreenThreshold::Outlier {
-                sigmas: f64::INFINITY,
-            },
-        ] {
-            assert!(
-                matches!(bad.validate(), Err(SpfError::InvalidScreenThreshold { .. })),
-                "{bad:?}"
-            );
+        for bad in [-0.1, 1.5, f64::NAN] {
+            let fixed = ScreenThreshold::Fixed(bad);
+            let refused = fixed.validate();
+            assert!(matches!(
+                refused,
+                Err(SpfError::InvalidScreenThreshold { .. })
+            ));
+        }
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            let outlier = ScreenThreshold::Outlier { sigmas: bad };
+            let refused = outlier.validate();
+            assert!(matches!(refused, Err(SpfError::InvalidScreenSigmas { .. })));
         }
         let fixed = ScreenThreshold::Fixed(0.004);
         assert_eq!(serde_json::to_string(&fixed).unwrap(), "0.004");
