@@ -72,8 +72,8 @@ impl SampleScreen {
     ///
     /// # Errors
     ///
-    /// [`SpfError::InvalidScreenThreshold`] for a setting out of its range
-    /// ([`ScreenThreshold::validate`]).
+    /// [`SpfError::InvalidScreenThreshold`] or [`SpfError::InvalidScreenSigmas`] for a setting
+    /// out of its range ([`ScreenThreshold::validate`]).
     pub fn with_threshold(rule: ScreenThreshold) -> Result<Self, SpfError> {
         let threshold = match rule.validate()? {
             ScreenThreshold::Fixed(threshold) => threshold,

@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use spf_core::screen::SampleScreen;
 use spf_harness::progress::Progress;
 use spf_harness::screening::ScreenSummary;
 
@@ -46,11 +47,14 @@ pub(super) fn attack(
             Example::Refusal(i) => ctx.safety_set[i].clone(),
         })
         .collect();
+    let sample_screen = config.sample_screen()?;
+    // The screen's threshold before any verdict, for the summary of a run with none.
+    let initial_threshold = sample_screen.as_ref().map(SampleScreen::threshold);
     let with = if method.projects() {
         TrainWith::Spf {
             safety: ctx.safety_set.iter().collect(),
             config: config.spf(),
-            screen: config.sample_screen()?.map(Box::new),
+            screen: sample_screen.map(Box::new),
             own: set
                 .iter()
                 .map(|e| matches!(e, Example::Refusal(_)))
@@ -92,10 +96,10 @@ pub(super) fn attack(
         &name,
     )?;
     let mut row = scores.row(model, Some(seed), Some(loss), conflict, seconds);
-    if let (Some(screen), true) = (config.sample_screen()?, method.projects()) {
+    if let (Some(initial), true) = (initial_threshold, method.projects()) {
         let kind = |i: usize| set[i].kind();
         // The last verdict's threshold; with no verdict, the screen's threshold at the start.
-        let threshold = screened.last().map_or(screen.threshold(), |s| s.threshold);
+        let threshold = screened.last().map_or(initial, |s| s.threshold);
         row.screen = Some(ScreenSummary::of(threshold, &screened, kind));
     }
     Ok(row)
