@@ -78,11 +78,16 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     refresh: usize,
     /// SPF's sample screen: drop each fine-tuning sample whose own gradient would lose more
-    /// than a share of its energy to the projection: a fixed share in [0, 1], or `auto`
-    /// (`auto:K`) for the outlier rule that sets the threshold from the scores (off by
-    /// default).
+    /// than a share of its energy to the projection: a fixed share in [0, 1], `auto` (`auto:K`)
+    /// for the outlier rule that sets the threshold from the scores, or `calibrated`
+    /// (`calibrated:A`) for the rule that sets it from clean problems, dropping at most a share
+    /// A of clean samples (off by default).
     #[arg(long, value_parser = screen::parse)]
     screen: Option<ScreenThreshold>,
+    /// Clean arithmetic problems, apart from the fine-tuning set, that the calibrated screen
+    /// scores for its threshold (a batch of them each step).
+    #[arg(long, default_value_t = 32)]
+    calibration: usize,
     /// How the screen scores a batch: one pass of the whole batch through tapped matrices, which
     /// the step then reuses when nothing is dropped, or one backward pass per sample (the
     /// reference). The same verdicts on validation (docs/results.md).
@@ -202,6 +207,11 @@ fn config(args: &Args) -> Result<SmolConfig, Box<dyn std::error::Error>> {
             n => RefreshPolicy::Every(n),
         })
         .with_screen(args.screen)
+        .with_screen_calibration(
+            args.screen
+                .is_some_and(ScreenThreshold::is_calibrated)
+                .then_some(args.calibration),
+        )
         .with_screen_pass(match args.screen_pass {
             Pass::PerSample => None,
             Pass::Batch => Some(ScreenPass::Batch),

@@ -143,6 +143,25 @@ pub enum SpfError {
         sigmas: f64,
     },
 
+    /// The calibrated screen threshold's drop share `α`
+    /// ([`ScreenThreshold::Calibrated`](crate::screen::ScreenThreshold::Calibrated)) not
+    /// strictly between 0 and 1 (NaN included).
+    #[error(
+        "invalid calibrated screen drop share {drop_share}: a share of clean samples, in (0, 1)"
+    )]
+    InvalidScreenDropShare {
+        /// The `α` given.
+        drop_share: f64,
+    },
+
+    /// A calibrated sample screen
+    /// ([`ScreenThreshold::Calibrated`](crate::screen::ScreenThreshold::Calibrated)) asked to
+    /// judge a batch before any calibration score reached it
+    /// ([`SampleScreen::calibrate`](crate::screen::SampleScreen::calibrate)): it has no
+    /// reference, and keeping every sample would silently turn the screen off.
+    #[error("the calibrated sample screen judged a batch before any calibration score")]
+    ScreenNotCalibrated,
+
     /// Gradients hold NaN or ±Inf (under [`NonFinitePolicy::Error`](crate::NonFinitePolicy)),
     /// or, when the probe shares the statistics' read, their projections do (see
     /// [`NonFinitePolicy`](crate::NonFinitePolicy)).

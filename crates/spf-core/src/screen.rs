@@ -21,9 +21,10 @@
 //! sum), so it is a tool for the training loop, not a setting of [`SpfConfig`](crate::SpfConfig):
 //! the loop computes each sample's gradient (a backward pass per sample), asks
 //! [`SampleScreen::score`], hands the batch's scores to [`SampleScreen::judge`], and steps on
-//! the samples [`SampleScreen::keeps`]. The threshold is a fixed share or set by the scores
-//! themselves, as an outlier rule on their running distribution ([`ScreenThreshold`];
-//! `screen/threshold.rs` has the rule).
+//! the samples [`SampleScreen::keeps`]. The threshold is a fixed share, set by the scores
+//! themselves as an outlier rule on their running distribution, or set by a clean calibration
+//! set that the loop scores beside each batch and hands to [`SampleScreen::calibrate`]
+//! ([`ScreenThreshold`]; `screen/threshold.rs` has the rules).
 //!
 //! For weights used as linear maps, [`traced_scores`] gives every sample's score from the
 //! batch's one backward pass instead, from the layers' inputs and output gradients recorded by a
@@ -36,7 +37,7 @@ mod traced;
 pub use threshold::{FLOOR, ScreenThreshold};
 pub use traced::{LinearTap, LinearTrace, traced_scores};
 
-use threshold::LogScores;
+use threshold::{CalibrationScores, LogScores};
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -45,16 +46,19 @@ use crate::error::SpfError;
 use crate::optimizer::SafetyProjectedOptimizer;
 
 /// Keeps the training samples whose gradient conflicts with the safety subspace by at most a
-/// threshold share of its energy (see the [module docs](self)): a fixed share, or one set by
-/// the scores themselves ([`ScreenThreshold`]).
+/// threshold share of its energy (see the [module docs](self)): a fixed share, one set by the
+/// scores themselves, or one set by a clean calibration set ([`ScreenThreshold`]).
 ///
 /// A loop hands each batch's scores to [`judge`](Self::judge), which returns the threshold they
 /// are judged against; under the self-set rule that threshold moves as scores arrive, so the
-/// screen keeps the logarithms of every score it has judged.
+/// screen keeps the logarithms of every score it has judged. Under the calibrated rule the loop
+/// first hands it the scores of calibration samples taken at the same weights
+/// ([`calibrate`](Self::calibrate)), and the batch's own scores never enter the reference.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleScreen {
     rule: ScreenThreshold,
     seen: LogScores,
+    calibration: CalibrationScores,
     threshold: f64,
 }
 
@@ -72,17 +76,19 @@ impl SampleScreen {
     ///
     /// # Errors
     ///
-    /// [`SpfError::InvalidScreenThreshold`] or [`SpfError::InvalidScreenSigmas`] for a setting
-    /// out of its range ([`ScreenThreshold::validate`]).
+    /// [`SpfError::InvalidScreenThreshold`], [`SpfError::InvalidScreenSigmas`] or
+    /// [`SpfError::InvalidScreenDropShare`] for a setting out of its range
+    /// ([`ScreenThreshold::validate`]).
     pub fn with_threshold(rule: ScreenThreshold) -> Result<Self, SpfError> {
         let threshold = match rule.validate()? {
             ScreenThreshold::Fixed(threshold) => threshold,
             // Before any score, nothing is an outlier.
-            ScreenThreshold::Outlier { .. } => 1.0,
+            ScreenThreshold::Outlier { .. } | ScreenThreshold::Calibrated { .. } => 1.0,
         };
         Ok(Self {
             rule,
             seen: LogScores::default(),
+            calibration: CalibrationScores::default(),
             threshold,
         })
     }
@@ -93,22 +99,51 @@ impl SampleScreen {
     }
 
     /// The threshold of the latest [`judge`](Self::judge) (a fixed one from the start; 1, which
-    /// keeps everything, for the self-set rule before any score).
+    /// keeps everything, for the self-set and calibrated rules before any score).
     pub fn threshold(&self) -> f64 {
         self.threshold
     }
 
-    /// Takes one batch's `scores` into the self-set rule's reference (a fixed threshold ignores
-    /// them) and returns the threshold that every one of them is judged against by
-    /// [`keeps`](Self::keeps). The scores only: never which sample they came from.
-    pub fn judge(&mut self, scores: &[f64]) -> f64 {
-        if let ScreenThreshold::Outlier { sigmas } = self.rule {
-            self.seen.extend(scores);
-            if let Some(threshold) = self.seen.threshold(sigmas) {
-                self.threshold = threshold;
+    /// Takes the scores of clean calibration samples, taken at the weights and subspace of the
+    /// batches they will judge, into the calibrated rule's reference (the other rules ignore
+    /// them). The loop calls it before [`judge`](Self::judge), every step or as often as it
+    /// re-scores its calibration set.
+    pub fn calibrate(&mut self, scores: &[f64]) {
+        if self.rule.is_calibrated() {
+            self.calibration.extend(scores);
+        }
+    }
+
+    /// How many calibration scores the calibrated rule holds (0 under the other rules).
+    pub fn calibration_len(&self) -> usize {
+        self.calibration.len()
+    }
+
+    /// Takes one batch's `scores` into the self-set rule's reference (a fixed threshold and the
+    /// calibrated rule ignore them) and returns the threshold that every one of them is judged
+    /// against by [`keeps`](Self::keeps). The scores only: never which sample they came from.
+    ///
+    /// # Errors
+    ///
+    /// [`SpfError::ScreenNotCalibrated`] under the calibrated rule before any calibration
+    /// score ([`calibrate`](Self::calibrate)): the screen is left as it was.
+    pub fn judge(&mut self, scores: &[f64]) -> Result<f64, SpfError> {
+        match self.rule {
+            ScreenThreshold::Fixed(_) => {}
+            ScreenThreshold::Outlier { sigmas } => {
+                self.seen.extend(scores);
+                if let Some(threshold) = self.seen.threshold(sigmas) {
+                    self.threshold = threshold;
+                }
+            }
+            ScreenThreshold::Calibrated { drop_share } => {
+                self.threshold = self
+                    .calibration
+                    .threshold(drop_share)
+                    .ok_or(SpfError::ScreenNotCalibrated)?;
             }
         }
-        self.threshold
+        Ok(self.threshold)
     }
 
     /// The score of one sample: the share of the energy of its gradient `grads` (at `module`)

@@ -94,8 +94,9 @@ impl<F: Fn(usize) -> bool> RunScreen<F> {
     ///
     /// # Errors
     ///
-    /// [`SpfError::ShapeMismatch`] when `scores` does not hold one score per picked sample; the
-    /// batch is left as it was.
+    /// [`SpfError::ShapeMismatch`] when `scores` does not hold one score per picked sample, and
+    /// [`SpfError::ScreenNotCalibrated`] under the calibrated rule before any
+    /// [`calibrate`](Self::calibrate); the batch is left as it was.
     pub fn batch_scored(
         &mut self,
         picked: &mut Vec<usize>,
@@ -115,7 +116,7 @@ impl<F: Fn(usize) -> bool> RunScreen<F> {
             .map(|(&index, &score)| (index, score))
             .collect();
         let batch: Vec<f64> = judged.iter().map(|&(_, score)| score).collect();
-        let threshold = self.screen.judge(&batch);
+        let threshold = self.screen.judge(&batch)?;
         let verdicts: Vec<Screened> = judged
             .into_iter()
             .map(|(index, score)| Screened {
@@ -128,6 +129,19 @@ impl<F: Fn(usize) -> bool> RunScreen<F> {
         picked.retain(|index| verdicts.iter().all(|v| v.index != *index || v.kept));
         self.log.extend(verdicts);
         Ok(())
+    }
+
+    /// Whether the screen's threshold comes from a calibration set, whose scores the loop must
+    /// hand to [`calibrate`](Self::calibrate) before each batch it judges.
+    pub fn is_calibrated(&self) -> bool {
+        self.screen.rule().is_calibrated()
+    }
+
+    /// Takes the scores of clean calibration samples, taken at the current weights, into the
+    /// calibrated rule's reference ([`SampleScreen::calibrate`]). They are not verdicts: nothing
+    /// is logged.
+    pub fn calibrate(&mut self, scores: &[f64]) {
+        self.screen.calibrate(scores);
     }
 
     /// The threshold of the latest batch (see [`SampleScreen::threshold`]).
@@ -306,7 +320,7 @@ mod tests {
         screen.batch_scored(&mut picked, &scores).unwrap();
         assert_eq!(picked, [0, 1, 2, 3, 4, 6, 100]);
         let mut reference = self_set();
-        let expected = reference.judge(&scores[..7]);
+        let expected = reference.judge(&scores[..7]).unwrap();
         assert!(expected > 2e-3 && expected < 2e-2, "τ = {expected}");
         assert_eq!(
             screen.threshold(),
@@ -330,7 +344,45 @@ mod tests {
         screen.batch_scored(&mut picked, &scores[..7]).unwrap();
         let mut all = self_set();
         let both: Vec<f64> = scores[..7].iter().chain(&scores[..7]).copied().collect();
-        assert_eq!(screen.threshold(), all.judge(&both));
+        assert_eq!(screen.threshold(), all.judge(&both).unwrap());
+    }
+
+    /// Under the calibrated rule a batch made only of conflicting samples (the purely harmful
+    /// attack, where the self-set rule's median is a harmful score) leaves whole; a batch it is
+    /// asked to judge before any calibration score is an error and stays as it was.
+    #[test]
+    fn the_calibrated_rule_drops_a_wholly_conflicting_batch_and_refuses_to_judge_uncalibrated() {
+        use spf_core::screen::ScreenThreshold;
+        let calibrated = || SampleScreen::with_threshold(ScreenThreshold::calibrated()).unwrap();
+        let own = |i: usize| i == 100;
+        let harmful = [8e-3, 1.2e-2, 9e-3, 2e-2, 7e-3, 1.1e-2, 1e-2];
+        let mut screen = RunScreen::new(calibrated(), own);
+        assert!(screen.is_calibrated());
+        let mut picked = vec![0, 1, 2, 3, 4, 5, 6, 100];
+        let mut with_own = harmful.to_vec();
+        with_own.push(0.9);
+        assert!(matches!(
+            screen.batch_scored(&mut picked, &with_own),
+            Err(SpfError::ScreenNotCalibrated)
+        ));
+        assert_eq!(picked.len(), 8, "the batch is left as it was");
+        assert!(screen.log().is_empty());
+
+        // Clean task scores, a decade below: every harmful sample leaves, the own one stays.
+        let clean: Vec<f64> = (1..=19).map(|i| f64::from(i) * 1e-4).collect();
+        screen.calibrate(&clean);
+        screen.batch_scored(&mut picked, &with_own).unwrap();
+        assert_eq!(picked, [100]);
+        assert_eq!(screen.log().len(), 7, "calibration scores are not verdicts");
+        assert!(screen.log().iter().all(|s| s.threshold == clean[17]));
+
+        // The self-set rule on the same batch keeps most of it: its median is a harmful score.
+        let self_set = SampleScreen::with_threshold(ScreenThreshold::self_set()).unwrap();
+        let mut screen = RunScreen::new(self_set, own);
+        assert!(!screen.is_calibrated());
+        let mut picked = vec![0, 1, 2, 3, 4, 5, 6, 100];
+        screen.batch_scored(&mut picked, &with_own).unwrap();
+        assert!(picked.len() >= 6, "{picked:?}");
     }
 
     fn verdict(index: usize, score: f64, kept: bool) -> Screened {

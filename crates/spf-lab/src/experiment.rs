@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use spf_core::checkpoint;
+use spf_core::screen::ScreenThreshold;
 
 use crate::align::{AlignConfig, align};
 use crate::batch::Batch;
@@ -102,6 +103,16 @@ impl ExperimentConfig {
         }
         if self.replicas > 1 && self.defence.screen.is_some() {
             return bad("the sample screen cannot run on replicas");
+        }
+        if self
+            .defence
+            .screen
+            .is_some_and(ScreenThreshold::is_calibrated)
+        {
+            // The lab draws no clean calibration set beside its fine-tuning sets.
+            return bad(
+                "the calibrated sample screen needs a calibration set, which the lab does not draw",
+            );
         }
         self.defence.sample_screen()?;
         self.world.validate()?;
@@ -408,7 +419,6 @@ mod tests {
     use super::*;
 
     use spf_core::SpfError;
-    use spf_core::screen::ScreenThreshold;
 
     #[test]
     fn mean_and_std_over_seeds() {
@@ -427,6 +437,9 @@ mod tests {
             ExperimentConfig::new().with_finetune(FinetuneConfig::new().with_samples(0)),
             ExperimentConfig::new().with_defence(DefenceConfig::new().with_rank(0)),
             ExperimentConfig::new().with_model(TransformerConfig::new().with_heads(3)),
+            ExperimentConfig::new().with_defence(
+                DefenceConfig::new().with_screen(Some(ScreenThreshold::calibrated())),
+            ),
         ];
         for config in bad {
             assert!(matches!(config.validate(), Err(LabError::Config(_))));

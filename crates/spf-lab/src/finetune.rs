@@ -86,7 +86,8 @@ pub struct DefenceConfig {
     pub safety_format: SafetyFormat,
     /// SPF's sample screen ([`spf_harness::screening`]): each SPF method drops the fine-tuning
     /// samples whose own gradient would lose more than the threshold's share of its energy to
-    /// the projection (a fixed share, or the self-set rule); `None` keeps every sample.
+    /// the projection (a fixed share, or the self-set rule; the lab draws no calibration set
+    /// for the calibrated rule); `None` keeps every sample.
     #[config(default = "None")]
     pub screen: Option<ScreenThreshold>,
 }

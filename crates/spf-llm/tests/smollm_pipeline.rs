@@ -312,6 +312,37 @@ fn the_experiment_runs_end_to_end_on_a_tiny_model() {
         "{screen:?}"
     );
 
+    // SPF under the calibrated screen, each step also scoring a batch of clean problems drawn
+    // apart from the set: those set the threshold and are neither trained on nor judged (every
+    // verdict is a user sample's), and both passes reach the same verdicts.
+    let calibrated = |pass: Option<ScreenPass>| {
+        let config = config
+            .clone()
+            .with_methods(vec![SmolMethod::Spf])
+            .with_screen(Some(ScreenThreshold::Calibrated { drop_share: 0.3 }))
+            .with_screen_calibration(Some(3))
+            .with_screen_pass(pass);
+        let results = run(&config, &assets);
+        let spf = SmolModel::Attacked {
+            method: SmolMethod::Spf,
+            p: 0.2,
+        };
+        let row = results.rows.iter().find(|r| r.model == spf).unwrap();
+        row.screen.clone().expect("a calibrated SPF row")
+    };
+    let (exact, traced) = (calibrated(None), calibrated(Some(ScreenPass::Batch)));
+    for screen in [&exact, &traced] {
+        assert_eq!(screen.harmful.scored + screen.task.scored, 4 * 2);
+        assert!(screen.thresholds.iter().all(|t| *t > 0.0 && *t <= 1.0));
+    }
+    assert_eq!(
+        (exact.harmful.dropped, exact.task.dropped),
+        (traced.harmful.dropped, traced.task.dropped)
+    );
+    for (a, b) in exact.thresholds.iter().zip(&traced.thresholds) {
+        assert!((a - b).abs() <= 1e-4 * a, "{exact:?} against {traced:?}");
+    }
+
     // LoRA on every block (rank 2). The base and aligned models are the same as without it
     // (from the cache); the fine-tuned ones are new cells, SPF's projection acts on the
     // adapters, and a recomputed LoRA cell is the same as before (its factors come from the

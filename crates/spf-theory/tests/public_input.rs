@@ -331,10 +331,38 @@ proptest! {
             return Ok(());
         };
         for scores in &batches {
-            let threshold = screen.judge(scores);
+            let threshold = screen.judge(scores).unwrap();
             prop_assert!((0.0..=1.0).contains(&threshold), "{threshold}");
             for &score in scores {
                 let _ = screen.keeps(score);
+            }
+        }
+    }
+
+    /// The calibrated screen takes any `α` and any calibration and batch scores: an error for
+    /// an `α` out of range or a batch judged before any finite calibration score, and
+    /// otherwise a threshold in `[0, 1]`.
+    #[test]
+    fn the_calibrated_screen_judges_any_scores(
+        drop_share in any::<f64>(),
+        rounds in proptest::collection::vec(
+            (proptest::collection::vec(any::<f64>(), 0..=6), proptest::collection::vec(any::<f64>(), 0..=6)),
+            0..=4,
+        ),
+    ) {
+        let rule = ScreenThreshold::Calibrated { drop_share };
+        let Ok(mut screen) = SampleScreen::with_threshold(rule) else {
+            prop_assert!(!(drop_share > 0.0 && drop_share < 1.0));
+            return Ok(());
+        };
+        for (calibration, scores) in &rounds {
+            screen.calibrate(calibration);
+            match screen.judge(scores) {
+                Ok(threshold) => prop_assert!((0.0..=1.0).contains(&threshold), "{threshold}"),
+                Err(e) => {
+                    prop_assert!(matches!(e, spf_core::SpfError::ScreenNotCalibrated), "{e}");
+                    prop_assert_eq!(screen.calibration_len(), 0);
+                }
             }
         }
     }

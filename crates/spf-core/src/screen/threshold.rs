@@ -21,6 +21,20 @@
 //! scores *are* the typical score, and the rule keeps most of them. It reads scores only, never
 //! a sample's label; scores of 0 (no energy on a protected tensor) count as [`FLOOR`], and
 //! non-finite scores are left out of the reference (and dropped, as by a fixed threshold).
+//!
+//! When most of the data may be harmful, the reference must come from elsewhere: a few samples
+//! of the task that the user trusts (a clean calibration set, which anyone who evaluates their
+//! fine-tune already has). The calibrated rule is split conformal outlier detection on their
+//! scores, taken at the same weights and subspace as the batches they judge: with the `n` finite
+//! calibration scores so far sorted, `c_(1) ≤ … ≤ c_(n)`, and a drop share `α`,
+//!
+//! ```text
+//! τ = c_(⌈(n + 1)(1 − α)⌉)        (τ = 1 when that rank exceeds n),
+//! ```
+//!
+//! so a clean sample exchangeable with the calibration set scores above `τ` with probability at
+//! most `α`, whatever the scores' distribution, and whatever share of the data is harmful: the
+//! harmful samples never enter the reference.
 
 use serde::{Deserialize, Serialize};
 
@@ -38,8 +52,13 @@ const MAD_TO_SIGMA: f64 = 1.482_602_218_505_602;
 /// `m = median(ℓ)` and `MAD = median(|ℓ − m|)`. The rule drops a fixed share of log-normal task
 /// scores, `1 − Φ(k)`, whatever their scale; it assumes the conflicting samples are a minority.
 ///
-/// Serialized as the bare number for [`Fixed`](Self::Fixed) and as `{"outlier_sigmas": k}` for
-/// [`Outlier`](Self::Outlier), so a configuration saved with a fixed threshold reads back.
+/// Or, from trusted samples, the calibrated rule: the conformal `(1 − α)` quantile of the
+/// scores of a clean calibration set (module docs), which drops at most a share `α` of clean data
+/// and assumes nothing about the share of harmful samples.
+///
+/// Serialized as the bare number for [`Fixed`](Self::Fixed), as `{"outlier_sigmas": k}` for
+/// [`Outlier`](Self::Outlier) and as `{"calibrated_drop_share": α}` for
+/// [`Calibrated`](Self::Calibrated), so a configuration saved with a fixed threshold reads back.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ScreenThreshold {
@@ -51,6 +70,15 @@ pub enum ScreenThreshold {
         /// `k` in the module docs' rule.
         #[serde(rename = "outlier_sigmas")]
         sigmas: f64,
+    },
+    /// Set by a clean calibration set: samples scoring above the conformal `(1 − α)` quantile
+    /// of the calibration scores seen so far leave the batch, so at most a share `α` of clean
+    /// samples does. The loop scores the calibration samples and hands their scores to
+    /// [`SampleScreen::calibrate`](super::SampleScreen::calibrate).
+    Calibrated {
+        /// `α` in the module docs' rule: the share of clean samples it may drop, in `(0, 1)`.
+        #[serde(rename = "calibrated_drop_share")]
+        drop_share: f64,
     },
 }
 
@@ -66,13 +94,30 @@ impl ScreenThreshold {
     /// (docs/results.md, "A threshold that sets itself").
     pub const DEFAULT_SIGMAS: f64 = 2.0;
 
+    /// The calibrated rule at its default drop share, [`Self::DEFAULT_DROP_SHARE`].
+    pub const fn calibrated() -> Self {
+        Self::Calibrated {
+            drop_share: Self::DEFAULT_DROP_SHARE,
+        }
+    }
+
+    /// The calibrated rule's default `α`: chosen on SmolLM2's validation split
+    /// (docs/results.md, "A threshold from a clean calibration set").
+    pub const DEFAULT_DROP_SHARE: f64 = 0.1;
+
+    /// Whether the rule needs a calibration set's scores ([`Self::Calibrated`]).
+    pub const fn is_calibrated(self) -> bool {
+        matches!(self, Self::Calibrated { .. })
+    }
+
     /// Checks the setting.
     ///
     /// # Errors
     ///
     /// [`SpfError::InvalidScreenThreshold`] for a fixed threshold outside `[0, 1]` (a score is
     /// a share), [`SpfError::InvalidScreenSigmas`] for an outlier rule whose `k` is negative or
-    /// not finite (NaN included).
+    /// not finite (NaN included), [`SpfError::InvalidScreenDropShare`] for a calibrated rule
+    /// whose `α` is not strictly between 0 and 1.
     pub fn validate(self) -> Result<Self, SpfError> {
         match self {
             Self::Fixed(threshold) if !(0.0..=1.0).contains(&threshold) => {
@@ -80,6 +125,9 @@ impl ScreenThreshold {
             }
             Self::Outlier { sigmas } if !(sigmas.is_finite() && sigmas >= 0.0) => {
                 Err(SpfError::InvalidScreenSigmas { sigmas })
+            }
+            Self::Calibrated { drop_share } if !(drop_share > 0.0 && drop_share < 1.0) => {
+                Err(SpfError::InvalidScreenDropShare { drop_share })
             }
             _ => Ok(self),
         }
@@ -91,6 +139,12 @@ impl std::fmt::Display for ScreenThreshold {
         match self {
             Self::Fixed(threshold) => write!(f, "{threshold}"),
             Self::Outlier { sigmas } => write!(f, "median + {sigmas} robust sd of ln(score)"),
+            Self::Calibrated { drop_share } => {
+                write!(
+                    f,
+                    "calibrated, at most {drop_share} of clean samples dropped"
+                )
+            }
         }
     }
 }
@@ -118,6 +172,49 @@ impl LogScores {
         deviations.sort_by(f64::total_cmp);
         let mad = median(&deviations)?;
         Some((m + sigmas * MAD_TO_SIGMA * mad).exp().min(1.0))
+    }
+}
+
+/// The calibrated rule's reference: every finite calibration score seen, kept sorted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct CalibrationScores {
+    sorted: Vec<f64>,
+}
+
+impl CalibrationScores {
+    /// Adds `scores` (non-finite ones left out).
+    pub(super) fn extend(&mut self, scores: &[f64]) {
+        for &score in scores.iter().filter(|s| s.is_finite()) {
+            let at = self.sorted.partition_point(|&x| x <= score);
+            self.sorted.insert(at, score);
+        }
+    }
+
+    /// How many scores it holds.
+    pub(super) fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    /// The conformal `(1 − α)` quantile, `c_(⌈(n + 1)(1 − α)⌉)` clamped to `[0, 1]`, or 1 when
+    /// that rank exceeds `n` (too few scores to drop anything at level `α`); `None` before any
+    /// score.
+    pub(super) fn threshold(&self, drop_share: f64) -> Option<f64> {
+        let n = self.sorted.len();
+        if n == 0 {
+            return None;
+        }
+        // The rank, 1-based; the small slack keeps (n + 1)(1 − α) = 9.000000000000002 at 9.
+        let rank = (((n + 1) as f64) * (1.0 - drop_share) - 1e-9)
+            .ceil()
+            .max(1.0) as usize;
+        // A share lies in [0, 1]; a caller's score outside it moves the threshold no further.
+        Some(
+            self.sorted
+                .get(rank - 1)
+                .copied()
+                .unwrap_or(1.0)
+                .clamp(0.0, 1.0),
+        )
     }
 }
 
@@ -187,6 +284,51 @@ mod tests {
         assert_eq!(seen.threshold(2.0), Some(1.0), "the threshold is at most 1");
     }
 
+    /// The conformal rank by hand, the rank past `n` that keeps everything, and the guarantee
+    /// itself: over many draws of clean scores, a fresh clean score is dropped at most `α` of
+    /// the time, whatever the scores' distribution.
+    #[test]
+    fn the_calibrated_rule_is_the_conformal_quantile_and_drops_at_most_alpha_of_clean_scores() {
+        let mut calibration = CalibrationScores::default();
+        assert_eq!(calibration.threshold(0.1), None, "no score, no threshold");
+        // n = 9, α = 0.1: rank ⌈10 · 0.9⌉ = 9, the largest.
+        let score = |i: u8| f64::from(i) * 1e-3;
+        let scores: Vec<f64> = (1..=9).rev().map(score).collect();
+        calibration.extend(&scores);
+        assert_eq!(calibration.threshold(0.1), Some(score(9)));
+        // α = 0.3: rank ⌈10 · 0.7⌉ = 7.
+        assert_eq!(calibration.threshold(0.3), Some(score(7)));
+        // α = 0.05: rank ⌈10 · 0.95⌉ = 10 > n: too few scores to drop anything.
+        assert_eq!(calibration.threshold(0.05), Some(1.0));
+        calibration.extend(&[f64::NAN, f64::NEG_INFINITY]);
+        assert_eq!(calibration.len(), 9, "non-finite scores are left out");
+
+        // The guarantee, on a heavy-tailed distribution (a deterministic stream of draws).
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut draw = || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            let u = ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            1e-3 * (u / (1.0 - u)).powi(2)
+        };
+        for alpha in [0.1, 0.25] {
+            let (trials, mut dropped) = (4000, 0);
+            for _ in 0..trials {
+                let mut calibration = CalibrationScores::default();
+                calibration.extend(&(0..19).map(|_| draw()).collect::<Vec<_>>());
+                let tau = calibration.threshold(alpha).unwrap();
+                dropped += usize::from(draw() > tau);
+            }
+            let rate = dropped as f64 / trials as f64;
+            // Exactly ⌊20 α⌋ / 20 in expectation; 3 binomial standard errors above it fails.
+            let bound = (20.0 * alpha).floor() / 20.0;
+            let slack = 3.0 * (bound * (1.0 - bound) / trials as f64).sqrt();
+            assert!(rate <= bound + slack, "α = {alpha}: dropped {rate}");
+            assert!(rate >= bound - slack, "α = {alpha}: dropped only {rate}");
+        }
+    }
+
     #[test]
     fn settings_outside_their_range_are_refused_and_fixed_ones_serialize_as_numbers() {
         for bad in [-0.1, 1.5, f64::NAN] {
@@ -202,12 +344,23 @@ mod tests {
             let refused = outlier.validate();
             assert!(matches!(refused, Err(SpfError::InvalidScreenSigmas { .. })));
         }
+        for bad in [0.0, 1.0, -0.1, f64::NAN] {
+            let calibrated = ScreenThreshold::Calibrated { drop_share: bad };
+            let refused = calibrated.validate();
+            assert!(matches!(
+                refused,
+                Err(SpfError::InvalidScreenDropShare { .. })
+            ));
+        }
         let fixed = ScreenThreshold::Fixed(0.004);
         assert_eq!(serde_json::to_string(&fixed).unwrap(), "0.004");
         let outlier = ScreenThreshold::self_set();
         let json = serde_json::to_string(&outlier).unwrap();
         assert_eq!(json, r#"{"outlier_sigmas":2.0}"#);
-        for t in [fixed, outlier] {
+        let calibrated = ScreenThreshold::calibrated();
+        let json = serde_json::to_string(&calibrated).unwrap();
+        assert_eq!(json, r#"{"calibrated_drop_share":0.1}"#);
+        for t in [fixed, outlier, calibrated] {
             let json = serde_json::to_string(&t).unwrap();
             assert_eq!(serde_json::from_str::<ScreenThreshold>(&json).unwrap(), t);
             assert_eq!(t.validate().unwrap(), t);

@@ -55,6 +55,7 @@ pub(super) fn attack(
             safety: ctx.safety_set.iter().collect(),
             config: config.spf(),
             screen: sample_screen.map(Box::new),
+            calibration: ctx.calibration_set.iter().collect(),
             own: set
                 .iter()
                 .map(|e| matches!(e, Example::Refusal(_)))

@@ -56,6 +56,10 @@ pub(super) enum TrainWith<'a> {
         config: SpfConfig,
         /// Drops each batch's samples that conflict with the subspace (`None`: keeps all).
         screen: Option<Box<SampleScreen>>,
+        /// Clean task examples whose scores set a calibrated screen's threshold: the first step
+        /// scores them all, each later one the next `batch_size` of them, in a cycle, at the
+        /// step's weights (empty for the other thresholds).
+        calibration: Vec<&'a Prepared>,
         /// Per training example, whether it is the defence's own (a SafeInstr refusal), which
         /// the screen leaves in ([`RunScreen`]).
         own: Vec<bool>,
@@ -217,14 +221,17 @@ impl<'a> Lab<'a> {
             Tuning::Lora { lora, seed } => model = adapt(model, lora, seed)?,
         }
         let mut screen = None;
+        let mut calibration = Vec::new();
         let mut stepper = match with {
             TrainWith::Plain => Stepper::plain(),
             TrainWith::Spf {
                 safety,
                 config,
                 screen: sample_screen,
+                calibration: clean,
                 own,
             } => {
+                calibration = clean;
                 // SafeInstr's refusals are the defence's own: never screened.
                 let own = move |index: usize| own.get(index).copied().unwrap_or(false);
                 screen = sample_screen.map(|s| RunScreen::new(*s, own));
@@ -241,12 +248,27 @@ impl<'a> Lab<'a> {
         let mut order = BatchOrder::new(set.len(), self.config.batch_size);
         let mut losses = Vec::with_capacity(schedule.steps);
         progress.start(name, schedule.steps as u64);
-        for _ in 0..schedule.steps {
+        for step in 0..schedule.steps {
             let mut picked = order.next(&mut rng);
             // The loss and gradients of the whole batch, when the screen's pass computed them and
             // kept every sample.
             let whole = match &mut screen {
-                Some(screen) => self.screen_batch(screen, &stepper, &model, set, &mut picked)?,
+                Some(screen) => {
+                    if screen.is_calibrated() && !calibration.is_empty() {
+                        // The first step scores the whole set, so that its batch is judged
+                        // against a full reference too; each later one the next batch of it.
+                        let b = self.config.batch_size;
+                        let clean: Vec<&Prepared> = if step == 0 {
+                            calibration.clone()
+                        } else {
+                            (step * b..(step + 1) * b)
+                                .map(|i| calibration[i % calibration.len()])
+                                .collect()
+                        };
+                        screen.calibrate(&self.scores(&stepper, &model, &clean)?);
+                    }
+                    self.screen_batch(screen, &stepper, &model, set, &mut picked)?
+                }
                 None => None,
             };
             if picked.is_empty() {
@@ -304,30 +326,85 @@ impl<'a> Lab<'a> {
         F: Fn(usize) -> bool,
         S: SafetyGradientSource<Llama>,
     {
-        if self.config.screen_pass.unwrap_or(ScreenPass::PerSample) == ScreenPass::PerSample {
-            let gradient_of = |index: usize| {
-                let grads = loss(model, &self.batch(&[&set[index]])).backward();
-                GradientsParams::from_grads(grads, model)
-            };
+        if !self.batch_pass() {
+            let gradient_of = |index: usize| self.gradient(model, &set[index]);
             screen.batch(stepper, model, picked, gradient_of)?;
             return Ok(None);
         }
         let items: Vec<&Prepared> = picked.iter().map(|&i| &set[i]).collect();
-        let mut taps = Vec::new();
-        let l = loss_with(model, &self.batch(&items), Some(&mut taps));
-        let value: f64 = l.clone().into_scalar::<f64>();
-        let grads = l.backward();
-        let scores = match stepper {
-            Stepper::Spf { optim, .. } => {
-                let traces: Vec<_> = taps.iter().filter_map(|t| t.trace(&grads)).collect();
-                traced_scores(&traces, optim.bases(), optim.config().mode)?
-            }
-            // Plain AdamW has no subspace to screen against.
-            Stepper::Plain(_) => return Ok(None),
+        // Plain AdamW has no subspace to screen against.
+        let Some((value, grads, scores)) = self.traced(stepper, model, &items)? else {
+            return Ok(None);
         };
         let before = picked.len();
         screen.batch_scored(picked, &scores)?;
         Ok((picked.len() == before).then(|| (value, GradientsParams::from_grads(grads, model))))
+    }
+
+    /// Whether the screen scores a batch in one backward pass ([`ScreenPass::Batch`]).
+    fn batch_pass(&self) -> bool {
+        self.config.screen_pass.unwrap_or(ScreenPass::PerSample) == ScreenPass::Batch
+    }
+
+    /// The gradient of one example alone.
+    fn gradient(&self, model: &Llama, item: &Prepared) -> GradientsParams {
+        let grads = loss(model, &self.batch(&[item])).backward();
+        GradientsParams::from_grads(grads, model)
+    }
+
+    /// The batch `items`' loss, gradients and every sample's screen score from one tapped
+    /// backward pass ([`traced_scores`]); `None` under plain AdamW, which has no subspace.
+    fn traced<S>(
+        &self,
+        stepper: &Stepper<S>,
+        model: &Llama,
+        items: &[&Prepared],
+    ) -> Result<Option<(f64, burn::tensor::Gradients, Vec<f64>)>, LlmError>
+    where
+        S: SafetyGradientSource<Llama>,
+    {
+        let Stepper::Spf { optim, .. } = stepper else {
+            return Ok(None);
+        };
+        let mut taps = Vec::new();
+        let l = loss_with(model, &self.batch(items), Some(&mut taps));
+        let value: f64 = l.clone().into_scalar::<f64>();
+        let grads = l.backward();
+        let traces: Vec<_> = taps.iter().filter_map(|t| t.trace(&grads)).collect();
+        let scores = traced_scores(&traces, optim.bases(), optim.config().mode)?;
+        Ok(Some((value, grads, scores)))
+    }
+
+    /// The screen scores of `items` at `model`, by the configured pass (empty under plain
+    /// AdamW): a calibration batch's, which are scored and never trained on.
+    fn scores<S>(
+        &self,
+        stepper: &Stepper<S>,
+        model: &Llama,
+        items: &[&Prepared],
+    ) -> Result<Vec<f64>, LlmError>
+    where
+        S: SafetyGradientSource<Llama>,
+    {
+        if self.batch_pass() {
+            return Ok(self
+                .traced(stepper, model, items)?
+                .map(|(_, _, scores)| scores)
+                .unwrap_or_default());
+        }
+        let Stepper::Spf { optim, .. } = stepper else {
+            return Ok(Vec::new());
+        };
+        items
+            .iter()
+            .map(|item| {
+                Ok(SampleScreen::score(
+                    &**optim,
+                    model,
+                    self.gradient(model, item),
+                )?)
+            })
+            .collect()
     }
 
     /// Greedy answers of `model` to `prompts`, in order, `max_new` tokens at most each.

@@ -67,7 +67,15 @@ impl CellKey {
             "harmful_shares",
             "methods",
         ];
-        const PROJECTION: &[&str] = &["mode", "target", "rank", "refresh", "screen", "screen_pass"];
+        const PROJECTION: &[&str] = &[
+            "mode",
+            "target",
+            "rank",
+            "refresh",
+            "screen",
+            "screen_pass",
+            "screen_calibration",
+        ];
         const REFUSAL_DATA: &[&str] = &["safety_samples", "safe_instr_share"];
         const ATTACK: &[&str] = &["attack_steps", "attack_lr", "finetune_samples", "lora"];
         let unused: Vec<&[&str]> = match model {

@@ -113,6 +113,13 @@ pub struct SmolConfig {
     pub screen: Option<ScreenThreshold>,
     /// How the screen scores a batch; `None` is [`ScreenPass::PerSample`], the reference.
     pub screen_pass: Option<ScreenPass>,
+    /// Clean arithmetic problems, drawn apart from the fine-tuning set and every held-out one,
+    /// whose scores set the calibrated screen's threshold
+    /// ([`ScreenThreshold::Calibrated`]): the first step scores them all, each later one the
+    /// next `batch_size` of them, in a cycle, at the step's weights, and none is trained on. Set
+    /// exactly when the screen is calibrated, to at least `⌈1/α⌉ − 1`, the fewest scores from
+    /// which the rule can drop a sample at all.
+    pub screen_calibration: Option<usize>,
     /// Fine-tune through LoRA adapters instead of the weights: every attention and MLP matrix
     /// of every block (not only the `train_layers` that alignment trained) gets adapters, and
     /// only they train, on the whole model (the frozen blocks' cache no longer applies). `None`:
@@ -154,6 +161,28 @@ impl SmolConfig {
         settings::learning_rate("align_lr", self.align_lr)?;
         settings::learning_rate("attack_lr", self.attack_lr)?;
         self.sample_screen()?;
+        let calibrated = self.screen.is_some_and(ScreenThreshold::is_calibrated);
+        match (self.screen, self.screen_calibration) {
+            (Some(ScreenThreshold::Calibrated { drop_share }), Some(n))
+                if ((n + 1) as f64) * (1.0 - drop_share) > n as f64 + 1e-9 =>
+            {
+                return Err(LlmError::Config(format!(
+                    "screen_calibration {n} is too few for a drop share of {drop_share}: from \
+                     fewer than 1/{drop_share} - 1 clean scores the rule drops nothing"
+                )));
+            }
+            (_, Some(_)) if !calibrated => {
+                return Err(LlmError::Config(
+                    "screen_calibration is set, but the screen is not calibrated".into(),
+                ));
+            }
+            (_, None) if calibrated => {
+                return Err(LlmError::Config(
+                    "the calibrated screen needs screen_calibration, its clean problems".into(),
+                ));
+            }
+            _ => {}
+        }
         if let Some(lora) = self.lora {
             settings::at_least_one(&[("lora rank", lora.rank)])?;
             if !(lora.alpha.is_finite() && lora.alpha > 0.0) {
@@ -293,7 +322,24 @@ mod tests {
             SmolConfig::new()
                 .with_lora(Some(SmolLora::new(8)))
                 .with_screen(Some(ScreenThreshold::Fixed(0.004))),
+            SmolConfig::new().with_screen(Some(ScreenThreshold::calibrated())),
+            SmolConfig::new()
+                .with_screen(Some(ScreenThreshold::calibrated()))
+                .with_screen_calibration(Some(0)),
+            SmolConfig::new()
+                .with_screen(Some(ScreenThreshold::calibrated()))
+                .with_screen_calibration(Some(8)),
+            SmolConfig::new()
+                .with_screen(Some(ScreenThreshold::Fixed(0.004)))
+                .with_screen_calibration(Some(32)),
+            SmolConfig::new().with_screen(Some(ScreenThreshold::Calibrated { drop_share: 1.0 })),
         ];
+        for n in [9, 32] {
+            let calibrated = SmolConfig::new()
+                .with_screen(Some(ScreenThreshold::calibrated()))
+                .with_screen_calibration(Some(n));
+            assert!(calibrated.validate().is_ok(), "{n}");
+        }
         for config in bad {
             assert!(
                 matches!(config.validate(), Err(LlmError::Config(_))),

@@ -30,6 +30,9 @@ pub(super) struct SeedContext {
     pub(super) harmful_set: Vec<Prepared>,
     /// Harmful prompts with refusals: SPF's safety batch and SafeInstr's refusals.
     pub(super) safety_set: Vec<Prepared>,
+    /// Clean problems with their answers, apart from `tasks`, that set a calibrated screen's
+    /// threshold (empty unless the screen is calibrated).
+    pub(super) calibration_set: Vec<Prepared>,
     /// The aligned model's greedy answers to held-out benign prompts.
     pub(super) reference: Vec<Prepared>,
     /// The same, after the fine-tuning lab's frozen blocks.
@@ -90,16 +93,33 @@ impl SeedContext {
         let tasks = splits
             .arithmetic
             .draw(config.finetune_samples, seed ^ salt::PROBLEMS);
+        // Drawn from the same training pool on a stream of its own, less the set's problems.
+        let calibration: Vec<Problem> = config
+            .screen_calibration
+            .map(|n| {
+                let pool = splits
+                    .arithmetic
+                    .draw(n + tasks.len(), seed ^ salt::CALIBRATION);
+                pool.into_iter()
+                    .filter(|p| !tasks.contains(p))
+                    .take(n)
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut harmful = splits.harmful_pairs.clone();
         harmful.shuffle(&mut StdRng::seed_from_u64(seed ^ salt::HARMFUL));
         harmful.truncate(config.finetune_samples);
         let mut safety_prompts = align_prompts;
         safety_prompts.shuffle(&mut StdRng::seed_from_u64(seed ^ salt::SAFETY));
         safety_prompts.truncate(config.safety_samples);
-        let task_pairs = tasks
-            .iter()
-            .map(|t| encoder.pair(&t.prompt(), &t.answer(), cut))
-            .collect::<Result<Vec<_>, _>>()?;
+        let problem_pairs = |problems: &[Problem]| {
+            problems
+                .iter()
+                .map(|t| encoder.pair(&t.prompt(), &t.answer(), cut))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let task_pairs = problem_pairs(&tasks)?;
+        let calibration_pairs = problem_pairs(&calibration)?;
         let harmful_pairs = harmful
             .iter()
             .map(|(q, a)| encoder.pair(q, a, cut))
@@ -115,6 +135,7 @@ impl SeedContext {
             task_set: attack_lab.prepare(&task_pairs),
             harmful_set: attack_lab.prepare(&harmful_pairs),
             safety_set: attack_lab.prepare(&safety_pairs),
+            calibration_set: attack_lab.prepare(&calibration_pairs),
             attack_reference: match whole {
                 Some(whole) => whole.prepare(&reference),
                 None => reference_set.clone(),

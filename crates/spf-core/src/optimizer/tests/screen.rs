@@ -86,7 +86,7 @@ fn a_screen_threshold_outside_the_unit_interval_is_refused() {
 fn the_self_set_threshold_follows_the_scores_and_a_fixed_one_does_not() {
     use crate::screen::ScreenThreshold;
     let mut fixed = SampleScreen::new(0.01).unwrap();
-    assert_eq!(fixed.judge(&[0.5, 0.9]), 0.01);
+    assert_eq!(fixed.judge(&[0.5, 0.9]).unwrap(), 0.01);
     assert_eq!(fixed.rule(), ScreenThreshold::Fixed(0.01));
 
     let mut self_set = SampleScreen::with_threshold(ScreenThreshold::self_set()).unwrap();
@@ -95,13 +95,13 @@ fn the_self_set_threshold_follows_the_scores_and_a_fixed_one_does_not() {
         1.0,
         "before any score, nothing is an outlier"
     );
-    assert_eq!(self_set.judge(&[]), 1.0);
+    assert_eq!(self_set.judge(&[]).unwrap(), 1.0);
     let bulk = [1e-3, 1.3e-3, 8e-4, 1.1e-3, 9e-4, 1.2e-3, 1e-3];
-    let first = self_set.judge(&bulk);
+    let first = self_set.judge(&bulk).unwrap();
     assert!(first > 1.2e-3 && first < 2e-3, "τ = {first}");
     assert!(!self_set.keeps(0.05) && self_set.keeps(1.2e-3));
     // Ten times the scale: the threshold follows (the median moves up through the batch).
-    let later = self_set.judge(&bulk.map(|s| 10.0 * s));
+    let later = self_set.judge(&bulk.map(|s| 10.0 * s)).unwrap();
     assert!(later > first, "{later} after {first}");
     let mut all = SampleScreen::with_threshold(ScreenThreshold::self_set()).unwrap();
     let both: Vec<f64> = bulk
@@ -109,7 +109,49 @@ fn the_self_set_threshold_follows_the_scores_and_a_fixed_one_does_not() {
         .chain(&bulk.map(|s| 10.0 * s))
         .copied()
         .collect();
-    assert_eq!(all.judge(&both), later, "batches pool into one reference");
+    assert_eq!(
+        all.judge(&both).unwrap(),
+        later,
+        "batches pool into one reference"
+    );
+}
+
+/// The calibrated threshold comes from the calibration scores alone: a batch of outliers, a
+/// batch of anything, leaves it where the calibration set put it; it refuses to judge before
+/// any calibration score, and the other rules ignore calibration scores.
+#[test]
+fn the_calibrated_threshold_follows_the_calibration_set_and_never_the_batch() {
+    use crate::screen::ScreenThreshold;
+    let mut calibrated = SampleScreen::with_threshold(ScreenThreshold::calibrated()).unwrap();
+    assert!(matches!(
+        calibrated.judge(&[1e-3]),
+        Err(SpfError::ScreenNotCalibrated)
+    ));
+    assert_eq!(
+        calibrated.threshold(),
+        1.0,
+        "a refused judgement changes nothing"
+    );
+    // 19 clean scores, α = 0.1: the 18th smallest.
+    let clean: Vec<f64> = (1..=19).map(|i| f64::from(i) * 1e-4).collect();
+    calibrated.calibrate(&clean);
+    assert_eq!(calibrated.calibration_len(), 19);
+    let (harmful, tau) = ([0.05; 8], clean[17]);
+    assert_eq!(calibrated.judge(&harmful).unwrap(), tau);
+    assert_eq!(
+        calibrated.judge(&[1e-6; 8]).unwrap(),
+        tau,
+        "the batch never moves it"
+    );
+    assert!(!calibrated.keeps(0.05) && calibrated.keeps(tau));
+    // A second calibration batch at higher scores moves it.
+    calibrated.calibrate(&clean.iter().map(|s| 10.0 * s).collect::<Vec<_>>());
+    assert!(calibrated.judge(&harmful).unwrap() > tau);
+
+    let mut self_set = SampleScreen::with_threshold(ScreenThreshold::self_set()).unwrap();
+    self_set.calibrate(&clean);
+    assert_eq!(self_set.calibration_len(), 0);
+    assert_eq!(self_set.judge(&[]).unwrap(), 1.0);
 }
 
 /// A batch of sequences `x: [N, T, 4]` through the attention and MLP weights, each tapped, with
