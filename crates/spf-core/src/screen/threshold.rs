@@ -110,6 +110,18 @@ impl ScreenThreshold {
         matches!(self, Self::Calibrated { .. })
     }
 
+    /// For the calibrated rule, the fewest calibration scores from which it can drop a sample
+    /// at all (`⌈1/α⌉ − 1`: below it the conformal rank exceeds `n` and `τ = 1`); `None` for the
+    /// other rules and for an `α` out of range.
+    pub fn fewest_calibration_scores(self) -> Option<usize> {
+        match self.validate() {
+            Ok(Self::Calibrated { drop_share }) => {
+                (1..).find(|&n| conformal_rank(n, drop_share) <= n)
+            }
+            _ => None,
+        }
+    }
+
     /// Checks the setting.
     ///
     /// # Errors
@@ -159,9 +171,7 @@ impl LogScores {
     /// Adds `scores` (non-finite ones left out).
     pub(super) fn extend(&mut self, scores: &[f64]) {
         for &score in scores.iter().filter(|s| s.is_finite()) {
-            let log = score.max(FLOOR).ln();
-            let at = self.sorted.partition_point(|&x| x <= log);
-            self.sorted.insert(at, log);
+            insert_sorted(&mut self.sorted, score.max(FLOOR).ln());
         }
     }
 
@@ -185,8 +195,7 @@ impl CalibrationScores {
     /// Adds `scores` (non-finite ones left out).
     pub(super) fn extend(&mut self, scores: &[f64]) {
         for &score in scores.iter().filter(|s| s.is_finite()) {
-            let at = self.sorted.partition_point(|&x| x <= score);
-            self.sorted.insert(at, score);
+            insert_sorted(&mut self.sorted, score);
         }
     }
 
@@ -203,10 +212,7 @@ impl CalibrationScores {
         if n == 0 {
             return None;
         }
-        // The rank, 1-based; the small slack keeps (n + 1)(1 − α) = 9.000000000000002 at 9.
-        let rank = (((n + 1) as f64) * (1.0 - drop_share) - 1e-9)
-            .ceil()
-            .max(1.0) as usize;
+        let rank = conformal_rank(n, drop_share);
         // A share lies in [0, 1]; a caller's score outside it moves the threshold no further.
         Some(
             self.sorted
@@ -216,6 +222,20 @@ impl CalibrationScores {
                 .clamp(0.0, 1.0),
         )
     }
+}
+
+/// `⌈(n + 1)(1 − α)⌉`, at least 1: the 1-based rank of the calibrated rule's threshold among
+/// `n` sorted scores. The small slack keeps `(n + 1)(1 − α) = 9.000000000000002` at 9.
+fn conformal_rank(n: usize, drop_share: f64) -> usize {
+    (((n + 1) as f64) * (1.0 - drop_share) - 1e-9)
+        .ceil()
+        .max(1.0) as usize
+}
+
+/// Inserts `value` into `sorted`, keeping it sorted (after any equal values).
+fn insert_sorted(sorted: &mut Vec<f64>, value: f64) {
+    let at = sorted.partition_point(|&x| x <= value);
+    sorted.insert(at, value);
 }
 
 /// The median of sorted values: the middle one, or the mean of the two middle ones.
@@ -302,6 +322,24 @@ mod tests {
         assert_eq!(calibration.threshold(0.05), Some(1.0));
         calibration.extend(&[f64::NAN, f64::NEG_INFINITY]);
         assert_eq!(calibration.len(), 9, "non-finite scores are left out");
+        // The fewest scores that can drop anything: 9 at α = 0.1, 19 at 0.05, 3 at 0.3.
+        for (alpha, fewest) in [(0.1, 9), (0.05, 19), (0.3, 3)] {
+            let rule = ScreenThreshold::Calibrated { drop_share: alpha };
+            assert_eq!(
+                rule.fewest_calibration_scores(),
+                Some(fewest),
+                "α = {alpha}"
+            );
+            let mut calibration = CalibrationScores::default();
+            calibration.extend(&vec![1e-3; fewest - 1]);
+            assert_eq!(calibration.threshold(alpha), Some(1.0), "α = {alpha}");
+            calibration.extend(&[1e-3]);
+            assert!(calibration.threshold(alpha).unwrap() < 1.0, "α = {alpha}");
+        }
+        assert_eq!(
+            ScreenThreshold::self_set().fewest_calibration_scores(),
+            None
+        );
 
         // The guarantee, on a heavy-tailed distribution (a deterministic stream of draws).
         let mut state = 0x9E37_79B9_7F4A_7C15_u64;

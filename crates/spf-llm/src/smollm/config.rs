@@ -161,22 +161,22 @@ impl SmolConfig {
         settings::learning_rate("align_lr", self.align_lr)?;
         settings::learning_rate("attack_lr", self.attack_lr)?;
         self.sample_screen()?;
-        let calibrated = self.screen.is_some_and(ScreenThreshold::is_calibrated);
-        match (self.screen, self.screen_calibration) {
-            (Some(ScreenThreshold::Calibrated { drop_share }), Some(n))
-                if ((n + 1) as f64) * (1.0 - drop_share) > n as f64 + 1e-9 =>
-            {
+        let fewest = self
+            .screen
+            .and_then(ScreenThreshold::fewest_calibration_scores);
+        match (fewest, self.screen_calibration) {
+            (Some(fewest), Some(n)) if n < fewest => {
                 return Err(LlmError::Config(format!(
-                    "screen_calibration {n} is too few for a drop share of {drop_share}: from \
-                     fewer than 1/{drop_share} - 1 clean scores the rule drops nothing"
+                    "screen_calibration {n} is too few for the calibrated screen: from fewer \
+                     than {fewest} clean scores it drops nothing"
                 )));
             }
-            (_, Some(_)) if !calibrated => {
+            (None, Some(_)) => {
                 return Err(LlmError::Config(
                     "screen_calibration is set, but the screen is not calibrated".into(),
                 ));
             }
-            (_, None) if calibrated => {
+            (Some(_), None) => {
                 return Err(LlmError::Config(
                     "the calibrated screen needs screen_calibration, its clean problems".into(),
                 ));
